@@ -1,0 +1,480 @@
+//! A client of one server: calls, pushes received, services the server can call back, and
+//! automatic reconnection.
+
+use std::{
+    fmt,
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use serde::{Serialize, de::DeserializeOwned};
+use tokio::sync::{broadcast, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::{
+    CallOptions, ClientEvent, ClientTls, Connection, DisconnectReason, Error, Metadata, PushSender,
+    RawReply, Result, Service, Stats, TransportOptions, config,
+    connection::{self, Shared},
+    service::Services,
+    wire::code,
+};
+
+/// Builds a [`Client`].
+#[derive(Debug)]
+pub struct ClientBuilder {
+    tls: ClientTls,
+    server_name: Option<String>,
+    transport: TransportOptions,
+    call_timeout: Option<Duration>,
+    connect_timeout: Duration,
+    push: Option<PushSender>,
+    services: Services,
+    client_id: Option<String>,
+    hello_metadata: Metadata,
+    reconnect: bool,
+    max_backoff: Duration,
+    events: broadcast::Sender<ClientEvent>,
+}
+
+impl ClientBuilder {
+    /// TLS settings (default: [`ClientTls::new`], the Mozilla root set).
+    #[must_use]
+    pub fn tls(mut self, tls: ClientTls) -> Self {
+        self.tls = tls;
+        self
+    }
+
+    /// The name the server certificate must carry (default: the host part of the address given
+    /// to [`connect`](Self::connect)).
+    #[must_use]
+    pub fn server_name(mut self, name: impl Into<String>) -> Self {
+        self.server_name = Some(name.into());
+        self
+    }
+
+    /// All transport settings at once.
+    #[must_use]
+    pub fn transport(mut self, transport: TransportOptions) -> Self {
+        self.transport = transport;
+        self
+    }
+
+    /// Idle timeout (default 15 s).
+    #[must_use]
+    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
+        self.transport.idle_timeout = timeout;
+        self
+    }
+
+    /// Keep-alive interval (default 5 s).
+    #[must_use]
+    pub fn keep_alive_interval(mut self, interval: Option<Duration>) -> Self {
+        self.transport.keep_alive_interval = interval;
+        self
+    }
+
+    /// Frame size limits.
+    #[must_use]
+    pub fn limits(mut self, limits: crate::Limits) -> Self {
+        self.transport.limits = limits;
+        self
+    }
+
+    /// Default timeout of every call (default 30 s; `None` waits forever).
+    #[must_use]
+    pub fn call_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.call_timeout = timeout;
+        self
+    }
+
+    /// How long a connection attempt may take (default 5 s).
+    #[must_use]
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Makes this a bidirectional client: pushed messages go to `sender` (from
+    /// [`push_channel`](crate::push_channel)). Pushes that arrive before the first call are
+    /// delivered too.
+    #[must_use]
+    pub fn push_channel(mut self, sender: PushSender) -> Self {
+        self.push = Some(sender);
+        self
+    }
+
+    /// Registers a service the server can call on this client (a reverse call).
+    #[must_use]
+    pub fn register(self, service_path: impl Into<String>, service: Service) -> Self {
+        self.services.register(service_path, service);
+        self
+    }
+
+    /// Declares this client's identity (a device id) when connecting, and again after every
+    /// reconnect: the server's registry then finds this client by it.
+    #[must_use]
+    pub fn client_id(mut self, id: impl Into<String>) -> Self {
+        self.client_id = Some(id.into());
+        self
+    }
+
+    /// Metadata sent with the hello (only sent when a client id is set or metadata is given).
+    #[must_use]
+    pub fn hello_metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.hello_metadata.insert(key, value);
+        self
+    }
+
+    /// Whether to reconnect after the connection is lost (default `true`), with exponential
+    /// backoff from 50 ms up to `max_backoff` (default 2 s).
+    #[must_use]
+    pub fn reconnect(mut self, enabled: bool) -> Self {
+        self.reconnect = enabled;
+        self
+    }
+
+    /// The longest wait between reconnect attempts.
+    #[must_use]
+    pub fn max_backoff(mut self, max: Duration) -> Self {
+        self.max_backoff = max;
+        self
+    }
+
+    /// Subscribes to connection events. Subscribe before [`connect`](Self::connect) to see the
+    /// first `Connected`.
+    pub fn events(&self) -> broadcast::Receiver<ClientEvent> {
+        self.events.subscribe()
+    }
+
+    /// Connects to `addr` (`"host:port"` or a socket address) and returns when the connection is
+    /// up and, if an identity was set, the server has bound it.
+    ///
+    /// # Errors
+    /// [`Error::Handshake`] if the server is not trusted, does not speak `quicx/1` or refuses;
+    /// [`Error::Timeout`] if nothing answered within the connect timeout.
+    pub async fn connect(self, addr: &str) -> Result<Client> {
+        let resolved = tokio::net::lookup_host(addr)
+            .await?
+            .next()
+            .ok_or_else(|| Error::Config(format!("`{addr}` resolved to nothing")))?;
+        let host = addr
+            .rsplit_once(':')
+            .map_or(addr, |(h, _)| h)
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let server_name = self.server_name.clone().unwrap_or_else(|| host.to_owned());
+        self.connect_addr(resolved, &server_name).await
+    }
+
+    /// Connects to a socket address, checking the certificate against `server_name`.
+    pub async fn connect_addr(self, addr: SocketAddr, server_name: &str) -> Result<Client> {
+        let mut client_config = quinn::ClientConfig::new(Arc::new(self.tls.quinn_config()?));
+        client_config.transport_config(self.transport.quinn_transport(true)?);
+        let bind: SocketAddr = if addr.is_ipv6() {
+            "[::]:0".parse().expect("valid address")
+        } else {
+            "0.0.0.0:0".parse().expect("valid address")
+        };
+        let mut endpoint = config::endpoint(bind, self.transport.socket_buffer_size, None)?;
+        endpoint.set_default_client_config(client_config);
+        let shared = Arc::new(Shared::new(
+            self.services,
+            self.transport.limits,
+            self.push,
+            Duration::from_secs(10),
+            self.call_timeout,
+            None,
+        ));
+        let (current, _) = watch::channel(None);
+        let inner = Arc::new(ClientInner {
+            endpoint,
+            server_addr: addr,
+            server_name: server_name.to_owned(),
+            shared,
+            current,
+            events: self.events,
+            closed: CancellationToken::new(),
+            client_id: self.client_id,
+            hello_metadata: self.hello_metadata,
+            reconnect: self.reconnect,
+            max_backoff: self.max_backoff,
+            connect_timeout: self.connect_timeout,
+        });
+        let conn = inner.establish().await?;
+        inner.current.send_replace(Some(conn.clone()));
+        let _ = inner.events.send(ClientEvent::Connected { server: addr });
+        tokio::spawn(
+            supervise(inner.clone(), conn)
+                .instrument(tracing::debug_span!("client", server = %addr)),
+        );
+        Ok(Client { inner })
+    }
+}
+
+/// A client of one server (rpcx's `client.Client`), over one QUIC connection that carries any
+/// number of concurrent calls.
+///
+/// ```no_run
+/// # async fn run(cert: rustls::pki_types::CertificateDer<'static>) -> quicx::Result<()> {
+/// let client = quicx::Client::builder()
+///     .tls(quicx::ClientTls::new().trust(cert))
+///     .connect("localhost:8972")
+///     .await?;
+/// let product: i64 = client.call("Arith", "Mul", &(10i64, 20i64)).await?;
+/// assert_eq!(product, 200);
+/// # Ok(())
+/// # }
+/// ```
+///
+/// After the connection is lost the client reconnects in the background (see
+/// [`ClientBuilder::reconnect`]); calls made meanwhile wait for the new connection up to the
+/// connect timeout.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<ClientInner>,
+}
+
+struct ClientInner {
+    endpoint: quinn::Endpoint,
+    server_addr: SocketAddr,
+    server_name: String,
+    shared: Arc<Shared>,
+    current: watch::Sender<Option<Connection>>,
+    events: broadcast::Sender<ClientEvent>,
+    closed: CancellationToken,
+    client_id: Option<String>,
+    hello_metadata: Metadata,
+    reconnect: bool,
+    max_backoff: Duration,
+    connect_timeout: Duration,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Client")
+            .field("server", &self.inner.server_addr)
+            .field("connected", &self.inner.current.borrow().is_some())
+            .finish()
+    }
+}
+
+impl ClientInner {
+    /// Opens a connection, starts serving what the server opens on it, and says hello.
+    async fn establish(&self) -> Result<Connection> {
+        let connecting = self.endpoint.connect(self.server_addr, &self.server_name)?;
+        let quic = tokio::time::timeout(self.connect_timeout, connecting)
+            .await
+            .map_err(|_| Error::Timeout)??;
+        let conn = Connection::new(quic, self.shared.clone(), self.server_addr);
+        self.shared
+            .counters
+            .connections_accepted
+            .fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(connection::serve(conn.clone()));
+        if self.client_id.is_some() || !self.hello_metadata.is_empty() {
+            if let Err(e) =
+                connection::hello(&conn, self.client_id.clone(), self.hello_metadata.clone()).await
+            {
+                conn.close();
+                return Err(e);
+            }
+        }
+        Ok(conn)
+    }
+}
+
+async fn supervise(inner: Arc<ClientInner>, mut conn: Connection) {
+    loop {
+        let closed = tokio::select! {
+            e = conn.quic().closed() => e,
+            () = inner.closed.cancelled() => return,
+        };
+        inner.current.send_replace(None);
+        let reason = DisconnectReason::from_quinn(&closed);
+        tracing::debug!(?reason, "connection lost");
+        let _ = inner.events.send(ClientEvent::Disconnected {
+            server: inner.server_addr,
+            reason,
+        });
+        if !inner.reconnect || inner.closed.is_cancelled() {
+            return;
+        }
+        let mut backoff = Duration::from_millis(50);
+        let mut attempts = 0u32;
+        conn = loop {
+            attempts += 1;
+            let attempt = tokio::select! {
+                r = inner.establish() => r,
+                () = inner.closed.cancelled() => return,
+            };
+            match attempt {
+                Ok(c) => break c,
+                Err(e) => {
+                    tracing::debug!(attempts, "reconnect failed: {e}");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = inner.closed.cancelled() => return,
+                    }
+                    backoff = (backoff * 2).min(inner.max_backoff);
+                }
+            }
+        };
+        inner.current.send_replace(Some(conn.clone()));
+        let _ = inner.events.send(ClientEvent::Reconnected {
+            server: inner.server_addr,
+            attempts,
+        });
+    }
+}
+
+impl Client {
+    /// A builder with default settings.
+    pub fn builder() -> ClientBuilder {
+        ClientBuilder {
+            tls: ClientTls::new(),
+            server_name: None,
+            transport: TransportOptions::default(),
+            call_timeout: Some(Duration::from_secs(30)),
+            connect_timeout: Duration::from_secs(5),
+            push: None,
+            services: Services::default(),
+            client_id: None,
+            hello_metadata: Metadata::new(),
+            reconnect: true,
+            max_backoff: Duration::from_secs(2),
+            events: broadcast::channel(256).0,
+        }
+    }
+
+    /// The current connection; waits for a reconnect in progress up to the connect timeout.
+    pub async fn connection(&self) -> Result<Connection> {
+        if let Some(conn) = self.inner.current.borrow().as_ref() {
+            if !conn.is_closed() {
+                return Ok(conn.clone());
+            }
+        }
+        if self.inner.closed.is_cancelled() {
+            return Err(Error::NotConnected("the client was closed".into()));
+        }
+        if !self.inner.reconnect {
+            return Err(Error::NotConnected(
+                "the connection was lost and reconnect is off".into(),
+            ));
+        }
+        let mut rx = self.inner.current.subscribe();
+        let wait = rx.wait_for(|c| c.as_ref().is_some_and(|c| !c.is_closed()));
+        match tokio::time::timeout(self.inner.connect_timeout, wait).await {
+            Ok(Ok(conn)) => Ok(conn.clone().expect("checked by wait_for")),
+            _ => Err(Error::NotConnected(format!(
+                "no connection to {} (reconnecting)",
+                self.inner.server_addr
+            ))),
+        }
+    }
+
+    /// Calls `service_path.service_method` with postcard-encoded `args` (rpcx's `Call`).
+    /// See [`Connection::call`] for the contract.
+    pub async fn call<A, R>(&self, service_path: &str, service_method: &str, args: &A) -> Result<R>
+    where
+        A: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        self.connection()
+            .await?
+            .call(service_path, service_method, args)
+            .await
+    }
+
+    /// A call with metadata, timeout and codec.
+    pub async fn call_with<A, R>(
+        &self,
+        service_path: &str,
+        service_method: &str,
+        args: &A,
+        options: &CallOptions,
+    ) -> Result<R>
+    where
+        A: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        self.connection()
+            .await?
+            .call_with(service_path, service_method, args, options)
+            .await
+    }
+
+    /// A oneway call: returns once the request is handed to QUIC; no reply comes back.
+    pub async fn oneway<A: Serialize + ?Sized>(
+        &self,
+        service_path: &str,
+        service_method: &str,
+        args: &A,
+    ) -> Result<()> {
+        self.connection()
+            .await?
+            .oneway(service_path, service_method, args)
+            .await
+    }
+
+    /// A call with raw payload bytes.
+    pub async fn call_raw(
+        &self,
+        service_path: &str,
+        service_method: &str,
+        payload: &[u8],
+        options: &CallOptions,
+    ) -> Result<RawReply> {
+        self.connection()
+            .await?
+            .call_raw(service_path, service_method, payload, options)
+            .await
+    }
+
+    /// The server's address.
+    pub fn server_addr(&self) -> SocketAddr {
+        self.inner.server_addr
+    }
+
+    /// This client's declared identity.
+    pub fn client_id(&self) -> Option<&str> {
+        self.inner.client_id.as_deref()
+    }
+
+    /// Subscribes to connection events from now on.
+    pub fn events(&self) -> broadcast::Receiver<ClientEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// Counters of this client.
+    pub fn stats(&self) -> Stats {
+        let open = self
+            .inner
+            .current
+            .borrow()
+            .as_ref()
+            .is_some_and(|c| !c.is_closed());
+        self.inner.shared.counters.snapshot(u64::from(open))
+    }
+
+    /// Whether the client has a live connection right now.
+    pub fn is_connected(&self) -> bool {
+        self.inner
+            .current
+            .borrow()
+            .as_ref()
+            .is_some_and(|c| !c.is_closed())
+    }
+
+    /// Closes the connection with `CLOSE_NORMAL` and stops reconnecting. Calls in flight fail
+    /// with [`Error::ConnectionLost`]. Waits (up to 1 s) until the server was told.
+    pub async fn close(&self) {
+        self.inner.closed.cancel();
+        let conn = self.inner.current.send_replace(None);
+        if let Some(conn) = conn {
+            conn.close_with(code::CLOSE_NORMAL, b"client closed");
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.inner.endpoint.wait_idle()).await;
+    }
+}

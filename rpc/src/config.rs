@@ -1,0 +1,103 @@
+//! Transport settings shared by servers and clients, and UDP socket setup.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use crate::{Error, Limits, Result};
+
+/// QUIC transport settings. The defaults suit both backend services and device fleets: a dead
+/// peer is noticed within `idle_timeout` (15 s), keep-alives every 5 s hold NAT bindings open, and
+/// 1,024 concurrent calls per connection never queue behind the stream limit.
+#[derive(Debug, Clone)]
+pub struct TransportOptions {
+    /// Send a keep-alive when the connection was quiet this long. `None` disables keep-alives.
+    pub keep_alive_interval: Option<Duration>,
+    /// Close the connection when nothing was heard from the peer this long. The effective value is
+    /// the smaller of both sides'.
+    pub idle_timeout: Duration,
+    /// Concurrent calls the peer may have open towards this side (bidirectional streams).
+    pub max_concurrent_calls: u32,
+    /// Concurrent pushes the server may have open towards this side (unidirectional streams; only
+    /// meaningful on clients).
+    pub max_concurrent_pushes: u32,
+    /// Requested UDP send and receive buffer size. Large buffers keep a busy server from dropping
+    /// datagrams (broadcasts to thousands of clients); the kernel may cap it.
+    pub socket_buffer_size: usize,
+    /// Frame size limits.
+    pub limits: Limits,
+}
+
+impl Default for TransportOptions {
+    fn default() -> Self {
+        Self {
+            keep_alive_interval: Some(Duration::from_secs(5)),
+            idle_timeout: Duration::from_secs(15),
+            max_concurrent_calls: 1024,
+            max_concurrent_pushes: 1024,
+            socket_buffer_size: 4 * 1024 * 1024,
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl TransportOptions {
+    /// The quinn transport config. `accept_pushes` is false on servers: clients open no
+    /// unidirectional streams.
+    pub(crate) fn quinn_transport(
+        &self,
+        accept_pushes: bool,
+    ) -> Result<Arc<quinn::TransportConfig>> {
+        let mut t = quinn::TransportConfig::default();
+        t.keep_alive_interval(self.keep_alive_interval);
+        t.max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(self.idle_timeout)
+                .map_err(|e| Error::Config(format!("idle timeout: {e}")))?,
+        ));
+        t.max_concurrent_bidi_streams(self.max_concurrent_calls.into());
+        t.max_concurrent_uni_streams(if accept_pushes {
+            self.max_concurrent_pushes.into()
+        } else {
+            0u32.into()
+        });
+        Ok(Arc::new(t))
+    }
+}
+
+/// Binds a UDP socket with the requested buffer sizes, for a quinn endpoint.
+pub(crate) fn bind_socket(addr: SocketAddr, buffer: usize) -> Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        // Best effort: dual-stack where the platform allows it.
+        let _ = socket.set_only_v6(false);
+    }
+    if buffer > 0 {
+        // The kernel caps these at net.core.{r,w}mem_max; failures are not fatal.
+        let _ = socket.set_recv_buffer_size(buffer);
+        let _ = socket.set_send_buffer_size(buffer);
+    }
+    socket.bind(&addr.into())?;
+    tracing::debug!(
+        %addr,
+        recv_buffer = socket.recv_buffer_size().unwrap_or(0),
+        send_buffer = socket.send_buffer_size().unwrap_or(0),
+        "bound UDP socket"
+    );
+    Ok(socket.into())
+}
+
+/// Builds a quinn endpoint on `addr`.
+pub(crate) fn endpoint(
+    addr: SocketAddr,
+    buffer: usize,
+    server: Option<quinn::ServerConfig>,
+) -> Result<quinn::Endpoint> {
+    let socket = bind_socket(addr, buffer)?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| Error::Config("quicx needs a tokio runtime".into()))?;
+    Ok(quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        server,
+        socket,
+        runtime,
+    )?)
+}

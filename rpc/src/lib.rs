@@ -1,0 +1,104 @@
+//! # quicx: RPC over QUIC, in the spirit of rpcx
+//!
+//! quicx is a remote procedure call framework for Rust built on QUIC (quinn + rustls). It keeps
+//! the vocabulary of Go's rpcx — services registered by name, `send_message`, `XClient` with
+//! discovery, selectors and fail modes — and uses what QUIC gives for free:
+//!
+//! - **Calls** each travel on their own bidirectional QUIC stream: thousands run concurrently on
+//!   one connection with no head-of-line blocking between them. Payloads are serde values,
+//!   postcard-encoded by default. Calls carry metadata and a deadline, may be oneway, and fail
+//!   with a typed [`Error`].
+//! - **Server push** (rpcx's bidirectional mode): the server keeps each connected client as a
+//!   [`Connection`] handle, can bind it to a client identity, and pushes messages on
+//!   server-opened unidirectional streams. A client receives them on a bounded channel with an
+//!   explicit full-channel policy. A slow push consumer never delays call replies.
+//! - **Reverse calls**: a client registers services like a server does, and the server calls
+//!   them through the connection handle — a device behind NAT needs no server of its own.
+//!
+//! ## A call
+//!
+//! ```
+//! use quicx::{Client, ClientTls, Context, DevCertificate, Server, Service};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Serialize, Deserialize)]
+//! struct Args { a: i64, b: i64 }
+//! #[derive(Serialize, Deserialize, Debug, PartialEq)]
+//! struct Reply { c: i64 }
+//!
+//! # #[tokio::main] async fn main() -> quicx::Result<()> {
+//! let dev = DevCertificate::localhost()?;
+//! let server = Server::builder().dev_certificate(&dev).build()?;
+//! server.register("Arith", Service::new().method("Mul", |_ctx: Context, args: Args| async move {
+//!     Ok(Reply { c: args.a * args.b })
+//! }));
+//! let addr = server.bind("127.0.0.1:0").await?;
+//!
+//! let client = Client::builder()
+//!     .tls(ClientTls::new().trust(dev.certificate()))
+//!     .server_name("localhost")
+//!     .connect(&addr.to_string())
+//!     .await?;
+//! let reply: Reply = client.call("Arith", "Mul", &Args { a: 10, b: 20 }).await?;
+//! assert_eq!(reply, Reply { c: 200 });
+//! # client.close().await; server.shutdown(std::time::Duration::from_secs(1)).await;
+//! # Ok(()) }
+//! ```
+//!
+//! ## Errors
+//!
+//! Every failure is a variant of [`Error`]: [`Error::UnknownService`], [`Error::UnknownMethod`],
+//! [`Error::Decode`], [`Error::TooLarge`], [`Error::Timeout`], [`Error::Remote`] (the handler's
+//! own [`ServiceError`] with its code and message), [`Error::ConnectionLost`],
+//! [`Error::Handshake`], ... Fail modes retry only transport errors
+//! ([`Error::is_transport`]); a handler's error is returned at once.
+//!
+//! ## Security
+//!
+//! TLS 1.3 is always on and certificates are verified. [`DevCertificate`] generates a
+//! self-signed certificate at run time for examples and tests; real deployments load PEM files
+//! ([`ServerTls::from_pem_files`], [`ClientTls::trust_pem_file`]). Client certificates (mTLS)
+//! are verified against a CA and the certificate's common name becomes the client identity. The
+//! only way to skip verification is [`ClientTls::insecure_skip_server_verification`].
+//!
+//! The wire protocol is specified in `docs/PROTOCOL.md`.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+#![deny(rustdoc::broken_intra_doc_links)]
+
+mod client;
+mod codec;
+mod config;
+mod connection;
+mod context;
+mod error;
+mod events;
+mod metadata;
+mod push;
+mod server;
+mod service;
+mod stats;
+mod tls;
+pub mod wire;
+
+pub use crate::{
+    client::{Client, ClientBuilder},
+    codec::Codec,
+    config::TransportOptions,
+    connection::{CallOptions, Connection, RawReply},
+    context::Context,
+    error::{Error, Result, ServiceError},
+    events::{ClientEvent, DisconnectReason, ServerEvent},
+    metadata::Metadata,
+    push::{FullPolicy, PushMessage, PushReceiver, PushSender, push_channel, push_channel_with},
+    server::{PushResult, Server, ServerBuilder},
+    service::Service,
+    stats::Stats,
+    tls::{
+        ClientTls, DevCertificate, DevCertificateAuthority, PeerIdentity, ServerTls,
+        load_certificates_pem, load_private_key_pem,
+    },
+    wire::Limits,
+};
+pub use bytes::Bytes;
+pub use quicx_discovery as discovery;

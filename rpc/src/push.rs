@@ -1,0 +1,212 @@
+//! Server push, client side: the bounded channel that yields pushed messages.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+
+use crate::{Codec, Metadata, Result};
+
+/// One message the server pushed (rpcx's `protocol.Message` on the client's channel).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushMessage {
+    /// Service path the server named (`"test_service_path"`).
+    pub service_path: String,
+    /// Service method the server named (`"test_service_method"`).
+    pub service_method: String,
+    /// Metadata the server attached.
+    pub metadata: Metadata,
+    /// The payload bytes, as sent.
+    pub payload: Bytes,
+    /// The server the message came from (its address as dialled).
+    pub server: SocketAddr,
+}
+
+impl PushMessage {
+    /// Decodes the payload with postcard (what [`Connection::send_message_typed`] encodes with).
+    ///
+    /// [`Connection::send_message_typed`]: crate::Connection::send_message_typed
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T> {
+        Codec::Postcard.decode(&self.payload)
+    }
+}
+
+/// What a client does with a push when its channel is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FullPolicy {
+    /// Stop reading pushes until the application makes room. Nothing is lost: QUIC flow control
+    /// holds the server back, and its `send_message` eventually fails with
+    /// [`Error::Timeout`](crate::Error::Timeout). Calls on the connection are not affected: they
+    /// ride their own streams. The default.
+    #[default]
+    Backpressure,
+    /// Drop the message and count it ([`PushReceiver::dropped`]). The server's plain
+    /// `send_message` does not learn of it; `send_message_with_receipt` fails with
+    /// [`Error::PushDropped`](crate::Error::PushDropped).
+    Drop,
+}
+
+#[derive(Debug, Default)]
+struct PushCounters {
+    delivered: AtomicU64,
+    dropped: AtomicU64,
+}
+
+/// The sending half of a push channel: give it to a [`Client`](crate::Client) or
+/// [`XClient`](crate::XClient) builder.
+#[derive(Debug, Clone)]
+pub struct PushSender {
+    tx: mpsc::Sender<PushMessage>,
+    policy: FullPolicy,
+    counters: Arc<PushCounters>,
+}
+
+/// The receiving half of a push channel: the application reads pushed messages here.
+#[derive(Debug)]
+pub struct PushReceiver {
+    rx: mpsc::Receiver<PushMessage>,
+    counters: Arc<PushCounters>,
+}
+
+/// A push channel holding up to `capacity` messages, with the [`FullPolicy::Backpressure`] policy
+/// (rpcx's `make(chan *protocol.Message, capacity)`).
+///
+/// ```
+/// let (tx, mut rx) = quicx::push_channel(64);
+/// assert_eq!(rx.dropped(), 0);
+/// # drop(tx);
+/// ```
+pub fn push_channel(capacity: usize) -> (PushSender, PushReceiver) {
+    push_channel_with(capacity, FullPolicy::Backpressure)
+}
+
+/// A push channel with an explicit full-channel policy.
+pub fn push_channel_with(capacity: usize, policy: FullPolicy) -> (PushSender, PushReceiver) {
+    let (tx, rx) = mpsc::channel(capacity.max(1));
+    let counters = Arc::new(PushCounters::default());
+    (
+        PushSender {
+            tx,
+            policy,
+            counters: counters.clone(),
+        },
+        PushReceiver { rx, counters },
+    )
+}
+
+/// The outcome of handing one push to the application.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Delivery {
+    Delivered,
+    Dropped,
+    /// The application dropped its receiver.
+    Closed,
+}
+
+impl PushSender {
+    /// The full-channel policy.
+    pub fn policy(&self) -> FullPolicy {
+        self.policy
+    }
+
+    pub(crate) async fn deliver(&self, msg: PushMessage) -> Delivery {
+        let result = match self.policy {
+            FullPolicy::Backpressure => self.tx.send(msg).await.map_err(|_| Delivery::Closed),
+            FullPolicy::Drop => self.tx.try_send(msg).map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => Delivery::Dropped,
+                mpsc::error::TrySendError::Closed(_) => Delivery::Closed,
+            }),
+        };
+        match result {
+            Ok(()) => {
+                self.counters.delivered.fetch_add(1, Ordering::Relaxed);
+                Delivery::Delivered
+            }
+            Err(outcome) => {
+                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                outcome
+            }
+        }
+    }
+}
+
+impl PushReceiver {
+    /// The next pushed message; `None` once every client holding the sender is gone.
+    ///
+    /// Cancel safe: a message is never lost if the future is dropped before completing.
+    pub async fn recv(&mut self) -> Option<PushMessage> {
+        self.rx.recv().await
+    }
+
+    /// The next message if one is waiting.
+    pub fn try_recv(&mut self) -> Option<PushMessage> {
+        self.rx.try_recv().ok()
+    }
+
+    /// Messages dropped because the channel was full ([`FullPolicy::Drop`]) or the receiver was
+    /// closed.
+    pub fn dropped(&self) -> u64 {
+        self.counters.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Messages put into the channel so far.
+    pub fn delivered(&self) -> u64 {
+        self.counters.delivered.load(Ordering::Relaxed)
+    }
+
+    /// Messages waiting in the channel.
+    pub fn len(&self) -> usize {
+        self.rx.len()
+    }
+
+    /// Whether no message is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.rx.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg() -> PushMessage {
+        PushMessage {
+            service_path: "p".into(),
+            service_method: "m".into(),
+            metadata: Metadata::new(),
+            payload: Bytes::from_static(b"x"),
+            server: "127.0.0.1:1".parse().unwrap(),
+        }
+    }
+
+    #[tokio::test]
+    async fn drop_policy_counts() {
+        let (tx, mut rx) = push_channel_with(2, FullPolicy::Drop);
+        for _ in 0..5 {
+            tx.deliver(msg()).await;
+        }
+        assert_eq!(rx.delivered(), 2);
+        assert_eq!(rx.dropped(), 3);
+        assert_eq!(rx.recv().await.unwrap(), msg());
+    }
+
+    #[tokio::test]
+    async fn backpressure_waits_for_room() {
+        let (tx, mut rx) = push_channel(1);
+        assert_eq!(tx.deliver(msg()).await, Delivery::Delivered);
+        let tx2 = tx.clone();
+        let pending = tokio::spawn(async move { tx2.deliver(msg()).await });
+        tokio::task::yield_now().await;
+        assert!(!pending.is_finished());
+        rx.recv().await.unwrap();
+        assert_eq!(pending.await.unwrap(), Delivery::Delivered);
+        assert_eq!(rx.dropped(), 0);
+    }
+}

@@ -1,0 +1,552 @@
+//! The server: accepts connections, serves calls, keeps a registry of clients, pushes.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    net::SocketAddr,
+    sync::{Arc, Mutex, atomic::Ordering},
+    time::Duration,
+};
+
+use futures_util::future::join_all;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    Connection, DevCertificate, DisconnectReason, Error, Limits, Metadata, Result, ServerEvent,
+    ServerTls, Service, Stats, TransportOptions, config,
+    connection::{self, Shared},
+    service::Services,
+    wire::code,
+};
+
+/// Builds a [`Server`].
+///
+/// ```
+/// # fn main() -> quicx::Result<()> {
+/// let dev = quicx::DevCertificate::localhost()?;
+/// let server = quicx::Server::builder()
+///     .tls(quicx::ServerTls::from_dev(&dev))
+///     .idle_timeout(std::time::Duration::from_secs(5))
+///     .build()?;
+/// # let _ = server;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct ServerBuilder {
+    tls: Option<ServerTls>,
+    transport: TransportOptions,
+    push_timeout: Duration,
+    call_timeout: Option<Duration>,
+    max_connections: usize,
+}
+
+impl ServerBuilder {
+    /// The server's TLS identity (required).
+    #[must_use]
+    pub fn tls(mut self, tls: ServerTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// Uses a generated development certificate ([`DevCertificate`]).
+    #[must_use]
+    pub fn dev_certificate(self, dev: &DevCertificate) -> Self {
+        self.tls(ServerTls::from_dev(dev))
+    }
+
+    /// All transport settings at once.
+    #[must_use]
+    pub fn transport(mut self, transport: TransportOptions) -> Self {
+        self.transport = transport;
+        self
+    }
+
+    /// Keep-alive interval (default 5 s); `None` disables keep-alives.
+    #[must_use]
+    pub fn keep_alive_interval(mut self, interval: Option<Duration>) -> Self {
+        self.transport.keep_alive_interval = interval;
+        self
+    }
+
+    /// Idle timeout (default 15 s): a client that sends nothing this long is considered gone.
+    #[must_use]
+    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
+        self.transport.idle_timeout = timeout;
+        self
+    }
+
+    /// Concurrent calls per connection (default 1,024).
+    #[must_use]
+    pub fn max_concurrent_calls(mut self, n: u32) -> Self {
+        self.transport.max_concurrent_calls = n;
+        self
+    }
+
+    /// Frame size limits.
+    #[must_use]
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.transport.limits = limits;
+        self
+    }
+
+    /// How long `send_message` may wait for the client (stream credit, flow control) before it
+    /// fails with [`Error::Timeout`]. Default 10 s.
+    #[must_use]
+    pub fn push_timeout(mut self, timeout: Duration) -> Self {
+        self.push_timeout = timeout;
+        self
+    }
+
+    /// Default timeout of reverse calls (server to client). Default 30 s.
+    #[must_use]
+    pub fn call_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.call_timeout = timeout;
+        self
+    }
+
+    /// Connections accepted at once (default 100,000); more are refused at the handshake.
+    #[must_use]
+    pub fn max_connections(mut self, n: usize) -> Self {
+        self.max_connections = n;
+        self
+    }
+
+    /// Builds the server. It does not listen until [`Server::serve`] or [`Server::bind`].
+    pub fn build(self) -> Result<Server> {
+        let tls = self.tls.ok_or_else(|| {
+            Error::Config(
+                "a server needs TLS: ServerBuilder::tls(ServerTls::from_pem_files(..)) or \
+                 ::dev_certificate(&DevCertificate::localhost()?)"
+                    .into(),
+            )
+        })?;
+        let mut quinn_config = quinn::ServerConfig::with_crypto(Arc::new(tls.quinn_config()?));
+        quinn_config.transport_config(self.transport.quinn_transport(false)?);
+        let (events, _) = broadcast::channel(4096);
+        let registry = Arc::new(Registry {
+            inner: Mutex::new(RegistryInner::default()),
+            events,
+        });
+        let shared = Arc::new(Shared::new(
+            Services::default(),
+            self.transport.limits,
+            None,
+            self.push_timeout,
+            self.call_timeout,
+            Some(registry.clone()),
+        ));
+        Ok(Server {
+            inner: Arc::new(ServerInner {
+                shared,
+                registry,
+                quinn_config,
+                socket_buffer_size: self.transport.socket_buffer_size,
+                max_connections: self.max_connections,
+                endpoint: Mutex::new(None),
+                stop_accepting: CancellationToken::new(),
+                stopped: CancellationToken::new(),
+            }),
+        })
+    }
+}
+
+/// A quicx server (rpcx's `server.Server`): register services, serve them, and reach connected
+/// clients.
+///
+/// ```no_run
+/// use quicx::{Context, DevCertificate, Server, Service};
+///
+/// # async fn run() -> quicx::Result<()> {
+/// let server = Server::builder().dev_certificate(&DevCertificate::localhost()?).build()?;
+/// server.register(
+///     "Arith",
+///     Service::new().method("Mul", |_ctx: Context, (a, b): (i64, i64)| async move { Ok(a * b) }),
+/// );
+/// server.serve("127.0.0.1:8972").await
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Server {
+    inner: Arc<ServerInner>,
+}
+
+struct ServerInner {
+    shared: Arc<Shared>,
+    registry: Arc<Registry>,
+    quinn_config: quinn::ServerConfig,
+    socket_buffer_size: usize,
+    max_connections: usize,
+    endpoint: Mutex<Option<quinn::Endpoint>>,
+    stop_accepting: CancellationToken,
+    stopped: CancellationToken,
+}
+
+impl fmt::Debug for Server {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Server")
+            .field("local_addr", &self.local_addr())
+            .field("connections", &self.inner.registry.len())
+            .finish()
+    }
+}
+
+/// The outcome of one push within a broadcast.
+#[derive(Debug)]
+pub struct PushResult {
+    /// The client the push went to.
+    pub conn: Connection,
+    /// What happened.
+    pub result: Result<()>,
+}
+
+impl Server {
+    /// A builder with default settings.
+    pub fn builder() -> ServerBuilder {
+        ServerBuilder {
+            tls: None,
+            transport: TransportOptions::default(),
+            push_timeout: Duration::from_secs(10),
+            call_timeout: Some(Duration::from_secs(30)),
+            max_connections: 100_000,
+        }
+    }
+
+    /// Registers a service under `service_path` (rpcx's `RegisterName`), replacing any service of
+    /// that path. Takes effect for calls that arrive afterwards, also while serving.
+    pub fn register(&self, service_path: impl Into<String>, service: Service) {
+        self.inner.shared.services.register(service_path, service);
+    }
+
+    /// Binds `addr` and starts accepting in the background; returns the bound address (useful
+    /// with port 0). Call [`shutdown`](Self::shutdown) to stop.
+    pub async fn bind(&self, addr: impl tokio::net::ToSocketAddrs) -> Result<SocketAddr> {
+        let addr = tokio::net::lookup_host(addr)
+            .await?
+            .next()
+            .ok_or_else(|| Error::Config("the listen address resolved to nothing".into()))?;
+        let endpoint = config::endpoint(
+            addr,
+            self.inner.socket_buffer_size,
+            Some(self.inner.quinn_config.clone()),
+        )?;
+        let local = endpoint.local_addr()?;
+        {
+            let mut slot = self
+                .inner
+                .endpoint
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if slot.is_some() {
+                return Err(Error::Config("the server is already listening".into()));
+            }
+            *slot = Some(endpoint.clone());
+        }
+        tokio::spawn(self.clone().accept_loop(endpoint, local));
+        tracing::info!(%local, "quicx server listening");
+        Ok(local)
+    }
+
+    /// Binds `addr` and serves until [`shutdown`](Self::shutdown) completes.
+    pub async fn serve(self, addr: impl tokio::net::ToSocketAddrs) -> Result<()> {
+        self.bind(addr).await?;
+        self.inner.stopped.cancelled().await;
+        Ok(())
+    }
+
+    /// The bound address, once listening.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.inner
+            .endpoint
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .and_then(|e| e.local_addr().ok())
+    }
+
+    async fn accept_loop(self, endpoint: quinn::Endpoint, local: SocketAddr) {
+        loop {
+            let incoming = tokio::select! {
+                () = self.inner.stop_accepting.cancelled() => break,
+                incoming = endpoint.accept() => incoming,
+            };
+            let Some(incoming) = incoming else { break };
+            if self.inner.registry.len() >= self.inner.max_connections {
+                tracing::warn!(
+                    "connection limit reached: refusing {}",
+                    incoming.remote_address()
+                );
+                incoming.refuse();
+                continue;
+            }
+            tokio::spawn(self.clone().handle_incoming(incoming, local));
+        }
+        // Shutting down: refuse whatever still arrives until the endpoint closes.
+        while let Some(incoming) = endpoint.accept().await {
+            incoming.refuse();
+        }
+    }
+
+    async fn handle_incoming(self, incoming: quinn::Incoming, local: SocketAddr) {
+        let remote = incoming.remote_address();
+        let quic = match incoming.await {
+            Ok(quic) => quic,
+            Err(e) => {
+                tracing::debug!(%remote, "handshake failed: {e}");
+                return;
+            }
+        };
+        let shared = &self.inner.shared;
+        let conn = Connection::new(quic, shared.clone(), local);
+        shared
+            .counters
+            .connections_accepted
+            .fetch_add(1, Ordering::Relaxed);
+        self.inner.registry.add(&conn);
+        if let Some(cn) = conn.peer_identity().and_then(|p| p.common_name.clone()) {
+            conn.bind_client_id(cn);
+        }
+        tracing::debug!(conn = conn.id(), %remote, "client connected");
+        connection::serve(conn.clone()).await;
+        let reason = DisconnectReason::from_quinn(&conn.quic().closed().await);
+        tracing::debug!(conn = conn.id(), %remote, ?reason, "client disconnected");
+        self.inner.registry.remove(&conn, reason);
+    }
+
+    /// Every connected client.
+    pub fn connections(&self) -> Vec<Connection> {
+        self.inner.registry.all()
+    }
+
+    /// The connection with this [`Connection::id`].
+    pub fn connection(&self, id: u64) -> Option<Connection> {
+        self.inner.registry.get(id)
+    }
+
+    /// The newest connection bound to this client identity (see
+    /// [`Connection::bind_client_id`]).
+    pub fn client(&self, client_id: &str) -> Option<Connection> {
+        self.inner.registry.by_client_id(client_id)
+    }
+
+    /// Subscribes to connect, bind and disconnect events. A subscriber that falls more than 4,096
+    /// events behind gets `RecvError::Lagged` with the number it missed.
+    pub fn events(&self) -> broadcast::Receiver<ServerEvent> {
+        self.inner.registry.events.subscribe()
+    }
+
+    /// Counters: calls served, pushes sent, connections.
+    pub fn stats(&self) -> Stats {
+        self.inner
+            .shared
+            .counters
+            .snapshot(self.inner.registry.len() as u64)
+    }
+
+    /// Pushes a message to one client (rpcx's `SendMessage(conn, servicePath, serviceMethod,
+    /// metadata, data)`). See [`Connection::send_message`] for the contract.
+    pub async fn send_message(
+        &self,
+        conn: &Connection,
+        service_path: &str,
+        service_method: &str,
+        metadata: Metadata,
+        data: impl AsRef<[u8]>,
+    ) -> Result<()> {
+        conn.send_message(service_path, service_method, metadata, data)
+            .await
+    }
+
+    /// Pushes a message to the client bound to `client_id`; [`Error::NotConnected`] if there is
+    /// none.
+    pub async fn send_to_client(
+        &self,
+        client_id: &str,
+        service_path: &str,
+        service_method: &str,
+        metadata: Metadata,
+        data: impl AsRef<[u8]>,
+    ) -> Result<()> {
+        let conn = self
+            .client(client_id)
+            .ok_or_else(|| Error::NotConnected(format!("no client bound to `{client_id}`")))?;
+        conn.send_message(service_path, service_method, metadata, data)
+            .await
+    }
+
+    /// Pushes one message to every connected client. See [`broadcast_to`](Self::broadcast_to).
+    pub async fn broadcast(
+        &self,
+        service_path: &str,
+        service_method: &str,
+        metadata: Metadata,
+        data: impl AsRef<[u8]>,
+        timeout: Duration,
+    ) -> Result<Vec<PushResult>> {
+        self.broadcast_to(
+            self.connections(),
+            service_path,
+            service_method,
+            metadata,
+            data,
+            timeout,
+        )
+        .await
+    }
+
+    /// Pushes one message to each of `conns`, concurrently, each within `timeout`, and returns one
+    /// result per client in the order given. A slow or dead client fails with its own error
+    /// ([`Error::Timeout`], [`Error::ConnectionLost`]) and never holds up the others: the whole
+    /// broadcast takes at most about `timeout`.
+    ///
+    /// The frame is encoded once; an encoding error (too large) is returned before anything is
+    /// sent.
+    pub async fn broadcast_to(
+        &self,
+        conns: impl IntoIterator<Item = Connection>,
+        service_path: &str,
+        service_method: &str,
+        metadata: Metadata,
+        data: impl AsRef<[u8]>,
+        timeout: Duration,
+    ) -> Result<Vec<PushResult>> {
+        let conns: Vec<Connection> = conns.into_iter().collect();
+        let Some(first) = conns.first() else {
+            return Ok(Vec::new());
+        };
+        let frame = first.push_frame(service_path, service_method, metadata, data.as_ref())?;
+        let results = join_all(
+            conns
+                .iter()
+                .map(|conn| conn.send_push_frame(frame.clone(), timeout)),
+        )
+        .await;
+        Ok(conns
+            .into_iter()
+            .zip(results)
+            .map(|(conn, result)| PushResult { conn, result })
+            .collect())
+    }
+
+    /// Shuts down gracefully.
+    ///
+    /// # What happens
+    /// 1. New connections are refused and new calls on open connections are refused with
+    ///    [`Error::ShuttingDown`] on the caller's side;
+    /// 2. calls in flight may finish for up to `drain`;
+    /// 3. handlers still running are cancelled (callers get [`Error::ShuttingDown`]), every
+    ///    connection is closed with `CLOSE_SHUTDOWN`, and [`serve`](Self::serve) returns.
+    ///
+    /// Returns `true` if every in-flight call finished within `drain`.
+    pub async fn shutdown(&self, drain: Duration) -> bool {
+        let shared = &self.inner.shared;
+        shared.shutting_down.store(true, Ordering::Release);
+        self.inner.stop_accepting.cancel();
+        shared.tracker.close();
+        let drained = tokio::time::timeout(drain, shared.tracker.wait())
+            .await
+            .is_ok();
+        shared.shutdown.cancel();
+        for conn in self.connections() {
+            conn.close_with(code::CLOSE_SHUTDOWN, b"server shutdown");
+        }
+        let endpoint = self
+            .inner
+            .endpoint
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(endpoint) = endpoint {
+            endpoint.close(
+                quinn::VarInt::from_u64(code::CLOSE_SHUTDOWN).unwrap_or_default(),
+                b"server shutdown",
+            );
+            let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        }
+        self.inner.stopped.cancel();
+        drained
+    }
+}
+
+/// The server's view of its clients: every connection, and the identity index.
+pub(crate) struct Registry {
+    inner: Mutex<RegistryInner>,
+    pub(crate) events: broadcast::Sender<ServerEvent>,
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Registry")
+            .field("len", &self.len())
+            .finish()
+    }
+}
+
+#[derive(Default)]
+struct RegistryInner {
+    conns: HashMap<u64, Connection>,
+    ids: HashMap<String, u64>,
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, RegistryInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn len(&self) -> usize {
+        self.lock().conns.len()
+    }
+
+    fn add(&self, conn: &Connection) {
+        self.lock().conns.insert(conn.id(), conn.clone());
+        let _ = self.events.send(ServerEvent::Connected(conn.clone()));
+    }
+
+    fn remove(&self, conn: &Connection, reason: DisconnectReason) {
+        {
+            let mut inner = self.lock();
+            inner.conns.remove(&conn.id());
+            if let Some(id) = conn.client_id() {
+                if inner.ids.get(&id) == Some(&conn.id()) {
+                    inner.ids.remove(&id);
+                }
+            }
+        }
+        let _ = self.events.send(ServerEvent::Disconnected {
+            conn: conn.clone(),
+            reason,
+        });
+    }
+
+    pub(crate) fn bind(&self, client_id: String, conn: &Connection) {
+        {
+            let mut inner = self.lock();
+            if !inner.conns.contains_key(&conn.id()) {
+                return;
+            }
+            inner.ids.insert(client_id.clone(), conn.id());
+        }
+        let _ = self.events.send(ServerEvent::Bound {
+            conn: conn.clone(),
+            client_id,
+        });
+    }
+
+    fn get(&self, id: u64) -> Option<Connection> {
+        self.lock().conns.get(&id).cloned()
+    }
+
+    fn by_client_id(&self, client_id: &str) -> Option<Connection> {
+        let inner = self.lock();
+        inner
+            .ids
+            .get(client_id)
+            .and_then(|id| inner.conns.get(id))
+            .cloned()
+    }
+
+    fn all(&self) -> Vec<Connection> {
+        self.lock().conns.values().cloned().collect()
+    }
+}

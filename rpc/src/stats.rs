@@ -1,0 +1,52 @@
+//! Counters a user can read.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) calls_sent: AtomicU64,
+    pub(crate) call_errors: AtomicU64,
+    pub(crate) calls_served: AtomicU64,
+    pub(crate) call_handler_errors: AtomicU64,
+    pub(crate) pushes_sent: AtomicU64,
+    pub(crate) push_errors: AtomicU64,
+    pub(crate) connections_accepted: AtomicU64,
+}
+
+/// A snapshot of a server's or client's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Calls this side made (forward calls on a client, reverse calls on a server).
+    pub calls_sent: u64,
+    /// Calls this side made that ended in an error.
+    pub call_errors: u64,
+    /// Calls this side's handlers served.
+    pub calls_served: u64,
+    /// Served calls answered with an error status.
+    pub call_handler_errors: u64,
+    /// Pushes handed to QUIC.
+    pub pushes_sent: u64,
+    /// Pushes that failed.
+    pub push_errors: u64,
+    /// Connections accepted (servers) or established (clients), over the lifetime.
+    pub connections: u64,
+    /// Connections open now.
+    pub open_connections: u64,
+}
+
+impl Counters {
+    pub(crate) fn snapshot(&self, open_connections: u64) -> Stats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Stats {
+            calls_sent: get(&self.calls_sent),
+            call_errors: get(&self.call_errors),
+            calls_served: get(&self.calls_served),
+            call_handler_errors: get(&self.call_handler_errors),
+            pushes_sent: get(&self.pushes_sent),
+            push_errors: get(&self.push_errors),
+            connections: get(&self.connections_accepted),
+            open_connections,
+        }
+    }
+}

@@ -1,0 +1,475 @@
+//! Wire protocol v1: frames, headers and every numeric code. `docs/PROTOCOL.md` is the prose
+//! version of this file; keep both in step.
+//!
+//! ```text
+//! frame  := kind:u8  header_len:u32 (big-endian)  header:[header_len bytes, postcard]  payload:[.. end of stream]
+//! ```
+
+use bytes::{Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Metadata, Result};
+
+/// The ALPN protocol identifier of wire protocol v1.
+pub const ALPN: &[u8] = b"quicx/1";
+
+/// Bytes before the header: kind (1) and header length (4).
+pub(crate) const PREFIX_LEN: usize = 5;
+
+/// Frame kinds: the first byte of every stream.
+pub mod kind {
+    /// A call (client to server, or server to client for a reverse call).
+    pub const REQUEST: u8 = 0x01;
+    /// The reply to a request, or to a push that asked for a receipt, or to a hello.
+    pub const RESPONSE: u8 = 0x02;
+    /// A server push: on a unidirectional stream, or on a bidirectional one when a receipt is wanted.
+    pub const PUSH: u8 = 0x03;
+    /// A client declaring its identity right after connecting.
+    pub const HELLO: u8 = 0x04;
+}
+
+/// Request flags.
+pub mod flags {
+    /// The caller expects no response; the server finishes its send half with no data.
+    pub const ONEWAY: u8 = 0x01;
+}
+
+/// Stream error codes (QUIC `RESET_STREAM` / `STOP_SENDING`) and connection close codes
+/// (`CONNECTION_CLOSE` of type application).
+pub mod code {
+    /// Stream: the caller gave up (timeout, dropped future). The handler is cancelled.
+    pub const CANCELLED: u64 = 0x01;
+    /// Stream: the frame could not be parsed (unknown kind, truncated, undecodable header).
+    pub const MALFORMED_FRAME: u64 = 0x02;
+    /// Stream: the header length is above the receiver's limit.
+    pub const HEADER_TOO_LARGE: u64 = 0x03;
+    /// Stream: the payload is above the receiver's limit.
+    pub const PAYLOAD_TOO_LARGE: u64 = 0x04;
+    /// Stream: refused because the receiver is shutting down.
+    pub const SHUTTING_DOWN: u64 = 0x05;
+    /// Stream: this side does not accept streams of this type or kind here.
+    pub const UNEXPECTED_STREAM: u64 = 0x06;
+    /// Stream: a push reached a client that has no push channel.
+    pub const PUSH_REJECTED: u64 = 0x07;
+    /// Stream: the receiver failed while handling the stream.
+    pub const INTERNAL: u64 = 0x08;
+
+    /// Connection: normal close by the application (client `close`).
+    pub const CLOSE_NORMAL: u64 = 0x00;
+    /// Connection: the server shut down gracefully.
+    pub const CLOSE_SHUTDOWN: u64 = 0x01;
+    /// Connection: the peer broke the protocol badly enough to end the connection.
+    pub const CLOSE_PROTOCOL_VIOLATION: u64 = 0x02;
+    /// Connection: the server is at its connection limit.
+    pub const CLOSE_TOO_MANY_CONNECTIONS: u64 = 0x03;
+}
+
+/// Status codes carried in a response header's error status. Codes below 1000 are quicx's own;
+/// applications use 1000 and above.
+pub mod status {
+    /// No service registered under the requested path.
+    pub const UNKNOWN_SERVICE: u32 = 1;
+    /// The service has no such method.
+    pub const UNKNOWN_METHOD: u32 = 2;
+    /// The request payload could not be decoded as the method's argument type.
+    pub const DECODE_ERROR: u32 = 3;
+    /// The reply could not be encoded.
+    pub const ENCODE_ERROR: u32 = 4;
+    /// The request's timeout passed on the server before the handler finished.
+    pub const DEADLINE_EXCEEDED: u32 = 5;
+    /// The handler panicked.
+    pub const INTERNAL: u32 = 6;
+    /// The request names a codec the receiver does not know.
+    pub const UNSUPPORTED_CODEC: u32 = 7;
+    /// The receiver is shutting down and takes no new calls.
+    pub const SHUTTING_DOWN: u32 = 8;
+    /// A push with receipt was dropped by the client's full-channel policy.
+    pub const PUSH_DROPPED: u32 = 9;
+    /// A push with receipt reached a client without a push channel.
+    pub const PUSH_REJECTED: u32 = 10;
+    /// A hello was refused (invalid client id).
+    pub const HELLO_REFUSED: u32 = 11;
+    /// Generic application error: a handler's error converted from a `std::error::Error`.
+    pub const APPLICATION: u32 = 1000;
+}
+
+/// Header of a request frame (kind `0x01`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct RequestHeader {
+    pub(crate) service_path: String,
+    pub(crate) service_method: String,
+    pub(crate) metadata: Metadata,
+    /// Milliseconds the caller waits; 0 means no deadline.
+    pub(crate) timeout_ms: u64,
+    pub(crate) flags: u8,
+    pub(crate) codec: u8,
+}
+
+/// Status of a response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) enum Status {
+    Ok,
+    Error { code: u32, message: String },
+}
+
+/// Header of a response frame (kind `0x02`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct ResponseHeader {
+    pub(crate) status: Status,
+    pub(crate) metadata: Metadata,
+}
+
+/// Header of a push frame (kind `0x03`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct PushHeader {
+    pub(crate) service_path: String,
+    pub(crate) service_method: String,
+    pub(crate) metadata: Metadata,
+}
+
+/// Header of a hello frame (kind `0x04`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct HelloHeader {
+    pub(crate) client_id: Option<String>,
+    pub(crate) metadata: Metadata,
+}
+
+/// Size limits, checked before anything is allocated for a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest header accepted (bytes). Default 64 KiB.
+    pub max_header_size: u32,
+    /// Largest payload accepted or sent (bytes). Default 8 MiB.
+    pub max_payload_size: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_header_size: 64 * 1024,
+            max_payload_size: 8 * 1024 * 1024,
+        }
+    }
+}
+
+/// Encodes a whole frame into one buffer: prefix, header, then `payload`.
+pub(crate) fn encode_frame<H: Serialize>(
+    frame_kind: u8,
+    header: &H,
+    payload: &[u8],
+    limits: &Limits,
+) -> Result<Bytes> {
+    encode_frame_with(frame_kind, header, limits, |mut buf| {
+        buf.extend_from_slice(payload);
+        Ok(buf)
+    })
+}
+
+/// Encodes a whole frame into one buffer; `write_payload` appends the payload in place (no
+/// intermediate copy of an encoded argument).
+pub(crate) fn encode_frame_with<H: Serialize>(
+    frame_kind: u8,
+    header: &H,
+    limits: &Limits,
+    write_payload: impl FnOnce(Vec<u8>) -> Result<Vec<u8>>,
+) -> Result<Bytes> {
+    let mut buf = Vec::with_capacity(128);
+    buf.extend_from_slice(&[frame_kind, 0, 0, 0, 0]);
+    let mut buf = postcard::to_extend(header, buf).map_err(|e| Error::Encode(e.to_string()))?;
+    let header_len = buf.len() - PREFIX_LEN;
+    if header_len > limits.max_header_size as usize {
+        return Err(Error::TooLarge {
+            what: "header",
+            limit: Some(u64::from(limits.max_header_size)),
+        });
+    }
+    buf[1..PREFIX_LEN].copy_from_slice(&(header_len as u32).to_be_bytes());
+    let buf = write_payload(buf)?;
+    check_payload(buf.len() - PREFIX_LEN - header_len, limits)?;
+    Ok(buf.into())
+}
+
+/// Fails with [`Error::TooLarge`] when a payload is above the limit.
+pub(crate) fn check_payload(len: usize, limits: &Limits) -> Result<()> {
+    if len as u64 > limits.max_payload_size {
+        return Err(Error::TooLarge {
+            what: "payload",
+            limit: Some(limits.max_payload_size),
+        });
+    }
+    Ok(())
+}
+
+/// A frame read off a stream: kind, raw header and payload (both slices of one buffer).
+#[derive(Debug)]
+pub(crate) struct RawFrame {
+    pub(crate) kind: u8,
+    pub(crate) header: Bytes,
+    pub(crate) payload: Bytes,
+}
+
+impl RawFrame {
+    /// Decodes the header as `H`.
+    pub(crate) fn header<'a, H: Deserialize<'a>>(&'a self) -> Result<H, FrameError> {
+        postcard::from_bytes(&self.header).map_err(|e| FrameError::Malformed(e.to_string()))
+    }
+}
+
+/// Why a frame could not be read. Each maps to the stream code the reader resets with.
+#[derive(Debug)]
+pub(crate) enum FrameError {
+    /// Unknown kind, truncated prefix or header, undecodable header.
+    Malformed(String),
+    HeaderTooLarge,
+    PayloadTooLarge,
+    /// The stream or connection failed underneath.
+    Stream(Error),
+}
+
+impl FrameError {
+    /// The stream code to reset/stop with, if the reader should tell the peer.
+    pub(crate) fn stream_code(&self) -> Option<u64> {
+        match self {
+            Self::Malformed(_) => Some(code::MALFORMED_FRAME),
+            Self::HeaderTooLarge => Some(code::HEADER_TOO_LARGE),
+            Self::PayloadTooLarge => Some(code::PAYLOAD_TOO_LARGE),
+            Self::Stream(_) => None,
+        }
+    }
+}
+
+impl From<FrameError> for Error {
+    fn from(e: FrameError) -> Self {
+        match e {
+            FrameError::Malformed(m) => Self::Protocol(m),
+            FrameError::HeaderTooLarge => Self::TooLarge {
+                what: "header",
+                limit: None,
+            },
+            FrameError::PayloadTooLarge => Self::TooLarge {
+                what: "payload",
+                limit: None,
+            },
+            FrameError::Stream(e) => e,
+        }
+    }
+}
+
+/// Checks the 5-byte prefix: known kind, header within the limit. Returns the header length.
+pub(crate) fn parse_prefix(prefix: &[u8], limits: &Limits) -> Result<(u8, usize), FrameError> {
+    let frame_kind = prefix[0];
+    if !(kind::REQUEST..=kind::HELLO).contains(&frame_kind) {
+        return Err(FrameError::Malformed(format!(
+            "unknown frame kind {frame_kind:#04x}"
+        )));
+    }
+    let header_len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]);
+    if header_len > limits.max_header_size {
+        return Err(FrameError::HeaderTooLarge);
+    }
+    Ok((frame_kind, header_len as usize))
+}
+
+/// Reads one whole frame: everything up to the end of the stream.
+///
+/// The limit is enforced as bytes arrive: never more than `5 + max_header_size + max_payload_size`
+/// bytes are buffered, and the header length is checked as soon as the prefix is in. In the common
+/// case of a small frame arriving in one chunk, no byte is copied.
+pub(crate) async fn read_frame(
+    recv: &mut quinn::RecvStream,
+    limits: &Limits,
+) -> Result<RawFrame, FrameError> {
+    let mut first: Option<Bytes> = None;
+    let mut buf = BytesMut::new();
+    let mut header_len: Option<usize> = None;
+    let mut total = 0usize;
+    loop {
+        let chunk = recv
+            .read_chunk(usize::MAX, true)
+            .await
+            .map_err(|e| FrameError::Stream(e.into()))?;
+        let Some(chunk) = chunk else { break };
+        total += chunk.bytes.len();
+        if first.is_none() && buf.is_empty() {
+            first = Some(chunk.bytes);
+        } else {
+            if let Some(f) = first.take() {
+                buf.extend_from_slice(&f);
+            }
+            buf.extend_from_slice(&chunk.bytes);
+        }
+        if header_len.is_none() && total >= PREFIX_LEN {
+            let bytes: &[u8] = first.as_deref().unwrap_or(&buf);
+            header_len = Some(parse_prefix(&bytes[..PREFIX_LEN], limits)?.1);
+        }
+        if let Some(h) = header_len {
+            if total.saturating_sub(PREFIX_LEN + h) as u64 > limits.max_payload_size {
+                return Err(FrameError::PayloadTooLarge);
+            }
+        }
+    }
+    let bytes = first.unwrap_or_else(|| buf.freeze());
+    split_frame(bytes, limits)
+}
+
+/// Splits a complete frame buffer into kind, header and payload.
+pub(crate) fn split_frame(bytes: Bytes, limits: &Limits) -> Result<RawFrame, FrameError> {
+    if bytes.len() < PREFIX_LEN {
+        return Err(FrameError::Malformed(format!(
+            "truncated frame: {} bytes, the prefix alone is {PREFIX_LEN}",
+            bytes.len()
+        )));
+    }
+    let (frame_kind, header_len) = parse_prefix(&bytes[..PREFIX_LEN], limits)?;
+    if bytes.len() < PREFIX_LEN + header_len {
+        return Err(FrameError::Malformed(format!(
+            "truncated frame: header of {header_len} bytes announced, {} present",
+            bytes.len() - PREFIX_LEN
+        )));
+    }
+    if (bytes.len() - PREFIX_LEN - header_len) as u64 > limits.max_payload_size {
+        return Err(FrameError::PayloadTooLarge);
+    }
+    Ok(RawFrame {
+        kind: frame_kind,
+        header: bytes.slice(PREFIX_LEN..PREFIX_LEN + header_len),
+        payload: bytes.slice(PREFIX_LEN + header_len..),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mul_request() -> RequestHeader {
+        RequestHeader {
+            service_path: "Arith".into(),
+            service_method: "Mul".into(),
+            metadata: Metadata::new(),
+            timeout_ms: 0,
+            flags: 0,
+            codec: 0,
+        }
+    }
+
+    #[test]
+    fn request_round_trip() {
+        let limits = Limits::default();
+        let frame = encode_frame(kind::REQUEST, &mul_request(), &[10, 20], &limits).unwrap();
+        let raw = split_frame(frame, &limits).unwrap();
+        assert_eq!(raw.kind, kind::REQUEST);
+        assert_eq!(raw.header::<RequestHeader>().unwrap(), mul_request());
+        assert_eq!(&raw.payload[..], &[10, 20]);
+    }
+
+    #[derive(Serialize)]
+    struct Args {
+        a: i64,
+        b: i64,
+    }
+
+    #[derive(Serialize)]
+    struct Reply {
+        c: i64,
+    }
+
+    #[test]
+    fn documented_request_bytes() {
+        // The example in docs/PROTOCOL.md: Arith.Mul {A: 10, B: 20}, postcard payload
+        // (i64 fields are zigzag varints: 10 -> 0x14, 20 -> 0x28).
+        let payload = postcard::to_allocvec(&Args { a: 10, b: 20 }).unwrap();
+        let frame =
+            encode_frame(kind::REQUEST, &mul_request(), &payload, &Limits::default()).unwrap();
+        let expected: &[u8] = &[
+            0x01, 0x00, 0x00, 0x00, 0x0e, 0x05, b'A', b'r', b'i', b't', b'h', 0x03, b'M', b'u',
+            b'l', 0x00, 0x00, 0x00, 0x00, 0x14, 0x28,
+        ];
+        assert_eq!(&frame[..], expected);
+    }
+
+    #[test]
+    fn documented_response_bytes() {
+        let header = ResponseHeader {
+            status: Status::Ok,
+            metadata: Metadata::new(),
+        };
+        let payload = postcard::to_allocvec(&Reply { c: 200 }).unwrap();
+        let frame = encode_frame(kind::RESPONSE, &header, &payload, &Limits::default()).unwrap();
+        assert_eq!(&frame[..], &[0x02, 0, 0, 0, 2, 0x00, 0x00, 0x90, 0x03]);
+    }
+
+    #[test]
+    fn documented_error_response_bytes() {
+        let header = ResponseHeader {
+            status: Status::Error {
+                code: status::UNKNOWN_METHOD,
+                message: "no".into(),
+            },
+            metadata: Metadata::new(),
+        };
+        let frame = encode_frame(kind::RESPONSE, &header, &[], &Limits::default()).unwrap();
+        assert_eq!(
+            &frame[..],
+            &[0x02, 0, 0, 0, 6, 0x01, 0x02, 0x02, b'n', b'o', 0x00]
+        );
+    }
+
+    #[test]
+    fn documented_push_bytes() {
+        let header = PushHeader {
+            service_path: "p".into(),
+            service_method: "m".into(),
+            metadata: Metadata::new().with("k", "v"),
+        };
+        let frame = encode_frame(kind::PUSH, &header, b"abcde", &Limits::default()).unwrap();
+        assert_eq!(
+            &frame[..],
+            &[
+                0x03, 0, 0, 0, 9, 0x01, b'p', 0x01, b'm', 0x01, 0x01, b'k', 0x01, b'v', b'a', b'b',
+                b'c', b'd', b'e'
+            ]
+        );
+    }
+
+    #[test]
+    fn rejects_bad_prefixes() {
+        let limits = Limits::default();
+        assert!(matches!(
+            split_frame(Bytes::from_static(&[0x01, 0, 0]), &limits),
+            Err(FrameError::Malformed(_))
+        ));
+        assert!(matches!(
+            split_frame(Bytes::from_static(&[0x09, 0, 0, 0, 0]), &limits),
+            Err(FrameError::Malformed(_))
+        ));
+        assert!(matches!(
+            split_frame(Bytes::from_static(&[0x01, 0xff, 0xff, 0xff, 0xff]), &limits),
+            Err(FrameError::HeaderTooLarge)
+        ));
+        assert!(matches!(
+            split_frame(Bytes::from_static(&[0x01, 0, 0, 0, 9, 1, 2]), &limits),
+            Err(FrameError::Malformed(_))
+        ));
+        let small = Limits {
+            max_header_size: 64,
+            max_payload_size: 1,
+        };
+        assert!(matches!(
+            split_frame(Bytes::from_static(&[0x02, 0, 0, 0, 0, 1, 2]), &small),
+            Err(FrameError::PayloadTooLarge)
+        ));
+    }
+
+    #[test]
+    fn garbage_header_is_malformed() {
+        let raw = split_frame(
+            Bytes::from_static(&[0x01, 0, 0, 0, 3, 0xff, 0xff, 0xff]),
+            &Limits::default(),
+        )
+        .unwrap();
+        assert!(matches!(
+            raw.header::<RequestHeader>(),
+            Err(FrameError::Malformed(_))
+        ));
+    }
+}

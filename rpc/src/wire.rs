@@ -432,6 +432,35 @@ mod tests {
     }
 
     #[test]
+    fn documented_request_with_timeout_and_metadata() {
+        let header = RequestHeader {
+            metadata: Metadata::new().with("trace-id", "7"),
+            timeout_ms: 2000,
+            ..mul_request()
+        };
+        let frame = encode_frame(kind::REQUEST, &header, &[], &Limits::default()).unwrap();
+        let expected: &[u8] = &[
+            0x01, 0, 0, 0, 0x1a, 0x05, b'A', b'r', b'i', b't', b'h', 0x03, b'M', b'u', b'l', 0x01,
+            0x08, b't', b'r', b'a', b'c', b'e', b'-', b'i', b'd', 0x01, b'7', 0xd0, 0x0f, 0x00,
+            0x00,
+        ];
+        assert_eq!(&frame[..], expected);
+    }
+
+    #[test]
+    fn documented_hello_bytes() {
+        let header = HelloHeader {
+            client_id: Some("device-1".into()),
+            metadata: Metadata::new(),
+        };
+        let frame = encode_frame(kind::HELLO, &header, &[], &Limits::default()).unwrap();
+        let mut expected = vec![0x04, 0, 0, 0, 0x0b, 0x01, 0x08];
+        expected.extend_from_slice(b"device-1");
+        expected.push(0x00);
+        assert_eq!(&frame[..], &expected[..]);
+    }
+
+    #[test]
     fn rejects_bad_prefixes() {
         let limits = Limits::default();
         assert!(matches!(

@@ -1,0 +1,64 @@
+//! Project tasks, in plain Rust: `cargo xtask demo | ci`.
+#![forbid(unsafe_code)]
+
+use std::process::{Command, ExitCode};
+
+use clap::{Parser, Subcommand};
+
+mod demo;
+
+#[derive(Parser)]
+#[command(about = "quicx project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// A server and three devices on loopback: call, push by id, broadcast, reverse call,
+    /// reconnect. Exits non-zero if any step fails.
+    Demo,
+    /// What CI runs: fmt check, clippy -D warnings, build everything (benches included), tests.
+    Ci,
+}
+
+fn cargo(args: &[&str]) -> anyhow::Result<()> {
+    println!("$ cargo {}", args.join(" "));
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(args)
+        .status()?;
+    anyhow::ensure!(status.success(), "cargo {} failed", args.join(" "));
+    Ok(())
+}
+
+fn ci() -> anyhow::Result<()> {
+    cargo(&["fmt", "--all", "--", "--check"])?;
+    cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--locked",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
+    cargo(&["build", "--workspace", "--all-targets", "--locked"])?;
+    cargo(&["test", "--workspace", "--locked"])?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Demo => demo::run(),
+        Task::Ci => ci(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -474,6 +474,10 @@ impl Client {
         let conn = self.inner.current.send_replace(None);
         if let Some(conn) = conn {
             conn.close_with(code::CLOSE_NORMAL, b"client closed");
+            let _ = self.inner.events.send(ClientEvent::Disconnected {
+                server: self.inner.server_addr,
+                reason: DisconnectReason::ClosedLocally,
+            });
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), self.inner.endpoint.wait_idle()).await;
     }

@@ -172,7 +172,7 @@ pub fn init_tracing() {
 }
 
 /// A raw quinn connection to a quicx server offering `alpn`, trusting `dev`: for tests that
-/// write bytes by hand.
+/// write bytes by hand. It grants the server no unidirectional streams, so it never reads a push.
 pub async fn raw_connection(
     addr: SocketAddr,
     dev: &DevCertificate,
@@ -188,9 +188,13 @@ pub async fn raw_connection(
         .with_no_client_auth();
     tls.alpn_protocols = vec![alpn.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).expect("quic config");
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_concurrent_uni_streams(0u32.into());
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(Arc::new(transport));
     let mut endpoint =
         quinn::Endpoint::client("127.0.0.1:0".parse().expect("address")).expect("client endpoint");
-    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+    endpoint.set_default_client_config(config);
     endpoint
         .connect(addr, "localhost")
         .expect("connect starts")

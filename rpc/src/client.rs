@@ -172,12 +172,7 @@ impl ClientBuilder {
     pub async fn connect_addr(self, addr: SocketAddr, server_name: &str) -> Result<Client> {
         let mut client_config = quinn::ClientConfig::new(Arc::new(self.tls.quinn_config()?));
         client_config.transport_config(self.transport.quinn_transport(true)?);
-        let bind: SocketAddr = if addr.is_ipv6() {
-            "[::]:0".parse().expect("valid address")
-        } else {
-            "0.0.0.0:0".parse().expect("valid address")
-        };
-        let mut endpoint = config::endpoint(bind, self.transport.socket_buffer_size, None)?;
+        let mut endpoint = client_endpoint(addr, self.transport.socket_buffer_size)?;
         endpoint.set_default_client_config(client_config);
         let shared = Arc::new(Shared::new(
             self.services,
@@ -187,30 +182,44 @@ impl ClientBuilder {
             self.call_timeout,
             None,
         ));
-        let (current, _) = watch::channel(None);
-        let inner = Arc::new(ClientInner {
-            endpoint,
-            server_addr: addr,
-            server_name: server_name.to_owned(),
-            shared,
-            current,
-            events: self.events,
-            closed: CancellationToken::new(),
+        let session = Session {
             client_id: self.client_id,
             hello_metadata: self.hello_metadata,
             reconnect: self.reconnect,
             max_backoff: self.max_backoff,
             connect_timeout: self.connect_timeout,
-        });
-        let conn = inner.establish().await?;
-        inner.current.send_replace(Some(conn.clone()));
-        let _ = inner.events.send(ClientEvent::Connected { server: addr });
-        tokio::spawn(
-            supervise(inner.clone(), conn)
-                .instrument(tracing::debug_span!("client", server = %addr)),
-        );
-        Ok(Client { inner })
+        };
+        Client::start(
+            endpoint,
+            true,
+            shared,
+            session,
+            self.events,
+            addr,
+            server_name,
+        )
+        .await
     }
+}
+
+/// A client-side QUIC endpoint on an ephemeral port of `addr`'s family.
+pub(crate) fn client_endpoint(addr: SocketAddr, buffer: usize) -> Result<quinn::Endpoint> {
+    let bind: SocketAddr = if addr.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    config::endpoint(bind, buffer, None)
+}
+
+/// How a client behaves on its connection: identity, reconnects, timeouts.
+#[derive(Debug, Clone)]
+pub(crate) struct Session {
+    pub(crate) client_id: Option<String>,
+    pub(crate) hello_metadata: Metadata,
+    pub(crate) reconnect: bool,
+    pub(crate) max_backoff: Duration,
+    pub(crate) connect_timeout: Duration,
 }
 
 /// A client of one server (rpcx's `client.Client`), over one QUIC connection that carries any
@@ -238,17 +247,15 @@ pub struct Client {
 
 struct ClientInner {
     endpoint: quinn::Endpoint,
+    /// Whether the endpoint is this client's alone (an XClient shares one among its clients).
+    owns_endpoint: bool,
     server_addr: SocketAddr,
     server_name: String,
     shared: Arc<Shared>,
     current: watch::Sender<Option<Connection>>,
     events: broadcast::Sender<ClientEvent>,
     closed: CancellationToken,
-    client_id: Option<String>,
-    hello_metadata: Metadata,
-    reconnect: bool,
-    max_backoff: Duration,
-    connect_timeout: Duration,
+    session: Session,
 }
 
 impl fmt::Debug for Client {
@@ -264,7 +271,7 @@ impl ClientInner {
     /// Opens a connection, starts serving what the server opens on it, and says hello.
     async fn establish(&self) -> Result<Connection> {
         let connecting = self.endpoint.connect(self.server_addr, &self.server_name)?;
-        let quic = tokio::time::timeout(self.connect_timeout, connecting)
+        let quic = tokio::time::timeout(self.session.connect_timeout, connecting)
             .await
             .map_err(|_| Error::Timeout)??;
         let conn = Connection::new(quic, self.shared.clone(), self.server_addr);
@@ -273,9 +280,14 @@ impl ClientInner {
             .connections_accepted
             .fetch_add(1, Ordering::Relaxed);
         tokio::spawn(connection::serve(conn.clone()));
-        if self.client_id.is_some() || !self.hello_metadata.is_empty() {
-            if let Err(e) =
-                connection::hello(&conn, self.client_id.clone(), self.hello_metadata.clone()).await
+        let session = &self.session;
+        if session.client_id.is_some() || !session.hello_metadata.is_empty() {
+            if let Err(e) = connection::hello(
+                &conn,
+                session.client_id.clone(),
+                session.hello_metadata.clone(),
+            )
+            .await
             {
                 conn.close();
                 return Err(e);
@@ -298,7 +310,7 @@ async fn supervise(inner: Arc<ClientInner>, mut conn: Connection) {
             server: inner.server_addr,
             reason,
         });
-        if !inner.reconnect || inner.closed.is_cancelled() {
+        if !inner.session.reconnect || inner.closed.is_cancelled() {
             return;
         }
         let mut backoff = Duration::from_millis(50);
@@ -317,7 +329,7 @@ async fn supervise(inner: Arc<ClientInner>, mut conn: Connection) {
                         () = tokio::time::sleep(backoff) => {}
                         () = inner.closed.cancelled() => return,
                     }
-                    backoff = (backoff * 2).min(inner.max_backoff);
+                    backoff = (backoff * 2).min(inner.session.max_backoff);
                 }
             }
         };
@@ -330,6 +342,37 @@ async fn supervise(inner: Arc<ClientInner>, mut conn: Connection) {
 }
 
 impl Client {
+    /// Opens the first connection and starts the supervisor that reconnects.
+    pub(crate) async fn start(
+        endpoint: quinn::Endpoint,
+        owns_endpoint: bool,
+        shared: Arc<Shared>,
+        session: Session,
+        events: broadcast::Sender<ClientEvent>,
+        addr: SocketAddr,
+        server_name: &str,
+    ) -> Result<Self> {
+        let inner = Arc::new(ClientInner {
+            endpoint,
+            owns_endpoint,
+            server_addr: addr,
+            server_name: server_name.to_owned(),
+            shared,
+            current: watch::channel(None).0,
+            events,
+            closed: CancellationToken::new(),
+            session,
+        });
+        let conn = inner.establish().await?;
+        inner.current.send_replace(Some(conn.clone()));
+        let _ = inner.events.send(ClientEvent::Connected { server: addr });
+        tokio::spawn(
+            supervise(inner.clone(), conn)
+                .instrument(tracing::debug_span!("client", server = %addr)),
+        );
+        Ok(Self { inner })
+    }
+
     /// A builder with default settings.
     pub fn builder() -> ClientBuilder {
         ClientBuilder {
@@ -358,14 +401,14 @@ impl Client {
         if self.inner.closed.is_cancelled() {
             return Err(Error::NotConnected("the client was closed".into()));
         }
-        if !self.inner.reconnect {
+        if !self.inner.session.reconnect {
             return Err(Error::NotConnected(
                 "the connection was lost and reconnect is off".into(),
             ));
         }
         let mut rx = self.inner.current.subscribe();
         let wait = rx.wait_for(|c| c.as_ref().is_some_and(|c| !c.is_closed()));
-        match tokio::time::timeout(self.inner.connect_timeout, wait).await {
+        match tokio::time::timeout(self.inner.session.connect_timeout, wait).await {
             Ok(Ok(conn)) => Ok(conn.clone().expect("checked by wait_for")),
             _ => Err(Error::NotConnected(format!(
                 "no connection to {} (reconnecting)",
@@ -439,7 +482,7 @@ impl Client {
 
     /// This client's declared identity.
     pub fn client_id(&self) -> Option<&str> {
-        self.inner.client_id.as_deref()
+        self.inner.session.client_id.as_deref()
     }
 
     /// Subscribes to connection events from now on.
@@ -467,6 +510,16 @@ impl Client {
             .is_some_and(|c| !c.is_closed())
     }
 
+    /// The current connection if it is up, without waiting.
+    pub(crate) fn live_connection(&self) -> Option<Connection> {
+        self.inner
+            .current
+            .borrow()
+            .as_ref()
+            .filter(|c| !c.is_closed())
+            .cloned()
+    }
+
     /// Closes the connection with `CLOSE_NORMAL` and stops reconnecting. Calls in flight fail
     /// with [`Error::ConnectionLost`]. Waits (up to 1 s) until the server was told.
     pub async fn close(&self) {
@@ -479,6 +532,9 @@ impl Client {
                 reason: DisconnectReason::ClosedLocally,
             });
         }
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.inner.endpoint.wait_idle()).await;
+        if self.inner.owns_endpoint {
+            let _ =
+                tokio::time::timeout(Duration::from_secs(1), self.inner.endpoint.wait_idle()).await;
+        }
     }
 }

@@ -48,6 +48,10 @@ pub struct CallOptions {
     pub timeout: Option<Duration>,
     /// Payload codec.
     pub codec: Codec,
+    /// Routing key for an [`XClient`](crate::XClient) with
+    /// [`SelectMode::ConsistentHash`](crate::SelectMode::ConsistentHash): calls with the same key
+    /// go to the same endpoint. Not sent on the wire.
+    pub route_key: Option<String>,
 }
 
 impl CallOptions {
@@ -74,6 +78,13 @@ impl CallOptions {
     #[must_use]
     pub fn codec(mut self, codec: Codec) -> Self {
         self.codec = codec;
+        self
+    }
+
+    /// Sets the routing key used by consistent hashing.
+    #[must_use]
+    pub fn route_key(mut self, key: impl Into<String>) -> Self {
+        self.route_key = Some(key.into());
         self
     }
 }

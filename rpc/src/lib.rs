@@ -73,13 +73,16 @@ mod connection;
 mod context;
 mod error;
 mod events;
+mod failmode;
 mod metadata;
 mod push;
+mod selector;
 mod server;
 mod service;
 mod stats;
 mod tls;
 pub mod wire;
+mod xclient;
 
 pub use crate::{
     client::{Client, ClientBuilder},
@@ -89,8 +92,13 @@ pub use crate::{
     context::Context,
     error::{Error, Result, ServiceError},
     events::{ClientEvent, DisconnectReason, ServerEvent},
+    failmode::{ClientOption, FailMode},
     metadata::Metadata,
     push::{FullPolicy, PushMessage, PushReceiver, PushSender, push_channel, push_channel_with},
+    selector::{
+        Candidate, ConsistentHash, LatencyBased, RandomSelect, RoundRobin, SelectInfo, SelectMode,
+        Selector, WeightedRoundRobin,
+    },
     server::{PushResult, Server, ServerBuilder},
     service::Service,
     stats::Stats,
@@ -99,6 +107,7 @@ pub use crate::{
         load_certificates_pem, load_private_key_pem,
     },
     wire::Limits,
+    xclient::{XClient, XClientBuilder},
 };
 pub use bytes::Bytes;
 pub use quicx_discovery as discovery;

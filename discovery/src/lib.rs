@@ -35,6 +35,8 @@ use std::{collections::BTreeMap, fmt, sync::Arc};
 use tokio::sync::watch;
 
 mod mdns;
+#[cfg(feature = "sandbox")]
+pub mod sandbox;
 
 pub use mdns::{
     Announcement, Interfaces, MdnsAdvertiser, MdnsDiscovery, MdnsOptions, MdnsRegistration,
@@ -169,8 +171,7 @@ pub async fn wait_for_endpoints<D: Discovery>(
 ) -> Endpoints {
     let mut rx = discovery.watch();
     let _ = tokio::time::timeout(timeout, rx.wait_for(|e| !e.is_empty())).await;
-    let list = rx.borrow().clone();
-    list
+    rx.borrow().clone()
 }
 
 /// One fixed server (rpcx's peer-to-peer discovery).

@@ -332,11 +332,12 @@ impl fmt::Debug for MdnsRegistration {
 }
 
 impl MdnsRegistration {
-    /// Withdraws the announcement and waits (up to 1 s) until the goodbye is sent.
-    pub fn withdraw(mut self) {
+    /// Withdraws the announcement and waits (up to 1 s) until the daemon has sent the goodbye.
+    pub async fn withdraw(mut self) {
         if let Some(name) = self.fullname.take() {
             if let Ok(rx) = self.daemon.unregister(&name) {
-                let _ = rx.recv_timeout(std::time::Duration::from_secs(1));
+                let _ =
+                    tokio::time::timeout(std::time::Duration::from_secs(1), rx.recv_async()).await;
             }
         }
     }

@@ -330,7 +330,10 @@ mod tests {
         ];
         let picks = counts(&LatencyBased, &c, 10_000);
         assert!(picks[1] > 9_800, "{picks:?}");
-        assert!(picks[0] > 0, "the slow endpoint still gets a trickle: {picks:?}");
+        assert!(
+            picks[0] > 0,
+            "the slow endpoint still gets a trickle: {picks:?}"
+        );
         // An endpoint with no measurement yet is tried as if it were fast.
         let fresh = vec![
             c[0],

@@ -36,9 +36,46 @@ pub struct ClientBuilder {
     reconnect: bool,
     max_backoff: Duration,
     events: broadcast::Sender<ClientEvent>,
+    endpoint: Option<ClientEndpoint>,
+}
+
+/// A client-side UDP socket that many clients can share: a fleet simulator or a gateway with
+/// thousands of connections needs one socket, not thousands.
+///
+/// ```
+/// # #[tokio::main] async fn main() -> quicx::Result<()> {
+/// let shared = quicx::ClientEndpoint::bind("127.0.0.1:0".parse().unwrap())?;
+/// let builder = quicx::Client::builder().endpoint(&shared);
+/// # let _ = builder; Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct ClientEndpoint {
+    endpoint: quinn::Endpoint,
+}
+
+impl ClientEndpoint {
+    /// Binds a client socket on `addr` (port 0 for any) with 4 MiB socket buffers. Must run
+    /// inside a tokio runtime.
+    pub fn bind(addr: SocketAddr) -> Result<Self> {
+        Ok(Self {
+            endpoint: config::endpoint(addr, TransportOptions::default().socket_buffer_size, None)?,
+        })
+    }
+
+    /// The local address.
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        Ok(self.endpoint.local_addr()?)
+    }
 }
 
 impl ClientBuilder {
+    /// Connects through a shared [`ClientEndpoint`] instead of a socket of its own.
+    #[must_use]
+    pub fn endpoint(mut self, endpoint: &ClientEndpoint) -> Self {
+        self.endpoint = Some(endpoint.clone());
+        self
+    }
+
     /// TLS settings (default: [`ClientTls::new`], the Mozilla root set).
     #[must_use]
     pub fn tls(mut self, tls: ClientTls) -> Self {
@@ -172,8 +209,13 @@ impl ClientBuilder {
     pub async fn connect_addr(self, addr: SocketAddr, server_name: &str) -> Result<Client> {
         let mut client_config = quinn::ClientConfig::new(Arc::new(self.tls.quinn_config()?));
         client_config.transport_config(self.transport.quinn_transport(true)?);
-        let mut endpoint = client_endpoint(addr, self.transport.socket_buffer_size)?;
-        endpoint.set_default_client_config(client_config);
+        let (endpoint, owns_endpoint) = match self.endpoint {
+            Some(shared) => (shared.endpoint, false),
+            None => (
+                client_endpoint(addr, self.transport.socket_buffer_size)?,
+                true,
+            ),
+        };
         let shared = Arc::new(Shared::new(
             self.services,
             self.transport.limits,
@@ -190,8 +232,11 @@ impl ClientBuilder {
             connect_timeout: self.connect_timeout,
         };
         Client::start(
-            endpoint,
-            true,
+            Link {
+                endpoint,
+                owns_endpoint,
+                client_config,
+            },
             shared,
             session,
             self.events,
@@ -210,6 +255,15 @@ pub(crate) fn client_endpoint(addr: SocketAddr, buffer: usize) -> Result<quinn::
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     };
     config::endpoint(bind, buffer, None)
+}
+
+/// The QUIC endpoint a client connects through, and with which configuration.
+#[derive(Debug, Clone)]
+pub(crate) struct Link {
+    pub(crate) endpoint: quinn::Endpoint,
+    /// Whether the endpoint is this client's alone (an XClient shares one among its clients).
+    pub(crate) owns_endpoint: bool,
+    pub(crate) client_config: quinn::ClientConfig,
 }
 
 /// How a client behaves on its connection: identity, reconnects, timeouts.
@@ -240,15 +294,29 @@ pub(crate) struct Session {
 /// After the connection is lost the client reconnects in the background (see
 /// [`ClientBuilder::reconnect`]); calls made meanwhile wait for the new connection up to the
 /// connect timeout.
+///
+/// Dropping the last clone closes the connection (as [`close`](Self::close) does, without
+/// waiting).
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<ClientInner>,
+    _last_handle: Arc<CloseOnDrop>,
+}
+
+/// Closes the client when the last user handle goes; the supervisor holds only `ClientInner`.
+struct CloseOnDrop(Arc<ClientInner>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        self.0.closed.cancel();
+        if let Some(conn) = self.0.current.send_replace(None) {
+            conn.close_with(code::CLOSE_NORMAL, b"client dropped");
+        }
+    }
 }
 
 struct ClientInner {
-    endpoint: quinn::Endpoint,
-    /// Whether the endpoint is this client's alone (an XClient shares one among its clients).
-    owns_endpoint: bool,
+    link: Link,
     server_addr: SocketAddr,
     server_name: String,
     shared: Arc<Shared>,
@@ -270,7 +338,11 @@ impl fmt::Debug for Client {
 impl ClientInner {
     /// Opens a connection, starts serving what the server opens on it, and says hello.
     async fn establish(&self) -> Result<Connection> {
-        let connecting = self.endpoint.connect(self.server_addr, &self.server_name)?;
+        let connecting = self.link.endpoint.connect_with(
+            self.link.client_config.clone(),
+            self.server_addr,
+            &self.server_name,
+        )?;
         let quic = tokio::time::timeout(self.session.connect_timeout, connecting)
             .await
             .map_err(|_| Error::Timeout)??;
@@ -344,8 +416,7 @@ async fn supervise(inner: Arc<ClientInner>, mut conn: Connection) {
 impl Client {
     /// Opens the first connection and starts the supervisor that reconnects.
     pub(crate) async fn start(
-        endpoint: quinn::Endpoint,
-        owns_endpoint: bool,
+        link: Link,
         shared: Arc<Shared>,
         session: Session,
         events: broadcast::Sender<ClientEvent>,
@@ -353,8 +424,7 @@ impl Client {
         server_name: &str,
     ) -> Result<Self> {
         let inner = Arc::new(ClientInner {
-            endpoint,
-            owns_endpoint,
+            link,
             server_addr: addr,
             server_name: server_name.to_owned(),
             shared,
@@ -370,7 +440,10 @@ impl Client {
             supervise(inner.clone(), conn)
                 .instrument(tracing::debug_span!("client", server = %addr)),
         );
-        Ok(Self { inner })
+        Ok(Self {
+            _last_handle: Arc::new(CloseOnDrop(inner.clone())),
+            inner,
+        })
     }
 
     /// A builder with default settings.
@@ -388,6 +461,7 @@ impl Client {
             reconnect: true,
             max_backoff: Duration::from_secs(2),
             events: broadcast::channel(256).0,
+            endpoint: None,
         }
     }
 
@@ -532,9 +606,9 @@ impl Client {
                 reason: DisconnectReason::ClosedLocally,
             });
         }
-        if self.inner.owns_endpoint {
-            let _ =
-                tokio::time::timeout(Duration::from_secs(1), self.inner.endpoint.wait_idle()).await;
+        if self.inner.link.owns_endpoint {
+            let idle = self.inner.link.endpoint.wait_idle();
+            let _ = tokio::time::timeout(Duration::from_secs(1), idle).await;
         }
     }
 }

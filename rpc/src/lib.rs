@@ -85,7 +85,7 @@ pub mod wire;
 mod xclient;
 
 pub use crate::{
-    client::{Client, ClientBuilder},
+    client::{Client, ClientBuilder, ClientEndpoint},
     codec::Codec,
     config::TransportOptions,
     connection::{CallOptions, Connection, RawReply},

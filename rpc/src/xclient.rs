@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     CallOptions, Client, ClientEvent, ClientOption, Error, FailMode, Metadata, PushSender,
     RawReply, Result, SelectMode, Service, Stats,
-    client::{Session, client_endpoint},
+    client::{Link, Session, client_endpoint},
     connection::Shared,
     discovery::{Discovery, Endpoint, Endpoints},
     selector::{Candidate, SelectInfo, Selector},
@@ -83,7 +83,7 @@ impl<D: Discovery + Send + Sync + 'static> XClientBuilder<D> {
         let bidirectional = self.push.is_some();
         client_config.transport_config(option.transport.quinn_transport(bidirectional)?);
         // One UDP socket for the connections to every endpoint; IPv6 sockets are dual-stack.
-        let mut endpoint = client_endpoint(
+        let endpoint = client_endpoint(
             (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
             option.transport.socket_buffer_size,
         )
@@ -93,7 +93,6 @@ impl<D: Discovery + Send + Sync + 'static> XClientBuilder<D> {
                 option.transport.socket_buffer_size,
             )
         })?;
-        endpoint.set_default_client_config(client_config);
         let shared = Arc::new(Shared::new(
             self.services,
             option.transport.limits,
@@ -114,7 +113,11 @@ impl<D: Discovery + Send + Sync + 'static> XClientBuilder<D> {
             fail_mode: self.fail_mode,
             selector: self.select_mode.selector(),
             bidirectional,
-            endpoint,
+            link: Link {
+                endpoint,
+                owns_endpoint: false,
+                client_config,
+            },
             shared,
             session,
             events: broadcast::channel(256).0,
@@ -189,7 +192,7 @@ struct XInner<D> {
     fail_mode: FailMode,
     selector: Arc<dyn Selector>,
     bidirectional: bool,
-    endpoint: quinn::Endpoint,
+    link: Link,
     shared: Arc<Shared>,
     session: Session,
     events: broadcast::Sender<ClientEvent>,
@@ -353,8 +356,7 @@ impl<D: Discovery + Send + Sync + 'static> XInner<D> {
             .next()
             .ok_or_else(|| Error::Config(format!("`{}` resolved to nothing", slot.endpoint)))?;
         let client = Client::start(
-            self.endpoint.clone(),
-            false,
+            self.link.clone(),
             self.shared.clone(),
             self.session.clone(),
             self.events.clone(),
@@ -698,6 +700,7 @@ impl<D: Discovery + Send + Sync + 'static> XClient<D> {
                 client.close().await;
             }
         }
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.inner.endpoint.wait_idle()).await;
+        let idle = self.inner.link.endpoint.wait_idle();
+        let _ = tokio::time::timeout(Duration::from_secs(1), idle).await;
     }
 }

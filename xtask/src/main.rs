@@ -21,6 +21,16 @@ enum Task {
     Demo,
     /// What CI runs: fmt check, clippy -D warnings, build everything (benches included), tests.
     Ci,
+    /// Benchmarks side by side (release build): quicx, raw quinn, tonic, tarpc. Writes
+    /// target/bench/report.md, results.json and SVG plots.
+    Bench {
+        /// A short run, under 2 minutes.
+        #[arg(long)]
+        quick: bool,
+        /// Extra arguments for the harness (`--system quicx --layout one-process`, ...).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn cargo(args: &[&str]) -> anyhow::Result<()> {
@@ -53,6 +63,23 @@ fn main() -> ExitCode {
     let result = match cli.task {
         Task::Demo => demo::run(),
         Task::Ci => ci(),
+        Task::Bench { quick, args } => {
+            let mut cmd = vec![
+                "run",
+                "--release",
+                "--locked",
+                "-p",
+                "quicx-benches",
+                "--bin",
+                "quicx-bench",
+                "--",
+            ];
+            if quick {
+                cmd.push("--quick");
+            }
+            cmd.extend(args.iter().map(String::as_str));
+            cargo(&cmd)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

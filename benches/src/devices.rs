@@ -1,0 +1,122 @@
+//! Many devices: N clients connected to one server: handshake rate, server memory per idle
+//! connection, and how long a broadcast takes to reach them all.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use futures_util::{StreamExt, stream};
+use serde::Serialize;
+
+use crate::{
+    load::rss_bytes,
+    systems::{self, ServerInfo, System},
+};
+
+/// Handshakes in flight at once while connecting the fleet.
+const CONNECT_PARALLELISM: usize = 64;
+
+/// What one fleet measured.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub(crate) struct Fleet {
+    pub(crate) clients: usize,
+    pub(crate) handshakes_per_sec: f64,
+    /// Server RSS growth per connection, bytes (0 when the server shares this process).
+    pub(crate) server_bytes_per_connection: f64,
+    pub(crate) broadcast_ms: f64,
+}
+
+enum Held {
+    Quicx(Vec<quicx::Client>),
+    Quinn(Vec<quinn::Connection>),
+}
+
+/// Connects `n` clients of `info.system` (quicx or raw quinn) through one client socket, then
+/// broadcasts `size` bytes to all of them.
+pub(crate) async fn fleet(
+    info: &ServerInfo,
+    n: usize,
+    size: u32,
+    server_pid: Option<u32>,
+) -> anyhow::Result<Fleet> {
+    let received = Arc::new(AtomicU64::new(0));
+    let rss_before = server_pid.map(rss_bytes);
+    let started = Instant::now();
+    let held = match info.system {
+        System::Quicx => {
+            let endpoint = quicx::ClientEndpoint::bind("127.0.0.1:0".parse()?)?;
+            let clients: Vec<_> = stream::iter(0..n)
+                .map(|_| systems::quicx_client(info, Some(&endpoint), Some(received.clone())))
+                .buffer_unordered(CONNECT_PARALLELISM)
+                .collect()
+                .await;
+            Held::Quicx(clients.into_iter().collect::<anyhow::Result<_>>()?)
+        }
+        System::Quinn => {
+            let endpoint = systems::quinn_client_endpoint()?;
+            let config = systems::quinn_client_config(info)?;
+            let conns: Vec<_> = stream::iter(0..n)
+                .map(|_| systems::quinn_connect(info, &endpoint, &config, Some(received.clone())))
+                .buffer_unordered(CONNECT_PARALLELISM)
+                .collect()
+                .await;
+            Held::Quinn(conns.into_iter().collect::<anyhow::Result<_>>()?)
+        }
+        other => anyhow::bail!("{} has no fleet benchmark", other.name()),
+    };
+    let handshakes_per_sec = n as f64 / started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let server_bytes_per_connection = match (server_pid, rss_before) {
+        (Some(pid), Some(before)) => rss_bytes(pid).saturating_sub(before) as f64 / n as f64,
+        _ => 0.0,
+    };
+    let started = Instant::now();
+    match &held {
+        Held::Quicx(clients) => {
+            let ok: u64 = clients[0].call("Bench", "Broadcast", &size).await?;
+            anyhow::ensure!(ok as usize == n, "broadcast reached {ok} of {n}");
+        }
+        Held::Quinn(conns) => {
+            systems::quinn_request(&conns[0], systems::op_broadcast(), &size.to_le_bytes()).await?;
+        }
+    }
+    systems::wait_count(&received, n as u64, Duration::from_secs(30)).await?;
+    let broadcast_ms = started.elapsed().as_secs_f64() * 1e3;
+    match held {
+        Held::Quicx(clients) => {
+            for c in clients {
+                c.close().await;
+            }
+        }
+        Held::Quinn(conns) => {
+            for c in conns {
+                c.close(0u32.into(), b"done");
+            }
+        }
+    }
+    let _ = received.load(Ordering::Relaxed);
+    Ok(Fleet {
+        clients: n,
+        handshakes_per_sec,
+        server_bytes_per_connection,
+        broadcast_ms,
+    })
+}
+
+/// Median time to open one connection and make one call, milliseconds, over `rounds`.
+pub(crate) async fn setup_ms(info: &ServerInfo, rounds: usize) -> anyhow::Result<f64> {
+    let mut times = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        let started = Instant::now();
+        let (caller, keep) = systems::echo_caller(info, 32).await?;
+        caller().await?;
+        times.push(started.elapsed().as_secs_f64() * 1e3);
+        drop(keep);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}

@@ -1,0 +1,523 @@
+//! `quicx-bench`: quicx side by side with raw quinn, tonic and tarpc, in one run on one machine.
+//! Run it with `cargo xtask bench [--quick]`; see BENCHMARKS.md.
+#![forbid(unsafe_code)]
+
+use std::{
+    collections::HashMap,
+    io::{BufRead, BufReader, Write},
+    path::PathBuf,
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+
+mod devices;
+mod load;
+mod report;
+mod systems;
+
+use load::{Sample, closed_loop, cpu_time};
+use report::Record;
+use systems::{ServerInfo, System};
+
+#[derive(Parser)]
+#[command(about = "quicx benchmarks against raw quinn, tonic and tarpc")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+    /// A short run (under 2 minutes): fewer points, one repetition.
+    #[arg(long)]
+    quick: bool,
+    /// Where report.md, results.json and the SVG plots go.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+    /// Only these systems (default: all).
+    #[arg(long, value_enum)]
+    system: Vec<System>,
+    /// Only these process layouts (default: all).
+    #[arg(long, value_enum)]
+    layout: Vec<Layout>,
+    /// Skip the many-devices fleet benchmark.
+    #[arg(long)]
+    no_fleet: bool,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Internal: run one system's server in this process (the two-process layout).
+    Serve {
+        #[arg(long, value_enum)]
+        system: System,
+    },
+}
+
+/// Where server and client run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ValueEnum)]
+enum Layout {
+    /// Server and client in one process, on one default (multi-thread) tokio runtime.
+    OneProcess,
+    /// Server and client in one process, each on its own current_thread runtime and thread.
+    ThreadPerSide,
+    /// Server and client in separate processes, each on a default tokio runtime (as deployed).
+    TwoProcesses,
+}
+
+impl Layout {
+    fn name(self) -> &'static str {
+        match self {
+            Self::OneProcess => "1 process, multi-thread runtime",
+            Self::ThreadPerSide => "1 process, current_thread runtime per side",
+            Self::TwoProcesses => "2 processes, multi-thread runtimes",
+        }
+    }
+}
+
+struct Settings {
+    payloads: Vec<usize>,
+    concurrency: Vec<usize>,
+    repetitions: usize,
+    warmup: Duration,
+    duration: Duration,
+    push_count: u32,
+    fleets: Vec<usize>,
+    setup_rounds: usize,
+}
+
+impl Settings {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Self {
+                payloads: vec![32],
+                concurrency: vec![1, 64, 256],
+                repetitions: 1,
+                warmup: Duration::from_millis(200),
+                duration: Duration::from_millis(800),
+                push_count: 20_000,
+                fleets: vec![1_000],
+                setup_rounds: 5,
+            }
+        } else {
+            Self {
+                payloads: vec![32, 4096],
+                concurrency: vec![1, 16, 64, 256],
+                repetitions: 3,
+                warmup: Duration::from_secs(1),
+                duration: Duration::from_secs(3),
+                push_count: 100_000,
+                fleets: vec![1_000, 10_000],
+                setup_rounds: 20,
+            }
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "Settings: payloads {:?} B, concurrency {:?} callers on one connection, {} repetition(s) \
+             run interleaved (A B A B ...), medians reported; each run {:.1} s warm-up + {:.1} s measured. \
+             Release build, loopback.",
+            self.payloads,
+            self.concurrency,
+            self.repetitions,
+            self.warmup.as_secs_f64(),
+            self.duration.as_secs_f64()
+        )
+    }
+}
+
+/// A server running in a child process.
+struct ChildServer {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl ChildServer {
+    fn spawn(system: System) -> anyhow::Result<(Self, ServerInfo)> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .args(["serve", "--system"])
+            .arg(system.to_possible_value().expect("named").get_name())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let stdin = child.stdin.take().context("stdin")?;
+        let mut stdout = BufReader::new(child.stdout.take().context("stdout")?);
+        let mut line = String::new();
+        stdout.read_line(&mut line)?;
+        let info: ServerInfo =
+            serde_json::from_str(&line).with_context(|| format!("server said {line:?}"))?;
+        Ok((
+            Self {
+                child,
+                stdin,
+                stdout,
+            },
+            info,
+        ))
+    }
+
+    fn cpu(&mut self) -> anyhow::Result<Duration> {
+        writeln!(self.stdin, "cpu")?;
+        let mut line = String::new();
+        self.stdout.read_line(&mut line)?;
+        Ok(Duration::from_secs_f64(line.trim().parse()?))
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve_child(system: System) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let info = systems::serve(system).await?;
+        println!("{}", serde_json::to_string(&info)?);
+        std::io::stdout().flush()?;
+        let stdin = tokio::io::BufReader::new(tokio::io::stdin());
+        let mut lines = tokio::io::AsyncBufReadExt::lines(stdin);
+        while let Some(line) = lines.next_line().await? {
+            if line.trim() == "cpu" {
+                println!("{}", cpu_time().as_secs_f64());
+                std::io::stdout().flush()?;
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Servers and the client runtime of one layout.
+struct Env {
+    runtime: tokio::runtime::Runtime,
+    servers: HashMap<System, ServerInfo>,
+    children: HashMap<System, ChildServer>,
+    /// Keeps the server thread of the thread-per-side layout running.
+    _server_thread: Option<std::sync::mpsc::Sender<()>>,
+}
+
+impl Env {
+    fn new(layout: Layout, systems: &[System]) -> anyhow::Result<Self> {
+        let mut servers = HashMap::new();
+        let mut children = HashMap::new();
+        let mut server_thread = None;
+        let runtime = match layout {
+            Layout::OneProcess | Layout::TwoProcesses => tokio::runtime::Runtime::new()?,
+            Layout::ThreadPerSide => tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?,
+        };
+        match layout {
+            Layout::OneProcess => {
+                for &s in systems {
+                    servers.insert(s, runtime.block_on(systems::serve(s))?);
+                }
+            }
+            Layout::ThreadPerSide => {
+                let (info_tx, info_rx) = std::sync::mpsc::channel();
+                let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+                let wanted = systems.to_vec();
+                std::thread::spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("server runtime");
+                    rt.block_on(async move {
+                        for s in wanted {
+                            let _ =
+                                info_tx.send(systems::serve(s).await.map_err(|e| e.to_string()));
+                        }
+                        // Park the server runtime until the environment is dropped.
+                        let _ = tokio::task::spawn_blocking(move || stop_rx.recv()).await;
+                    });
+                });
+                for _ in systems {
+                    let info = info_rx.recv()?.map_err(anyhow::Error::msg)?;
+                    servers.insert(info.system, info);
+                }
+                server_thread = Some(stop_tx);
+            }
+            Layout::TwoProcesses => {
+                for &s in systems {
+                    let (child, info) = ChildServer::spawn(s)?;
+                    servers.insert(s, info);
+                    children.insert(s, child);
+                }
+            }
+        }
+        Ok(Self {
+            runtime,
+            servers,
+            children,
+            _server_thread: server_thread,
+        })
+    }
+
+    /// CPU used so far by both sides of `system`.
+    fn cpu(&mut self, system: System) -> Duration {
+        let own = cpu_time();
+        match self.children.get_mut(&system) {
+            Some(child) => own + child.cpu().unwrap_or_default(),
+            None => own,
+        }
+    }
+
+    fn calls(
+        &mut self,
+        system: System,
+        payload: usize,
+        concurrency: usize,
+        s: &Settings,
+    ) -> anyhow::Result<(Sample, f64)> {
+        let info = self.servers[&system].clone();
+        let cpu0 = self.cpu(system);
+        let sample = self.runtime.block_on(async {
+            let (caller, keep) = systems::echo_caller(&info, payload).await?;
+            let sample = closed_loop(caller, concurrency, s.warmup, s.duration).await;
+            drop(keep);
+            sample
+        })?;
+        let cpu = self.cpu(system).saturating_sub(cpu0);
+        Ok((
+            sample,
+            cpu.as_secs_f64() * 1e6 / sample.total_calls.max(1) as f64,
+        ))
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let rmem = std::fs::read_to_string("/proc/sys/net/core/rmem_max").unwrap_or_default();
+    format!(
+        "Machine: {cpu}, {cores} cores, Linux {}, net.core.rmem_max {} bytes.",
+        kernel.trim(),
+        rmem.trim()
+    )
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Some(Cmd::Serve { system }) = cli.command {
+        return serve_child(system);
+    }
+    let settings = Settings::new(cli.quick);
+    let systems: Vec<System> = if cli.system.is_empty() {
+        System::ALL.to_vec()
+    } else {
+        cli.system.clone()
+    };
+    let layouts: Vec<Layout> = if cli.layout.is_empty() {
+        if cli.quick {
+            vec![Layout::OneProcess, Layout::TwoProcesses]
+        } else {
+            vec![
+                Layout::OneProcess,
+                Layout::ThreadPerSide,
+                Layout::TwoProcesses,
+            ]
+        }
+    } else {
+        cli.layout.clone()
+    };
+    std::fs::create_dir_all(&cli.out)?;
+    let pushers: Vec<System> = systems.iter().copied().filter(|s| s.pushes()).collect();
+    let fleet_systems: Vec<System> = systems
+        .iter()
+        .copied()
+        .filter(|s| matches!(s, System::Quicx | System::Quinn))
+        .collect();
+    let do_fleet = !cli.no_fleet && layouts.contains(&Layout::TwoProcesses);
+    let planned = layouts.len()
+        * (settings.payloads.len()
+            * settings.concurrency.len()
+            * settings.repetitions
+            * systems.len()
+            + settings.repetitions * pushers.len()
+            + systems.len())
+        + if do_fleet {
+            settings.fleets.len() * fleet_systems.len()
+        } else {
+            0
+        };
+    let bar = ProgressBar::new(planned as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} {msg}")?
+            .progress_chars("=> "),
+    );
+    let mut records = Vec::new();
+    for &layout in &layouts {
+        bar.set_message(format!("starting servers: {}", layout.name()));
+        let mut env = Env::new(layout, &systems)?;
+        for &payload in &settings.payloads {
+            for &c in &settings.concurrency {
+                let mut samples: HashMap<System, Vec<(Sample, f64)>> = HashMap::new();
+                for _ in 0..settings.repetitions {
+                    // Interleaved: every system once per repetition.
+                    for &system in &systems {
+                        bar.set_message(format!(
+                            "{} {payload} B c={c} ({})",
+                            system.name(),
+                            layout.name()
+                        ));
+                        let result = env
+                            .calls(system, payload, c, &settings)
+                            .with_context(|| format!("{} c={c}", system.name()))?;
+                        samples.entry(system).or_default().push(result);
+                        bar.inc(1);
+                    }
+                }
+                for (system, runs) in samples {
+                    records.push(Record {
+                        system,
+                        system_name: system.name(),
+                        layout: layout.name(),
+                        scenario: "calls",
+                        payload,
+                        concurrency: c,
+                        rate: median(runs.iter().map(|r| r.0.rate).collect()),
+                        p50_us: median(runs.iter().map(|r| r.0.p50_us).collect()),
+                        p99_us: median(runs.iter().map(|r| r.0.p99_us).collect()),
+                        cpu_us_per_call: median(runs.iter().map(|r| r.1).collect()),
+                        repetitions: runs.len(),
+                        fleet: None,
+                        setup_ms: None,
+                    });
+                }
+            }
+        }
+        let push_senders = 16;
+        let mut push_samples: HashMap<System, Vec<f64>> = HashMap::new();
+        for _ in 0..settings.repetitions {
+            for &system in &pushers {
+                bar.set_message(format!("{} pushes ({})", system.name(), layout.name()));
+                let info = env.servers[&system].clone();
+                let rate = env
+                    .runtime
+                    .block_on(systems::push_rate(
+                        &info,
+                        settings.push_count,
+                        32,
+                        push_senders,
+                        Duration::from_secs(60),
+                    ))
+                    .with_context(|| format!("{} push", system.name()))?;
+                push_samples.entry(system).or_default().push(rate);
+                bar.inc(1);
+            }
+        }
+        for (system, rates) in push_samples {
+            records.push(Record {
+                system,
+                system_name: system.name(),
+                layout: layout.name(),
+                scenario: "push",
+                payload: 32,
+                concurrency: if system == System::TonicTls {
+                    1
+                } else {
+                    push_senders as usize
+                },
+                repetitions: rates.len(),
+                rate: median(rates),
+                p50_us: 0.0,
+                p99_us: 0.0,
+                cpu_us_per_call: 0.0,
+                fleet: None,
+                setup_ms: None,
+            });
+        }
+        for &system in &systems {
+            bar.set_message(format!(
+                "{} connection setup ({})",
+                system.name(),
+                layout.name()
+            ));
+            let info = env.servers[&system].clone();
+            let ms = env
+                .runtime
+                .block_on(devices::setup_ms(&info, settings.setup_rounds))?;
+            records.push(Record {
+                system,
+                system_name: system.name(),
+                layout: layout.name(),
+                scenario: "setup",
+                payload: 32,
+                concurrency: 1,
+                rate: 1e3 / ms,
+                p50_us: ms * 1e3,
+                p99_us: 0.0,
+                cpu_us_per_call: 0.0,
+                repetitions: settings.setup_rounds,
+                fleet: None,
+                setup_ms: Some(ms),
+            });
+            bar.inc(1);
+        }
+        if do_fleet && layout == Layout::TwoProcesses {
+            for &n in &settings.fleets {
+                for &system in &fleet_systems {
+                    bar.set_message(format!("{} fleet of {n}", system.name()));
+                    // A fresh server per fleet, so memory growth is the fleet's alone.
+                    let (child, info) = ChildServer::spawn(system)?;
+                    let fleet = env
+                        .runtime
+                        .block_on(devices::fleet(&info, n, 32, Some(child.child.id())))
+                        .with_context(|| format!("{} fleet of {n}", system.name()))?;
+                    drop(child);
+                    records.push(Record {
+                        system,
+                        system_name: system.name(),
+                        layout: layout.name(),
+                        scenario: "fleet",
+                        payload: 32,
+                        concurrency: n,
+                        rate: fleet.handshakes_per_sec,
+                        p50_us: 0.0,
+                        p99_us: 0.0,
+                        cpu_us_per_call: 0.0,
+                        repetitions: 1,
+                        fleet: Some(fleet),
+                        setup_ms: None,
+                    });
+                    bar.inc(1);
+                }
+            }
+        }
+        drop(env);
+    }
+    bar.finish_with_message("done");
+    let started = Instant::now();
+    let md = report::markdown(&records, &machine(), &settings.describe());
+    std::fs::write(cli.out.join("report.md"), &md)?;
+    std::fs::write(
+        cli.out.join("results.json"),
+        serde_json::to_string_pretty(&records)?,
+    )?;
+    let plots = report::plots(&records, &cli.out)?;
+    println!("{md}");
+    println!(
+        "wrote {}/report.md, results.json and {} SVG plots in {:.1} s",
+        cli.out.display(),
+        plots.len(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

@@ -1,0 +1,279 @@
+//! Results: one JSON record per measurement, a markdown report with ratios, SVG plots.
+
+use std::{collections::BTreeMap, fmt::Write as _, path::Path};
+
+use plotters::prelude::*;
+use serde::Serialize;
+
+use crate::{devices::Fleet, systems::System};
+
+/// One measured figure (median of the repetitions).
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Record {
+    pub(crate) system: System,
+    pub(crate) system_name: &'static str,
+    pub(crate) layout: &'static str,
+    pub(crate) scenario: &'static str,
+    pub(crate) payload: usize,
+    pub(crate) concurrency: usize,
+    /// Calls (or messages) per second.
+    pub(crate) rate: f64,
+    pub(crate) p50_us: f64,
+    pub(crate) p99_us: f64,
+    pub(crate) cpu_us_per_call: f64,
+    pub(crate) repetitions: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) fleet: Option<Fleet>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) setup_ms: Option<f64>,
+}
+
+fn k(rate: f64) -> String {
+    if rate >= 1000.0 {
+        format!("{:.0}k", rate / 1000.0)
+    } else {
+        format!("{rate:.0}")
+    }
+}
+
+fn find<'a>(
+    records: &'a [Record],
+    system: System,
+    layout: &str,
+    scenario: &str,
+    payload: usize,
+    c: usize,
+) -> Option<&'a Record> {
+    records.iter().find(|r| {
+        r.system == system
+            && r.layout == layout
+            && r.scenario == scenario
+            && r.payload == payload
+            && r.concurrency == c
+    })
+}
+
+/// The markdown report.
+pub(crate) fn markdown(records: &[Record], machine: &str, settings: &str) -> String {
+    let mut md = String::new();
+    let _ = writeln!(md, "# quicx benchmark report\n\n{machine}\n\n{settings}\n");
+    let mut groups: BTreeMap<(&str, usize), Vec<usize>> = BTreeMap::new();
+    for r in records.iter().filter(|r| r.scenario == "calls") {
+        let cs = groups.entry((r.layout, r.payload)).or_default();
+        if !cs.contains(&r.concurrency) {
+            cs.push(r.concurrency);
+        }
+    }
+    for ((layout, payload), mut cs) in groups {
+        cs.sort_unstable();
+        let _ = writeln!(md, "## Calls: {layout}, {payload} B echo\n");
+        let head: String = cs.iter().map(|c| format!(" c={c} |")).collect();
+        let rule: String = cs.iter().map(|_| "---|").collect();
+        let _ = writeln!(
+            md,
+            "calls/s (p50 / p99 µs, CPU µs per call)\n\n| system |{head}\n|---|{rule}"
+        );
+        for system in System::ALL {
+            let mut row = format!("| {} |", system.name());
+            let mut any = false;
+            for &c in &cs {
+                match find(records, system, layout, "calls", payload, c) {
+                    Some(r) => {
+                        any = true;
+                        let _ = write!(
+                            row,
+                            " **{}** ({:.0} / {:.0}, {:.1}) |",
+                            k(r.rate),
+                            r.p50_us,
+                            r.p99_us,
+                            r.cpu_us_per_call
+                        );
+                    }
+                    None => row.push_str(" – |"),
+                }
+            }
+            if any {
+                let _ = writeln!(md, "{row}");
+            }
+        }
+        let _ = writeln!(
+            md,
+            "\nquicx ÷ system (calls/s ratio; > 1 means quicx is faster)\n\n| vs |{head}\n|---|{rule}"
+        );
+        for system in System::ALL.into_iter().filter(|s| *s != System::Quicx) {
+            let mut row = format!("| {} |", system.name());
+            let mut any = false;
+            for &c in &cs {
+                match (
+                    find(records, System::Quicx, layout, "calls", payload, c),
+                    find(records, system, layout, "calls", payload, c),
+                ) {
+                    (Some(q), Some(o)) if o.rate > 0.0 => {
+                        any = true;
+                        let _ = write!(row, " {:.2} |", q.rate / o.rate);
+                    }
+                    _ => row.push_str(" – |"),
+                }
+            }
+            if any {
+                let _ = writeln!(md, "{row}");
+            }
+        }
+        md.push('\n');
+    }
+    let pushes: Vec<&Record> = records.iter().filter(|r| r.scenario == "push").collect();
+    if !pushes.is_empty() {
+        let _ = writeln!(
+            md,
+            "## Push (server to client), messages/s\n\n| layout | system | payload | senders | messages/s | ÷ raw quinn |\n|---|---|---|---|---|---|"
+        );
+        for r in &pushes {
+            let quinn = pushes.iter().find(|q| {
+                q.system == System::Quinn
+                    && q.layout == r.layout
+                    && q.payload == r.payload
+                    && q.concurrency == r.concurrency
+            });
+            let ratio = quinn.map_or("–".into(), |q| format!("{:.2}", r.rate / q.rate));
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} B | {} | {} | {ratio} |",
+                r.layout,
+                r.system_name,
+                r.payload,
+                r.concurrency,
+                k(r.rate)
+            );
+        }
+        md.push('\n');
+    }
+    let fleets: Vec<&Record> = records.iter().filter(|r| r.scenario == "fleet").collect();
+    if !fleets.is_empty() {
+        let _ = writeln!(
+            md,
+            "## Many devices\n\n| layout | system | clients | handshakes/s | server KiB per idle connection | broadcast to all (ms) |\n|---|---|---|---|---|---|"
+        );
+        for r in fleets {
+            if let Some(f) = r.fleet {
+                let mem = if f.server_bytes_per_connection > 0.0 {
+                    format!("{:.1}", f.server_bytes_per_connection / 1024.0)
+                } else {
+                    "–".into()
+                };
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {} | {:.0} | {mem} | {:.0} |",
+                    r.layout, r.system_name, f.clients, f.handshakes_per_sec, f.broadcast_ms
+                );
+            }
+        }
+        md.push('\n');
+    }
+    let setups: Vec<&Record> = records.iter().filter(|r| r.scenario == "setup").collect();
+    if !setups.is_empty() {
+        let _ = writeln!(
+            md,
+            "## Connection setup (connect + first call), median ms\n\n| layout | system | ms |\n|---|---|---|"
+        );
+        for r in setups {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {:.2} |",
+                r.layout,
+                r.system_name,
+                r.setup_ms.unwrap_or(0.0)
+            );
+        }
+    }
+    md
+}
+
+/// Two SVG plots per layout and payload: calls/s and p99 against concurrency.
+pub(crate) fn plots(records: &[Record], dir: &Path) -> anyhow::Result<Vec<String>> {
+    let mut written = Vec::new();
+    let mut groups: BTreeMap<(&str, usize), ()> = BTreeMap::new();
+    for r in records.iter().filter(|r| r.scenario == "calls") {
+        groups.insert((r.layout, r.payload), ());
+    }
+    for (layout, payload) in groups.into_keys() {
+        let slug: String = layout
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        for (metric, label) in [("rate", "calls/s"), ("p99", "p99 latency (µs)")] {
+            let file = format!("{metric}-{slug}-{payload}B.svg");
+            let path = dir.join(&file);
+            let series: Vec<(System, Vec<(f64, f64)>)> = System::ALL
+                .into_iter()
+                .map(|s| {
+                    let mut points: Vec<(f64, f64)> = records
+                        .iter()
+                        .filter(|r| {
+                            r.scenario == "calls"
+                                && r.system == s
+                                && r.layout == layout
+                                && r.payload == payload
+                        })
+                        .map(|r| {
+                            (
+                                (r.concurrency as f64).log2(),
+                                if metric == "rate" { r.rate } else { r.p99_us },
+                            )
+                        })
+                        .collect();
+                    points.sort_by(|a, b| a.0.total_cmp(&b.0));
+                    (s, points)
+                })
+                .filter(|(_, p)| !p.is_empty())
+                .collect();
+            let max_x = series
+                .iter()
+                .flat_map(|(_, p)| p.iter().map(|q| q.0))
+                .fold(1.0, f64::max);
+            let max_y = series
+                .iter()
+                .flat_map(|(_, p)| p.iter().map(|q| q.1))
+                .fold(1.0, f64::max)
+                * 1.1;
+            let root = SVGBackend::new(&path, (800, 500)).into_drawing_area();
+            root.fill(&WHITE)?;
+            let mut chart = ChartBuilder::on(&root)
+                .caption(
+                    format!("{label}: {layout}, {payload} B"),
+                    ("sans-serif", 20),
+                )
+                .margin(15)
+                .x_label_area_size(40)
+                .y_label_area_size(70)
+                .build_cartesian_2d(0f64..max_x, 0f64..max_y)?;
+            chart
+                .configure_mesh()
+                .x_desc("concurrent callers (log2)")
+                .y_desc(label)
+                .x_label_formatter(&|x| format!("{:.0}", 2f64.powf(*x)))
+                .draw()?;
+            for (i, (system, points)) in series.into_iter().enumerate() {
+                let color = Palette99::pick(i).to_rgba();
+                chart
+                    .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
+                    .label(system.name())
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                    });
+                chart.draw_series(
+                    points
+                        .into_iter()
+                        .map(|p| Circle::new(p, 3, color.filled())),
+                )?;
+            }
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()?;
+            root.present()?;
+            written.push(file);
+        }
+    }
+    Ok(written)
+}

@@ -1,0 +1,734 @@
+//! The systems under test: quicx, raw quinn (the transport's limit), tonic and tarpc, each with
+//! the same echo service, and, where they have one, a way to push.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use quicx::{CallOptions, Context, DevCertificate, Metadata, Server, Service};
+use serde::{Deserialize, Serialize};
+
+use crate::load::{BoxFuture, Caller};
+
+pub(crate) mod pb {
+    #![allow(
+        unreachable_pub,
+        missing_debug_implementations,
+        clippy::all,
+        missing_docs
+    )]
+    tonic::include_proto!("echo");
+}
+
+/// A system under test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+pub(crate) enum System {
+    /// quicx with default settings.
+    Quicx,
+    /// quinn, stream per call, same transport settings as quicx.
+    Quinn,
+    /// tonic unary gRPC over HTTP/2, plaintext.
+    Tonic,
+    /// tonic with rustls TLS.
+    TonicTls,
+    /// tarpc, bincode over TCP, plaintext.
+    Tarpc,
+    /// tarpc over rustls TLS.
+    TarpcTls,
+}
+
+impl System {
+    pub(crate) const ALL: [Self; 6] = [
+        Self::Quicx,
+        Self::Quinn,
+        Self::Tonic,
+        Self::TonicTls,
+        Self::Tarpc,
+        Self::TarpcTls,
+    ];
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Self::Quicx => "quicx",
+            Self::Quinn => "raw quinn",
+            Self::Tonic => "tonic h2",
+            Self::TonicTls => "tonic h2+TLS",
+            Self::Tarpc => "tarpc tcp",
+            Self::TarpcTls => "tarpc tcp+TLS",
+        }
+    }
+
+    /// Whether the system can push from server to client.
+    pub(crate) fn pushes(self) -> bool {
+        matches!(self, Self::Quicx | Self::Quinn | Self::TonicTls)
+    }
+}
+
+/// What a client needs to reach a server.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct ServerInfo {
+    pub(crate) system: System,
+    pub(crate) addr: SocketAddr,
+    pub(crate) cert_pem: String,
+    pub(crate) cert_der: Vec<u8>,
+}
+
+fn dev() -> DevCertificate {
+    DevCertificate::localhost().expect("dev certificate")
+}
+
+const BUFFER: usize = 4 * 1024 * 1024;
+
+/// Starts the server of `system` on 127.0.0.1 in the current runtime.
+pub(crate) async fn serve(system: System) -> anyhow::Result<ServerInfo> {
+    let dev = dev();
+    let addr = match system {
+        System::Quicx => serve_quicx(&dev).await?,
+        System::Quinn => serve_quinn(&dev)?,
+        System::Tonic | System::TonicTls => serve_tonic(&dev, system == System::TonicTls).await?,
+        System::Tarpc | System::TarpcTls => serve_tarpc(&dev, system == System::TarpcTls).await?,
+    };
+    Ok(ServerInfo {
+        system,
+        addr,
+        cert_pem: dev.certificate_pem().to_owned(),
+        cert_der: dev.certificate().to_vec(),
+    })
+}
+
+// ------------------------------------------------------------------------- quicx
+
+#[derive(Serialize, Deserialize)]
+struct PushOrder {
+    count: u32,
+    size: u32,
+    pushers: u32,
+}
+
+async fn serve_quicx(dev: &DevCertificate) -> anyhow::Result<SocketAddr> {
+    let server = Server::builder().dev_certificate(dev).build()?;
+    let broadcaster = server.clone();
+    server.register(
+        "Bench",
+        Service::new()
+            .raw_method("Echo", |_ctx: Context, payload: Bytes| async move {
+                Ok(payload)
+            })
+            .method("Push", |ctx: Context, order: PushOrder| async move {
+                let payload = Bytes::from(vec![7u8; order.size as usize]);
+                for p in 0..order.pushers {
+                    let conn = ctx.conn().clone();
+                    let payload = payload.clone();
+                    let n =
+                        order.count / order.pushers + u32::from(p < order.count % order.pushers);
+                    tokio::spawn(async move {
+                        for _ in 0..n {
+                            if conn
+                                .send_message("bench", "push", Metadata::new(), &payload)
+                                .await
+                                .is_err()
+                            {
+                                break;
+                            }
+                        }
+                    });
+                }
+                Ok(())
+            })
+            .method("Broadcast", move |_ctx: Context, size: u32| {
+                let server = broadcaster.clone();
+                async move {
+                    let results = server
+                        .broadcast(
+                            "bench",
+                            "all",
+                            Metadata::new(),
+                            vec![7u8; size as usize],
+                            Duration::from_secs(10),
+                        )
+                        .await?;
+                    Ok(results.iter().filter(|r| r.result.is_ok()).count() as u64)
+                }
+            }),
+    );
+    Ok(server.bind("127.0.0.1:0").await?)
+}
+
+/// A quicx client of the bench server; with `pushes`, counts pushed messages into it.
+pub(crate) async fn quicx_client(
+    info: &ServerInfo,
+    endpoint: Option<&quicx::ClientEndpoint>,
+    pushes: Option<Arc<AtomicU64>>,
+) -> anyhow::Result<quicx::Client> {
+    let mut builder = quicx::Client::builder()
+        .tls(quicx::ClientTls::empty().trust(info.cert_der.clone().into()))
+        .server_name("localhost");
+    if let Some(endpoint) = endpoint {
+        builder = builder.endpoint(endpoint);
+    }
+    if let Some(counter) = pushes {
+        let (tx, mut rx) = quicx::push_channel(1024);
+        builder = builder.push_channel(tx);
+        tokio::spawn(async move {
+            while rx.recv().await.is_some() {
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+    Ok(builder.connect(&info.addr.to_string()).await?)
+}
+
+// ------------------------------------------------------------------------- raw quinn
+
+const ALPN: &[u8] = b"bench";
+const OP_ECHO: u8 = 0;
+const OP_PUSH: u8 = 1;
+const OP_BROADCAST: u8 = 2;
+
+fn transport(accept_uni: bool) -> Arc<quinn::TransportConfig> {
+    // The same settings quicx uses by default.
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    t.max_idle_timeout(Some(Duration::from_secs(15).try_into().expect("valid")));
+    t.max_concurrent_bidi_streams(1024u32.into());
+    t.max_concurrent_uni_streams(if accept_uni { 1024u32 } else { 0 }.into());
+    Arc::new(t)
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+pub(crate) fn udp_socket(addr: SocketAddr) -> anyhow::Result<std::net::UdpSocket> {
+    let socket = std::net::UdpSocket::bind(addr)?;
+    let s2 = socket2::SockRef::from(&socket);
+    let _ = s2.set_recv_buffer_size(BUFFER);
+    let _ = s2.set_send_buffer_size(BUFFER);
+    Ok(socket)
+}
+
+fn quinn_endpoint(
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+) -> anyhow::Result<quinn::Endpoint> {
+    Ok(quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        server,
+        udp_socket(addr)?,
+        quinn::default_runtime().ok_or_else(|| anyhow::anyhow!("no runtime"))?,
+    )?)
+}
+
+fn serve_quinn(dev: &DevCertificate) -> anyhow::Result<SocketAddr> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(vec![dev.certificate()], dev.private_key())?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(
+        quinn::crypto::rustls::QuicServerConfig::try_from(tls)?,
+    ));
+    config.transport_config(transport(false));
+    let endpoint = quinn_endpoint("127.0.0.1:0".parse()?, Some(config))?;
+    let addr = endpoint.local_addr()?;
+    let conns: Arc<Mutex<Vec<quinn::Connection>>> = Arc::default();
+    tokio::spawn(async move {
+        while let Some(incoming) = endpoint.accept().await {
+            let conns = conns.clone();
+            tokio::spawn(async move {
+                let Ok(conn) = incoming.await else { return };
+                conns.lock().expect("lock").push(conn.clone());
+                while let Ok((send, recv)) = conn.accept_bi().await {
+                    tokio::spawn(quinn_stream(conn.clone(), conns.clone(), send, recv));
+                }
+                conns
+                    .lock()
+                    .expect("lock")
+                    .retain(|c| c.stable_id() != conn.stable_id());
+            });
+        }
+    });
+    Ok(addr)
+}
+
+async fn quinn_stream(
+    conn: quinn::Connection,
+    conns: Arc<Mutex<Vec<quinn::Connection>>>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let Ok(request) = recv.read_to_end(16 * 1024 * 1024).await else {
+        return;
+    };
+    let Some((&op, rest)) = request.split_first() else {
+        return;
+    };
+    let reply: Bytes = match op {
+        OP_ECHO => Bytes::copy_from_slice(rest),
+        OP_PUSH if rest.len() >= 12 => {
+            let word = |i: usize| u32::from_le_bytes(rest[i..i + 4].try_into().expect("4 bytes"));
+            let (count, size, pushers) = (word(0), word(4), word(8).max(1));
+            let payload = Bytes::from(vec![7u8; size as usize]);
+            for p in 0..pushers {
+                let (conn, payload) = (conn.clone(), payload.clone());
+                let n = count / pushers + u32::from(p < count % pushers);
+                tokio::spawn(async move {
+                    for _ in 0..n {
+                        let Ok(mut s) = conn.open_uni().await else {
+                            break;
+                        };
+                        if s.write_chunk(payload.clone()).await.is_err() {
+                            break;
+                        }
+                        let _ = s.finish();
+                    }
+                });
+            }
+            Bytes::new()
+        }
+        OP_BROADCAST if rest.len() >= 4 => {
+            let size = u32::from_le_bytes(rest[..4].try_into().expect("4 bytes"));
+            let payload = Bytes::from(vec![7u8; size as usize]);
+            let all: Vec<quinn::Connection> = conns.lock().expect("lock").clone();
+            // One loop of open + write + finish: queues every push at once.
+            let sends = all.iter().map(|c| {
+                let payload = payload.clone();
+                async move {
+                    let mut s = c.open_uni().await.ok()?;
+                    s.write_chunk(payload).await.ok()?;
+                    s.finish().ok()
+                }
+            });
+            let ok = futures_util::future::join_all(sends)
+                .await
+                .iter()
+                .flatten()
+                .count();
+            Bytes::copy_from_slice(&(ok as u64).to_le_bytes())
+        }
+        _ => return,
+    };
+    if send.write_chunk(reply).await.is_ok() {
+        let _ = send.finish();
+    }
+}
+
+/// A raw quinn client configuration trusting the bench server.
+pub(crate) fn quinn_client_config(info: &ServerInfo) -> anyhow::Result<quinn::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(info.cert_der.clone().into())?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let mut config = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls)?,
+    ));
+    config.transport_config(transport(true));
+    Ok(config)
+}
+
+/// A client-side quinn endpoint.
+pub(crate) fn quinn_client_endpoint() -> anyhow::Result<quinn::Endpoint> {
+    quinn_endpoint("127.0.0.1:0".parse()?, None)
+}
+
+/// A raw quinn connection; with `pushes`, counts the unidirectional streams it receives.
+pub(crate) async fn quinn_connect(
+    info: &ServerInfo,
+    endpoint: &quinn::Endpoint,
+    config: &quinn::ClientConfig,
+    pushes: Option<Arc<AtomicU64>>,
+) -> anyhow::Result<quinn::Connection> {
+    let conn = endpoint
+        .connect_with(config.clone(), info.addr, "localhost")?
+        .await?;
+    if let Some(counter) = pushes {
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            while let Ok(mut recv) = conn.accept_uni().await {
+                if recv.read_to_end(16 * 1024 * 1024).await.is_ok() {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+    }
+    Ok(conn)
+}
+
+/// One request on a raw quinn connection.
+pub(crate) async fn quinn_request(
+    conn: &quinn::Connection,
+    op: u8,
+    body: &[u8],
+) -> anyhow::Result<Vec<u8>> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let mut frame = Vec::with_capacity(1 + body.len());
+    frame.push(op);
+    frame.extend_from_slice(body);
+    send.write_chunk(frame.into()).await?;
+    send.finish()?;
+    Ok(recv.read_to_end(16 * 1024 * 1024).await?)
+}
+
+pub(crate) fn push_order(count: u32, size: u32, pushers: u32) -> Vec<u8> {
+    [count, size, pushers]
+        .iter()
+        .flat_map(|w| w.to_le_bytes())
+        .collect()
+}
+
+pub(crate) const fn op_broadcast() -> u8 {
+    OP_BROADCAST
+}
+
+// ------------------------------------------------------------------------- tonic
+
+#[derive(Debug, Default)]
+struct TonicEcho;
+
+#[tonic::async_trait]
+impl pb::echo_server::Echo for TonicEcho {
+    async fn call(
+        &self,
+        request: tonic::Request<pb::Payload>,
+    ) -> Result<tonic::Response<pb::Payload>, tonic::Status> {
+        Ok(tonic::Response::new(request.into_inner()))
+    }
+
+    type SubscribeStream = BoxStream;
+
+    async fn subscribe(
+        &self,
+        request: tonic::Request<pb::Payload>,
+    ) -> Result<tonic::Response<Self::SubscribeStream>, tonic::Status> {
+        let order = request.into_inner().data;
+        if order.len() < 8 {
+            return Err(tonic::Status::invalid_argument("count and size"));
+        }
+        let count = u32::from_le_bytes(order[..4].try_into().expect("4 bytes"));
+        let size = u32::from_le_bytes(order[4..8].try_into().expect("4 bytes"));
+        let data = Bytes::from(vec![7u8; size as usize]);
+        let stream = futures_util::stream::iter(
+            (0..count).map(move |_| Ok(pb::Payload { data: data.clone() })),
+        );
+        Ok(tonic::Response::new(Box::pin(stream)))
+    }
+}
+
+type BoxStream =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<pb::Payload, tonic::Status>> + Send>>;
+
+async fn serve_tonic(dev: &DevCertificate, tls: bool) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let mut builder = tonic::transport::Server::builder();
+    if tls {
+        let identity =
+            tonic::transport::Identity::from_pem(dev.certificate_pem(), dev.private_key_pem());
+        builder =
+            builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
+    }
+    let router = builder.add_service(pb::echo_server::EchoServer::new(TonicEcho));
+    let incoming = tokio_stream_listener(listener);
+    tokio::spawn(router.serve_with_incoming(incoming));
+    Ok(addr)
+}
+
+fn tokio_stream_listener(
+    listener: tokio::net::TcpListener,
+) -> impl futures_util::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    futures_util::stream::unfold(listener, |listener| async move {
+        let next = listener.accept().await.map(|(s, _)| {
+            let _ = s.set_nodelay(true);
+            s
+        });
+        Some((next, listener))
+    })
+}
+
+/// A tonic channel (one HTTP/2 connection).
+pub(crate) async fn tonic_channel(
+    info: &ServerInfo,
+) -> anyhow::Result<pb::echo_client::EchoClient<tonic::transport::Channel>> {
+    let tls = info.system == System::TonicTls;
+    let uri = format!(
+        "{}://localhost:{}",
+        if tls { "https" } else { "http" },
+        info.addr.port()
+    );
+    let mut endpoint = tonic::transport::Endpoint::from_shared(uri)?.tcp_nodelay(true);
+    if tls {
+        endpoint = endpoint.tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(&info.cert_pem))
+                .domain_name("localhost"),
+        )?;
+    }
+    Ok(pb::echo_client::EchoClient::new(endpoint.connect().await?))
+}
+
+// ------------------------------------------------------------------------- tarpc
+
+#[allow(unreachable_pub, missing_debug_implementations)]
+mod tarpc_service {
+    #[tarpc::service]
+    pub trait Bench {
+        async fn echo(data: Vec<u8>) -> Vec<u8>;
+    }
+}
+use tarpc_service::{Bench, BenchClient};
+
+#[derive(Clone)]
+struct TarpcBench;
+
+impl Bench for TarpcBench {
+    async fn echo(self, _: tarpc::context::Context, data: Vec<u8>) -> Vec<u8> {
+        data
+    }
+}
+
+async fn spawn(fut: impl std::future::Future<Output = ()> + Send + 'static) {
+    tokio::spawn(fut);
+}
+
+async fn serve_tarpc(dev: &DevCertificate, tls: bool) -> anyhow::Result<SocketAddr> {
+    use tarpc::server::{BaseChannel, Channel};
+    use tarpc::tokio_serde::formats::Bincode;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let acceptor = if tls {
+        let config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(vec![dev.certificate()], dev.private_key())?;
+        Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+    } else {
+        None
+    };
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let _ = stream.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let codec = tokio_util::codec::LengthDelimitedCodec::builder();
+                match acceptor {
+                    Some(acceptor) => {
+                        let Ok(tls) = acceptor.accept(stream).await else {
+                            return;
+                        };
+                        let transport =
+                            tarpc::serde_transport::new(codec.new_framed(tls), Bincode::default());
+                        BaseChannel::with_defaults(transport)
+                            .execute(TarpcBench.serve())
+                            .for_each(spawn)
+                            .await;
+                    }
+                    None => {
+                        let transport = tarpc::serde_transport::new(
+                            codec.new_framed(stream),
+                            Bincode::default(),
+                        );
+                        BaseChannel::with_defaults(transport)
+                            .execute(TarpcBench.serve())
+                            .for_each(spawn)
+                            .await;
+                    }
+                }
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// A tarpc client (one TCP connection), in tarpc's default setup.
+pub(crate) async fn tarpc_client(info: &ServerInfo) -> anyhow::Result<BenchClient> {
+    use tarpc::tokio_serde::formats::Bincode;
+    let stream = tokio::net::TcpStream::connect(info.addr).await?;
+    stream.set_nodelay(true)?;
+    let codec = tokio_util::codec::LengthDelimitedCodec::builder();
+    let config = tarpc::client::Config::default();
+    if info.system == System::TarpcTls {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(info.cert_der.clone().into())?;
+        let tls = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+        let stream = connector
+            .connect(
+                rustls::pki_types::ServerName::try_from("localhost")?,
+                stream,
+            )
+            .await?;
+        let transport = tarpc::serde_transport::new(codec.new_framed(stream), Bincode::default());
+        Ok(BenchClient::new(config, transport).spawn())
+    } else {
+        let transport = tarpc::serde_transport::new(codec.new_framed(stream), Bincode::default());
+        Ok(BenchClient::new(config, transport).spawn())
+    }
+}
+
+// ------------------------------------------------------------------------- callers
+
+/// An echo caller of `payload_size` bytes for the system behind `info`.
+pub(crate) async fn echo_caller(
+    info: &ServerInfo,
+    payload_size: usize,
+) -> anyhow::Result<(Caller, Box<dyn std::any::Any + Send>)> {
+    let payload = Bytes::from(vec![1u8; payload_size]);
+    Ok(match info.system {
+        System::Quicx => {
+            let client = quicx_client(info, None, None).await?;
+            let keep = client.clone();
+            let options = CallOptions::new();
+            let caller: Caller = Arc::new(move || {
+                let (client, payload, options) = (client.clone(), payload.clone(), options.clone());
+                Box::pin(async move {
+                    let reply = client.call_raw("Bench", "Echo", &payload, &options).await?;
+                    anyhow::ensure!(reply.payload.len() == payload.len(), "short echo");
+                    Ok(())
+                }) as BoxFuture<_>
+            });
+            (caller, Box::new(keep))
+        }
+        System::Quinn => {
+            let endpoint = quinn_client_endpoint()?;
+            let conn = quinn_connect(info, &endpoint, &quinn_client_config(info)?, None).await?;
+            let keep = (endpoint, conn.clone());
+            let caller: Caller = Arc::new(move || {
+                let (conn, payload) = (conn.clone(), payload.clone());
+                Box::pin(async move {
+                    let reply = quinn_request(&conn, OP_ECHO, &payload).await?;
+                    anyhow::ensure!(reply.len() == payload.len(), "short echo");
+                    Ok(())
+                }) as BoxFuture<_>
+            });
+            (caller, Box::new(keep))
+        }
+        System::Tonic | System::TonicTls => {
+            let client = tonic_channel(info).await?;
+            let caller: Caller = Arc::new(move || {
+                let (mut client, payload) = (client.clone(), payload.clone());
+                Box::pin(async move {
+                    let reply = client
+                        .call(pb::Payload {
+                            data: payload.clone(),
+                        })
+                        .await?;
+                    anyhow::ensure!(reply.into_inner().data.len() == payload.len(), "short echo");
+                    Ok(())
+                }) as BoxFuture<_>
+            });
+            (caller, Box::new(()))
+        }
+        System::Tarpc | System::TarpcTls => {
+            let client = tarpc_client(info).await?;
+            let payload = payload.to_vec();
+            let caller: Caller = Arc::new(move || {
+                let (client, payload) = (client.clone(), payload.clone());
+                Box::pin(async move {
+                    let len = payload.len();
+                    let reply = client.echo(tarpc::context::current(), payload).await?;
+                    anyhow::ensure!(reply.len() == len, "short echo");
+                    Ok(())
+                }) as BoxFuture<_>
+            });
+            (caller, Box::new(()))
+        }
+    })
+}
+
+/// Receives `count` pushes of `size` bytes from the server, sent by `pushers` concurrent
+/// senders; returns messages per second (bounded by `limit`).
+pub(crate) async fn push_rate(
+    info: &ServerInfo,
+    count: u32,
+    size: u32,
+    pushers: u32,
+    limit: Duration,
+) -> anyhow::Result<f64> {
+    let received = Arc::new(AtomicU64::new(0));
+    let started;
+    match info.system {
+        System::Quicx => {
+            let client = quicx_client(info, None, Some(received.clone())).await?;
+            started = std::time::Instant::now();
+            let () = client
+                .call(
+                    "Bench",
+                    "Push",
+                    &PushOrder {
+                        count,
+                        size,
+                        pushers,
+                    },
+                )
+                .await?;
+            wait_count(&received, u64::from(count), limit).await?;
+            client.close().await;
+        }
+        System::Quinn => {
+            let endpoint = quinn_client_endpoint()?;
+            let conn = quinn_connect(
+                info,
+                &endpoint,
+                &quinn_client_config(info)?,
+                Some(received.clone()),
+            )
+            .await?;
+            started = std::time::Instant::now();
+            quinn_request(&conn, OP_PUSH, &push_order(count, size, pushers)).await?;
+            wait_count(&received, u64::from(count), limit).await?;
+            conn.close(0u32.into(), b"done");
+        }
+        System::Tonic | System::TonicTls => {
+            let mut client = tonic_channel(info).await?;
+            let mut order = count.to_le_bytes().to_vec();
+            order.extend_from_slice(&size.to_le_bytes());
+            started = std::time::Instant::now();
+            let mut stream = client
+                .subscribe(pb::Payload { data: order.into() })
+                .await?
+                .into_inner();
+            let deadline = started + limit;
+            while let Some(msg) = tokio::time::timeout_at(deadline.into(), stream.next()).await? {
+                msg?;
+                received.fetch_add(1, Ordering::Relaxed);
+            }
+            anyhow::ensure!(
+                received.load(Ordering::Relaxed) == u64::from(count),
+                "stream ended early"
+            );
+        }
+        System::Tarpc | System::TarpcTls => anyhow::bail!("tarpc has no server push"),
+    }
+    Ok(f64::from(count) / started.elapsed().as_secs_f64())
+}
+
+/// Waits until `counter` reaches `target`, failing after `limit`.
+pub(crate) async fn wait_count(
+    counter: &AtomicU64,
+    target: u64,
+    limit: Duration,
+) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + limit;
+    while counter.load(Ordering::Relaxed) < target {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "only {} of {target} arrived within {limit:?}",
+            counter.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    Ok(())
+}

@@ -17,6 +17,7 @@ use crate::{
     CallOptions, ClientEvent, ClientTls, Connection, DisconnectReason, Error, Metadata, PushSender,
     RawReply, Result, Service, Stats, TransportOptions, config,
     connection::{self, Shared},
+    io::IoThread,
     service::Services,
     wire::code,
 };
@@ -57,6 +58,8 @@ impl ClientEndpoint {
     /// Binds a client socket on `addr` (port 0 for any) with 4 MiB socket buffers. Must run
     /// inside a tokio runtime.
     pub fn bind(addr: SocketAddr) -> Result<Self> {
+        let io = IoThread::caller();
+        let _io = io.enter();
         Ok(Self {
             endpoint: config::endpoint(addr, TransportOptions::default().socket_buffer_size, None)?,
         })
@@ -209,12 +212,16 @@ impl ClientBuilder {
     pub async fn connect_addr(self, addr: SocketAddr, server_name: &str) -> Result<Client> {
         let mut client_config = quinn::ClientConfig::new(Arc::new(self.tls.quinn_config()?));
         client_config.transport_config(self.transport.quinn_transport(true)?);
+        let io = IoThread::caller();
         let (endpoint, owns_endpoint) = match self.endpoint {
             Some(shared) => (shared.endpoint, false),
-            None => (
-                client_endpoint(addr, self.transport.socket_buffer_size)?,
-                true,
-            ),
+            None => {
+                let _io = io.enter();
+                (
+                    client_endpoint(addr, self.transport.socket_buffer_size)?,
+                    true,
+                )
+            }
         };
         let shared = Arc::new(Shared::new(
             self.services,
@@ -223,6 +230,7 @@ impl ClientBuilder {
             Duration::from_secs(10),
             self.call_timeout,
             None,
+            io,
         ));
         let session = Session {
             client_id: self.client_id,
@@ -433,13 +441,21 @@ impl Client {
             closed: CancellationToken::new(),
             session,
         });
-        let conn = inner.establish().await?;
-        inner.current.send_replace(Some(conn.clone()));
-        let _ = inner.events.send(ClientEvent::Connected { server: addr });
-        tokio::spawn(
-            supervise(inner.clone(), conn)
-                .instrument(tracing::debug_span!("client", server = %addr)),
-        );
+        let io = inner.shared.io.clone();
+        let starting = inner.clone();
+        io.run(async move {
+            let conn = starting.establish().await?;
+            starting.current.send_replace(Some(conn.clone()));
+            let _ = starting
+                .events
+                .send(ClientEvent::Connected { server: addr });
+            tokio::spawn(
+                supervise(starting, conn)
+                    .instrument(tracing::debug_span!("client", server = %addr)),
+            );
+            Ok::<_, Error>(())
+        })
+        .await??;
         Ok(Self {
             _last_handle: Arc::new(CloseOnDrop(inner.clone())),
             inner,

@@ -20,6 +20,7 @@ use tracing::Instrument;
 
 use crate::{
     Codec, Context, Error, Metadata, PeerIdentity, Result, ServiceError,
+    io::IoThread,
     push::{Delivery, PushMessage, PushSender},
     server::Registry,
     service::{Lookup, Services},
@@ -119,6 +120,8 @@ pub(crate) struct Shared {
     /// The server's registry of clients (server side only).
     pub(crate) registry: Option<Arc<Registry>>,
     pub(crate) counters: Counters,
+    /// The thread this side's QUIC I/O runs on.
+    pub(crate) io: IoThread,
 }
 
 impl Shared {
@@ -129,6 +132,7 @@ impl Shared {
         push_timeout: Duration,
         call_timeout: Option<Duration>,
         registry: Option<Arc<Registry>>,
+        io: IoThread,
     ) -> Self {
         Self {
             services,
@@ -142,6 +146,7 @@ impl Shared {
             shutdown: CancellationToken::new(),
             registry,
             counters: Counters::default(),
+            io,
         }
     }
 }
@@ -365,14 +370,12 @@ impl Connection {
     ) -> Result<RawReply> {
         let header = self.request_header(service_path, service_method, options, false);
         let frame = wire::encode_frame(kind::REQUEST, &header, payload, &self.inner.shared.limits)?;
-        self.exchange(frame, &header, options, false)
-            .await
-            .map(|r| {
-                r.unwrap_or_else(|| RawReply {
-                    metadata: Metadata::new(),
-                    payload: Bytes::new(),
-                })
+        self.exchange(frame, header, options, false).await.map(|r| {
+            r.unwrap_or_else(|| RawReply {
+                metadata: Metadata::new(),
+                payload: Bytes::new(),
             })
+        })
     }
 
     fn request_header(
@@ -406,14 +409,15 @@ impl Connection {
             wire::encode_frame_with(kind::REQUEST, &header, &self.inner.shared.limits, |buf| {
                 options.codec.encode_into(args, buf)
             })?;
-        self.exchange(frame, &header, options, oneway).await
+        self.exchange(frame, header, options, oneway).await
     }
 
-    /// Sends one request frame and reads the response, under the call's timeout.
+    /// Sends one request frame and reads the response, under the call's timeout, on the I/O
+    /// thread.
     async fn exchange(
         &self,
         frame: Bytes,
-        header: &RequestHeader,
+        header: RequestHeader,
         options: &CallOptions,
         oneway: bool,
     ) -> Result<Option<RawReply>> {
@@ -424,13 +428,17 @@ impl Connection {
             method = %header.service_method,
             conn = self.inner.id
         );
-        let fut = self.exchange_inner(frame, header, oneway).instrument(span);
-        let result = match timeout {
-            Some(t) => tokio::time::timeout(t, fut)
-                .await
-                .unwrap_or(Err(Error::Timeout)),
-            None => fut.await,
+        let conn = self.clone();
+        let exchange = async move {
+            let fut = conn.exchange_inner(frame, &header, oneway).instrument(span);
+            match timeout {
+                Some(t) => tokio::time::timeout(t, fut)
+                    .await
+                    .unwrap_or(Err(Error::Timeout)),
+                None => fut.await,
+            }
         };
+        let result = self.inner.shared.io.run(exchange).await.and_then(|r| r);
         let counters = &self.inner.shared.counters;
         counters.calls_sent.fetch_add(1, Ordering::Relaxed);
         if result.is_err() {
@@ -555,8 +563,18 @@ impl Connection {
         wire::encode_frame(kind::PUSH, &header, data, &self.inner.shared.limits)
     }
 
-    /// Sends an already encoded push frame on a new unidirectional stream, within `timeout`.
+    /// Sends an already encoded push frame on a new unidirectional stream, within `timeout`,
+    /// on the I/O thread.
     pub(crate) async fn send_push_frame(&self, frame: Bytes, timeout: Duration) -> Result<()> {
+        let conn = self.clone();
+        let io = &self.inner.shared.io;
+        io.run(async move { conn.push_on_io(frame, timeout).await })
+            .await
+            .and_then(|r| r)
+    }
+
+    /// The push itself; runs on the I/O thread.
+    pub(crate) async fn push_on_io(&self, frame: Bytes, timeout: Duration) -> Result<()> {
         let result = async {
             if let Some(reason) = self.inner.quic.close_reason() {
                 return Err(Error::from(reason));
@@ -581,6 +599,10 @@ impl Connection {
             Err(_) => counters.push_errors.fetch_add(1, Ordering::Relaxed),
         };
         result
+    }
+
+    pub(crate) fn io(&self) -> &IoThread {
+        &self.inner.shared.io
     }
 
     /// Pushes one message and waits until the client put it into its push channel: on a
@@ -610,7 +632,7 @@ impl Connection {
             timeout: Some(self.inner.shared.push_timeout),
             ..CallOptions::default()
         };
-        self.exchange(frame, &header, &options, false)
+        self.exchange(frame, header, &options, false)
             .await
             .map(drop)
     }
@@ -861,6 +883,11 @@ async fn serve_request(
         limits,
     )
     .await;
+    if shared.shutting_down.load(Ordering::Acquire) {
+        // Draining: stay tracked until the client has the reply, so closing the connection
+        // afterwards cannot discard it.
+        let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+    }
 }
 
 async fn serve_hello(conn: &Connection, mut send: quinn::SendStream, raw: RawFrame) {
@@ -987,7 +1014,7 @@ pub(crate) async fn hello(
         ),
         ..CallOptions::default()
     };
-    conn.exchange(frame, &request, &options, false).await?;
+    conn.exchange(frame, request, &options, false).await?;
     conn.set_client_id_local(client_id);
     Ok(())
 }

@@ -74,6 +74,7 @@ mod context;
 mod error;
 mod events;
 mod failmode;
+mod io;
 mod metadata;
 mod push;
 mod selector;

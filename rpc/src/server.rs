@@ -16,6 +16,7 @@ use crate::{
     Connection, DevCertificate, DisconnectReason, Error, Limits, Metadata, Result, ServerEvent,
     ServerTls, Service, Stats, TransportOptions, config,
     connection::{self, Shared},
+    io::IoThread,
     service::Services,
     wire::code,
 };
@@ -136,6 +137,7 @@ impl ServerBuilder {
             self.push_timeout,
             self.call_timeout,
             Some(registry.clone()),
+            IoThread::start("quicx-server-io")?,
         ));
         Ok(Server {
             inner: Arc::new(ServerInner {
@@ -226,11 +228,16 @@ impl Server {
             .await?
             .next()
             .ok_or_else(|| Error::Config("the listen address resolved to nothing".into()))?;
-        let endpoint = config::endpoint(
-            addr,
-            self.inner.socket_buffer_size,
-            Some(self.inner.quinn_config.clone()),
-        )?;
+        let io = self.inner.shared.io.clone();
+        let endpoint = {
+            // The socket and the endpoint driver belong to the I/O thread.
+            let _io = io.enter();
+            config::endpoint(
+                addr,
+                self.inner.socket_buffer_size,
+                Some(self.inner.quinn_config.clone()),
+            )?
+        };
         let local = endpoint.local_addr()?;
         {
             let mut slot = self
@@ -243,7 +250,7 @@ impl Server {
             }
             *slot = Some(endpoint.clone());
         }
-        tokio::spawn(self.clone().accept_loop(endpoint, local));
+        io.spawn(self.clone().accept_loop(endpoint, local));
         tracing::info!(%local, "quicx server listening");
         Ok(local)
     }
@@ -416,12 +423,19 @@ impl Server {
             return Ok(Vec::new());
         };
         let frame = first.push_frame(service_path, service_method, metadata, data.as_ref())?;
-        let results = join_all(
-            conns
-                .iter()
-                .map(|conn| conn.send_push_frame(frame.clone(), timeout)),
-        )
-        .await;
+        // One task on the I/O thread queues every push; only the waits run concurrently.
+        let io = first.io().clone();
+        let targets = conns.clone();
+        let results = io
+            .run(async move {
+                join_all(
+                    targets
+                        .iter()
+                        .map(|conn| conn.push_on_io(frame.clone(), timeout)),
+                )
+                .await
+            })
+            .await?;
         Ok(conns
             .into_iter()
             .zip(results)
@@ -465,6 +479,7 @@ impl Server {
             let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
         }
         self.inner.stopped.cancel();
+        shared.io.stop();
         drained
     }
 }

@@ -22,6 +22,7 @@ use crate::{
     client::{Link, Session, client_endpoint},
     connection::Shared,
     discovery::{Discovery, Endpoint, Endpoints},
+    io::IoThread,
     selector::{Candidate, SelectInfo, Selector},
     service::Services,
 };
@@ -83,6 +84,8 @@ impl<D: Discovery + Send + Sync + 'static> XClientBuilder<D> {
         let bidirectional = self.push.is_some();
         client_config.transport_config(option.transport.quinn_transport(bidirectional)?);
         // One UDP socket for the connections to every endpoint; IPv6 sockets are dual-stack.
+        let io = IoThread::caller();
+        let entered = io.enter();
         let endpoint = client_endpoint(
             (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
             option.transport.socket_buffer_size,
@@ -93,6 +96,7 @@ impl<D: Discovery + Send + Sync + 'static> XClientBuilder<D> {
                 option.transport.socket_buffer_size,
             )
         })?;
+        drop(entered);
         let shared = Arc::new(Shared::new(
             self.services,
             option.transport.limits,
@@ -100,6 +104,7 @@ impl<D: Discovery + Send + Sync + 'static> XClientBuilder<D> {
             Duration::from_secs(10),
             option.call_timeout,
             None,
+            io,
         ));
         let session = Session {
             client_id: option.client_id.clone(),

@@ -1,0 +1,136 @@
+//! Where QUIC I/O runs: a dedicated single-threaded runtime per server; clients run on the
+//! caller's runtime.
+//!
+//! quinn's connection driver and the tasks that read and write its streams wake each other for
+//! every packet. On a multi-thread runtime those wake-ups cross threads and each call costs about
+//! 1.5 UDP packets; on one thread 10-20 calls share a packet and the CPU cost per call falls
+//! several times (BENCHMARKS.md has the numbers). So a quicx server runs its endpoint, its
+//! connections, their streams and the handlers on one I/O thread, whatever runtime the
+//! application uses; pushes and reverse calls issued from application tasks are handed to that
+//! thread. A client's calls start in application tasks, so handing each to another thread would
+//! cost more than it saves (measured: c=64 fell from 187k to 67k calls/s); clients stay on the
+//! caller's runtime, where a current_thread runtime gives the best figures.
+
+use std::{
+    cell::Cell,
+    future::Future,
+    sync::atomic::{AtomicUsize, Ordering},
+};
+
+use tokio::sync::oneshot;
+
+use crate::{Error, Result};
+
+static NEXT_ID: AtomicUsize = AtomicUsize::new(1);
+
+thread_local! {
+    /// The id of the I/O thread this thread is, or 0.
+    static CURRENT: Cell<usize> = const { Cell::new(0) };
+}
+
+/// A handle to one I/O thread (or to "the caller's runtime"). Cloning is cheap; a thread runs
+/// until [`IoThread::stop`].
+#[derive(Debug, Clone)]
+pub(crate) struct IoThread {
+    /// `None`: the caller's runtime (clients), where work runs inline.
+    dedicated: Option<Dedicated>,
+}
+
+#[derive(Debug, Clone)]
+struct Dedicated {
+    handle: tokio::runtime::Handle,
+    id: usize,
+    stop: std::sync::Arc<std::sync::Mutex<Option<oneshot::Sender<()>>>>,
+}
+
+impl IoThread {
+    /// Starts a new I/O thread that runs until [`stop`](Self::stop).
+    pub(crate) fn start(name: &str) -> Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let handle = runtime.handle().clone();
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || {
+                CURRENT.with(|c| c.set(id));
+                runtime.block_on(async {
+                    let _ = stop_rx.await;
+                });
+                // Give tasks that are closing connections a moment, then drop the runtime.
+                runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+            })?;
+        Ok(Self {
+            dedicated: Some(Dedicated {
+                handle,
+                id,
+                stop: std::sync::Arc::new(std::sync::Mutex::new(Some(stop_tx))),
+            }),
+        })
+    }
+
+    /// Work runs on whatever runtime calls in (clients: a call's stream is driven by the task
+    /// that awaits it, so no hand-over is paid per call).
+    pub(crate) fn caller() -> Self {
+        Self { dedicated: None }
+    }
+
+    /// Whether work already runs where it should: on the caller's runtime, or on this thread.
+    fn is_current(&self) -> bool {
+        self.dedicated
+            .as_ref()
+            .is_none_or(|d| CURRENT.with(|c| c.get() == d.id))
+    }
+
+    /// Enters the I/O runtime's context: sockets and tasks created meanwhile belong to it.
+    pub(crate) fn enter(&self) -> Option<tokio::runtime::EnterGuard<'_>> {
+        self.dedicated.as_ref().map(|d| d.handle.enter())
+    }
+
+    /// Runs `fut` on the I/O thread and returns its output; directly when already on it.
+    /// Dropping the returned future cancels `fut`.
+    pub(crate) async fn run<F>(&self, fut: F) -> Result<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let Some(dedicated) = self.dedicated.as_ref().filter(|_| !self.is_current()) else {
+            return Ok(fut.await);
+        };
+        let mut task = AbortOnDrop(dedicated.handle.spawn(fut));
+        (&mut task.0)
+            .await
+            .map_err(|e| Error::Internal(format!("quicx I/O task failed: {e}")))
+    }
+
+    /// Spawns `fut` on the I/O thread.
+    pub(crate) fn spawn<F>(&self, fut: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        match &self.dedicated {
+            Some(d) => drop(d.handle.spawn(fut)),
+            None => drop(tokio::spawn(fut)),
+        }
+    }
+
+    /// Stops the thread (servers, after shutdown).
+    pub(crate) fn stop(&self) {
+        if let Some(stop) = self.dedicated.as_ref().map(|d| &d.stop) {
+            if let Some(tx) = stop.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                let _ = tx.send(());
+            }
+        }
+    }
+}
+
+/// Aborts a task when dropped: a caller that stops waiting cancels the work.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

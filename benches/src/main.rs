@@ -43,6 +43,25 @@ struct Cli {
     /// Skip the many-devices fleet benchmark.
     #[arg(long)]
     no_fleet: bool,
+    /// Messages per push run (default 20,000 quick, 100,000 full).
+    #[arg(long)]
+    push_count: Option<u32>,
+    /// Only these scenarios (default: all).
+    #[arg(long, value_enum)]
+    scenario: Vec<Scenario>,
+}
+
+/// What to measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    /// Echo calls at each concurrency and payload.
+    Calls,
+    /// Server push throughput.
+    Push,
+    /// Connection setup time.
+    Setup,
+    /// Many connected devices: handshakes, memory, broadcast.
+    Fleet,
 }
 
 #[derive(Subcommand)]
@@ -318,7 +337,10 @@ fn main() -> anyhow::Result<()> {
     if let Some(Cmd::Serve { system }) = cli.command {
         return serve_child(system);
     }
-    let settings = Settings::new(cli.quick);
+    let mut settings = Settings::new(cli.quick);
+    if let Some(n) = cli.push_count {
+        settings.push_count = n;
+    }
     let systems: Vec<System> = if cli.system.is_empty() {
         System::ALL.to_vec()
     } else {
@@ -344,7 +366,12 @@ fn main() -> anyhow::Result<()> {
         .copied()
         .filter(|s| matches!(s, System::Quicx | System::Quinn))
         .collect();
-    let do_fleet = !cli.no_fleet && layouts.contains(&Layout::TwoProcesses);
+    let wants = |s: Scenario| cli.scenario.is_empty() || cli.scenario.contains(&s);
+    let do_fleet =
+        wants(Scenario::Fleet) && !cli.no_fleet && layouts.contains(&Layout::TwoProcesses);
+    let do_calls = wants(Scenario::Calls);
+    let do_push = wants(Scenario::Push);
+    let do_setup = wants(Scenario::Setup);
     let planned = layouts.len()
         * (settings.payloads.len()
             * settings.concurrency.len()
@@ -366,7 +393,7 @@ fn main() -> anyhow::Result<()> {
     for &layout in &layouts {
         bar.set_message(format!("starting servers: {}", layout.name()));
         let mut env = Env::new(layout, &systems)?;
-        for &payload in &settings.payloads {
+        for &payload in settings.payloads.iter().filter(|_| do_calls) {
             for &c in &settings.concurrency {
                 let mut samples: HashMap<System, Vec<(Sample, f64)>> = HashMap::new();
                 for _ in 0..settings.repetitions {
@@ -405,7 +432,7 @@ fn main() -> anyhow::Result<()> {
         }
         let push_senders = 16;
         let mut push_samples: HashMap<System, Vec<f64>> = HashMap::new();
-        for _ in 0..settings.repetitions {
+        for _ in 0..settings.repetitions * usize::from(do_push) {
             for &system in &pushers {
                 bar.set_message(format!("{} pushes ({})", system.name(), layout.name()));
                 let info = env.servers[&system].clone();
@@ -444,7 +471,7 @@ fn main() -> anyhow::Result<()> {
                 setup_ms: None,
             });
         }
-        for &system in &systems {
+        for &system in systems.iter().filter(|_| do_setup) {
             bar.set_message(format!(
                 "{} connection setup ({})",
                 system.name(),

@@ -20,14 +20,14 @@ use tracing::Instrument;
 
 use crate::{
     Codec, Context, Error, Metadata, PeerIdentity, Result, ServiceError,
-    io::IoThread,
+    io::{IoThread, within},
     push::{Delivery, PushMessage, PushSender},
     server::Registry,
     service::{Lookup, Services},
     stats::Counters,
     wire::{
-        self, FrameError, HelloHeader, Limits, PushHeader, RawFrame, RequestHeader, ResponseHeader,
-        Status, code, flags, kind, status,
+        self, FrameError, HelloHeader, Limits, PushHeader, PushHeaderRef, RawFrame, RequestHeader,
+        RequestHeaderRef, ResponseHeader, Status, code, flags, kind, status,
     },
 };
 
@@ -370,7 +370,8 @@ impl Connection {
     ) -> Result<RawReply> {
         let header = self.request_header(service_path, service_method, options, false);
         let frame = wire::encode_frame(kind::REQUEST, &header, payload, &self.inner.shared.limits)?;
-        self.exchange(frame, header, options, false).await.map(|r| {
+        let target = (service_path, service_method);
+        self.exchange(frame, target, options, false).await.map(|r| {
             r.unwrap_or_else(|| RawReply {
                 metadata: Metadata::new(),
                 payload: Bytes::new(),
@@ -378,18 +379,18 @@ impl Connection {
         })
     }
 
-    fn request_header(
+    fn request_header<'a>(
         &self,
-        service_path: &str,
-        service_method: &str,
-        options: &CallOptions,
+        service_path: &'a str,
+        service_method: &'a str,
+        options: &'a CallOptions,
         oneway: bool,
-    ) -> RequestHeader {
+    ) -> RequestHeaderRef<'a> {
         let timeout = options.timeout.or(self.inner.shared.call_timeout);
-        RequestHeader {
-            service_path: service_path.to_owned(),
-            service_method: service_method.to_owned(),
-            metadata: options.metadata.clone(),
+        RequestHeaderRef {
+            service_path,
+            service_method,
+            metadata: &options.metadata,
             timeout_ms: timeout.map_or(0, |t| t.as_millis().clamp(1, u64::MAX as u128) as u64),
             flags: if oneway { flags::ONEWAY } else { 0 },
             codec: options.codec.to_wire(),
@@ -409,36 +410,34 @@ impl Connection {
             wire::encode_frame_with(kind::REQUEST, &header, &self.inner.shared.limits, |buf| {
                 options.codec.encode_into(args, buf)
             })?;
-        self.exchange(frame, header, options, oneway).await
+        self.exchange(frame, (service_path, service_method), options, oneway)
+            .await
     }
 
-    /// Sends one request frame and reads the response, under the call's timeout, on the I/O
-    /// thread.
+    /// Sends one request frame and reads the response, under the call's timeout: inline on a
+    /// client, handed to the I/O thread on a server.
     async fn exchange(
         &self,
         frame: Bytes,
-        header: RequestHeader,
+        (service_path, service_method): (&str, &str),
         options: &CallOptions,
         oneway: bool,
     ) -> Result<Option<RawReply>> {
         let timeout = options.timeout.or(self.inner.shared.call_timeout);
-        let span = tracing::debug_span!(
-            "call",
-            service = %header.service_path,
-            method = %header.service_method,
-            conn = self.inner.id
-        );
-        let conn = self.clone();
-        let exchange = async move {
-            let fut = conn.exchange_inner(frame, &header, oneway).instrument(span);
-            match timeout {
-                Some(t) => tokio::time::timeout(t, fut)
+        let io = &self.inner.shared.io;
+        let result = if io.is_current() {
+            self.exchange_timed(frame, service_path, service_method, timeout, oneway)
+                .await
+        } else {
+            let conn = self.clone();
+            let (path, method) = (service_path.to_owned(), service_method.to_owned());
+            io.run(async move {
+                conn.exchange_timed(frame, &path, &method, timeout, oneway)
                     .await
-                    .unwrap_or(Err(Error::Timeout)),
-                None => fut.await,
-            }
+            })
+            .await
+            .and_then(|r| r)
         };
-        let result = self.inner.shared.io.run(exchange).await.and_then(|r| r);
         let counters = &self.inner.shared.counters;
         counters.calls_sent.fetch_add(1, Ordering::Relaxed);
         if result.is_err() {
@@ -447,15 +446,36 @@ impl Connection {
         result
     }
 
+    async fn exchange_timed(
+        &self,
+        frame: Bytes,
+        service_path: &str,
+        service_method: &str,
+        timeout: Option<Duration>,
+        oneway: bool,
+    ) -> Result<Option<RawReply>> {
+        let span = tracing::debug_span!(
+            "call",
+            service = %service_path,
+            method = %service_method,
+            conn = self.inner.id
+        );
+        let fut = self
+            .exchange_inner(frame, service_path, service_method, oneway)
+            .instrument(span);
+        match timeout {
+            Some(t) => within(t, fut).await.unwrap_or(Err(Error::Timeout)),
+            None => fut.await,
+        }
+    }
+
     async fn exchange_inner(
         &self,
         frame: Bytes,
-        header: &RequestHeader,
+        service_path: &str,
+        service_method: &str,
         oneway: bool,
     ) -> Result<Option<RawReply>> {
-        if let Some(reason) = self.inner.quic.close_reason() {
-            return Err(reason.into());
-        }
         let (send, recv) = self.inner.quic.open_bi().await?;
         let mut streams = CallStreams {
             send,
@@ -494,8 +514,8 @@ impl Connection {
             Status::Error { code, message } => Err(Error::from_status(
                 code,
                 message,
-                &header.service_path,
-                &header.service_method,
+                service_path,
+                service_method,
             )),
         }
     }
@@ -555,10 +575,10 @@ impl Connection {
         metadata: Metadata,
         data: &[u8],
     ) -> Result<Bytes> {
-        let header = PushHeader {
-            service_path: service_path.to_owned(),
-            service_method: service_method.to_owned(),
-            metadata,
+        let header = PushHeaderRef {
+            service_path,
+            service_method,
+            metadata: &metadata,
         };
         wire::encode_frame(kind::PUSH, &header, data, &self.inner.shared.limits)
     }
@@ -566,8 +586,11 @@ impl Connection {
     /// Sends an already encoded push frame on a new unidirectional stream, within `timeout`,
     /// on the I/O thread.
     pub(crate) async fn send_push_frame(&self, frame: Bytes, timeout: Duration) -> Result<()> {
-        let conn = self.clone();
         let io = &self.inner.shared.io;
+        if io.is_current() {
+            return self.push_on_io(frame, timeout).await;
+        }
+        let conn = self.clone();
         io.run(async move { conn.push_on_io(frame, timeout).await })
             .await
             .and_then(|r| r)
@@ -575,24 +598,20 @@ impl Connection {
 
     /// The push itself; runs on the I/O thread.
     pub(crate) async fn push_on_io(&self, frame: Bytes, timeout: Duration) -> Result<()> {
-        let result = async {
-            if let Some(reason) = self.inner.quic.close_reason() {
-                return Err(Error::from(reason));
-            }
-            let send = tokio::time::timeout(timeout, self.inner.quic.open_uni())
-                .await
-                .map_err(|_| Error::Timeout)??;
+        let push = async {
+            // Fails at once if the connection is gone.
+            let send = self.inner.quic.open_uni().await?;
             let mut send = ResetOnDrop(Some(send));
             let stream = send.0.as_mut().expect("present until disarmed");
-            tokio::time::timeout(timeout, stream.write_chunk(frame))
-                .await
-                .map_err(|_| Error::Timeout)??;
+            stream.write_chunk(frame).await?;
             stream.finish()?;
             send.0 = None;
             Ok(())
+        };
+        let result = within(timeout, push).await.unwrap_or(Err(Error::Timeout));
+        if let Err(e) = &result {
+            tracing::debug!(conn = self.inner.id, "push failed: {e}");
         }
-        .instrument(tracing::debug_span!("push", conn = self.inner.id))
-        .await;
         let counters = &self.inner.shared.counters;
         match &result {
             Ok(()) => counters.pushes_sent.fetch_add(1, Ordering::Relaxed),
@@ -620,19 +639,11 @@ impl Connection {
         data: impl AsRef<[u8]>,
     ) -> Result<()> {
         let frame = self.push_frame(service_path, service_method, metadata, data.as_ref())?;
-        let header = RequestHeader {
-            service_path: service_path.to_owned(),
-            service_method: service_method.to_owned(),
-            metadata: Metadata::new(),
-            timeout_ms: 0,
-            flags: 0,
-            codec: 0,
-        };
         let options = CallOptions {
             timeout: Some(self.inner.shared.push_timeout),
             ..CallOptions::default()
         };
-        self.exchange(frame, header, &options, false)
+        self.exchange(frame, (service_path, service_method), &options, false)
             .await
             .map(drop)
     }
@@ -707,7 +718,7 @@ async fn serve_bi(conn: Connection, mut send: quinn::SendStream, mut recv: quinn
     if shared.shutting_down.load(Ordering::Acquire) {
         return reject(Some(&mut send), &mut recv, code::SHUTTING_DOWN);
     }
-    let raw = match tokio::time::timeout(
+    let raw = match within(
         shared.frame_timeout,
         wire::read_frame(&mut recv, &shared.limits),
     )
@@ -952,7 +963,7 @@ async fn accept_pushes(conn: &Connection) {
             reject(None, &mut recv, code::PUSH_REJECTED);
             continue;
         };
-        let raw = match tokio::time::timeout(
+        let raw = match within(
             shared.frame_timeout,
             wire::read_frame(&mut recv, &shared.limits),
         )
@@ -997,14 +1008,6 @@ pub(crate) async fn hello(
         metadata,
     };
     let frame = wire::encode_frame(kind::HELLO, &header, &[], &conn.inner.shared.limits)?;
-    let request = RequestHeader {
-        service_path: String::new(),
-        service_method: "hello".into(),
-        metadata: Metadata::new(),
-        timeout_ms: 0,
-        flags: 0,
-        codec: 0,
-    };
     let options = CallOptions {
         timeout: Some(
             conn.inner
@@ -1014,7 +1017,7 @@ pub(crate) async fn hello(
         ),
         ..CallOptions::default()
     };
-    conn.exchange(frame, request, &options, false).await?;
+    conn.exchange(frame, ("", "hello"), &options, false).await?;
     conn.set_client_id_local(client_id);
     Ok(())
 }

@@ -14,7 +14,10 @@
 use std::{
     cell::Cell,
     future::Future,
+    pin::Pin,
     sync::atomic::{AtomicUsize, Ordering},
+    task::Poll,
+    time::Duration,
 };
 
 use tokio::sync::oneshot;
@@ -78,7 +81,7 @@ impl IoThread {
     }
 
     /// Whether work already runs where it should: on the caller's runtime, or on this thread.
-    fn is_current(&self) -> bool {
+    pub(crate) fn is_current(&self) -> bool {
         self.dedicated
             .as_ref()
             .is_none_or(|d| CURRENT.with(|c| c.get() == d.id))
@@ -133,4 +136,27 @@ impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// The deadline passed (see [`within`]).
+#[derive(Debug)]
+pub(crate) struct Elapsed;
+
+/// `fut` bounded by `limit`, like `tokio::time::timeout`, but the timer is created only if `fut`
+/// is not ready at once: the common case of a push or frame that completes in one poll pays no
+/// clock read and no timer-wheel entry.
+pub(crate) async fn within<F: Future>(limit: Duration, fut: F) -> Result<F::Output, Elapsed> {
+    let mut fut = std::pin::pin!(fut);
+    let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(v) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Ok(v));
+        }
+        let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(Elapsed)),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
 }

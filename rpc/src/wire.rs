@@ -105,6 +105,17 @@ pub(crate) struct RequestHeader {
     pub(crate) codec: u8,
 }
 
+/// [`RequestHeader`] borrowed, for encoding without copying strings (same bytes on the wire).
+#[derive(Debug, Serialize)]
+pub(crate) struct RequestHeaderRef<'a> {
+    pub(crate) service_path: &'a str,
+    pub(crate) service_method: &'a str,
+    pub(crate) metadata: &'a Metadata,
+    pub(crate) timeout_ms: u64,
+    pub(crate) flags: u8,
+    pub(crate) codec: u8,
+}
+
 /// Status of a response.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) enum Status {
@@ -125,6 +136,14 @@ pub(crate) struct PushHeader {
     pub(crate) service_path: String,
     pub(crate) service_method: String,
     pub(crate) metadata: Metadata,
+}
+
+/// [`PushHeader`] borrowed, for encoding (same bytes on the wire).
+#[derive(Debug, Serialize)]
+pub(crate) struct PushHeaderRef<'a> {
+    pub(crate) service_path: &'a str,
+    pub(crate) service_method: &'a str,
+    pub(crate) metadata: &'a Metadata,
 }
 
 /// Header of a hello frame (kind `0x04`).

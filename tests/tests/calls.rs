@@ -526,3 +526,21 @@ async fn mutual_tls_identity_reaches_the_handler() {
         }
     }
 }
+
+#[tokio::test]
+async fn connection_limit_refuses_at_the_handshake() {
+    let t = start_server_with(|b| b.max_connections(1)).await;
+    let first = t.client().connect(&t.address()).await.unwrap();
+    let err = t
+        .client()
+        .reconnect(false)
+        .connect(&t.address())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Handshake(_)), "{err:?}");
+    let reply: Reply = first
+        .call("Arith", "Mul", &Args { a: 2, b: 2 })
+        .await
+        .unwrap();
+    assert_eq!(reply.c, 4);
+}

@@ -442,3 +442,31 @@ async fn bidirectional_xclient_receives_pushes_from_every_server() {
     let _: String = x.call("Name", &()).await.unwrap();
     x.close().await;
 }
+
+/// A selector of our own: always the last endpoint.
+#[derive(Debug)]
+struct Last;
+
+impl quicx::Selector for Last {
+    fn select(&self, candidates: &[quicx::Candidate<'_>], _info: &quicx::SelectInfo<'_>) -> usize {
+        candidates.len() - 1
+    }
+}
+
+#[tokio::test]
+async fn a_custom_selector_plugs_in() {
+    let dev = DevCertificate::localhost().unwrap();
+    let (a, b) = (named(&dev, "a", 0).await, named(&dev, "b", 0).await);
+    let x = XClient::new(
+        "Who",
+        FailMode::Failfast,
+        SelectMode::Custom(Arc::new(Last)),
+        list(&[&a, &b]),
+        option(&dev),
+    )
+    .unwrap();
+    for _ in 0..5 {
+        assert_eq!(x.call::<_, String>("Name", &()).await.unwrap(), "b");
+    }
+    assert_eq!(a.count("Name"), 0);
+}

@@ -17,7 +17,7 @@ use crate::{
     CallOptions, ClientEvent, ClientTls, Connection, DisconnectReason, Error, Metadata, PushSender,
     RawReply, Result, Service, Stats, TransportOptions, config,
     connection::{self, Shared},
-    io::IoThread,
+    io::{IoThread, Placement},
     service::Services,
     wire::code,
 };
@@ -38,6 +38,7 @@ pub struct ClientBuilder {
     max_backoff: Duration,
     events: broadcast::Sender<ClientEvent>,
     endpoint: Option<ClientEndpoint>,
+    placement: Placement,
 }
 
 /// A client-side UDP socket that many clients can share: a fleet simulator or a gateway with
@@ -55,10 +56,10 @@ pub struct ClientEndpoint {
 }
 
 impl ClientEndpoint {
-    /// Binds a client socket on `addr` (port 0 for any) with 4 MiB socket buffers. Must run
-    /// inside a tokio runtime.
+    /// Binds a client socket on `addr` (port 0 for any) with 4 MiB socket buffers, driven as
+    /// [`Placement::Auto`] says. Must run inside a tokio runtime.
     pub fn bind(addr: SocketAddr) -> Result<Self> {
-        let io = IoThread::caller();
+        let io = IoThread::for_client(Placement::Auto)?;
         let _io = io.enter();
         Ok(Self {
             endpoint: config::endpoint(addr, TransportOptions::default().socket_buffer_size, None)?,
@@ -72,6 +73,13 @@ impl ClientEndpoint {
 }
 
 impl ClientBuilder {
+    /// Where the connection is driven (default [`Placement::Auto`]).
+    #[must_use]
+    pub fn placement(mut self, placement: Placement) -> Self {
+        self.placement = placement;
+        self
+    }
+
     /// Connects through a shared [`ClientEndpoint`] instead of a socket of its own.
     #[must_use]
     pub fn endpoint(mut self, endpoint: &ClientEndpoint) -> Self {
@@ -213,10 +221,11 @@ impl ClientBuilder {
         let mut client_config = quinn::ClientConfig::new(Arc::new(self.tls.quinn_config()?));
         client_config.transport_config(self.transport.quinn_transport(true)?);
         let io = IoThread::caller();
+        let driver = IoThread::for_client(self.placement)?;
         let (endpoint, owns_endpoint) = match self.endpoint {
             Some(shared) => (shared.endpoint, false),
             None => {
-                let _io = io.enter();
+                let _io = driver.enter();
                 (
                     client_endpoint(addr, self.transport.socket_buffer_size)?,
                     true,
@@ -244,6 +253,7 @@ impl ClientBuilder {
                 endpoint,
                 owns_endpoint,
                 client_config,
+                driver,
             },
             shared,
             session,
@@ -272,6 +282,8 @@ pub(crate) struct Link {
     /// Whether the endpoint is this client's alone (an XClient shares one among its clients).
     pub(crate) owns_endpoint: bool,
     pub(crate) client_config: quinn::ClientConfig,
+    /// Where connections are established and driven.
+    pub(crate) driver: IoThread,
 }
 
 /// How a client behaves on its connection: identity, reconnects, timeouts.
@@ -441,7 +453,7 @@ impl Client {
             closed: CancellationToken::new(),
             session,
         });
-        let io = inner.shared.io.clone();
+        let io = inner.link.driver.clone();
         let starting = inner.clone();
         io.run(async move {
             let conn = starting.establish().await?;
@@ -478,6 +490,7 @@ impl Client {
             max_backoff: Duration::from_secs(2),
             events: broadcast::channel(256).0,
             endpoint: None,
+            placement: Placement::Auto,
         }
     }
 

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::{ClientTls, TransportOptions};
+use crate::{ClientTls, Placement, TransportOptions};
 
 /// What an [`XClient`](crate::XClient) does when a call fails at the transport level
 /// (connection lost, timeout, refused, handshake failure: [`Error::is_transport`]). A handler's
@@ -51,6 +51,8 @@ pub struct ClientOption {
     /// further failure up to 32×, and reset by the next success (a breaker that closes again,
     /// unlike rpcx's). Default 1 s.
     pub endpoint_cooldown: Duration,
+    /// Where the connections are driven.
+    pub placement: Placement,
 }
 
 impl Default for ClientOption {
@@ -66,6 +68,7 @@ impl Default for ClientOption {
             group: None,
             client_id: None,
             endpoint_cooldown: Duration::from_secs(1),
+            placement: Placement::Auto,
         }
     }
 }

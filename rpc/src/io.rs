@@ -24,6 +24,28 @@ use tokio::sync::oneshot;
 
 use crate::{Error, Result};
 
+/// Where a server's or client's QUIC I/O runs: the endpoint, the connection drivers, the tasks
+/// that serve what the peer opens (and, on a server, the handlers).
+///
+/// Measured on 2 cores, 32 B echo calls (BENCHMARKS.md has the tables):
+/// a dedicated I/O thread lets 10-20 calls share a UDP packet under load and more than doubles
+/// calls/s at 64-256 concurrent callers when the application runs a multi-thread runtime; it
+/// costs latency when a single caller waits for each reply (two more thread wake-ups per call).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Placement {
+    /// Servers: a dedicated I/O thread. Clients: the caller's runtime if it is a current_thread
+    /// runtime (everything then shares one thread already), else the I/O thread all clients of
+    /// the process share.
+    #[default]
+    Auto,
+    /// The runtime of the task that binds or connects. Best single-caller latency on a
+    /// multi-thread runtime; lower throughput under concurrency.
+    CallerRuntime,
+    /// A dedicated I/O thread: one per server, one shared by all clients of the process.
+    IoThread,
+}
+
 static NEXT_ID: AtomicUsize = AtomicUsize::new(1);
 
 thread_local! {
@@ -72,6 +94,38 @@ impl IoThread {
                 stop: std::sync::Arc::new(std::sync::Mutex::new(Some(stop_tx))),
             }),
         })
+    }
+
+    /// Where a server with this placement runs its I/O.
+    pub(crate) fn for_server(placement: Placement) -> Result<Self> {
+        match placement {
+            Placement::Auto | Placement::IoThread => Self::start("quicx-server-io"),
+            Placement::CallerRuntime => Ok(Self::caller()),
+        }
+    }
+
+    /// Where a client with this placement establishes and drives its connections. Must run
+    /// inside a tokio runtime.
+    pub(crate) fn for_client(placement: Placement) -> Result<Self> {
+        let current_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
+        match placement {
+            Placement::Auto if current_thread => Ok(Self::caller()),
+            Placement::Auto | Placement::IoThread => Self::shared_client(),
+            Placement::CallerRuntime => Ok(Self::caller()),
+        }
+    }
+
+    /// The I/O thread the clients of this process share for their connection drivers.
+    pub(crate) fn shared_client() -> Result<Self> {
+        static SHARED: std::sync::OnceLock<IoThread> = std::sync::OnceLock::new();
+        if let Some(io) = SHARED.get() {
+            return Ok(io.clone());
+        }
+        let io = Self::start("quicx-client-io")?;
+        // Never stopped: keep the sender alive for the life of the process.
+        std::mem::forget(io.dedicated.as_ref().map(|d| d.stop.clone()));
+        Ok(SHARED.get_or_init(|| io).clone())
     }
 
     /// Work runs on whatever runtime calls in (clients: a call's stream is driven by the task

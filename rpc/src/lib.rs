@@ -94,6 +94,7 @@ pub use crate::{
     error::{Error, Result, ServiceError},
     events::{ClientEvent, DisconnectReason, ServerEvent},
     failmode::{ClientOption, FailMode},
+    io::Placement,
     metadata::Metadata,
     push::{FullPolicy, PushMessage, PushReceiver, PushSender, push_channel, push_channel_with},
     selector::{

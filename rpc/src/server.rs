@@ -16,7 +16,7 @@ use crate::{
     Connection, DevCertificate, DisconnectReason, Error, Limits, Metadata, Result, ServerEvent,
     ServerTls, Service, Stats, TransportOptions, config,
     connection::{self, Shared},
-    io::IoThread,
+    io::{IoThread, Placement},
     service::Services,
     wire::code,
 };
@@ -41,9 +41,18 @@ pub struct ServerBuilder {
     push_timeout: Duration,
     call_timeout: Option<Duration>,
     max_connections: usize,
+    placement: Placement,
 }
 
 impl ServerBuilder {
+    /// Where the endpoint, connections and handlers run (default [`Placement::Auto`]: a
+    /// dedicated I/O thread).
+    #[must_use]
+    pub fn placement(mut self, placement: Placement) -> Self {
+        self.placement = placement;
+        self
+    }
+
     /// The server's TLS identity (required).
     #[must_use]
     pub fn tls(mut self, tls: ServerTls) -> Self {
@@ -137,7 +146,7 @@ impl ServerBuilder {
             self.push_timeout,
             self.call_timeout,
             Some(registry.clone()),
-            IoThread::start("quicx-server-io")?,
+            IoThread::for_server(self.placement)?,
         ));
         Ok(Server {
             inner: Arc::new(ServerInner {
@@ -212,6 +221,7 @@ impl Server {
             push_timeout: Duration::from_secs(10),
             call_timeout: Some(Duration::from_secs(30)),
             max_connections: 100_000,
+            placement: Placement::Auto,
         }
     }
 

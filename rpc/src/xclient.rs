@@ -85,7 +85,8 @@ impl<D: Discovery + Send + Sync + 'static> XClientBuilder<D> {
         client_config.transport_config(option.transport.quinn_transport(bidirectional)?);
         // One UDP socket for the connections to every endpoint; IPv6 sockets are dual-stack.
         let io = IoThread::caller();
-        let entered = io.enter();
+        let driver = IoThread::for_client(option.placement)?;
+        let entered = driver.enter();
         let endpoint = client_endpoint(
             (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
             option.transport.socket_buffer_size,
@@ -122,6 +123,7 @@ impl<D: Discovery + Send + Sync + 'static> XClientBuilder<D> {
                 endpoint,
                 owns_endpoint: false,
                 client_config,
+                driver,
             },
             shared,
             session,

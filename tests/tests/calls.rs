@@ -544,3 +544,45 @@ async fn connection_limit_refuses_at_the_handshake() {
         .unwrap();
     assert_eq!(reply.c, 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_placement_serves_calls_and_pushes() {
+    use quicx::Placement;
+    for server_placement in [
+        Placement::Auto,
+        Placement::CallerRuntime,
+        Placement::IoThread,
+    ] {
+        let t = start_server_with(|b| b.placement(server_placement)).await;
+        for client_placement in [
+            Placement::Auto,
+            Placement::CallerRuntime,
+            Placement::IoThread,
+        ] {
+            let (tx, mut rx) = quicx::push_channel(4);
+            let client = t
+                .client()
+                .placement(client_placement)
+                .client_id("placed")
+                .push_channel(tx)
+                .connect(&t.address())
+                .await
+                .unwrap();
+            let reply: Reply = client
+                .call("Arith", "Mul", &Args { a: 6, b: 7 })
+                .await
+                .unwrap();
+            assert_eq!(reply.c, 42, "{server_placement:?}/{client_placement:?}");
+            t.server
+                .send_to_client("placed", "p", "m", quicx::Metadata::new(), b"x")
+                .await
+                .unwrap();
+            let msg = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .unwrap();
+            assert_eq!(&msg.unwrap().payload[..], b"x");
+            client.close().await;
+        }
+        t.server.shutdown(Duration::from_secs(1)).await;
+    }
+}

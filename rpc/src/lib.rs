@@ -45,6 +45,78 @@
 //! # Ok(()) }
 //! ```
 //!
+//! ## Server push and reverse calls
+//!
+//! A client that declares an identity and passes a push channel can be reached by the server at
+//! any time; a client that registers services can be called by it.
+//!
+//! ```
+//! use quicx::{Client, ClientTls, Context, DevCertificate, Metadata, Server, Service, push_channel};
+//!
+//! # #[tokio::main] async fn main() -> quicx::Result<()> {
+//! let dev = DevCertificate::localhost()?;
+//! let server = Server::builder().dev_certificate(&dev).build()?;
+//! let addr = server.bind("127.0.0.1:0").await?.to_string();
+//!
+//! let (tx, mut pushes) = push_channel(16);
+//! let device = Client::builder()
+//!     .tls(ClientTls::new().trust(dev.certificate()))
+//!     .server_name("localhost")
+//!     .client_id("device-7")
+//!     .push_channel(tx)
+//!     .register("Device", Service::new().method("Battery", |_ctx: Context, (): ()| async move {
+//!         Ok(87u8)
+//!     }))
+//!     .connect(&addr)
+//!     .await?;
+//!
+//! // Push to the device by its id; it arrives on the channel.
+//! server.send_to_client("device-7", "Command", "Reboot", Metadata::new(), b"now").await?;
+//! let msg = pushes.recv().await.expect("a push");
+//! assert_eq!((msg.service_method.as_str(), &msg.payload[..]), ("Reboot", &b"now"[..]));
+//!
+//! // Call the device back over the connection it opened.
+//! let conn = server.client("device-7").expect("bound by its hello");
+//! let battery: u8 = conn.call("Device", "Battery", &()).await?;
+//! assert_eq!(battery, 87);
+//! # device.close().await; server.shutdown(std::time::Duration::from_secs(1)).await;
+//! # Ok(()) }
+//! ```
+//!
+//! ## Discovery, selectors and fail modes
+//!
+//! An [`XClient`] calls a service whose endpoints a [`discovery`] lists (peer-to-peer, a static
+//! list, mDNS), choosing one per call with a [`SelectMode`] and handling transport failures with
+//! a [`FailMode`]:
+//!
+//! ```
+//! use quicx::{ClientOption, ClientTls, Context, DevCertificate, FailMode, SelectMode, Server, Service, XClient};
+//! use quicx::discovery::{Endpoint, MultipleServersDiscovery};
+//!
+//! # #[tokio::main] async fn main() -> anyhow::Result<()> {
+//! let dev = DevCertificate::localhost()?;
+//! let mut endpoints = Vec::new();
+//! let mut servers = Vec::new();
+//! for _ in 0..2 {
+//!     let server = Server::builder().dev_certificate(&dev).build()?;
+//!     server.register("Arith", Service::new().method("Mul", |_ctx: Context, (a, b): (i64, i64)| async move {
+//!         Ok(a * b)
+//!     }));
+//!     let addr = server.bind("127.0.0.1:0").await?;
+//!     endpoints.push(Endpoint::parse(&addr.to_string())?.with_server_name("localhost"));
+//!     servers.push(server);
+//! }
+//! let option = ClientOption::with_tls(ClientTls::new().trust(dev.certificate()));
+//! let discovery = MultipleServersDiscovery::new(endpoints);
+//! let xclient = XClient::new("Arith", FailMode::Failover, SelectMode::RoundRobin, discovery, option)?;
+//!
+//! servers[0].shutdown(std::time::Duration::ZERO).await; // one server dies
+//! let product: i64 = xclient.call("Mul", &(10i64, 20i64)).await?; // failover to the other
+//! assert_eq!(product, 200);
+//! # xclient.close().await;
+//! # Ok(()) }
+//! ```
+//!
 //! ## Errors
 //!
 //! Every failure is a variant of [`Error`]: [`Error::UnknownService`], [`Error::UnknownMethod`],

@@ -194,6 +194,13 @@ struct ServerInner {
     stopped: CancellationToken,
 }
 
+impl Drop for ServerInner {
+    fn drop(&mut self) {
+        // A server dropped without ever serving (or after shutdown) releases its I/O thread.
+        self.shared.io.stop();
+    }
+}
+
 impl fmt::Debug for Server {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Server")

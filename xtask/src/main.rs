@@ -6,6 +6,7 @@ use std::process::{Command, ExitCode};
 use clap::{Parser, Subcommand};
 
 mod demo;
+mod fuzz;
 
 #[derive(Parser)]
 #[command(about = "quicx project tasks")]
@@ -21,6 +22,15 @@ enum Task {
     Demo,
     /// What CI runs: fmt check, clippy -D warnings, build everything (benches included), tests.
     Ci,
+    /// Mutation-fuzz every wire-protocol decoder (stable toolchain).
+    Fuzz {
+        /// How long to run.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// Random seed (a failure prints it).
+        #[arg(long, default_value_t = 0x5eed)]
+        seed: u64,
+    },
     /// Benchmarks side by side (release build): quicx, raw quinn, tonic, tarpc. Writes
     /// target/bench/report.md, results.json and SVG plots.
     Bench {
@@ -63,6 +73,7 @@ fn main() -> ExitCode {
     let result = match cli.task {
         Task::Demo => demo::run(),
         Task::Ci => ci(),
+        Task::Fuzz { seconds, seed } => fuzz::run(seconds, seed),
         Task::Bench { quick, args } => {
             let mut cmd = vec![
                 "run",

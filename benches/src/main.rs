@@ -43,7 +43,7 @@ struct Cli {
     /// Skip the many-devices fleet benchmark.
     #[arg(long)]
     no_fleet: bool,
-    /// Messages per push run (default 200,000 quick, 1,000,000 full).
+    /// Messages per push run (default 100,000 quick, 1,000,000 full).
     #[arg(long)]
     push_count: Option<u32>,
     /// Only these scenarios (default: all).
@@ -114,7 +114,7 @@ impl Settings {
                 repetitions: 1,
                 warmup: Duration::from_millis(200),
                 duration: Duration::from_millis(800),
-                push_count: 200_000,
+                push_count: 100_000,
                 fleets: vec![1_000],
                 setup_rounds: 5,
             }

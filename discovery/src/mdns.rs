@@ -91,7 +91,7 @@ fn start_daemon(options: &MdnsOptions) -> Result<ServiceDaemon, DiscoveryError> 
 /// vanish (rpcx's `NewMDNSDiscovery`, but filtered by service name).
 ///
 /// The list starts empty and fills as answers arrive (typically within a second); use
-/// [`wait_for_endpoints`](crate::LocalDiscovery::wait_for_endpoints) to wait for the first.
+/// [`wait_for_endpoints`](crate::wait_for_endpoints) to wait for the first.
 /// Dropping it stops the daemon.
 pub struct MdnsDiscovery {
     service_name: String,

@@ -1021,10 +1021,3 @@ pub(crate) async fn hello(
     conn.set_client_id_local(client_id);
     Ok(())
 }
-
-#[allow(dead_code)]
-fn _assert_send_sync() {
-    fn is<T: Send + Sync>() {}
-    is::<Connection>();
-    is::<ServiceError>();
-}

@@ -19,7 +19,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
 use crate::{
-    Codec, Context, Error, Metadata, PeerIdentity, Result, ServiceError,
+    Codec, Context, Error, Metadata, PeerIdentity, Result,
     io::{IoThread, within},
     push::{Delivery, PushMessage, PushSender},
     server::Registry,

@@ -113,10 +113,10 @@ impl Settings {
                 concurrency: vec![1, 64, 256],
                 repetitions: 1,
                 warmup: Duration::from_millis(200),
-                duration: Duration::from_millis(800),
+                duration: Duration::from_millis(600),
                 push_count: 100_000,
                 fleets: vec![1_000],
-                setup_rounds: 5,
+                setup_rounds: 3,
             }
         } else {
             Self {

@@ -234,7 +234,7 @@ impl ClientBuilder {
         };
         let shared = Arc::new(Shared::new(
             self.services,
-            self.transport.limits,
+            &self.transport,
             self.push,
             Duration::from_secs(10),
             self.call_timeout,

@@ -6,7 +6,7 @@ use crate::{Error, Limits, Result};
 
 /// QUIC transport settings. The defaults suit both backend services and device fleets: a dead
 /// peer is noticed within `idle_timeout` (15 s), keep-alives every 5 s hold NAT bindings open, and
-/// 1,024 concurrent calls per connection never queue behind the stream limit.
+/// up to 1,024 concurrent calls per connection never queue behind the stream limit.
 #[derive(Debug, Clone)]
 pub struct TransportOptions {
     /// Send a keep-alive when the connection was quiet this long. `None` disables keep-alives.
@@ -14,8 +14,14 @@ pub struct TransportOptions {
     /// Close the connection when nothing was heard from the peer this long. The effective value is
     /// the smaller of both sides'.
     pub idle_timeout: Duration,
-    /// Concurrent calls the peer may have open towards this side (bidirectional streams).
+    /// Concurrent calls the peer may have open towards this side (bidirectional streams), at
+    /// most. A connection starts at [`initial_concurrent_calls`](Self::initial_concurrent_calls)
+    /// and is raised to this as soon as three quarters of that are in use, so idle connections
+    /// stay small (quinn keeps state for every stream the peer may open) and busy ones never
+    /// queue behind the limit.
     pub max_concurrent_calls: u32,
+    /// The concurrent-call limit a connection starts with (default 64).
+    pub initial_concurrent_calls: u32,
     /// Concurrent pushes the server may have open towards this side (unidirectional streams; only
     /// meaningful on clients).
     pub max_concurrent_pushes: u32,
@@ -32,6 +38,7 @@ impl Default for TransportOptions {
             keep_alive_interval: Some(Duration::from_secs(5)),
             idle_timeout: Duration::from_secs(15),
             max_concurrent_calls: 1024,
+            initial_concurrent_calls: 64,
             max_concurrent_pushes: 1024,
             socket_buffer_size: 4 * 1024 * 1024,
             limits: Limits::default(),
@@ -40,6 +47,11 @@ impl Default for TransportOptions {
 }
 
 impl TransportOptions {
+    /// The concurrent-call limit a connection starts with.
+    pub(crate) fn starting_calls(&self) -> u32 {
+        self.initial_concurrent_calls.min(self.max_concurrent_calls)
+    }
+
     /// The quinn transport config. `accept_pushes` is false on servers: clients open no
     /// unidirectional streams.
     pub(crate) fn quinn_transport(
@@ -52,7 +64,7 @@ impl TransportOptions {
             quinn::IdleTimeout::try_from(self.idle_timeout)
                 .map_err(|e| Error::Config(format!("idle timeout: {e}")))?,
         ));
-        t.max_concurrent_bidi_streams(self.max_concurrent_calls.into());
+        t.max_concurrent_bidi_streams(self.starting_calls().into());
         t.max_concurrent_uni_streams(if accept_pushes {
             self.max_concurrent_pushes.into()
         } else {

@@ -7,7 +7,7 @@ use std::{
     panic::AssertUnwindSafe,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -19,7 +19,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
 
 use crate::{
-    Codec, Context, Error, Metadata, PeerIdentity, Result,
+    Codec, Context, Error, Metadata, PeerIdentity, Result, TransportOptions,
     io::{IoThread, within},
     push::{Delivery, PushMessage, PushSender},
     server::Registry,
@@ -112,6 +112,8 @@ pub(crate) struct Shared {
     pub(crate) call_timeout: Option<Duration>,
     /// Bound on reading one incoming frame.
     pub(crate) frame_timeout: Duration,
+    /// Concurrent-call limit: where a connection starts, and the most it is raised to.
+    pub(crate) call_limits: (u32, u32),
     pub(crate) shutting_down: AtomicBool,
     /// Every call handler task, for draining at shutdown.
     pub(crate) tracker: TaskTracker,
@@ -127,7 +129,7 @@ pub(crate) struct Shared {
 impl Shared {
     pub(crate) fn new(
         services: Services,
-        limits: Limits,
+        transport: &TransportOptions,
         push_sink: Option<PushSender>,
         push_timeout: Duration,
         call_timeout: Option<Duration>,
@@ -136,11 +138,12 @@ impl Shared {
     ) -> Self {
         Self {
             services,
-            limits,
+            limits: transport.limits,
             push_sink,
             push_timeout,
             call_timeout,
             frame_timeout: Duration::from_secs(60),
+            call_limits: (transport.starting_calls(), transport.max_concurrent_calls),
             shutting_down: AtomicBool::new(false),
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
@@ -172,6 +175,10 @@ struct ConnInner {
     shared: Arc<Shared>,
     client_id: Mutex<Option<String>>,
     peer_identity: Option<PeerIdentity>,
+    /// Calls the peer has open on this connection now.
+    calls_in_flight: AtomicU32,
+    /// Whether the concurrent-call limit was raised to its maximum.
+    call_limit_raised: AtomicBool,
 }
 
 impl fmt::Debug for Connection {
@@ -207,6 +214,8 @@ impl Connection {
                 shared,
                 client_id: Mutex::new(None),
                 peer_identity,
+                calls_in_flight: AtomicU32::new(0),
+                call_limit_raised: AtomicBool::new(false),
             }),
         }
     }
@@ -702,12 +711,24 @@ pub(crate) async fn serve(conn: Connection) {
             accept_pushes(&conn).await;
         }
     };
+    let (initial, max) = shared.call_limits;
     let calls = async {
-        loop {
-            let Ok((send, recv)) = conn.inner.quic.accept_bi().await else {
-                break;
-            };
-            shared.tracker.spawn(serve_bi(conn.clone(), send, recv));
+        while let Ok((send, recv)) = conn.inner.quic.accept_bi().await {
+            let in_flight = conn.inner.calls_in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+            if in_flight >= initial - initial / 4
+                && max > initial
+                && !conn.inner.call_limit_raised.swap(true, Ordering::Relaxed)
+            {
+                // Busy: let the peer open up to the maximum, so calls never queue behind the
+                // limit; idle connections keep the small starting limit (and quinn's state for
+                // it).
+                conn.inner.quic.set_max_concurrent_bi_streams(max.into());
+            }
+            let conn = conn.clone();
+            shared.tracker.spawn(async move {
+                serve_bi(conn.clone(), send, recv).await;
+                conn.inner.calls_in_flight.fetch_sub(1, Ordering::Relaxed);
+            });
         }
     };
     tokio::join!(pushes, calls);

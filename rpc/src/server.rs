@@ -141,7 +141,7 @@ impl ServerBuilder {
         });
         let shared = Arc::new(Shared::new(
             Services::default(),
-            self.transport.limits,
+            &self.transport,
             None,
             self.push_timeout,
             self.call_timeout,

@@ -100,7 +100,7 @@ impl<D: Discovery + Send + Sync + 'static> XClientBuilder<D> {
         drop(entered);
         let shared = Arc::new(Shared::new(
             self.services,
-            option.transport.limits,
+            &option.transport,
             self.push,
             Duration::from_secs(10),
             option.call_timeout,

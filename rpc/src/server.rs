@@ -155,6 +155,7 @@ impl ServerBuilder {
                 quinn_config,
                 socket_buffer_size: self.transport.socket_buffer_size,
                 max_connections: self.max_connections,
+                admitted: std::sync::atomic::AtomicUsize::new(0),
                 endpoint: Mutex::new(None),
                 stop_accepting: CancellationToken::new(),
                 stopped: CancellationToken::new(),
@@ -189,6 +190,8 @@ struct ServerInner {
     quinn_config: quinn::ServerConfig,
     socket_buffer_size: usize,
     max_connections: usize,
+    /// Connections accepted and not yet closed, handshakes included.
+    admitted: std::sync::atomic::AtomicUsize,
     endpoint: Mutex<Option<quinn::Endpoint>>,
     stop_accepting: CancellationToken,
     stopped: CancellationToken,
@@ -296,7 +299,8 @@ impl Server {
                 incoming = endpoint.accept() => incoming,
             };
             let Some(incoming) = incoming else { break };
-            if self.inner.registry.len() >= self.inner.max_connections {
+            // Counts handshakes in progress too, so simultaneous connects cannot overshoot.
+            if self.inner.admitted.load(Ordering::Acquire) >= self.inner.max_connections {
                 tracing::warn!(
                     "connection limit reached: refusing {}",
                     incoming.remote_address()
@@ -304,7 +308,12 @@ impl Server {
                 incoming.refuse();
                 continue;
             }
-            tokio::spawn(self.clone().handle_incoming(incoming, local));
+            self.inner.admitted.fetch_add(1, Ordering::AcqRel);
+            let server = self.clone();
+            tokio::spawn(async move {
+                server.clone().handle_incoming(incoming, local).await;
+                server.inner.admitted.fetch_sub(1, Ordering::AcqRel);
+            });
         }
         // Shutting down: refuse whatever still arrives until the endpoint closes.
         while let Some(incoming) = endpoint.accept().await {

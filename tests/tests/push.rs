@@ -39,6 +39,30 @@ async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
     }
 }
 
+/// Connects a device client with identity `id` pushing into `tx` and allowing the server
+/// `max_pushes` push streams at once; returns the client and the server's handle to it.
+async fn device(
+    t: &TestServer,
+    id: &str,
+    tx: quicx::PushSender,
+    max_pushes: u32,
+) -> (quicx::Client, quicx::Connection) {
+    let transport = TransportOptions {
+        max_concurrent_pushes: max_pushes,
+        ..TransportOptions::default()
+    };
+    let client = t
+        .client()
+        .transport(transport)
+        .client_id(id)
+        .push_channel(tx)
+        .connect(&t.address())
+        .await
+        .unwrap();
+    let conn = t.server.client(id).expect("bound by the hello");
+    (client, conn)
+}
+
 #[tokio::test]
 async fn push_round_trip_with_metadata_before_any_call() {
     let t = start_server().await;
@@ -94,14 +118,7 @@ async fn push_round_trip_with_metadata_before_any_call() {
 async fn ten_thousand_pushes_arrive_exactly_once_in_order() {
     let t = start_server().await;
     let (tx, mut rx) = push_channel(256);
-    let _client = t
-        .client()
-        .client_id("dev-order")
-        .push_channel(tx)
-        .connect(&t.address())
-        .await
-        .unwrap();
-    let conn = t.server.client("dev-order").unwrap();
+    let (_client, conn) = device(&t, "dev-order", tx, 1024).await;
     const N: u32 = 10_000;
     let sender = tokio::spawn(async move {
         for i in 0..N {
@@ -130,19 +147,7 @@ async fn ten_thousand_pushes_arrive_exactly_once_in_order() {
 async fn full_channel_backpressure_loses_nothing_and_push_times_out() {
     let t = start_server_with(|b| b.push_timeout(Duration::from_millis(300))).await;
     let (tx, mut rx) = push_channel(4);
-    let transport = TransportOptions {
-        max_concurrent_pushes: 8,
-        ..TransportOptions::default()
-    };
-    let _client = t
-        .client()
-        .transport(transport)
-        .client_id("slow")
-        .push_channel(tx)
-        .connect(&t.address())
-        .await
-        .unwrap();
-    let conn = t.server.client("slow").unwrap();
+    let (_client, conn) = device(&t, "slow", tx, 8).await;
     // Nobody reads: push until the server's push times out.
     let mut sent = 0u32;
     let err = loop {
@@ -183,14 +188,7 @@ async fn full_channel_backpressure_loses_nothing_and_push_times_out() {
 async fn drop_policy_counts_drops() {
     let t = start_server().await;
     let (tx, mut rx) = push_channel_with(2, FullPolicy::Drop);
-    let _client = t
-        .client()
-        .client_id("dropper")
-        .push_channel(tx)
-        .connect(&t.address())
-        .await
-        .unwrap();
-    let conn = t.server.client("dropper").unwrap();
+    let (_client, conn) = device(&t, "dropper", tx, 1024).await;
     for i in 0..10u8 {
         conn.send_message("p", "m", Metadata::new(), [i])
             .await
@@ -216,19 +214,7 @@ async fn drop_policy_counts_drops() {
 async fn slow_push_consumer_does_not_slow_calls() {
     let t = start_server_with(|b| b.push_timeout(Duration::from_secs(30))).await;
     let (tx, rx) = push_channel(1);
-    let transport = TransportOptions {
-        max_concurrent_pushes: 2,
-        ..TransportOptions::default()
-    };
-    let client = t
-        .client()
-        .transport(transport)
-        .client_id("busy")
-        .push_channel(tx)
-        .connect(&t.address())
-        .await
-        .unwrap();
-    let conn = t.server.client("busy").unwrap();
+    let (client, conn) = device(&t, "busy", tx, 2).await;
     // Fill the channel and the stream credit; the pusher is now stuck on backpressure.
     let pusher = tokio::spawn(async move {
         for i in 0..100u32 {

@@ -118,3 +118,21 @@ fn mdns_loopback_only_option() {
         assert_eq!(found[0].address, "127.0.0.1:9000");
     });
 }
+
+#[test]
+fn mdns_named_interface_option() {
+    in_private_namespace(async {
+        let options = MdnsOptions {
+            interfaces: quicx::discovery::Interfaces::Named(vec!["lo".into()]),
+            ..MdnsOptions::default()
+        };
+        let advertiser = MdnsAdvertiser::new(&options).unwrap();
+        let mut a = Announcement::new("Named", "named-1", 9100);
+        a.addresses = vec!["127.0.0.1".parse().unwrap()];
+        let _reg = advertiser.advertise(&a).unwrap();
+        let discovery = MdnsDiscovery::new("Named", &options).unwrap();
+        let found = wait_for_endpoints(&discovery, Duration::from_secs(10)).await;
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].address, "127.0.0.1:9100");
+    });
+}

@@ -496,10 +496,8 @@ impl Client {
 
     /// The current connection; waits for a reconnect in progress up to the connect timeout.
     pub async fn connection(&self) -> Result<Connection> {
-        if let Some(conn) = self.inner.current.borrow().as_ref() {
-            if !conn.is_closed() {
-                return Ok(conn.clone());
-            }
+        if let Some(conn) = self.live_connection() {
+            return Ok(conn);
         }
         if self.inner.closed.is_cancelled() {
             return Err(Error::NotConnected("the client was closed".into()));
@@ -595,22 +593,13 @@ impl Client {
 
     /// Counters of this client.
     pub fn stats(&self) -> Stats {
-        let open = self
-            .inner
-            .current
-            .borrow()
-            .as_ref()
-            .is_some_and(|c| !c.is_closed());
-        self.inner.shared.counters.snapshot(u64::from(open))
+        let open = u64::from(self.is_connected());
+        self.inner.shared.counters.snapshot(open)
     }
 
     /// Whether the client has a live connection right now.
     pub fn is_connected(&self) -> bool {
-        self.inner
-            .current
-            .borrow()
-            .as_ref()
-            .is_some_and(|c| !c.is_closed())
+        self.live_connection().is_some()
     }
 
     /// The current connection if it is up, without waiting.

@@ -377,15 +377,31 @@ impl Connection {
         payload: &[u8],
         options: &CallOptions,
     ) -> Result<RawReply> {
-        let header = self.request_header(service_path, service_method, options, false);
+        self.send_raw(service_path, service_method, payload, options, false)
+            .await
+    }
+
+    /// Sends already encoded arguments; a oneway call returns an empty reply once the request is
+    /// handed to QUIC.
+    pub(crate) async fn send_raw(
+        &self,
+        service_path: &str,
+        service_method: &str,
+        payload: &[u8],
+        options: &CallOptions,
+        oneway: bool,
+    ) -> Result<RawReply> {
+        let header = self.request_header(service_path, service_method, options, oneway);
         let frame = wire::encode_frame(kind::REQUEST, &header, payload, &self.inner.shared.limits)?;
         let target = (service_path, service_method);
-        self.exchange(frame, target, options, false).await.map(|r| {
-            r.unwrap_or_else(|| RawReply {
-                metadata: Metadata::new(),
-                payload: Bytes::new(),
+        self.exchange(frame, target, options, oneway)
+            .await
+            .map(|r| {
+                r.unwrap_or_else(|| RawReply {
+                    metadata: Metadata::new(),
+                    payload: Bytes::new(),
+                })
             })
-        })
     }
 
     fn request_header<'a>(
@@ -838,7 +854,10 @@ async fn serve_request(
     };
     let deadline =
         (header.timeout_ms > 0).then(|| Instant::now() + Duration::from_millis(header.timeout_ms));
-    let cancel = shared.shutdown.child_token();
+    // The call's own token (no registration with a shared parent, which would lock on every
+    // call): cancelled when this task ends early — caller gone, deadline, shutdown (all
+    // selected below) — or is dropped.
+    let cancel = CancellationToken::new();
     let _cancel_on_exit = cancel.clone().drop_guard();
     let span = tracing::debug_span!(
         "serve",
@@ -861,7 +880,10 @@ async fn serve_request(
     if oneway {
         let _ = send.finish();
         drop(send);
-        let _ = handler.await;
+        tokio::select! {
+            _ = handler => {}
+            () = shared.shutdown.cancelled() => {}
+        }
         return;
     }
     let stopped = send.stopped();
@@ -871,7 +893,10 @@ async fn serve_request(
             None => std::future::pending().await,
         }
     };
+    // Biased, handler first: a handler that finishes in its first poll never arms the deadline
+    // timer or registers for the stream's stop notification.
     let status_and_payload = tokio::select! {
+        biased;
         result = handler => match result {
             Ok(Ok(payload)) => (Status::Ok, payload),
             Ok(Err(e)) => (error_status(e.code(), e.message()), Bytes::new()),

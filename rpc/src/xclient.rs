@@ -407,6 +407,18 @@ impl<D: Discovery + Send + Sync + 'static> XInner<D> {
         payload: &[u8],
         options: &CallOptions,
     ) -> Result<RawReply> {
+        self.send_slot(slot, method, payload, options, false).await
+    }
+
+    /// One attempt on one endpoint, counted in its in-flight calls and its health.
+    async fn send_slot(
+        &self,
+        slot: &Slot,
+        method: &str,
+        payload: &[u8],
+        options: &CallOptions,
+        oneway: bool,
+    ) -> Result<RawReply> {
         slot.in_flight.fetch_add(1, Ordering::AcqRel);
         let _in_flight = InFlight(&slot.in_flight);
         let result = async {
@@ -414,7 +426,7 @@ impl<D: Discovery + Send + Sync + 'static> XInner<D> {
             let conn = client.live_connection().ok_or_else(|| {
                 Error::NotConnected(format!("{} is not connected", slot.endpoint))
             })?;
-            conn.call_raw(&self.service_path, method, payload, options)
+            conn.send_raw(&self.service_path, method, payload, options, oneway)
                 .await
         }
         .await;
@@ -567,6 +579,11 @@ impl<D: Discovery + Send + Sync + 'static> XClient<D> {
     }
 
     /// Calls `method` of the service (rpcx's `xclient.Call`) under the fail mode.
+    ///
+    /// Returns the first reply, or the last error once the fail mode gives up; each attempt is
+    /// bounded by the call timeout. Dropping the future cancels the attempts in flight (their
+    /// streams are reset and the handlers cancelled). With no endpoint at all it fails with
+    /// [`Error::NoEndpoints`] (after waiting for a discovery's first answer, as mDNS needs).
     pub async fn call<A, R>(&self, method: &str, args: &A) -> Result<R>
     where
         A: Serialize + ?Sized,
@@ -655,9 +672,11 @@ impl<D: Discovery + Send + Sync + 'static> XClient<D> {
         Err(last)
     }
 
-    /// A oneway call to one endpoint chosen by the selector.
+    /// A oneway call to one endpoint chosen by the selector: one attempt (no fail mode, since no
+    /// reply says whether it worked); returns once the request is handed to QUIC.
     pub async fn oneway<A: Serialize + ?Sized>(&self, method: &str, args: &A) -> Result<()> {
-        let payload = crate::Codec::Postcard.encode(args)?;
+        let options = CallOptions::default();
+        let payload = options.codec.encode(args)?;
         let info = SelectInfo {
             service_path: &self.inner.service_path,
             service_method: method,
@@ -665,12 +684,10 @@ impl<D: Discovery + Send + Sync + 'static> XClient<D> {
             key: None,
         };
         let slot = self.inner.select(&info, &[])?;
-        let client = self.inner.client_for(&slot).await?;
-        client
-            .connection()
-            .await?
-            .oneway(&self.inner.service_path, method, args)
+        self.inner
+            .send_slot(&slot, method, &payload, &options, true)
             .await
+            .map(drop)
     }
 
     /// The endpoints in use now (after the group filter).

@@ -470,3 +470,23 @@ async fn a_custom_selector_plugs_in() {
     }
     assert_eq!(a.count("Name"), 0);
 }
+
+#[tokio::test]
+async fn oneway_through_the_xclient() {
+    let dev = DevCertificate::localhost().unwrap();
+    let a = named(&dev, "a", 0).await;
+    let x = XClient::new(
+        "Who",
+        FailMode::Failover,
+        SelectMode::RoundRobin,
+        list(&[&a]),
+        option(&dev),
+    )
+    .unwrap();
+    x.oneway("Name", &()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while a.count("Name") == 0 {
+        assert!(Instant::now() < deadline, "the oneway call never ran");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}

@@ -1,11 +1,17 @@
 //! mDNS discovery (mdns-sd): servers announce `_quicx._udp.local.` with their service name in a
 //! TXT record; clients browse and keep only the service they asked for.
+//!
+//! Record lifetimes are mdns-sd's (0.21): SRV, A and AAAA records carry a TTL of 120 s, PTR and
+//! TXT records 4500 s, and mdns-sd offers no public way to change them. A browser drops a server
+//! when its SRV record expires, so a server that crashes (sends no goodbye) stays listed for up
+//! to 120 s; one that withdraws cleanly disappears within about a second.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     fmt,
     net::IpAddr,
-    sync::Arc,
+    sync::{Arc, Mutex, PoisonError},
+    time::{Duration, Instant},
 };
 
 use mdns_sd::{IfKind, ServiceDaemon, ServiceEvent, ServiceInfo};
@@ -16,10 +22,21 @@ use crate::{Discovery, DiscoveryError, Endpoint, Endpoints};
 /// The DNS-SD service type every quicx server announces.
 pub const SERVICE_TYPE: &str = "_quicx._udp.local.";
 
+// The TXT keys quicx gives a meaning to. TXT keys are case-insensitive (RFC 6763 §6.4): compare
+// them with `eq_ignore_ascii_case`, never with `==`.
 const TXT_SERVICE: &str = "service";
 const TXT_SERVER_NAME: &str = "server_name";
 const TXT_WEIGHT: &str = "weight";
 const TXT_GROUP: &str = "group";
+
+/// mdns-sd 0.21 sends a goodbye (the records with TTL 0) when a service is unregistered and
+/// repeats it once, this many milliseconds afterwards (`exec_command_unregister` in its
+/// `service_daemon.rs`). The repeat is a timer inside the daemon: shutting the daemon down
+/// before it fires cancels it.
+const GOODBYE_REPEAT_MS: u64 = 120;
+/// How long after an unregister both goodbyes are surely out: the repeat plus slack for the
+/// daemon thread to wake up and send it.
+const GOODBYES_SENT_AFTER: Duration = Duration::from_millis(GOODBYE_REPEAT_MS + 100);
 
 /// Which network interfaces the mDNS daemon uses.
 ///
@@ -92,12 +109,18 @@ fn start_daemon(options: &MdnsOptions) -> Result<ServiceDaemon, DiscoveryError> 
 ///
 /// The list starts empty and fills as answers arrive (typically within a second); use
 /// [`wait_for_endpoints`](crate::wait_for_endpoints) to wait for the first.
+///
+/// TXT keys are matched case-insensitively (RFC 6763 §6.4), so a responder announcing
+/// `SERVICE=Arith` or `Weight=3` is understood like one announcing `service=Arith`, `weight=3`.
+/// TXT keys other than `service`, `server_name`, `weight` and `group` land in
+/// [`Endpoint::metadata`], spelled as the responder spelled them.
+///
 /// Dropping it stops the daemon.
 pub struct MdnsDiscovery {
     service_name: String,
     tx: Arc<watch::Sender<Endpoints>>,
     daemon: ServiceDaemon,
-    initial_wait: std::time::Duration,
+    initial_wait: Duration,
 }
 
 impl fmt::Debug for MdnsDiscovery {
@@ -124,12 +147,12 @@ impl MdnsDiscovery {
                 while let Ok(event) = events.recv() {
                     let changed = match event {
                         ServiceEvent::ServiceResolved(info) => {
-                            if info.get_property_val_str(TXT_SERVICE) != Some(wanted.as_str()) {
-                                continue;
-                            }
-                            match endpoint_of(&info) {
-                                Some(e) => found.insert(info.get_fullname().to_owned(), e.clone()) != Some(e),
-                                None => false,
+                            let fullname = info.get_fullname();
+                            match endpoint_of(&info, &wanted) {
+                                Some(e) => found.insert(fullname.to_owned(), e.clone()) != Some(e),
+                                // Another service, or an instance whose TXT record no longer
+                                // names ours.
+                                None => found.remove(fullname).is_some(),
                             }
                         }
                         ServiceEvent::ServiceRemoved(_, fullname) => found.remove(&fullname).is_some(),
@@ -149,7 +172,7 @@ impl MdnsDiscovery {
             service_name: service_name.to_owned(),
             tx,
             daemon,
-            initial_wait: std::time::Duration::from_secs(2),
+            initial_wait: Duration::from_secs(2),
         })
     }
 }
@@ -158,44 +181,93 @@ impl MdnsDiscovery {
     /// How long [`endpoints`](crate::LocalDiscovery::endpoints) waits for a first answer when
     /// none has arrived yet.
     #[must_use]
-    pub fn with_initial_wait(mut self, wait: std::time::Duration) -> Self {
+    pub fn with_initial_wait(mut self, wait: Duration) -> Self {
         self.initial_wait = wait;
         self
     }
 }
 
-fn endpoint_of(info: &mdns_sd::ResolvedService) -> Option<Endpoint> {
-    let mut addresses: Vec<IpAddr> = info
-        .get_addresses()
-        .iter()
-        .map(|a| a.to_ip_addr())
-        .collect();
-    // Prefer IPv4, then the lowest address, so the choice is stable across answers.
-    addresses.sort_by_key(|a| (a.is_ipv6(), *a));
-    let ip = addresses.first()?;
-    let address = match ip {
-        IpAddr::V4(v4) => format!("{v4}:{}", info.get_port()),
-        IpAddr::V6(v6) => format!("[{v6}]:{}", info.get_port()),
-    };
-    let mut metadata = BTreeMap::new();
-    for p in info.get_properties().iter() {
-        if ![TXT_SERVICE, TXT_SERVER_NAME, TXT_WEIGHT, TXT_GROUP].contains(&p.key()) {
-            metadata.insert(p.key().to_owned(), p.val_str().to_owned());
+/// The endpoint a resolved instance describes, if it is a server of `wanted`.
+fn endpoint_of(info: &mdns_sd::ResolvedService, wanted: &str) -> Option<Endpoint> {
+    let txt = Txt::from_pairs(info.get_properties().iter().map(|p| (p.key(), p.val_str())));
+    txt.endpoint(
+        wanted,
+        info.get_addresses().iter().map(|a| a.to_ip_addr()),
+        info.get_port(),
+        info.get_hostname(),
+    )
+}
+
+/// What one instance's TXT record tells quicx: the pure part of turning an mDNS answer into an
+/// [`Endpoint`], so it can be tested without a daemon.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Txt {
+    service: Option<String>,
+    server_name: Option<String>,
+    weight: Option<String>,
+    group: Option<String>,
+    /// Every other key, spelled as announced.
+    metadata: BTreeMap<String, String>,
+}
+
+impl Txt {
+    /// Reads `(key, value)` pairs in record order. Keys are case-insensitive (RFC 6763 §6.4):
+    /// `SERVICE`, `Service` and `service` are one key, and of a key given more than once only
+    /// the first occurrence counts, whatever its case.
+    fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
+        let mut txt = Self::default();
+        let mut seen = HashSet::new();
+        for (key, value) in pairs {
+            if !seen.insert(key.to_ascii_lowercase()) {
+                continue;
+            }
+            let slot = if key.eq_ignore_ascii_case(TXT_SERVICE) {
+                &mut txt.service
+            } else if key.eq_ignore_ascii_case(TXT_SERVER_NAME) {
+                &mut txt.server_name
+            } else if key.eq_ignore_ascii_case(TXT_WEIGHT) {
+                &mut txt.weight
+            } else if key.eq_ignore_ascii_case(TXT_GROUP) {
+                &mut txt.group
+            } else {
+                txt.metadata.insert(key.to_owned(), value.to_owned());
+                continue;
+            };
+            *slot = Some(value.to_owned());
         }
+        txt
     }
-    Some(Endpoint {
-        address,
-        server_name: info.get_property_val_str(TXT_SERVER_NAME).map_or_else(
-            || info.get_hostname().trim_end_matches('.').to_owned(),
-            str::to_owned,
-        ),
-        weight: info
-            .get_property_val_str(TXT_WEIGHT)
-            .and_then(|w| w.parse().ok())
-            .unwrap_or(1),
-        group: info.get_property_val_str(TXT_GROUP).map(str::to_owned),
-        metadata,
-    })
+
+    /// The endpoint at `port` on `addresses` (IPv4 preferred, then the lowest address, so the
+    /// choice is stable across answers); `None` if the record is not for `wanted` (service
+    /// names are compared exactly: only keys are case-insensitive) or there is no address.
+    /// Without `server_name` the certificate name is `hostname`; a missing or unreadable weight
+    /// is 1.
+    fn endpoint(
+        self,
+        wanted: &str,
+        addresses: impl IntoIterator<Item = IpAddr>,
+        port: u16,
+        hostname: &str,
+    ) -> Option<Endpoint> {
+        if self.service.as_deref() != Some(wanted) {
+            return None;
+        }
+        let ip = addresses.into_iter().min_by_key(|a| (a.is_ipv6(), *a))?;
+        let address = match ip {
+            IpAddr::V4(v4) => format!("{v4}:{port}"),
+            IpAddr::V6(v6) => format!("[{v6}]:{port}"),
+        };
+        Some(Endpoint {
+            address,
+            server_name: self
+                .server_name
+                .unwrap_or_else(|| hostname.trim_end_matches('.').to_owned()),
+            weight: self.weight.and_then(|w| w.parse().ok()).unwrap_or(1),
+            group: self.group,
+            metadata: self.metadata,
+        })
+    }
 }
 
 impl Discovery for MdnsDiscovery {
@@ -232,6 +304,11 @@ pub struct Announcement {
     /// Group.
     pub group: Option<String>,
     /// Free-form metadata (TXT records).
+    ///
+    /// TXT keys are case-insensitive (RFC 6763 §6.4): a key that matches `service`,
+    /// `server_name`, `weight` or `group` in any case is not announced (the field of the same
+    /// name is), and of keys that differ only in case only the first (in map order) is
+    /// announced. Both are logged as warnings.
     pub metadata: BTreeMap<String, String>,
     /// Addresses to announce; empty announces the addresses of the enabled interfaces.
     pub addresses: Vec<IpAddr>,
@@ -252,16 +329,90 @@ impl Announcement {
             addresses: Vec::new(),
         }
     }
+
+    /// The TXT record: the well-known keys, then the metadata minus the keys that would clash
+    /// with them or with each other (RFC 6763 §6.4 keeps only the first of a repeated key).
+    fn txt_pairs(&self) -> Vec<(String, String)> {
+        let mut pairs = vec![
+            (TXT_SERVICE.to_owned(), self.service_name.clone()),
+            (TXT_SERVER_NAME.to_owned(), self.server_name.clone()),
+            (TXT_WEIGHT.to_owned(), self.weight.to_string()),
+        ];
+        if let Some(group) = &self.group {
+            pairs.push((TXT_GROUP.to_owned(), group.clone()));
+        }
+        let mut seen: HashSet<String> = [TXT_SERVICE, TXT_SERVER_NAME, TXT_WEIGHT, TXT_GROUP]
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        for (key, value) in &self.metadata {
+            if seen.insert(key.to_ascii_lowercase()) {
+                pairs.push((key.clone(), value.clone()));
+            } else {
+                tracing::warn!(
+                    instance = %self.instance_name,
+                    key = %key,
+                    "mDNS metadata key not announced: TXT keys are case-insensitive and it \
+                     clashes with a quicx key or another metadata key"
+                );
+            }
+        }
+        pairs
+    }
 }
 
 /// Announces quicx servers on the LAN.
+///
+/// Dropping it withdraws every announcement still live, as
+/// [`MdnsRegistration::withdraw`] does, and stops the daemon. That blocks the dropping thread
+/// for up to about a quarter of a second while the goodbyes go out; in async code, withdraw
+/// the registrations first.
 pub struct MdnsAdvertiser {
+    shared: Arc<Advertising>,
+}
+
+/// What an advertiser and its registrations share.
+struct Advertising {
     daemon: ServiceDaemon,
+    state: Mutex<AdvertisingState>,
+}
+
+#[derive(Debug, Default)]
+struct AdvertisingState {
+    /// Full names of the services registered and not yet unregistered.
+    live: HashSet<String>,
+    /// When the goodbyes of the last unregister will all have been sent.
+    goodbyes_sent_at: Option<Instant>,
+}
+
+impl Advertising {
+    fn state(&self) -> std::sync::MutexGuard<'_, AdvertisingState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Unregisters `fullname` if it is still live; returns the daemon's answer.
+    fn unregister(&self, fullname: &str) -> Option<mdns_sd::Receiver<mdns_sd::UnregisterStatus>> {
+        let mut state = self.state();
+        if !state.live.remove(fullname) {
+            return None;
+        }
+        let rx = self.daemon.unregister(fullname).ok()?;
+        state.goodbyes_sent_by(Instant::now() + GOODBYES_SENT_AFTER);
+        Some(rx)
+    }
+}
+
+impl AdvertisingState {
+    fn goodbyes_sent_by(&mut self, at: Instant) {
+        self.goodbyes_sent_at = Some(self.goodbyes_sent_at.map_or(at, |t| t.max(at)));
+    }
 }
 
 impl fmt::Debug for MdnsAdvertiser {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("MdnsAdvertiser").finish_non_exhaustive()
+        f.debug_struct("MdnsAdvertiser")
+            .field("live", &self.shared.state().live.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -269,21 +420,17 @@ impl MdnsAdvertiser {
     /// Starts an mDNS daemon for announcing.
     pub fn new(options: &MdnsOptions) -> Result<Self, DiscoveryError> {
         Ok(Self {
-            daemon: start_daemon(options)?,
+            shared: Arc::new(Advertising {
+                daemon: start_daemon(options)?,
+                state: Mutex::default(),
+            }),
         })
     }
 
-    /// Announces a server until the returned registration is withdrawn or dropped.
+    /// Announces a server until the returned registration is withdrawn or dropped, or this
+    /// advertiser is dropped.
     pub fn advertise(&self, a: &Announcement) -> Result<MdnsRegistration, DiscoveryError> {
-        let mut props: Vec<(String, String)> = vec![
-            (TXT_SERVICE.into(), a.service_name.clone()),
-            (TXT_SERVER_NAME.into(), a.server_name.clone()),
-            (TXT_WEIGHT.into(), a.weight.to_string()),
-        ];
-        if let Some(group) = &a.group {
-            props.push((TXT_GROUP.into(), group.clone()));
-        }
-        props.extend(a.metadata.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let props = a.txt_pairs();
         let host = format!("{}.local.", a.instance_name);
         let addresses: Vec<String> = a.addresses.iter().map(ToString::to_string).collect();
         let info = ServiceInfo::new(
@@ -301,25 +448,51 @@ impl MdnsAdvertiser {
             info
         };
         let fullname = info.get_fullname().to_owned();
-        self.daemon.register(info).map_err(mdns_err)?;
+        let mut state = self.shared.state();
+        self.shared.daemon.register(info).map_err(mdns_err)?;
+        state.live.insert(fullname.clone());
+        drop(state);
         Ok(MdnsRegistration {
-            daemon: self.daemon.clone(),
+            shared: self.shared.clone(),
             fullname: Some(fullname),
         })
+    }
+
+    /// Unregisters every live announcement and blocks until the goodbyes of every
+    /// announcement withdrawn so far (both of each) have been sent.
+    fn withdraw_all(&self) {
+        let live: Vec<String> = self.shared.state().live.iter().cloned().collect();
+        for fullname in live {
+            let _ = self.shared.unregister(&fullname);
+        }
+        let pending = self.shared.state().goodbyes_sent_at;
+        let Some(sent_at) = pending.filter(|t| *t > Instant::now()) else {
+            return;
+        };
+        // The daemon runs its commands in order: once it answers this, it has run every
+        // unregister sent before, and each repeat is due at most GOODBYE_REPEAT_MS later.
+        if let Ok(status) = self.shared.daemon.status() {
+            let _ = status.recv_timeout(Duration::from_secs(1));
+        }
+        let sent_at = sent_at.max(Instant::now() + GOODBYES_SENT_AFTER);
+        std::thread::sleep(sent_at.saturating_duration_since(Instant::now()));
     }
 }
 
 impl Drop for MdnsAdvertiser {
     fn drop(&mut self) {
-        // Registrations hold their own handle; the daemon stops once withdrawals are sent.
-        let _ = self.daemon.shutdown();
+        // Shutting the daemon down cancels goodbye repeats still pending: let them go out first.
+        self.withdraw_all();
+        if let Ok(stopped) = self.shared.daemon.shutdown() {
+            let _ = stopped.recv_timeout(Duration::from_secs(1));
+        }
     }
 }
 
 /// A live announcement. [`withdraw`](Self::withdraw) (or dropping it) sends the goodbye so
 /// browsers remove the endpoint at once.
 pub struct MdnsRegistration {
-    daemon: ServiceDaemon,
+    shared: Arc<Advertising>,
     fullname: Option<String>,
 }
 
@@ -332,13 +505,31 @@ impl fmt::Debug for MdnsRegistration {
 }
 
 impl MdnsRegistration {
-    /// Withdraws the announcement and waits (up to 1 s) until the daemon has sent the goodbye.
+    /// Withdraws the announcement: sends the goodbye (the records with TTL 0), which makes
+    /// browsers drop the endpoint about a second later, and returns once it has been sent.
+    ///
+    /// The goodbye goes out twice, 120 ms apart, on every interface and IP family the
+    /// announcement is on: that is mdns-sd's own repeat (0.21, `exec_command_unregister` in
+    /// its `service_daemon.rs`); its public API has no way to send a third, as python-zeroconf
+    /// does. If both are lost, browsers keep the endpoint until its records expire (120 s).
+    /// This waits for the repeat (about 0.25 s in all, at most 1.25 s) because stopping the
+    /// daemon (dropping the [`MdnsAdvertiser`]) cancels a repeat not yet sent.
+    ///
+    /// Dropping the registration withdraws it too, without waiting; the advertiser, when
+    /// dropped, still waits for the repeat.
     pub async fn withdraw(mut self) {
-        if let Some(name) = self.fullname.take() {
-            if let Ok(rx) = self.daemon.unregister(&name) {
-                let _ =
-                    tokio::time::timeout(std::time::Duration::from_secs(1), rx.recv_async()).await;
-            }
+        let Some(name) = self.fullname.take() else {
+            return;
+        };
+        let Some(answer) = self.shared.unregister(&name) else {
+            return;
+        };
+        let answer = tokio::time::timeout(Duration::from_secs(1), answer.recv_async()).await;
+        if let Ok(Ok(mdns_sd::UnregisterStatus::OK)) = answer {
+            // The daemon answers right after the first goodbye; the repeat follows.
+            let sent_at = Instant::now() + GOODBYES_SENT_AFTER;
+            self.shared.state().goodbyes_sent_by(sent_at);
+            tokio::time::sleep_until(sent_at.into()).await;
         }
     }
 }
@@ -346,7 +537,254 @@ impl MdnsRegistration {
 impl Drop for MdnsRegistration {
     fn drop(&mut self) {
         if let Some(name) = self.fullname.take() {
-            let _ = self.daemon.unregister(&name);
+            let _ = self.shared.unregister(&name);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LOCALHOST: [IpAddr; 1] = [IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)];
+
+    fn endpoint(pairs: &[(&str, &str)]) -> Option<Endpoint> {
+        Txt::from_pairs(pairs.iter().copied()).endpoint("Arith", LOCALHOST, 8972, "host.local.")
+    }
+
+    #[test]
+    fn txt_keys_are_case_insensitive_and_stay_out_of_metadata() {
+        let lower = endpoint(&[
+            ("service", "Arith"),
+            ("server_name", "arith.example"),
+            ("weight", "5"),
+            ("group", "blue"),
+            ("version", "1.2"),
+        ])
+        .unwrap();
+        let mixed = endpoint(&[
+            ("SERVICE", "Arith"),
+            ("Server_Name", "arith.example"),
+            ("WEIGHT", "5"),
+            ("Group", "blue"),
+            ("version", "1.2"),
+        ])
+        .unwrap();
+        assert_eq!(mixed, lower);
+        assert_eq!(
+            mixed,
+            Endpoint::parse("127.0.0.1:8972")
+                .unwrap()
+                .with_server_name("arith.example")
+                .with_weight(5)
+                .with_group("blue")
+                .with_metadata("version", "1.2")
+        );
+        // Unknown keys stay in the metadata, spelled as announced.
+        let e = endpoint(&[("Service", "Arith"), ("Version", "2")]).unwrap();
+        assert_eq!(e.metadata, BTreeMap::from([("Version".into(), "2".into())]));
+    }
+
+    #[test]
+    fn txt_keeps_the_first_of_a_repeated_key_in_any_case() {
+        let e = endpoint(&[
+            ("service", "Arith"),
+            ("WEIGHT", "3"),
+            ("weight", "9"),
+            ("Version", "1"),
+            ("version", "2"),
+            ("SERVICE", "Other"),
+        ])
+        .unwrap();
+        assert_eq!(e.weight, 3);
+        assert_eq!(e.metadata, BTreeMap::from([("Version".into(), "1".into())]));
+    }
+
+    #[test]
+    fn txt_filters_by_exact_service_name() {
+        assert!(endpoint(&[("service", "Other")]).is_none());
+        assert!(
+            endpoint(&[("SERVICE", "arith")]).is_none(),
+            "values keep their case"
+        );
+        assert!(endpoint(&[("version", "1")]).is_none(), "no service key");
+        let txt = Txt::from_pairs([("service", "Arith")]);
+        assert!(
+            txt.endpoint("Arith", [], 1, "h.local.").is_none(),
+            "no address"
+        );
+    }
+
+    #[test]
+    fn txt_defaults_and_address_choice() {
+        let txt = Txt::from_pairs([("Service", "Arith"), ("Weight", "lots")]);
+        let v6: IpAddr = "fe80::1".parse().unwrap();
+        let a: IpAddr = "192.168.1.20".parse().unwrap();
+        let b: IpAddr = "10.0.0.7".parse().unwrap();
+        let e = txt
+            .clone()
+            .endpoint("Arith", [v6, a, b], 9, "box.local.")
+            .unwrap();
+        assert_eq!(e.address, "10.0.0.7:9");
+        assert_eq!(e.server_name, "box.local");
+        assert_eq!(e.weight, 1, "an unreadable weight counts as 1");
+        assert_eq!(e.group, None);
+        let e = txt.endpoint("Arith", [v6], 9, "box.local.").unwrap();
+        assert_eq!(e.address, "[fe80::1]:9");
+    }
+
+    #[test]
+    fn announcement_txt_round_trips_and_drops_clashing_metadata() {
+        let mut a = Announcement::new("Arith", "arith-1", 8972);
+        a.server_name = "arith.example".into();
+        a.weight = 7;
+        a.group = Some("lab".into());
+        a.metadata.insert("Weight".into(), "100".into());
+        a.metadata.insert("VERSION".into(), "1.2".into());
+        a.metadata.insert("version".into(), "9.9".into());
+        a.metadata.insert("region".into(), "eu".into());
+        let pairs = a.txt_pairs();
+        let keys: Vec<&str> = pairs.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "service",
+                "server_name",
+                "weight",
+                "group",
+                "VERSION",
+                "region"
+            ]
+        );
+        let e = Txt::from_pairs(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .endpoint("Arith", LOCALHOST, a.port, "arith-1.local.")
+            .unwrap();
+        assert_eq!(e.server_name, "arith.example");
+        assert_eq!(e.weight, 7);
+        assert_eq!(e.group.as_deref(), Some("lab"));
+        assert_eq!(
+            e.metadata,
+            BTreeMap::from([
+                ("VERSION".into(), "1.2".into()),
+                ("region".into(), "eu".into())
+            ])
+        );
+    }
+
+    /// Tests with a real daemon, inside a private network namespace holding only `lo` (never on
+    /// the machine's interfaces). Built with the `sandbox` feature (as `cargo test --workspace`
+    /// does); skipped, loudly, where namespaces cannot be created.
+    #[cfg(feature = "sandbox")]
+    mod sandboxed {
+        use super::*;
+
+        fn in_private_namespace(test: impl std::future::Future<Output = ()>) {
+            if let Err(reason) = crate::sandbox::enter_private_network_namespace() {
+                eprintln!(
+                    "SKIPPED: cannot create a private network namespace ({reason}); this mDNS \
+                     test would otherwise multicast on the machine's real interfaces. Run it as \
+                     root."
+                );
+                return;
+            }
+            // Built after unshare, on this thread: the runtime lives in the namespace too.
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(test);
+        }
+
+        fn counters(daemon: &ServiceDaemon) -> (i64, i64) {
+            let metrics = daemon
+                .get_metrics()
+                .unwrap()
+                .recv_timeout(Duration::from_secs(1))
+                .unwrap();
+            let get = |k: &str| metrics.get(k).copied().unwrap_or(0);
+            (get("unregister"), get("unregister-resend"))
+        }
+
+        fn announcement(instance: &str, port: u16) -> Announcement {
+            let mut a = Announcement::new("Arith", instance, port);
+            a.addresses = LOCALHOST.to_vec();
+            a
+        }
+
+        #[test]
+        fn withdraw_returns_after_both_goodbyes() {
+            in_private_namespace(async {
+                let advertiser = MdnsAdvertiser::new(&MdnsOptions::loopback()).unwrap();
+                let registration = advertiser
+                    .advertise(&announcement("arith-1", 9001))
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                registration.withdraw().await;
+                let (goodbyes, repeats) = counters(&advertiser.shared.daemon);
+                assert_eq!(goodbyes, 1);
+                assert!(repeats >= 1, "the repeated goodbye is out: {repeats}");
+            });
+        }
+
+        #[test]
+        fn dropping_the_advertiser_sends_every_goodbye_twice_first() {
+            in_private_namespace(async {
+                let advertiser = MdnsAdvertiser::new(&MdnsOptions::loopback()).unwrap();
+                let dropped = advertiser
+                    .advertise(&announcement("arith-1", 9001))
+                    .unwrap();
+                let _live = advertiser
+                    .advertise(&announcement("arith-2", 9002))
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                // Dropping a registration, then the advertiser at once, used to stop the daemon
+                // before the goodbye repeat; a registration still live got a single goodbye.
+                drop(dropped);
+                advertiser.withdraw_all();
+                let (goodbyes, repeats) = counters(&advertiser.shared.daemon);
+                assert_eq!(goodbyes, 2);
+                assert!(repeats >= 2, "both goodbyes repeated: {repeats}");
+                assert!(advertiser.shared.state().live.is_empty());
+                let started = Instant::now();
+                drop(advertiser);
+                assert!(started.elapsed() < Duration::from_secs(1));
+            });
+        }
+
+        #[test]
+        fn another_responders_capitalised_txt_keys() {
+            in_private_namespace(async {
+                let options = MdnsOptions::loopback();
+                let responder = MdnsAdvertiser::new(&options).unwrap();
+                let props = [
+                    ("SERVICE", "Arith"),
+                    ("Server_Name", "arith.example"),
+                    ("WEIGHT", "4"),
+                    ("Group", "lab"),
+                    ("Version", "1.2"),
+                ];
+                let info = ServiceInfo::new(
+                    SERVICE_TYPE,
+                    "foreign-1",
+                    "foreign-1.local.",
+                    "127.0.0.1",
+                    9100,
+                    &props[..],
+                )
+                .unwrap();
+                responder.shared.daemon.register(info).unwrap();
+                let discovery = MdnsDiscovery::new("Arith", &options).unwrap();
+                let found = crate::wait_for_endpoints(&discovery, Duration::from_secs(10)).await;
+                assert_eq!(
+                    found.as_slice(),
+                    [Endpoint::parse("127.0.0.1:9100")
+                        .unwrap()
+                        .with_server_name("arith.example")
+                        .with_weight(4)
+                        .with_group("lab")
+                        .with_metadata("Version", "1.2")]
+                );
+            });
         }
     }
 }

@@ -16,10 +16,14 @@ use tracing::Instrument;
 use crate::{
     CallOptions, ClientEvent, ClientTls, Connection, DisconnectReason, Error, Metadata, PushSender,
     RawReply, Result, Service, Stats, TransportOptions, config,
-    connection::{self, Shared},
-    io::{IoThread, Placement},
+    connection::{
+        self,
+        side::{Role, Side, SideTimeouts},
+    },
+    error::NotConnected,
+    io::{IoRuntime, Placement},
     service::Services,
-    wire::code,
+    wire::CloseCode,
 };
 
 /// Builds a [`Client`].
@@ -59,7 +63,7 @@ impl ClientEndpoint {
     /// Binds a client socket on `addr` (port 0 for any) with 4 MiB socket buffers, driven as
     /// [`Placement::Auto`] says. Must run inside a tokio runtime.
     pub fn bind(addr: SocketAddr) -> Result<Self> {
-        let io = IoThread::for_client(Placement::Auto)?;
+        let io = IoRuntime::for_client(Placement::Auto)?;
         let _io = io.enter();
         Ok(Self {
             endpoint: config::endpoint(addr, TransportOptions::default().socket_buffer_size, None)?,
@@ -201,7 +205,8 @@ impl ClientBuilder {
     ///
     /// # Errors
     /// [`Error::Handshake`] if the server is not trusted, does not speak `quicx/1` or refuses;
-    /// [`Error::Timeout`] if nothing answered within the connect timeout.
+    /// [`Error::ConnectTimeout`] if nothing answered within the connect timeout;
+    /// [`Error::HelloRefused`] if the server refused the declared identity.
     pub async fn connect(self, addr: &str) -> Result<Client> {
         let resolved = tokio::net::lookup_host(addr)
             .await?
@@ -220,8 +225,7 @@ impl ClientBuilder {
     pub async fn connect_addr(self, addr: SocketAddr, server_name: &str) -> Result<Client> {
         let mut client_config = quinn::ClientConfig::new(Arc::new(self.tls.quinn_config()?));
         client_config.transport_config(self.transport.quinn_transport(true)?);
-        let io = IoThread::caller();
-        let driver = IoThread::for_client(self.placement)?;
+        let driver = IoRuntime::for_client(self.placement)?;
         let (endpoint, owns_endpoint) = match self.endpoint {
             Some(shared) => (shared.endpoint, false),
             None => {
@@ -232,14 +236,17 @@ impl ClientBuilder {
                 )
             }
         };
-        let shared = Arc::new(Shared::new(
+        let side = Arc::new(Side::new(
+            Role::Client {
+                push_sink: self.push,
+            },
             self.services,
             &self.transport,
-            self.push,
-            Duration::from_secs(10),
-            self.call_timeout,
-            None,
-            io,
+            SideTimeouts {
+                push: Duration::from_secs(10),
+                call: self.call_timeout,
+            },
+            IoRuntime::caller(),
         ));
         let session = Session {
             client_id: self.client_id,
@@ -248,6 +255,7 @@ impl ClientBuilder {
             max_backoff: self.max_backoff,
             connect_timeout: self.connect_timeout,
         };
+        let connect_timeout = session.connect_timeout;
         Client::start(
             Link {
                 endpoint,
@@ -255,11 +263,11 @@ impl ClientBuilder {
                 client_config,
                 driver,
             },
-            shared,
+            side,
             session,
             self.events,
-            addr,
-            server_name,
+            (addr, server_name),
+            connect_timeout,
         )
         .await
     }
@@ -283,7 +291,7 @@ pub(crate) struct Link {
     pub(crate) owns_endpoint: bool,
     pub(crate) client_config: quinn::ClientConfig,
     /// Where connections are established and driven.
-    pub(crate) driver: IoThread,
+    pub(crate) driver: IoRuntime,
 }
 
 /// How a client behaves on its connection: identity, reconnects, timeouts.
@@ -330,7 +338,7 @@ impl Drop for CloseOnDrop {
     fn drop(&mut self) {
         self.0.closed.cancel();
         if let Some(conn) = self.0.current.send_replace(None) {
-            conn.close_with(code::CLOSE_NORMAL, b"client dropped");
+            conn.close_with(CloseCode::NORMAL, b"client dropped");
         }
     }
 }
@@ -339,7 +347,7 @@ struct ClientInner {
     link: Link,
     server_addr: SocketAddr,
     server_name: String,
-    shared: Arc<Shared>,
+    side: Arc<Side>,
     current: watch::Sender<Option<Connection>>,
     events: broadcast::Sender<ClientEvent>,
     closed: CancellationToken,
@@ -356,31 +364,39 @@ impl fmt::Debug for Client {
 }
 
 impl ClientInner {
-    /// Opens a connection, starts serving what the server opens on it, and says hello.
-    async fn establish(&self) -> Result<Connection> {
+    /// Opens a connection, starts serving what the server opens on it, and says hello, all
+    /// within `timeout` ([`Error::ConnectTimeout`] past it).
+    async fn establish(&self, timeout: Duration) -> Result<Connection> {
+        let deadline = tokio::time::Instant::now() + timeout;
         let connecting = self.link.endpoint.connect_with(
             self.link.client_config.clone(),
             self.server_addr,
             &self.server_name,
         )?;
-        let quic = tokio::time::timeout(self.session.connect_timeout, connecting)
+        let quic = tokio::time::timeout_at(deadline, connecting)
             .await
-            .map_err(|_| Error::Timeout)??;
-        let conn = Connection::new(quic, self.shared.clone(), self.server_addr);
-        self.shared
+            .map_err(|_| Error::ConnectTimeout(timeout))??;
+        let conn = Connection::new(quic, self.side.clone(), self.server_addr);
+        self.side
             .counters
             .connections_accepted
             .fetch_add(1, Ordering::Relaxed);
         tokio::spawn(connection::serve(conn.clone()));
         let session = &self.session;
         if session.client_id.is_some() || !session.hello_metadata.is_empty() {
-            if let Err(e) = connection::hello(
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let said = connection::hello(
                 &conn,
                 session.client_id.clone(),
                 session.hello_metadata.clone(),
+                left,
             )
             .await
-            {
+            .map_err(|e| match e {
+                Error::DeadlineExceeded { remote: false } => Error::ConnectTimeout(timeout),
+                other => other,
+            });
+            if let Err(e) = said {
                 conn.close();
                 return Err(e);
             }
@@ -410,7 +426,7 @@ async fn supervise(inner: Arc<ClientInner>, mut conn: Connection) {
         conn = loop {
             attempts += 1;
             let attempt = tokio::select! {
-                r = inner.establish() => r,
+                r = inner.establish(inner.session.connect_timeout) => r,
                 () = inner.closed.cancelled() => return,
             };
             match attempt {
@@ -434,20 +450,21 @@ async fn supervise(inner: Arc<ClientInner>, mut conn: Connection) {
 }
 
 impl Client {
-    /// Opens the first connection and starts the supervisor that reconnects.
+    /// Opens the first connection within `connect_timeout` and starts the supervisor that
+    /// reconnects.
     pub(crate) async fn start(
         link: Link,
-        shared: Arc<Shared>,
+        side: Arc<Side>,
         session: Session,
         events: broadcast::Sender<ClientEvent>,
-        addr: SocketAddr,
-        server_name: &str,
+        (addr, server_name): (SocketAddr, &str),
+        connect_timeout: Duration,
     ) -> Result<Self> {
         let inner = Arc::new(ClientInner {
             link,
             server_addr: addr,
             server_name: server_name.to_owned(),
-            shared,
+            side,
             current: watch::channel(None).0,
             events,
             closed: CancellationToken::new(),
@@ -456,7 +473,7 @@ impl Client {
         let io = inner.link.driver.clone();
         let starting = inner.clone();
         io.run(async move {
-            let conn = starting.establish().await?;
+            let conn = starting.establish(connect_timeout).await?;
             starting.current.send_replace(Some(conn.clone()));
             let _ = starting
                 .events
@@ -500,20 +517,17 @@ impl Client {
             return Ok(conn);
         }
         if self.inner.closed.is_cancelled() {
-            return Err(Error::NotConnected("the client was closed".into()));
+            return Err(Error::NotConnected(NotConnected::Closed));
         }
         if !self.inner.session.reconnect {
-            return Err(Error::NotConnected(
-                "the connection was lost and reconnect is off".into(),
-            ));
+            return Err(Error::NotConnected(NotConnected::ReconnectOff));
         }
         let mut rx = self.inner.current.subscribe();
         let wait = rx.wait_for(|c| c.as_ref().is_some_and(|c| !c.is_closed()));
         match tokio::time::timeout(self.inner.session.connect_timeout, wait).await {
             Ok(Ok(conn)) => Ok(conn.clone().expect("checked by wait_for")),
-            _ => Err(Error::NotConnected(format!(
-                "no connection to {} (reconnecting)",
-                self.inner.server_addr
+            _ => Err(Error::NotConnected(NotConnected::Reconnecting(
+                self.inner.server_addr,
             ))),
         }
     }
@@ -549,7 +563,9 @@ impl Client {
             .await
     }
 
-    /// A oneway call: returns once the request is handed to QUIC; no reply comes back.
+    /// A oneway call: returns once the request is handed to QUIC; no reply comes back. See
+    /// [`Connection::oneway`]: a oneway call followed at once by [`close`](Self::close) may be
+    /// lost.
     pub async fn oneway<A: Serialize + ?Sized>(
         &self,
         service_path: &str,
@@ -594,7 +610,7 @@ impl Client {
     /// Counters of this client.
     pub fn stats(&self) -> Stats {
         let open = u64::from(self.is_connected());
-        self.inner.shared.counters.snapshot(open)
+        self.inner.side.counters.snapshot(open)
     }
 
     /// Whether the client has a live connection right now.
@@ -612,13 +628,19 @@ impl Client {
             .cloned()
     }
 
-    /// Closes the connection with `CLOSE_NORMAL` and stops reconnecting. Calls in flight fail
-    /// with [`Error::ConnectionLost`]. Waits (up to 1 s) until the server was told.
+    /// Closes the connection with close code `NORMAL` and stops reconnecting. Calls in flight
+    /// fail with [`Error::ConnectionLost`].
+    ///
+    /// # When it returns
+    /// Once the close was sent to the server (up to 1 s), whether the client owns its socket or
+    /// shares a [`ClientEndpoint`]: a process may exit right after and the server still sees
+    /// the disconnect at once. Dropping the last handle instead closes without waiting, so a
+    /// process that exits at once may leave the server waiting for its idle timeout.
     pub async fn close(&self) {
         self.inner.closed.cancel();
         let conn = self.inner.current.send_replace(None);
-        if let Some(conn) = conn {
-            conn.close_with(code::CLOSE_NORMAL, b"client closed");
+        if let Some(conn) = &conn {
+            conn.close_with(CloseCode::NORMAL, b"client closed");
             let _ = self.inner.events.send(ClientEvent::Disconnected {
                 server: self.inner.server_addr,
                 reason: DisconnectReason::ClosedLocally,
@@ -627,6 +649,8 @@ impl Client {
         if self.inner.link.owns_endpoint {
             let idle = self.inner.link.endpoint.wait_idle();
             let _ = tokio::time::timeout(Duration::from_secs(1), idle).await;
+        } else if let Some(conn) = conn {
+            conn.close_sent(Duration::from_secs(1)).await;
         }
     }
 }

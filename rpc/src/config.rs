@@ -30,6 +30,11 @@ pub struct TransportOptions {
     pub socket_buffer_size: usize,
     /// Frame size limits.
     pub limits: Limits,
+    /// While a call (or push with receipt) waits on a connection and nothing arrives from the
+    /// peer, probe it; close the connection when it stays silent this long (never less than six
+    /// round trips), so calls fail over in about a second instead of waiting for the idle
+    /// timeout or their deadline. `None` turns the probes off. Default 1.5 s.
+    pub unresponsive_timeout: Option<Duration>,
 }
 
 impl Default for TransportOptions {
@@ -42,6 +47,7 @@ impl Default for TransportOptions {
             max_concurrent_pushes: 1024,
             socket_buffer_size: 4 * 1024 * 1024,
             limits: Limits::default(),
+            unresponsive_timeout: Some(Duration::from_millis(1500)),
         }
     }
 }
@@ -70,8 +76,31 @@ impl TransportOptions {
         } else {
             0u32.into()
         });
+        // DATAGRAM frames carry only liveness probes, whose content is ignored and never read:
+        // a small buffer bounds what a peer can park here (quinn's default is 1.25 MB per
+        // connection) and drops the oldest.
+        t.datagram_receive_buffer_size(Some(DATAGRAM_BUFFER));
+        t.datagram_send_buffer_size(DATAGRAM_BUFFER);
         Ok(Arc::new(t))
     }
+}
+
+/// Bytes of DATAGRAM frames buffered per connection and direction.
+const DATAGRAM_BUFFER: usize = 1024;
+
+/// The stateless-reset key of a server, derived from its private key: a server restarted on the
+/// same port with the same key computes the same reset tokens, so the clients of the process
+/// that died learn at their next packet that their connection is gone (and reconnect at once)
+/// instead of waiting for the idle timeout. Derived with a one-way function, so the key reveals
+/// nothing about the private key.
+pub(crate) fn reset_key(private_key_der: &[u8]) -> Arc<ring::hmac::Key> {
+    let mut material = b"quicx stateless reset key v1".to_vec();
+    material.extend_from_slice(private_key_der);
+    let digest = ring::digest::digest(&ring::digest::SHA256, &material);
+    Arc::new(ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        digest.as_ref(),
+    ))
 }
 
 /// Binds a UDP socket with the requested buffer sizes, for a quinn endpoint.
@@ -97,19 +126,18 @@ pub(crate) fn bind_socket(addr: SocketAddr, buffer: usize) -> Result<std::net::U
     Ok(socket.into())
 }
 
-/// Builds a quinn endpoint on `addr`.
+/// Builds a quinn endpoint on `addr`; a server's with its stateless-reset key.
 pub(crate) fn endpoint(
     addr: SocketAddr,
     buffer: usize,
-    server: Option<quinn::ServerConfig>,
+    server: Option<(quinn::ServerConfig, Arc<ring::hmac::Key>)>,
 ) -> Result<quinn::Endpoint> {
     let socket = bind_socket(addr, buffer)?;
     let runtime = quinn::default_runtime()
         .ok_or_else(|| Error::Config("quicx needs a tokio runtime".into()))?;
-    Ok(quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        server,
-        socket,
-        runtime,
-    )?)
+    let (config, server) = match server {
+        Some((server, key)) => (quinn::EndpointConfig::new(key), Some(server)),
+        None => (quinn::EndpointConfig::default(), None),
+    };
+    Ok(quinn::Endpoint::new(config, server, socket, runtime)?)
 }

@@ -1,14 +1,15 @@
 //! The error type of every fallible quicx operation.
 
-use std::fmt;
+use std::{fmt, net::SocketAddr, time::Duration};
 
-use crate::wire::{code, status};
+use crate::wire::{FrameError, StreamCode, status};
 
 /// Everything that can go wrong in a quicx call, push or connection.
 ///
-/// Every variant says when it happens. Errors that the *remote* side reported travel on the wire as
-/// numeric codes (see `docs/PROTOCOL.md`) and are turned back into the matching variant here, so a
-/// caller can `match` on them without parsing strings.
+/// One variant per failure a caller handles differently; each says when it happens. Errors that
+/// the *remote* side reported travel on the wire as numeric codes (see `docs/PROTOCOL.md`) and
+/// are turned back into the matching variant here, so a caller can `match` on them without
+/// parsing strings. Transport failures keep quinn's typed cause.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -27,42 +28,58 @@ pub enum Error {
         service_method: String,
     },
     /// A payload could not be decoded: the arguments on the remote side (status code
-    /// `DECODE_ERROR`), or the reply here.
+    /// `DECODE_ERROR`), or the reply here. The message is the codec's.
     #[error("decode failed: {0}")]
     Decode(String),
     /// A value could not be encoded (arguments here, or the reply on the remote side, status code
-    /// `ENCODE_ERROR`).
+    /// `ENCODE_ERROR`). The message is the codec's.
     #[error("encode failed: {0}")]
     Encode(String),
     /// A frame went past a size limit: checked here before sending, or by the peer, which then
     /// reset the stream with `HEADER_TOO_LARGE` / `PAYLOAD_TOO_LARGE`.
     #[error("{what} too large{}", limit.map(|l| format!(" (limit {l} bytes)")).unwrap_or_default())]
     TooLarge {
-        /// Which part of the frame was too large: `"header"` or `"payload"`.
-        what: &'static str,
+        /// Which part of the frame was too large.
+        what: FramePart,
         /// The limit that was exceeded, when known on this side.
         limit: Option<u64>,
     },
-    /// The call's deadline passed before a reply came (here, or on the remote side, status code
-    /// `DEADLINE_EXCEEDED`). The stream was reset, and the remote handler was cancelled.
-    #[error("deadline exceeded")]
-    Timeout,
+    /// The call's deadline passed before a reply came: here (the stream was reset and the remote
+    /// handler cancelled), or on the remote side, which answered with status `DEADLINE_EXCEEDED`.
+    #[error("deadline exceeded{}", if *remote { " on the remote side" } else { "" })]
+    DeadlineExceeded {
+        /// Whether the remote side reported it.
+        remote: bool,
+    },
+    /// Connecting (QUIC handshake and, with a client id, the hello) took longer than the connect
+    /// timeout, or than what was left of the call's deadline.
+    #[error("connect timed out after {0:?}")]
+    ConnectTimeout(Duration),
+    /// A push could not be handed to QUIC within the push timeout: the client applied
+    /// backpressure (its channel was full) or stopped answering.
+    #[error("push timed out after {0:?}")]
+    PushTimeout(Duration),
+    /// The peer stopped answering liveness probes while calls waited for it, so this side closed
+    /// the connection without waiting for the idle timeout (close code `PEER_UNRESPONSIVE`).
+    #[error("the peer stopped answering for {0:?}: connection closed")]
+    PeerUnresponsive(Duration),
     /// The peer cancelled the stream (reset code `CANCELLED`).
     #[error("cancelled by the peer")]
     Cancelled,
     /// The remote handler returned an error, with its code and message.
     #[error("remote error {code}: {message}")]
     Remote {
-        /// Application error code (see [`ServiceError`](crate::ServiceError)).
+        /// Application error code (see [`ServiceError`]).
         code: u32,
         /// Human readable message.
         message: String,
     },
-    /// The remote handler panicked (status code `INTERNAL`).
+    /// The remote handler panicked or failed inside quicx (status code `INTERNAL`, or reset code
+    /// `INTERNAL`); the message is the remote's.
     #[error("internal error on the remote side: {0}")]
     Internal(String),
     /// The remote side refused the call because it is shutting down (status or reset code
-    /// `SHUTTING_DOWN`).
+    /// `SHUTTING_DOWN`, or connection close `SHUTDOWN`).
     #[error("the remote side is shutting down")]
     ShuttingDown,
     /// A push that asked for a receipt was dropped by the client's full-channel policy
@@ -72,27 +89,36 @@ pub enum Error {
     /// A push reached a client that has no push channel (status or reset code `PUSH_REJECTED`).
     #[error("push rejected: the client does not receive pushes")]
     PushRejected,
-    /// The peer sent something that is not valid quicx protocol (reset code `MALFORMED_FRAME`).
+    /// The server refused the client's hello (status code `HELLO_REFUSED`), for example an
+    /// empty client id. The message is the server's.
+    #[error("hello refused by the server: {0}")]
+    HelloRefused(String),
+    /// The operation needs the other role: only a server pushes ([`Connection::send_message`]
+    /// on a client's connection fails with this at once).
+    ///
+    /// [`Connection::send_message`]: crate::Connection::send_message
+    #[error("{0} is not possible from this side of the connection")]
+    WrongSide(&'static str),
+    /// The peer sent something that is not valid quicx protocol, or rejected what this side sent.
     #[error("protocol violation: {0}")]
-    Protocol(String),
+    Protocol(#[from] ProtocolError),
     /// The connection was closed or lost while the operation ran, or before it started.
     #[error("connection lost: {0}")]
-    ConnectionLost(String),
-    /// There is no connection to use (a client is reconnecting and did not make it in time, or was
-    /// closed).
+    ConnectionLost(#[source] quinn::ConnectionError),
+    /// There is no connection to use.
     #[error("not connected: {0}")]
-    NotConnected(String),
+    NotConnected(NotConnected),
     /// The QUIC/TLS handshake failed: certificate not trusted, wrong server name, no common ALPN,
     /// connection refused.
     #[error("handshake failed: {0}")]
-    Handshake(String),
+    Handshake(#[source] HandshakeError),
     /// TLS material could not be loaded or a TLS configuration is invalid.
     #[error("TLS configuration: {0}")]
     Tls(String),
     /// A configuration value is invalid.
     #[error("invalid configuration: {0}")]
     Config(String),
-    /// No endpoint could be selected (empty discovery, all filtered out).
+    /// No endpoint could be selected for this service path (empty discovery, all filtered out).
     #[error("no endpoint available for `{0}`")]
     NoEndpoints(String),
     /// A discovery backend failed.
@@ -103,13 +129,97 @@ pub enum Error {
     Io(#[from] std::io::Error),
 }
 
+/// Which part of a frame went past a limit ([`Error::TooLarge`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FramePart {
+    /// The header (service names, metadata).
+    Header,
+    /// The payload (the encoded arguments, reply or message).
+    Payload,
+}
+
+impl fmt::Display for FramePart {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Header => "header",
+            Self::Payload => "payload",
+        })
+    }
+}
+
+/// What was wrong with the protocol ([`Error::Protocol`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProtocolError {
+    /// The peer sent a frame this side could not parse (it was answered with
+    /// `MALFORMED_FRAME`).
+    #[error("malformed frame from the peer: {0}")]
+    Malformed(String),
+    /// The peer reset the stream with `MALFORMED_FRAME`: it could not parse what this side sent.
+    #[error("the peer rejected a frame as malformed")]
+    RejectedAsMalformed,
+    /// The peer reset the stream with `UNEXPECTED_STREAM`: it takes no stream of this kind here.
+    #[error("the peer does not accept this stream")]
+    UnexpectedStream,
+    /// The peer answered with a frame of the wrong kind.
+    #[error("expected a response frame, got kind {0:#04x}")]
+    UnexpectedFrame(u8),
+    /// The peer does not know the codec of the request (status `UNSUPPORTED_CODEC`).
+    #[error("{0}")]
+    UnsupportedCodec(String),
+    /// The peer reset a stream with a code this version does not define.
+    #[error("stream reset with unknown code {0}")]
+    UnknownStreamCode(u64),
+}
+
+/// Why there is no connection to use ([`Error::NotConnected`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum NotConnected {
+    /// The client (or XClient) was closed by the application.
+    #[error("the client was closed")]
+    Closed,
+    /// The connection was lost and the client does not reconnect.
+    #[error("the connection was lost and reconnect is off")]
+    ReconnectOff,
+    /// The client is reconnecting to this server and did not make it in time.
+    #[error("reconnecting to {0}")]
+    Reconnecting(SocketAddr),
+    /// No client is bound to this identity on the server.
+    #[error("no client bound to `{0}`")]
+    NoClient(String),
+    /// A connection attempt to this endpoint failed a moment ago (shared by the callers that
+    /// waited for it); the endpoint is cooling down.
+    #[error("connecting to {endpoint} failed: {cause}")]
+    ConnectFailed {
+        /// The endpoint's address.
+        endpoint: String,
+        /// The attempt's error, as text (it belongs to the caller that made the attempt).
+        cause: String,
+    },
+}
+
+/// Why a handshake failed ([`Error::Handshake`]).
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum HandshakeError {
+    /// The connection could not be started (invalid server name or address, endpoint stopping).
+    #[error(transparent)]
+    Connect(#[from] quinn::ConnectError),
+    /// The peer refused or the TLS handshake failed (untrusted certificate, no common ALPN).
+    #[error(transparent)]
+    Connection(#[from] quinn::ConnectionError),
+}
+
 impl Error {
-    /// Whether the error came from the transport (connection lost, timeout, handshake, refused
+    /// Whether the error came from the transport (connection lost, deadline, handshake, refused
     /// stream) rather than from the remote handler. Fail modes retry only these.
     pub fn is_transport(&self) -> bool {
         matches!(
             self,
-            Self::Timeout
+            Self::DeadlineExceeded { .. }
+                | Self::ConnectTimeout(_)
+                | Self::PeerUnresponsive(_)
                 | Self::ConnectionLost(_)
                 | Self::NotConnected(_)
                 | Self::Handshake(_)
@@ -136,38 +246,53 @@ impl Error {
             },
             status::DECODE_ERROR => Self::Decode(message),
             status::ENCODE_ERROR => Self::Encode(message),
-            status::DEADLINE_EXCEEDED => Self::Timeout,
+            status::DEADLINE_EXCEEDED => Self::DeadlineExceeded { remote: true },
             status::INTERNAL => Self::Internal(message),
             status::SHUTTING_DOWN => Self::ShuttingDown,
             status::PUSH_DROPPED => Self::PushDropped,
             status::PUSH_REJECTED => Self::PushRejected,
-            status::UNSUPPORTED_CODEC => Self::Protocol(message),
+            status::UNSUPPORTED_CODEC => ProtocolError::UnsupportedCodec(message).into(),
+            status::HELLO_REFUSED => Self::HelloRefused(message),
             _ => Self::Remote { code, message },
         }
     }
 
     /// Builds the error that matches a stream reset or stop code sent by the peer.
-    pub(crate) fn from_stream_code(stream_code: u64) -> Self {
+    pub(crate) fn from_stream_code(stream_code: StreamCode) -> Self {
         match stream_code {
-            code::CANCELLED => Self::Cancelled,
-            code::MALFORMED_FRAME => Self::Protocol("the peer rejected a malformed frame".into()),
-            code::HEADER_TOO_LARGE => Self::TooLarge {
-                what: "header",
+            StreamCode::CANCELLED => Self::Cancelled,
+            StreamCode::MALFORMED_FRAME => ProtocolError::RejectedAsMalformed.into(),
+            StreamCode::HEADER_TOO_LARGE => Self::TooLarge {
+                what: FramePart::Header,
                 limit: None,
             },
-            code::PAYLOAD_TOO_LARGE => Self::TooLarge {
-                what: "payload",
+            StreamCode::PAYLOAD_TOO_LARGE => Self::TooLarge {
+                what: FramePart::Payload,
                 limit: None,
             },
-            code::SHUTTING_DOWN => Self::ShuttingDown,
-            code::UNEXPECTED_STREAM => {
-                Self::Protocol("the peer does not accept this stream".into())
-            }
-            code::PUSH_REJECTED => Self::PushRejected,
-            code::INTERNAL => Self::Internal("stream reset by the peer".into()),
-            other => Self::Protocol(format!(
-                "stream reset by the peer with unknown code {other}"
-            )),
+            StreamCode::SHUTTING_DOWN => Self::ShuttingDown,
+            StreamCode::UNEXPECTED_STREAM => ProtocolError::UnexpectedStream.into(),
+            StreamCode::PUSH_REJECTED => Self::PushRejected,
+            StreamCode::INTERNAL => Self::Internal("stream reset by the peer".into()),
+            other => ProtocolError::UnknownStreamCode(other.value()).into(),
+        }
+    }
+}
+
+impl From<FrameError> for Error {
+    fn from(e: FrameError) -> Self {
+        match e {
+            FrameError::Malformed(m) => ProtocolError::Malformed(m).into(),
+            FrameError::HeaderTooLarge { limit } => Self::TooLarge {
+                what: FramePart::Header,
+                limit,
+            },
+            FrameError::PayloadTooLarge { limit } => Self::TooLarge {
+                what: FramePart::Payload,
+                limit,
+            },
+            FrameError::Encode(m) => Self::Encode(m),
+            FrameError::Read(e) => e.into(),
         }
     }
 }
@@ -177,16 +302,17 @@ impl From<quinn::ConnectionError> for Error {
         use quinn::ConnectionError as C;
         match e {
             C::TransportError(ref t) if is_handshake_code(u64::from(t.code)) => {
-                Self::Handshake(e.to_string())
+                Self::Handshake(e.into())
             }
             C::ConnectionClosed(ref c) if is_handshake_code(u64::from(c.error_code)) => {
-                Self::Handshake(e.to_string())
+                Self::Handshake(e.into())
             }
-            C::ApplicationClosed(ref c) if u64::from(c.error_code) == code::CLOSE_SHUTDOWN => {
+            C::ApplicationClosed(ref c)
+                if u64::from(c.error_code) == crate::wire::CloseCode::SHUTDOWN.value() =>
+            {
                 Self::ShuttingDown
             }
-            C::TimedOut => Self::ConnectionLost("idle timeout: the peer stopped answering".into()),
-            other => Self::ConnectionLost(other.to_string()),
+            other => Self::ConnectionLost(other),
         }
     }
 }
@@ -198,16 +324,17 @@ fn is_handshake_code(transport_code: u64) -> bool {
 
 impl From<quinn::ConnectError> for Error {
     fn from(e: quinn::ConnectError) -> Self {
-        Self::Handshake(e.to_string())
+        Self::Handshake(e.into())
     }
 }
 
 impl From<quinn::ReadError> for Error {
     fn from(e: quinn::ReadError) -> Self {
         match e {
-            quinn::ReadError::Reset(c) => Self::from_stream_code(c.into_inner()),
+            quinn::ReadError::Reset(c) => Self::from_stream_code(StreamCode::from_value(c.into())),
             quinn::ReadError::ConnectionLost(c) => c.into(),
-            other => Self::ConnectionLost(other.to_string()),
+            // A stream this side already closed, or 0-RTT data rejected: the stream is gone.
+            _ => Self::ConnectionLost(quinn::ConnectionError::LocallyClosed),
         }
     }
 }
@@ -215,16 +342,18 @@ impl From<quinn::ReadError> for Error {
 impl From<quinn::WriteError> for Error {
     fn from(e: quinn::WriteError) -> Self {
         match e {
-            quinn::WriteError::Stopped(c) => Self::from_stream_code(c.into_inner()),
+            quinn::WriteError::Stopped(c) => {
+                Self::from_stream_code(StreamCode::from_value(c.into()))
+            }
             quinn::WriteError::ConnectionLost(c) => c.into(),
-            other => Self::ConnectionLost(other.to_string()),
+            _ => Self::ConnectionLost(quinn::ConnectionError::LocallyClosed),
         }
     }
 }
 
 impl From<quinn::ClosedStream> for Error {
-    fn from(e: quinn::ClosedStream) -> Self {
-        Self::ConnectionLost(e.to_string())
+    fn from(_: quinn::ClosedStream) -> Self {
+        Self::ConnectionLost(quinn::ConnectionError::LocallyClosed)
     }
 }
 

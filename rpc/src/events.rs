@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 
-use crate::{Connection, wire::code};
+use crate::{Connection, wire::CloseCode};
 
 /// Why a connection ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,7 +40,7 @@ impl DisconnectReason {
 
     /// Whether the server ended the connection because it shut down.
     pub fn is_server_shutdown(&self) -> bool {
-        matches!(self, Self::ClosedByPeer { code: c, .. } if *c == code::CLOSE_SHUTDOWN)
+        matches!(self, Self::ClosedByPeer { code: c, .. } if *c == CloseCode::SHUTDOWN.value())
     }
 }
 

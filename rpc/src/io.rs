@@ -1,5 +1,4 @@
-//! Where QUIC I/O runs: a dedicated single-threaded runtime per server; clients run on the
-//! caller's runtime.
+//! Where QUIC I/O runs (`IoRuntime`): a dedicated single-threaded runtime, or the caller's.
 //!
 //! quinn's connection driver and the tasks that read and write its streams wake each other for
 //! every packet. On a multi-thread runtime those wake-ups cross threads and each call costs about
@@ -7,9 +6,11 @@
 //! several times (BENCHMARKS.md has the numbers). So a quicx server runs its endpoint, its
 //! connections, their streams and the handlers on one I/O thread, whatever runtime the
 //! application uses; pushes and reverse calls issued from application tasks are handed to that
-//! thread. A client's calls start in application tasks, so handing each to another thread would
-//! cost more than it saves (measured: c=64 fell from 187k to 67k calls/s); clients stay on the
-//! caller's runtime, where a current_thread runtime gives the best figures.
+//! thread. Clients ([`Placement::Auto`]): on a current_thread runtime everything already shares
+//! one thread, so the connection is driven there; on a multi-thread runtime the connection
+//! drivers run on one I/O thread shared by all clients of the process, while each call's stream
+//! is driven by the task that awaits it (handing every call to another thread cost more than it
+//! saved: c=64 fell from 187k to 67k calls/s).
 
 use std::{
     cell::Cell,
@@ -48,16 +49,19 @@ pub enum Placement {
 
 static NEXT_ID: AtomicUsize = AtomicUsize::new(1);
 
+/// How many shared client I/O threads this process started (one, once any client needed it).
+static CLIENT_THREADS_STARTED: AtomicUsize = AtomicUsize::new(0);
+
 thread_local! {
     /// The id of the I/O thread this thread is, or 0.
     static CURRENT: Cell<usize> = const { Cell::new(0) };
 }
 
-/// A handle to one I/O thread (or to "the caller's runtime"). Cloning is cheap; a thread runs
-/// until [`IoThread::stop`].
+/// Where one side's I/O runs: a dedicated I/O thread, or (`dedicated: None`) the runtime of the
+/// caller, where work runs inline. Cloning is cheap; a thread runs until [`IoRuntime::stop`].
 #[derive(Debug, Clone)]
-pub(crate) struct IoThread {
-    /// `None`: the caller's runtime (clients), where work runs inline.
+pub(crate) struct IoRuntime {
+    /// `None`: the caller's runtime, where work runs inline.
     dedicated: Option<Dedicated>,
 }
 
@@ -68,7 +72,7 @@ struct Dedicated {
     stop: std::sync::Arc<std::sync::Mutex<Option<oneshot::Sender<()>>>>,
 }
 
-impl IoThread {
+impl IoRuntime {
     /// Starts a new I/O thread that runs until [`stop`](Self::stop).
     pub(crate) fn start(name: &str) -> Result<Self> {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -116,16 +120,18 @@ impl IoThread {
         }
     }
 
-    /// The I/O thread the clients of this process share for their connection drivers.
+    /// The I/O thread the clients of this process share for their connection drivers. Started
+    /// once, by the first caller, however many race for it; it runs for the life of the process.
     pub(crate) fn shared_client() -> Result<Self> {
-        static SHARED: std::sync::OnceLock<IoThread> = std::sync::OnceLock::new();
-        if let Some(io) = SHARED.get() {
+        static SHARED: std::sync::Mutex<Option<IoRuntime>> = std::sync::Mutex::new(None);
+        let mut shared = SHARED.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(io) = shared.as_ref() {
             return Ok(io.clone());
         }
         let io = Self::start("quicx-client-io")?;
-        // Never stopped: keep the sender alive for the life of the process.
-        std::mem::forget(io.dedicated.as_ref().map(|d| d.stop.clone()));
-        Ok(SHARED.get_or_init(|| io).clone())
+        CLIENT_THREADS_STARTED.fetch_add(1, Ordering::Relaxed);
+        *shared = Some(io.clone());
+        Ok(io)
     }
 
     /// Work runs on whatever runtime calls in (clients: a call's stream is driven by the task
@@ -213,4 +219,33 @@ pub(crate) async fn within<F: Future>(limit: Duration, fut: F) -> Result<F::Outp
         }
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Many first callers at once start one shared client thread, not several.
+    #[test]
+    fn the_shared_client_thread_starts_once() {
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(8));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let barrier = barrier.clone();
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    IoRuntime::shared_client().map(|io| io.dedicated.map(|d| d.id))
+                })
+            })
+            .collect();
+        let ids: Vec<_> = threads
+            .into_iter()
+            .map(|t| t.join().unwrap().unwrap())
+            .collect();
+        assert!(
+            ids.iter().all(|id| id.is_some() && *id == ids[0]),
+            "{ids:?}"
+        );
+        assert_eq!(CLIENT_THREADS_STARTED.load(Ordering::Relaxed), 1);
+    }
 }

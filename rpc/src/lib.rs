@@ -154,7 +154,7 @@ mod server;
 mod service;
 mod stats;
 mod tls;
-pub mod wire;
+mod wire;
 mod xclient;
 
 pub use crate::{
@@ -163,9 +163,9 @@ pub use crate::{
     config::TransportOptions,
     connection::{CallOptions, Connection, RawReply},
     context::Context,
-    error::{Error, Result, ServiceError},
+    error::{Error, FramePart, HandshakeError, NotConnected, ProtocolError, Result, ServiceError},
     events::{ClientEvent, DisconnectReason, ServerEvent},
-    failmode::{ClientOption, FailMode},
+    failmode::FailMode,
     io::Placement,
     metadata::Metadata,
     push::{FullPolicy, PushMessage, PushReceiver, PushSender, push_channel, push_channel_with},
@@ -180,8 +180,14 @@ pub use crate::{
         ClientTls, DevCertificate, DevCertificateAuthority, PeerIdentity, ServerTls,
         load_certificates_pem, load_private_key_pem,
     },
-    wire::Limits,
-    xclient::{XClient, XClientBuilder},
+    wire::{ALPN, CloseCode, Limits, StreamCode, status},
+    xclient::{ClientOption, XClient, XClientBuilder},
 };
+
+/// The wire decoders, for the fuzzer (`cargo xtask fuzz`). Not part of the API.
+#[doc(hidden)]
+pub mod fuzz {
+    pub use crate::wire::{fuzz_decoders, fuzz_seeds};
+}
 pub use bytes::Bytes;
 pub use quicx_discovery as discovery;

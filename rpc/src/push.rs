@@ -43,7 +43,7 @@ impl PushMessage {
 pub enum FullPolicy {
     /// Stop reading pushes until the application makes room. Nothing is lost: QUIC flow control
     /// holds the server back, and its `send_message` eventually fails with
-    /// [`Error::Timeout`](crate::Error::Timeout). Calls on the connection are not affected: they
+    /// [`Error::PushTimeout`](crate::Error::PushTimeout). Calls on the connection are not affected: they
     /// ride their own streams. The default.
     #[default]
     Backpressure,

@@ -1,7 +1,6 @@
 //! The server: accepts connections, serves calls, keeps a registry of clients, pushes.
 
 use std::{
-    collections::HashMap,
     fmt,
     net::SocketAddr,
     sync::{Arc, Mutex, atomic::Ordering},
@@ -9,16 +8,21 @@ use std::{
 };
 
 use futures_util::future::join_all;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     Connection, DevCertificate, DisconnectReason, Error, Limits, Metadata, Result, ServerEvent,
     ServerTls, Service, Stats, TransportOptions, config,
-    connection::{self, Shared},
-    io::{IoThread, Placement},
+    connection::{
+        self,
+        registry::Registry,
+        side::{Role, Side, SideTimeouts},
+    },
+    error::NotConnected,
+    io::{IoRuntime, Placement},
     service::Services,
-    wire::code,
+    wire::CloseCode,
 };
 
 /// Builds a [`Server`].
@@ -134,31 +138,33 @@ impl ServerBuilder {
         })?;
         let mut quinn_config = quinn::ServerConfig::with_crypto(Arc::new(tls.quinn_config()?));
         quinn_config.transport_config(self.transport.quinn_transport(false)?);
-        let (events, _) = broadcast::channel(4096);
-        let registry = Arc::new(Registry {
-            inner: Mutex::new(RegistryInner::default()),
-            events,
-        });
-        let shared = Arc::new(Shared::new(
+        let reset_key = config::reset_key(tls.private_key_der());
+        let registry = Arc::new(Registry::new(4096));
+        let side = Arc::new(Side::new(
+            Role::Server {
+                registry: registry.clone(),
+            },
             Services::default(),
             &self.transport,
-            None,
-            self.push_timeout,
-            self.call_timeout,
-            Some(registry.clone()),
-            IoThread::for_server(self.placement)?,
+            SideTimeouts {
+                push: self.push_timeout,
+                call: self.call_timeout,
+            },
+            IoRuntime::for_server(self.placement)?,
         ));
         Ok(Server {
             inner: Arc::new(ServerInner {
-                shared,
+                side,
                 registry,
                 quinn_config,
+                reset_key,
                 socket_buffer_size: self.transport.socket_buffer_size,
                 max_connections: self.max_connections,
                 admitted: std::sync::atomic::AtomicUsize::new(0),
                 endpoint: Mutex::new(None),
                 stop_accepting: CancellationToken::new(),
                 stopped: CancellationToken::new(),
+                shutdown: Mutex::new(None),
             }),
         })
     }
@@ -185,9 +191,11 @@ pub struct Server {
 }
 
 struct ServerInner {
-    shared: Arc<Shared>,
+    side: Arc<Side>,
     registry: Arc<Registry>,
     quinn_config: quinn::ServerConfig,
+    /// Stable across restarts with the same key: see [`config::reset_key`].
+    reset_key: Arc<ring::hmac::Key>,
     socket_buffer_size: usize,
     max_connections: usize,
     /// Connections accepted and not yet closed, handshakes included.
@@ -195,12 +203,14 @@ struct ServerInner {
     endpoint: Mutex<Option<quinn::Endpoint>>,
     stop_accepting: CancellationToken,
     stopped: CancellationToken,
+    /// The shutdown in progress, once one started: `Some(drained)` when it is complete.
+    shutdown: Mutex<Option<watch::Receiver<Option<bool>>>>,
 }
 
 impl Drop for ServerInner {
     fn drop(&mut self) {
         // A server dropped without ever serving (or after shutdown) releases its I/O thread.
-        self.shared.io.stop();
+        self.side.io.stop();
     }
 }
 
@@ -238,7 +248,7 @@ impl Server {
     /// Registers a service under `service_path` (rpcx's `RegisterName`), replacing any service of
     /// that path. Takes effect for calls that arrive afterwards, also while serving.
     pub fn register(&self, service_path: impl Into<String>, service: Service) {
-        self.inner.shared.services.register(service_path, service);
+        self.inner.side.services.register(service_path, service);
     }
 
     /// Binds `addr` and starts accepting in the background; returns the bound address (useful
@@ -248,14 +258,17 @@ impl Server {
             .await?
             .next()
             .ok_or_else(|| Error::Config("the listen address resolved to nothing".into()))?;
-        let io = self.inner.shared.io.clone();
+        let io = self.inner.side.io.clone();
         let endpoint = {
             // The socket and the endpoint driver belong to the I/O thread.
             let _io = io.enter();
             config::endpoint(
                 addr,
                 self.inner.socket_buffer_size,
-                Some(self.inner.quinn_config.clone()),
+                Some((
+                    self.inner.quinn_config.clone(),
+                    self.inner.reset_key.clone(),
+                )),
             )?
         };
         let local = endpoint.local_addr()?;
@@ -330,10 +343,9 @@ impl Server {
                 return;
             }
         };
-        let shared = &self.inner.shared;
-        let conn = Connection::new(quic, shared.clone(), local);
-        shared
-            .counters
+        let side = &self.inner.side;
+        let conn = Connection::new(quic, side.clone(), local);
+        side.counters
             .connections_accepted
             .fetch_add(1, Ordering::Relaxed);
         self.inner.registry.add(&conn);
@@ -372,7 +384,7 @@ impl Server {
     /// Counters: calls served, pushes sent, connections.
     pub fn stats(&self) -> Stats {
         self.inner
-            .shared
+            .side
             .counters
             .snapshot(self.inner.registry.len() as u64)
     }
@@ -403,7 +415,7 @@ impl Server {
     ) -> Result<()> {
         let conn = self
             .client(client_id)
-            .ok_or_else(|| Error::NotConnected(format!("no client bound to `{client_id}`")))?;
+            .ok_or_else(|| Error::NotConnected(NotConnected::NoClient(client_id.to_owned())))?;
         conn.send_message(service_path, service_method, metadata, data)
             .await
     }
@@ -430,7 +442,7 @@ impl Server {
 
     /// Pushes one message to each of `conns`, concurrently, each within `timeout`, and returns one
     /// result per client in the order given. A slow or dead client fails with its own error
-    /// ([`Error::Timeout`], [`Error::ConnectionLost`]) and never holds up the others: the whole
+    /// ([`Error::PushTimeout`], [`Error::ConnectionLost`]) and never holds up the others: the whole
     /// broadcast takes at most about `timeout`.
     ///
     /// The frame is encoded once; an encoding error (too large) is returned before anything is
@@ -457,7 +469,7 @@ impl Server {
                 join_all(
                     targets
                         .iter()
-                        .map(|conn| conn.push_on_io(frame.clone(), timeout)),
+                        .map(|conn| conn.push_here(frame.clone(), timeout)),
                 )
                 .await
             })
@@ -476,20 +488,54 @@ impl Server {
     ///    [`Error::ShuttingDown`] on the caller's side;
     /// 2. calls in flight may finish for up to `drain`;
     /// 3. handlers still running are cancelled (callers get [`Error::ShuttingDown`]), every
-    ///    connection is closed with `CLOSE_SHUTDOWN`, and [`serve`](Self::serve) returns.
+    ///    connection is closed with close code `SHUTDOWN`, the endpoint is closed (waiting up to
+    ///    2 s for the peers to be told), the I/O thread stops, and [`serve`](Self::serve) returns.
     ///
     /// Returns `true` if every in-flight call finished within `drain`.
+    ///
+    /// # Cancel safety
+    /// The shutdown runs in a task of its own: dropping this future does not stop it half-way
+    /// (the server still ends up fully shut down). Calling `shutdown` again, or from several
+    /// tasks, waits for the same shutdown; a later `drain` is ignored.
     pub async fn shutdown(&self, drain: Duration) -> bool {
-        let shared = &self.inner.shared;
-        shared.shutting_down.store(true, Ordering::Release);
+        let mut done = {
+            let mut started = self
+                .inner
+                .shutdown
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            match started.as_ref() {
+                Some(rx) => rx.clone(),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    *started = Some(rx.clone());
+                    let server = self.clone();
+                    tokio::spawn(async move {
+                        let drained = server.shut_down(drain).await;
+                        let _ = tx.send(Some(drained));
+                    });
+                    rx
+                }
+            }
+        };
+        match done.wait_for(Option::is_some).await {
+            Ok(drained) => drained.unwrap_or(false),
+            Err(_) => false,
+        }
+    }
+
+    /// The steps of [`shutdown`](Self::shutdown), run once, in their own task.
+    async fn shut_down(&self, drain: Duration) -> bool {
+        let side = &self.inner.side;
+        side.shutting_down.store(true, Ordering::Release);
         self.inner.stop_accepting.cancel();
-        shared.tracker.close();
-        let drained = tokio::time::timeout(drain, shared.tracker.wait())
+        side.tracker.close();
+        let drained = tokio::time::timeout(drain, side.tracker.wait())
             .await
             .is_ok();
-        shared.shutdown.cancel();
+        side.shutdown.cancel();
         for conn in self.connections() {
-            conn.close_with(code::CLOSE_SHUTDOWN, b"server shutdown");
+            conn.close_with(CloseCode::SHUTDOWN, b"server shutdown");
         }
         let endpoint = self
             .inner
@@ -498,96 +544,11 @@ impl Server {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         if let Some(endpoint) = endpoint {
-            endpoint.close(
-                quinn::VarInt::from_u64(code::CLOSE_SHUTDOWN).unwrap_or_default(),
-                b"server shutdown",
-            );
+            endpoint.close(CloseCode::SHUTDOWN.into(), b"server shutdown");
             let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
         }
         self.inner.stopped.cancel();
-        shared.io.stop();
+        side.io.stop();
         drained
-    }
-}
-
-/// The server's view of its clients: every connection, and the identity index.
-pub(crate) struct Registry {
-    inner: Mutex<RegistryInner>,
-    pub(crate) events: broadcast::Sender<ServerEvent>,
-}
-
-impl fmt::Debug for Registry {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Registry")
-            .field("len", &self.len())
-            .finish()
-    }
-}
-
-#[derive(Default)]
-struct RegistryInner {
-    conns: HashMap<u64, Connection>,
-    ids: HashMap<String, u64>,
-}
-
-impl Registry {
-    fn lock(&self) -> std::sync::MutexGuard<'_, RegistryInner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn len(&self) -> usize {
-        self.lock().conns.len()
-    }
-
-    fn add(&self, conn: &Connection) {
-        self.lock().conns.insert(conn.id(), conn.clone());
-        let _ = self.events.send(ServerEvent::Connected(conn.clone()));
-    }
-
-    fn remove(&self, conn: &Connection, reason: DisconnectReason) {
-        {
-            let mut inner = self.lock();
-            inner.conns.remove(&conn.id());
-            if let Some(id) = conn.client_id() {
-                if inner.ids.get(&id) == Some(&conn.id()) {
-                    inner.ids.remove(&id);
-                }
-            }
-        }
-        let _ = self.events.send(ServerEvent::Disconnected {
-            conn: conn.clone(),
-            reason,
-        });
-    }
-
-    pub(crate) fn bind(&self, client_id: String, conn: &Connection) {
-        {
-            let mut inner = self.lock();
-            if !inner.conns.contains_key(&conn.id()) {
-                return;
-            }
-            inner.ids.insert(client_id.clone(), conn.id());
-        }
-        let _ = self.events.send(ServerEvent::Bound {
-            conn: conn.clone(),
-            client_id,
-        });
-    }
-
-    fn get(&self, id: u64) -> Option<Connection> {
-        self.lock().conns.get(&id).cloned()
-    }
-
-    fn by_client_id(&self, client_id: &str) -> Option<Connection> {
-        let inner = self.lock();
-        inner
-            .ids
-            .get(client_id)
-            .and_then(|id| inner.conns.get(id))
-            .cloned()
-    }
-
-    fn all(&self) -> Vec<Connection> {
-        self.lock().conns.values().cloned().collect()
     }
 }

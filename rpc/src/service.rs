@@ -14,7 +14,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use crate::{Codec, Context, ServiceError, wire::status};
 
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
-type HandlerFn =
+pub(crate) type HandlerFn =
     dyn Fn(Context, Codec, Bytes) -> BoxFuture<Result<Bytes, ServiceError>> + Send + Sync;
 
 /// A named set of methods (rpcx's service). Register it on a [`Server`](crate::Server) under a
@@ -121,6 +121,9 @@ impl fmt::Debug for Service {
 pub(crate) struct Services(Arc<RwLock<HashMap<String, Arc<Service>>>>);
 
 /// The outcome of looking a method up.
+/// A registered handler.
+pub(crate) type Handler = Arc<HandlerFn>;
+
 pub(crate) enum Lookup {
     Found(Arc<HandlerFn>),
     UnknownService,

@@ -230,6 +230,11 @@ impl ServerTls {
         self
     }
 
+    /// The key server endpoints derive their stateless-reset key from.
+    pub(crate) fn private_key_der(&self) -> &[u8] {
+        self.key.secret_der()
+    }
+
     pub(crate) fn quinn_config(&self) -> Result<quinn::crypto::rustls::QuicServerConfig> {
         let provider = provider();
         let builder = rustls::ServerConfig::builder_with_provider(provider.clone())

@@ -4,11 +4,14 @@
 //! ```text
 //! frame  := kind:u8  header_len:u32 (big-endian)  header:[header_len bytes, postcard]  payload:[.. end of stream]
 //! ```
+//!
+//! A leaf: it knows the bytes and the codes, and depends on nothing else in the crate but the
+//! [`Metadata`] value type. Its errors ([`FrameError`]) turn into [`crate::Error`] in `error.rs`.
 
 use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, Metadata, Result};
+use crate::metadata::Metadata;
 
 /// The ALPN protocol identifier of wire protocol v1.
 pub const ALPN: &[u8] = b"quicx/1";
@@ -17,51 +20,115 @@ pub const ALPN: &[u8] = b"quicx/1";
 pub(crate) const PREFIX_LEN: usize = 5;
 
 /// Frame kinds: the first byte of every stream.
-pub mod kind {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum FrameKind {
     /// A call (client to server, or server to client for a reverse call).
-    pub const REQUEST: u8 = 0x01;
+    Request = 0x01,
     /// The reply to a request, or to a push that asked for a receipt, or to a hello.
-    pub const RESPONSE: u8 = 0x02;
-    /// A server push: on a unidirectional stream, or on a bidirectional one when a receipt is wanted.
-    pub const PUSH: u8 = 0x03;
+    Response = 0x02,
+    /// A server push: on a unidirectional stream, or on a bidirectional one when a receipt is
+    /// wanted.
+    Push = 0x03,
     /// A client declaring its identity right after connecting.
-    pub const HELLO: u8 = 0x04;
+    Hello = 0x04,
+}
+
+impl FrameKind {
+    fn from_byte(byte: u8) -> Option<Self> {
+        Some(match byte {
+            0x01 => Self::Request,
+            0x02 => Self::Response,
+            0x03 => Self::Push,
+            0x04 => Self::Hello,
+            _ => return None,
+        })
+    }
 }
 
 /// Request flags.
-pub mod flags {
+pub(crate) mod flags {
     /// The caller expects no response; the server finishes its send half with no data.
-    pub const ONEWAY: u8 = 0x01;
+    pub(crate) const ONEWAY: u8 = 0x01;
+    /// Every bit this version defines; a request with any other bit set is malformed.
+    pub(crate) const KNOWN: u8 = ONEWAY;
 }
 
-/// Stream error codes (QUIC `RESET_STREAM` / `STOP_SENDING`) and connection close codes
-/// (`CONNECTION_CLOSE` of type application).
-pub mod code {
-    /// Stream: the caller gave up (timeout, dropped future). The handler is cancelled.
-    pub const CANCELLED: u64 = 0x01;
-    /// Stream: the frame could not be parsed (unknown kind, truncated, undecodable header).
-    pub const MALFORMED_FRAME: u64 = 0x02;
-    /// Stream: the header length is above the receiver's limit.
-    pub const HEADER_TOO_LARGE: u64 = 0x03;
-    /// Stream: the payload is above the receiver's limit.
-    pub const PAYLOAD_TOO_LARGE: u64 = 0x04;
-    /// Stream: refused because the receiver is shutting down.
-    pub const SHUTTING_DOWN: u64 = 0x05;
-    /// Stream: this side does not accept streams of this type or kind here.
-    pub const UNEXPECTED_STREAM: u64 = 0x06;
-    /// Stream: a push reached a client that has no push channel.
-    pub const PUSH_REJECTED: u64 = 0x07;
-    /// Stream: the receiver failed while handling the stream.
-    pub const INTERNAL: u64 = 0x08;
+/// A stream error code, sent in QUIC `RESET_STREAM` and `STOP_SENDING` frames (listed in
+/// `docs/PROTOCOL.md`, section 5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct StreamCode(u32);
 
-    /// Connection: normal close by the application (client `close`).
-    pub const CLOSE_NORMAL: u64 = 0x00;
-    /// Connection: the server shut down gracefully.
-    pub const CLOSE_SHUTDOWN: u64 = 0x01;
-    /// Connection: the peer broke the protocol badly enough to end the connection.
-    pub const CLOSE_PROTOCOL_VIOLATION: u64 = 0x02;
-    /// Connection: the server is at its connection limit.
-    pub const CLOSE_TOO_MANY_CONNECTIONS: u64 = 0x03;
+impl StreamCode {
+    /// The caller gave up (timeout, dropped future), or a frame did not arrive within the frame
+    /// timeout. The handler is cancelled.
+    pub const CANCELLED: Self = Self(0x01);
+    /// The frame could not be parsed (unknown kind, truncated, undecodable header, reserved
+    /// flag bits, trailing bytes after a header).
+    pub const MALFORMED_FRAME: Self = Self(0x02);
+    /// The header length is above the receiver's limit.
+    pub const HEADER_TOO_LARGE: Self = Self(0x03);
+    /// The payload is above the receiver's limit.
+    pub const PAYLOAD_TOO_LARGE: Self = Self(0x04);
+    /// Refused because the receiver is shutting down.
+    pub const SHUTTING_DOWN: Self = Self(0x05);
+    /// This side does not accept streams of this type or kind here.
+    pub const UNEXPECTED_STREAM: Self = Self(0x06);
+    /// A push reached a client that has no push channel.
+    pub const PUSH_REJECTED: Self = Self(0x07);
+    /// The receiver failed while handling the stream.
+    pub const INTERNAL: Self = Self(0x08);
+
+    /// The number on the wire.
+    pub const fn value(self) -> u64 {
+        self.0 as u64
+    }
+
+    /// The code of a number received on the wire (any number: unknown ones are kept as they are).
+    pub fn from_value(value: u64) -> Self {
+        Self(u32::try_from(value).unwrap_or(u32::MAX))
+    }
+}
+
+impl From<StreamCode> for quinn::VarInt {
+    fn from(code: StreamCode) -> Self {
+        Self::from_u32(code.0)
+    }
+}
+
+/// A connection close code, sent in QUIC `CONNECTION_CLOSE` frames of type application (listed in
+/// `docs/PROTOCOL.md`, section 5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CloseCode(u32);
+
+impl CloseCode {
+    /// Normal close by the application (client `close`).
+    pub const NORMAL: Self = Self(0x00);
+    /// The server shut down gracefully.
+    pub const SHUTDOWN: Self = Self(0x01);
+    /// The peer broke the protocol badly enough to end the connection.
+    pub const PROTOCOL_VIOLATION: Self = Self(0x02);
+    /// The server is at its connection limit.
+    pub const TOO_MANY_CONNECTIONS: Self = Self(0x03);
+    /// Closed locally because the peer stopped answering liveness probes while calls waited
+    /// (the peer is gone; it rarely sees this code).
+    pub const PEER_UNRESPONSIVE: Self = Self(0x04);
+
+    /// The number on the wire.
+    pub const fn value(self) -> u64 {
+        self.0 as u64
+    }
+
+    /// The code of a number received on the wire.
+    pub fn from_value(value: u64) -> Self {
+        Self(u32::try_from(value).unwrap_or(u32::MAX))
+    }
+}
+
+impl From<CloseCode> for quinn::VarInt {
+    fn from(code: CloseCode) -> Self {
+        Self::from_u32(code.0)
+    }
 }
 
 /// Status codes carried in a response header's error status. Codes below 1000 are quicx's own;
@@ -123,6 +190,15 @@ pub(crate) enum Status {
     Error { code: u32, message: String },
 }
 
+impl Status {
+    pub(crate) fn error(code: u32, message: impl Into<String>) -> Self {
+        Self::Error {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
 /// Header of a response frame (kind `0x02`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) struct ResponseHeader {
@@ -153,7 +229,8 @@ pub(crate) struct HelloHeader {
     pub(crate) metadata: Metadata,
 }
 
-/// Size limits, checked before anything is allocated for a frame.
+/// Size limits, checked before anything is allocated for a frame. The two limits are separate:
+/// a frame may carry a header up to `max_header_size` *and* a payload up to `max_payload_size`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Largest header accepted (bytes). Default 64 KiB.
@@ -171,36 +248,64 @@ impl Default for Limits {
     }
 }
 
+/// Why a frame could not be encoded or read.
+#[derive(Debug)]
+pub(crate) enum FrameError {
+    /// Unknown kind, truncated prefix or header, undecodable header, trailing bytes.
+    Malformed(String),
+    /// A header above the limit (the limit is known when this side checked it).
+    HeaderTooLarge { limit: Option<u64> },
+    /// A payload above the limit.
+    PayloadTooLarge { limit: Option<u64> },
+    /// A header could not be encoded.
+    Encode(String),
+    /// The stream or connection failed underneath.
+    Read(quinn::ReadError),
+}
+
+impl FrameError {
+    /// The stream code to reset/stop with, if the reader should tell the peer.
+    pub(crate) fn stream_code(&self) -> Option<StreamCode> {
+        match self {
+            Self::Malformed(_) => Some(StreamCode::MALFORMED_FRAME),
+            Self::HeaderTooLarge { .. } => Some(StreamCode::HEADER_TOO_LARGE),
+            Self::PayloadTooLarge { .. } => Some(StreamCode::PAYLOAD_TOO_LARGE),
+            Self::Encode(_) | Self::Read(_) => None,
+        }
+    }
+}
+
 /// Encodes a whole frame into one buffer: prefix, header, then `payload`.
 pub(crate) fn encode_frame<H: Serialize>(
-    frame_kind: u8,
+    frame_kind: FrameKind,
     header: &H,
     payload: &[u8],
     limits: &Limits,
-) -> Result<Bytes> {
+) -> Result<Bytes, FrameError> {
     encode_frame_with(frame_kind, header, limits, |mut buf| {
         buf.extend_from_slice(payload);
-        Ok(buf)
+        Ok::<_, FrameError>(buf)
     })
 }
 
 /// Encodes a whole frame into one buffer; `write_payload` appends the payload in place (no
 /// intermediate copy of an encoded argument).
-pub(crate) fn encode_frame_with<H: Serialize>(
-    frame_kind: u8,
+pub(crate) fn encode_frame_with<H: Serialize, E: From<FrameError>>(
+    frame_kind: FrameKind,
     header: &H,
     limits: &Limits,
-    write_payload: impl FnOnce(Vec<u8>) -> Result<Vec<u8>>,
-) -> Result<Bytes> {
+    write_payload: impl FnOnce(Vec<u8>) -> Result<Vec<u8>, E>,
+) -> Result<Bytes, E> {
     let mut buf = Vec::with_capacity(128);
-    buf.extend_from_slice(&[frame_kind, 0, 0, 0, 0]);
-    let mut buf = postcard::to_extend(header, buf).map_err(|e| Error::Encode(e.to_string()))?;
+    buf.extend_from_slice(&[frame_kind as u8, 0, 0, 0, 0]);
+    let mut buf =
+        postcard::to_extend(header, buf).map_err(|e| FrameError::Encode(e.to_string()))?;
     let header_len = buf.len() - PREFIX_LEN;
     if header_len > limits.max_header_size as usize {
-        return Err(Error::TooLarge {
-            what: "header",
+        return Err(FrameError::HeaderTooLarge {
             limit: Some(u64::from(limits.max_header_size)),
-        });
+        }
+        .into());
     }
     buf[1..PREFIX_LEN].copy_from_slice(&(header_len as u32).to_be_bytes());
     let buf = write_payload(buf)?;
@@ -208,11 +313,10 @@ pub(crate) fn encode_frame_with<H: Serialize>(
     Ok(buf.into())
 }
 
-/// Fails with [`Error::TooLarge`] when a payload is above the limit.
-pub(crate) fn check_payload(len: usize, limits: &Limits) -> Result<()> {
+/// Fails with [`FrameError::PayloadTooLarge`] when a payload is above the limit.
+pub(crate) fn check_payload(len: usize, limits: &Limits) -> Result<(), FrameError> {
     if len as u64 > limits.max_payload_size {
-        return Err(Error::TooLarge {
-            what: "payload",
+        return Err(FrameError::PayloadTooLarge {
             limit: Some(limits.max_payload_size),
         });
     }
@@ -222,69 +326,53 @@ pub(crate) fn check_payload(len: usize, limits: &Limits) -> Result<()> {
 /// A frame read off a stream: kind, raw header and payload (both slices of one buffer).
 #[derive(Debug)]
 pub(crate) struct RawFrame {
-    pub(crate) kind: u8,
+    pub(crate) kind: FrameKind,
     pub(crate) header: Bytes,
     pub(crate) payload: Bytes,
 }
 
 impl RawFrame {
-    /// Decodes the header as `H`.
+    /// Decodes the header as `H`. Bytes left over after the header inside `header_len` make the
+    /// frame malformed.
     pub(crate) fn header<'a, H: Deserialize<'a>>(&'a self) -> Result<H, FrameError> {
-        postcard::from_bytes(&self.header).map_err(|e| FrameError::Malformed(e.to_string()))
-    }
-}
-
-/// Why a frame could not be read. Each maps to the stream code the reader resets with.
-#[derive(Debug)]
-pub(crate) enum FrameError {
-    /// Unknown kind, truncated prefix or header, undecodable header.
-    Malformed(String),
-    HeaderTooLarge,
-    PayloadTooLarge,
-    /// The stream or connection failed underneath.
-    Stream(Error),
-}
-
-impl FrameError {
-    /// The stream code to reset/stop with, if the reader should tell the peer.
-    pub(crate) fn stream_code(&self) -> Option<u64> {
-        match self {
-            Self::Malformed(_) => Some(code::MALFORMED_FRAME),
-            Self::HeaderTooLarge => Some(code::HEADER_TOO_LARGE),
-            Self::PayloadTooLarge => Some(code::PAYLOAD_TOO_LARGE),
-            Self::Stream(_) => None,
+        let (header, rest) = postcard::take_from_bytes(&self.header)
+            .map_err(|e| FrameError::Malformed(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(FrameError::Malformed(format!(
+                "{} trailing bytes after the header",
+                rest.len()
+            )));
         }
+        Ok(header)
     }
-}
 
-impl From<FrameError> for Error {
-    fn from(e: FrameError) -> Self {
-        match e {
-            FrameError::Malformed(m) => Self::Protocol(m),
-            FrameError::HeaderTooLarge => Self::TooLarge {
-                what: "header",
-                limit: None,
-            },
-            FrameError::PayloadTooLarge => Self::TooLarge {
-                what: "payload",
-                limit: None,
-            },
-            FrameError::Stream(e) => e,
+    /// Decodes a request header and checks its flags: reserved bits make the frame malformed.
+    pub(crate) fn request_header(&self) -> Result<RequestHeader, FrameError> {
+        let header: RequestHeader = self.header()?;
+        if header.flags & !flags::KNOWN != 0 {
+            return Err(FrameError::Malformed(format!(
+                "reserved request flag bits set: {:#04x}",
+                header.flags
+            )));
         }
+        Ok(header)
     }
 }
 
 /// Checks the 5-byte prefix: known kind, header within the limit. Returns the header length.
-pub(crate) fn parse_prefix(prefix: &[u8], limits: &Limits) -> Result<(u8, usize), FrameError> {
-    let frame_kind = prefix[0];
-    if !(kind::REQUEST..=kind::HELLO).contains(&frame_kind) {
+pub(crate) fn parse_prefix(
+    prefix: &[u8],
+    limits: &Limits,
+) -> Result<(FrameKind, usize), FrameError> {
+    let Some(frame_kind) = FrameKind::from_byte(prefix[0]) else {
         return Err(FrameError::Malformed(format!(
-            "unknown frame kind {frame_kind:#04x}"
+            "unknown frame kind {:#04x}",
+            prefix[0]
         )));
-    }
+    };
     let header_len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]);
     if header_len > limits.max_header_size {
-        return Err(FrameError::HeaderTooLarge);
+        return Err(FrameError::HeaderTooLarge { limit: None });
     }
     Ok((frame_kind, header_len as usize))
 }
@@ -306,7 +394,7 @@ pub(crate) async fn read_frame(
         let chunk = recv
             .read_chunk(usize::MAX, true)
             .await
-            .map_err(|e| FrameError::Stream(e.into()))?;
+            .map_err(FrameError::Read)?;
         let Some(chunk) = chunk else { break };
         total += chunk.bytes.len();
         if first.is_none() && buf.is_empty() {
@@ -323,7 +411,7 @@ pub(crate) async fn read_frame(
         }
         if let Some(h) = header_len {
             if total.saturating_sub(PREFIX_LEN + h) as u64 > limits.max_payload_size {
-                return Err(FrameError::PayloadTooLarge);
+                return Err(FrameError::PayloadTooLarge { limit: None });
             }
         }
     }
@@ -347,7 +435,7 @@ pub(crate) fn split_frame(bytes: Bytes, limits: &Limits) -> Result<RawFrame, Fra
         )));
     }
     if (bytes.len() - PREFIX_LEN - header_len) as u64 > limits.max_payload_size {
-        return Err(FrameError::PayloadTooLarge);
+        return Err(FrameError::PayloadTooLarge { limit: None });
     }
     Ok(RawFrame {
         kind: frame_kind,
@@ -374,9 +462,9 @@ mod tests {
     #[test]
     fn request_round_trip() {
         let limits = Limits::default();
-        let frame = encode_frame(kind::REQUEST, &mul_request(), &[10, 20], &limits).unwrap();
+        let frame = encode_frame(FrameKind::Request, &mul_request(), &[10, 20], &limits).unwrap();
         let raw = split_frame(frame, &limits).unwrap();
-        assert_eq!(raw.kind, kind::REQUEST);
+        assert_eq!(raw.kind, FrameKind::Request);
         assert_eq!(raw.header::<RequestHeader>().unwrap(), mul_request());
         assert_eq!(&raw.payload[..], &[10, 20]);
     }
@@ -397,8 +485,13 @@ mod tests {
         // The example in docs/PROTOCOL.md: Arith.Mul {A: 10, B: 20}, postcard payload
         // (i64 fields are zigzag varints: 10 -> 0x14, 20 -> 0x28).
         let payload = postcard::to_allocvec(&Args { a: 10, b: 20 }).unwrap();
-        let frame =
-            encode_frame(kind::REQUEST, &mul_request(), &payload, &Limits::default()).unwrap();
+        let frame = encode_frame(
+            FrameKind::Request,
+            &mul_request(),
+            &payload,
+            &Limits::default(),
+        )
+        .unwrap();
         let expected: &[u8] = &[
             0x01, 0x00, 0x00, 0x00, 0x0e, 0x05, b'A', b'r', b'i', b't', b'h', 0x03, b'M', b'u',
             b'l', 0x00, 0x00, 0x00, 0x00, 0x14, 0x28,
@@ -413,7 +506,8 @@ mod tests {
             metadata: Metadata::new(),
         };
         let payload = postcard::to_allocvec(&Reply { c: 200 }).unwrap();
-        let frame = encode_frame(kind::RESPONSE, &header, &payload, &Limits::default()).unwrap();
+        let frame =
+            encode_frame(FrameKind::Response, &header, &payload, &Limits::default()).unwrap();
         assert_eq!(&frame[..], &[0x02, 0, 0, 0, 2, 0x00, 0x00, 0x90, 0x03]);
     }
 
@@ -426,7 +520,7 @@ mod tests {
             },
             metadata: Metadata::new(),
         };
-        let frame = encode_frame(kind::RESPONSE, &header, &[], &Limits::default()).unwrap();
+        let frame = encode_frame(FrameKind::Response, &header, &[], &Limits::default()).unwrap();
         assert_eq!(
             &frame[..],
             &[0x02, 0, 0, 0, 6, 0x01, 0x02, 0x02, b'n', b'o', 0x00]
@@ -440,7 +534,7 @@ mod tests {
             service_method: "m".into(),
             metadata: Metadata::new().with("k", "v"),
         };
-        let frame = encode_frame(kind::PUSH, &header, b"abcde", &Limits::default()).unwrap();
+        let frame = encode_frame(FrameKind::Push, &header, b"abcde", &Limits::default()).unwrap();
         assert_eq!(
             &frame[..],
             &[
@@ -457,7 +551,7 @@ mod tests {
             timeout_ms: 2000,
             ..mul_request()
         };
-        let frame = encode_frame(kind::REQUEST, &header, &[], &Limits::default()).unwrap();
+        let frame = encode_frame(FrameKind::Request, &header, &[], &Limits::default()).unwrap();
         let expected: &[u8] = &[
             0x01, 0, 0, 0, 0x1a, 0x05, b'A', b'r', b'i', b't', b'h', 0x03, b'M', b'u', b'l', 0x01,
             0x08, b't', b'r', b'a', b'c', b'e', b'-', b'i', b'd', 0x01, b'7', 0xd0, 0x0f, 0x00,
@@ -472,7 +566,7 @@ mod tests {
             client_id: Some("device-1".into()),
             metadata: Metadata::new(),
         };
-        let frame = encode_frame(kind::HELLO, &header, &[], &Limits::default()).unwrap();
+        let frame = encode_frame(FrameKind::Hello, &header, &[], &Limits::default()).unwrap();
         let mut expected = vec![0x04, 0, 0, 0, 0x0b, 0x01, 0x08];
         expected.extend_from_slice(b"device-1");
         expected.push(0x00);
@@ -492,7 +586,7 @@ mod tests {
         ));
         assert!(matches!(
             split_frame(Bytes::from_static(&[0x01, 0xff, 0xff, 0xff, 0xff]), &limits),
-            Err(FrameError::HeaderTooLarge)
+            Err(FrameError::HeaderTooLarge { .. })
         ));
         assert!(matches!(
             split_frame(Bytes::from_static(&[0x01, 0, 0, 0, 9, 1, 2]), &limits),
@@ -504,7 +598,31 @@ mod tests {
         };
         assert!(matches!(
             split_frame(Bytes::from_static(&[0x02, 0, 0, 0, 0, 1, 2]), &small),
-            Err(FrameError::PayloadTooLarge)
+            Err(FrameError::PayloadTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn trailing_header_bytes_and_reserved_flags_are_malformed() {
+        // A valid `Arith.Mul` request header followed by one extra byte inside header_len.
+        let mut header = postcard::to_allocvec(&mul_request()).unwrap();
+        header.push(0x00);
+        let mut frame = vec![0x01, 0, 0, 0, header.len() as u8];
+        frame.extend_from_slice(&header);
+        let raw = split_frame(frame.into(), &Limits::default()).unwrap();
+        assert!(matches!(
+            raw.header::<RequestHeader>(),
+            Err(FrameError::Malformed(m)) if m.contains("trailing")
+        ));
+        let reserved = RequestHeader {
+            flags: 0x02,
+            ..mul_request()
+        };
+        let frame = encode_frame(FrameKind::Request, &reserved, &[], &Limits::default()).unwrap();
+        let raw = split_frame(frame, &Limits::default()).unwrap();
+        assert!(matches!(
+            raw.request_header(),
+            Err(FrameError::Malformed(m)) if m.contains("reserved")
         ));
     }
 
@@ -573,10 +691,10 @@ pub fn fuzz_seeds() -> Vec<Vec<u8>> {
         metadata: Metadata::new(),
     };
     [
-        encode_frame(kind::REQUEST, &request, &[0x14, 0x28], &limits),
-        encode_frame(kind::RESPONSE, &response, &[], &limits),
-        encode_frame(kind::PUSH, &push, b"abcde", &limits),
-        encode_frame(kind::HELLO, &hello, &[], &limits),
+        encode_frame(FrameKind::Request, &request, &[0x14, 0x28], &limits),
+        encode_frame(FrameKind::Response, &response, &[], &limits),
+        encode_frame(FrameKind::Push, &push, b"abcde", &limits),
+        encode_frame(FrameKind::Hello, &hello, &[], &limits),
     ]
     .into_iter()
     .filter_map(|f| f.ok().map(|b| b.to_vec()))

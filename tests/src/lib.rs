@@ -2,6 +2,8 @@
 //! and raw QUIC connections for protocol-level tests.
 #![forbid(unsafe_code)]
 
+pub mod relay;
+
 use std::{
     net::SocketAddr,
     sync::{

@@ -3,7 +3,7 @@
 
 use std::{sync::atomic::Ordering, time::Duration};
 
-use quicx::{CallOptions, ClientTls, Codec, Error, Limits, wire};
+use quicx::{ALPN, CallOptions, ClientTls, Codec, Error, FramePart, Limits, StreamCode};
 use quicx_tests::{Args, DIVIDE_BY_ZERO, Reply, raw_connection, start_server, start_server_with};
 
 #[tokio::test]
@@ -125,7 +125,7 @@ async fn oversized_request_is_typed_and_connection_keeps_serving() {
         matches!(
             err,
             Error::TooLarge {
-                what: "payload",
+                what: FramePart::Payload,
                 ..
             }
         ),
@@ -138,7 +138,13 @@ async fn oversized_request_is_typed_and_connection_keeps_serving() {
         .await
         .unwrap_err();
     assert!(
-        matches!(err, Error::TooLarge { what: "header", .. }),
+        matches!(
+            err,
+            Error::TooLarge {
+                what: FramePart::Header,
+                ..
+            }
+        ),
         "{err:?}"
     );
     // Same connection, still serving.
@@ -164,7 +170,7 @@ async fn oversized_request_is_typed_and_connection_keeps_serving() {
         matches!(
             err,
             Error::TooLarge {
-                what: "payload",
+                what: FramePart::Payload,
                 limit: Some(1024)
             }
         ),
@@ -213,7 +219,10 @@ async fn client_timeout_cancels_the_server_handler() {
         .call_with::<_, u64>("Arith", "Sleep", &10_000u64, &opts)
         .await
         .unwrap_err();
-    assert!(matches!(err, Error::Timeout), "{err:?}");
+    assert!(
+        matches!(err, Error::DeadlineExceeded { remote: false }),
+        "{err:?}"
+    );
     assert!(started.elapsed() < Duration::from_secs(2));
     // The handler sees the cancellation shortly after.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -259,42 +268,42 @@ async fn expect_reset(conn: &quinn::Connection, bytes: &[u8], expected: u64) {
 #[tokio::test]
 async fn garbage_and_truncated_frames_are_reset_and_server_keeps_serving() {
     let t = start_server().await;
-    let raw = raw_connection(t.addr, &t.dev, wire::ALPN).await.unwrap();
+    let raw = raw_connection(t.addr, &t.dev, ALPN).await.unwrap();
     // Unknown frame kind.
     expect_reset(
         &raw,
         b"\xde\xad\xbe\xef garbage",
-        wire::code::MALFORMED_FRAME,
+        StreamCode::MALFORMED_FRAME.value(),
     )
     .await;
     // Truncated prefix.
-    expect_reset(&raw, &[0x01, 0x00], wire::code::MALFORMED_FRAME).await;
+    expect_reset(&raw, &[0x01, 0x00], StreamCode::MALFORMED_FRAME.value()).await;
     // Header announced longer than what follows.
     expect_reset(
         &raw,
         &[0x01, 0, 0, 0, 40, 5, b'A'],
-        wire::code::MALFORMED_FRAME,
+        StreamCode::MALFORMED_FRAME.value(),
     )
     .await;
     // Header that is not a valid request header.
     expect_reset(
         &raw,
         &[0x01, 0, 0, 0, 3, 0xff, 0xff, 0xff],
-        wire::code::MALFORMED_FRAME,
+        StreamCode::MALFORMED_FRAME.value(),
     )
     .await;
     // Header length above the limit: rejected before reading it.
     expect_reset(
         &raw,
         &[0x01, 0xff, 0xff, 0xff, 0xff],
-        wire::code::HEADER_TOO_LARGE,
+        StreamCode::HEADER_TOO_LARGE.value(),
     )
     .await;
     // A response frame where a request belongs.
     expect_reset(
         &raw,
         &[0x02, 0, 0, 0, 2, 0, 0],
-        wire::code::UNEXPECTED_STREAM,
+        StreamCode::UNEXPECTED_STREAM.value(),
     )
     .await;
     // The server also refuses unidirectional streams from clients: it grants none.
@@ -421,7 +430,7 @@ async fn graceful_shutdown_drains_in_flight_and_refuses_new() {
         .await
         .unwrap_err();
     assert!(
-        matches!(err, Error::Handshake(_) | Error::Timeout),
+        matches!(err, Error::Handshake(_) | Error::ConnectTimeout(_)),
         "{err:?}"
     );
 }

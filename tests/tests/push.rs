@@ -160,7 +160,7 @@ async fn full_channel_backpressure_loses_nothing_and_push_times_out() {
         }
         assert!(sent < 1000, "backpressure never reached the server");
     };
-    assert!(matches!(err, Error::Timeout), "{err:?}");
+    assert!(matches!(err, Error::PushTimeout(_)), "{err:?}");
     assert!(
         sent >= 4,
         "at least the channel's capacity went through ({sent})"
@@ -347,7 +347,7 @@ async fn push_to_killed_client_fails_and_registry_drops_it() {
 /// A raw QUIC client that speaks quicx/1 but grants the server no unidirectional streams: it
 /// never reads a push.
 async fn deaf_client(t: &TestServer) -> quinn::Connection {
-    quicx_tests::raw_connection(t.addr, &t.dev, quicx::wire::ALPN)
+    quicx_tests::raw_connection(t.addr, &t.dev, quicx::ALPN)
         .await
         .unwrap()
 }
@@ -386,7 +386,7 @@ async fn broadcast_to_100_clients_one_never_reads() {
     let failed: Vec<_> = results.iter().filter(|r| r.result.is_err()).collect();
     assert_eq!(failed.len(), 1, "only the deaf client fails");
     assert!(failed[0].conn.client_id().is_none());
-    assert!(matches!(failed[0].result, Err(Error::Timeout)));
+    assert!(matches!(failed[0].result, Err(Error::PushTimeout(_))));
     assert!(took < timeout + Duration::from_millis(500), "took {took:?}");
     for rx in &mut receivers {
         let msg = tokio::time::timeout(WAIT, rx.recv())

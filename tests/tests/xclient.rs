@@ -179,13 +179,13 @@ async fn failtry_retries_the_same_endpoint() {
         list(&[&a, &b]),
         ClientOption {
             retries: 2,
-            call_timeout: Some(Duration::from_millis(100)),
+            attempt_timeout: Some(Duration::from_millis(100)),
             ..option(&dev)
         },
     )
     .unwrap();
     let err = x.call::<_, String>("Slow", &()).await.unwrap_err();
-    assert!(matches!(err, Error::Timeout), "{err:?}");
+    assert!(matches!(err, Error::DeadlineExceeded { .. }), "{err:?}");
     assert_eq!(
         a.count("Slow"),
         3,
@@ -210,7 +210,7 @@ async fn failfast_returns_the_first_error() {
     )
     .unwrap();
     let err = x.call::<_, String>("Slow", &()).await.unwrap_err();
-    assert!(matches!(err, Error::Timeout), "{err:?}");
+    assert!(matches!(err, Error::DeadlineExceeded { .. }), "{err:?}");
     assert_eq!(a.count("Slow") + b.count("Slow"), 1);
 }
 

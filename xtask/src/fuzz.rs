@@ -1,12 +1,12 @@
 //! `cargo xtask fuzz`: a mutation fuzzer for every decoder of the wire protocol, on the stable
 //! toolchain. It starts from the documented example frames, mutates them (byte changes, bit
-//! flips, truncation, insertion, length fields) and feeds each input to `quicx::wire::fuzz_decoders`,
+//! flips, truncation, insertion, length fields) and feeds each input to `quicx::fuzz::fuzz_decoders`,
 //! which must never panic. A panic prints the input and fails the run.
 
 use std::time::{Duration, Instant};
 
 pub(crate) fn run(seconds: u64, seed: u64) -> anyhow::Result<()> {
-    let seeds = quicx::wire::fuzz_seeds();
+    let seeds = quicx::fuzz::fuzz_seeds();
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let mut state = seed.max(1);
     let mut next = move || {
@@ -40,7 +40,7 @@ pub(crate) fn run(seconds: u64, seed: u64) -> anyhow::Result<()> {
                     _ => {}
                 }
             }
-            let outcome = std::panic::catch_unwind(|| quicx::wire::fuzz_decoders(&input));
+            let outcome = std::panic::catch_unwind(|| quicx::fuzz::fuzz_decoders(&input));
             runs += 1;
             if outcome.is_err() {
                 let _ = std::panic::take_hook();

@@ -1,0 +1,405 @@
+//! Outgoing calls: forward calls from a client, reverse calls from a server, and the client's
+//! hello. Each is one bidirectional stream: request frame out, response frame back.
+
+use std::{sync::atomic::Ordering, time::Duration};
+
+use bytes::Bytes;
+use serde::{Serialize, de::DeserializeOwned};
+use tracing::Instrument;
+
+use super::Connection;
+use crate::{
+    Codec, Error, Metadata, Result,
+    error::ProtocolError,
+    io::within,
+    wire::{
+        self, FrameKind, HelloHeader, RequestHeaderRef, ResponseHeader, Status, StreamCode, flags,
+    },
+};
+
+/// Options of one call: metadata, timeout, codec.
+///
+/// ```
+/// use std::time::Duration;
+/// let opts = quicx::CallOptions::new()
+///     .metadata("trace-id", "42")
+///     .timeout(Duration::from_secs(2));
+/// # let _ = opts;
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct CallOptions {
+    /// Request metadata.
+    pub metadata: Metadata,
+    /// How long to wait for the reply. `None` uses the side's default call timeout. The server
+    /// learns it too and cancels the handler when it passes. Through an
+    /// [`XClient`](crate::XClient) it bounds the whole call: connecting and every attempt.
+    pub timeout: Option<Duration>,
+    /// Payload codec. The reply comes back in the same codec.
+    pub codec: Codec,
+    /// Routing key for an [`XClient`](crate::XClient) with
+    /// [`SelectMode::ConsistentHash`](crate::SelectMode::ConsistentHash): calls with the same key
+    /// go to the same endpoint. Not sent on the wire.
+    pub route_key: Option<String>,
+}
+
+impl CallOptions {
+    /// Default options.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a metadata pair.
+    #[must_use]
+    pub fn metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.metadata.insert(key, value);
+        self
+    }
+
+    /// Sets the timeout.
+    #[must_use]
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Sets the codec.
+    #[must_use]
+    pub fn codec(mut self, codec: Codec) -> Self {
+        self.codec = codec;
+        self
+    }
+
+    /// Sets the routing key used by consistent hashing.
+    #[must_use]
+    pub fn route_key(mut self, key: impl Into<String>) -> Self {
+        self.route_key = Some(key.into());
+        self
+    }
+}
+
+/// A reply as bytes, with its metadata.
+#[derive(Debug, Clone)]
+pub struct RawReply {
+    /// Response metadata set by the handler.
+    pub metadata: Metadata,
+    /// The encoded reply.
+    pub payload: Bytes,
+}
+
+impl RawReply {
+    fn empty() -> Self {
+        Self {
+            metadata: Metadata::new(),
+            payload: Bytes::new(),
+        }
+    }
+}
+
+/// What a round trip waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reply {
+    /// A response frame.
+    Wanted,
+    /// Nothing: the request is handed to QUIC and the stream finished (oneway).
+    None,
+}
+
+impl Connection {
+    /// Calls `service_path.service_method` on the peer with postcard-encoded `args` and decodes the
+    /// reply. From a server this is a reverse call to a client that registered the service.
+    ///
+    /// # When it returns
+    /// When the reply arrived, or with an error: the remote handler's ([`Error::Remote`]), a
+    /// protocol status ([`Error::UnknownService`], ...), the deadline
+    /// ([`Error::DeadlineExceeded`]), or a transport failure ([`Error::ConnectionLost`];
+    /// [`Error::PeerUnresponsive`] about 1.5 s after the peer went silent).
+    ///
+    /// # Cancel safety
+    /// Dropping the future resets the stream with `CANCELLED`, and the remote handler is
+    /// cancelled. Whether the handler had started (or finished) by then is unknown.
+    pub async fn call<A, R>(&self, service_path: &str, service_method: &str, args: &A) -> Result<R>
+    where
+        A: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        self.call_with(service_path, service_method, args, &CallOptions::default())
+            .await
+    }
+
+    /// [`call`](Self::call) with metadata, timeout and codec; same contract.
+    pub async fn call_with<A, R>(
+        &self,
+        service_path: &str,
+        service_method: &str,
+        args: &A,
+        options: &CallOptions,
+    ) -> Result<R>
+    where
+        A: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        let frame =
+            self.typed_request(service_path, service_method, args, options, Reply::Wanted)?;
+        let reply = self
+            .round_trip(
+                frame,
+                (service_path, service_method),
+                options.timeout,
+                Reply::Wanted,
+            )
+            .await?;
+        options.codec.decode(&reply.payload)
+    }
+
+    /// A oneway call: sends the request and returns once it is handed to QUIC; the handler runs
+    /// but no reply (not even an error) comes back.
+    ///
+    /// # When it returns
+    /// Once the request is queued in QUIC's send buffer, not when the peer received it. A
+    /// oneway call followed at once by [`close`](Self::close) (or the end of the process) may be
+    /// lost: closing discards unsent data. Use a normal call when delivery matters.
+    ///
+    /// # Cancel safety
+    /// Dropping the future before it returns resets the stream; the handler does not run.
+    pub async fn oneway<A>(&self, service_path: &str, service_method: &str, args: &A) -> Result<()>
+    where
+        A: Serialize + ?Sized,
+    {
+        let options = CallOptions::default();
+        let frame =
+            self.typed_request(service_path, service_method, args, &options, Reply::None)?;
+        self.round_trip(frame, (service_path, service_method), None, Reply::None)
+            .await
+            .map(drop)
+    }
+
+    /// A call with payload bytes the caller encoded (in `options.codec`); returns the reply's
+    /// bytes and metadata undecoded. Same contract as [`call`](Self::call).
+    pub async fn call_raw(
+        &self,
+        service_path: &str,
+        service_method: &str,
+        payload: &[u8],
+        options: &CallOptions,
+    ) -> Result<RawReply> {
+        self.request_raw(
+            service_path,
+            service_method,
+            payload,
+            options,
+            Reply::Wanted,
+        )
+        .await
+    }
+
+    /// Sends already encoded arguments; a oneway request returns an empty reply once handed to
+    /// QUIC.
+    pub(crate) async fn request_raw(
+        &self,
+        service_path: &str,
+        service_method: &str,
+        payload: &[u8],
+        options: &CallOptions,
+        reply: Reply,
+    ) -> Result<RawReply> {
+        let header = self.request_header(service_path, service_method, options, reply);
+        let frame = wire::encode_frame(
+            FrameKind::Request,
+            &header,
+            payload,
+            &self.inner.side.limits,
+        )?;
+        self.round_trip(
+            frame,
+            (service_path, service_method),
+            options.timeout,
+            reply,
+        )
+        .await
+    }
+
+    fn typed_request<A: Serialize + ?Sized>(
+        &self,
+        service_path: &str,
+        service_method: &str,
+        args: &A,
+        options: &CallOptions,
+        reply: Reply,
+    ) -> Result<Bytes> {
+        let header = self.request_header(service_path, service_method, options, reply);
+        wire::encode_frame_with(
+            FrameKind::Request,
+            &header,
+            &self.inner.side.limits,
+            |buf| options.codec.encode_into(args, buf),
+        )
+    }
+
+    fn request_header<'a>(
+        &self,
+        service_path: &'a str,
+        service_method: &'a str,
+        options: &'a CallOptions,
+        reply: Reply,
+    ) -> RequestHeaderRef<'a> {
+        let timeout = options.timeout.or(self.inner.side.call_timeout);
+        RequestHeaderRef {
+            service_path,
+            service_method,
+            metadata: &options.metadata,
+            timeout_ms: timeout.map_or(0, |t| t.as_millis().clamp(1, u64::MAX as u128) as u64),
+            flags: if reply == Reply::None {
+                flags::ONEWAY
+            } else {
+                0
+            },
+            codec: options.codec.to_wire(),
+        }
+    }
+
+    /// Sends one frame on a new bidirectional stream and reads the response, within `timeout`
+    /// (the side's default if `None`): inline where the connection is driven, else handed to
+    /// its I/O runtime. Counted in the side's call counters.
+    pub(crate) async fn round_trip(
+        &self,
+        frame: Bytes,
+        (service_path, service_method): (&str, &str),
+        timeout: Option<Duration>,
+        reply: Reply,
+    ) -> Result<RawReply> {
+        let timeout = timeout.or(self.inner.side.call_timeout);
+        let io = &self.inner.side.io;
+        let result = if io.is_current() {
+            self.round_trip_here(frame, service_path, service_method, timeout, reply)
+                .await
+        } else {
+            let conn = self.clone();
+            let (path, method) = (service_path.to_owned(), service_method.to_owned());
+            io.run(async move {
+                conn.round_trip_here(frame, &path, &method, timeout, reply)
+                    .await
+            })
+            .await
+            .and_then(|r| r)
+        };
+        let counters = &self.inner.side.counters;
+        counters.calls_sent.fetch_add(1, Ordering::Relaxed);
+        if result.is_err() {
+            counters.call_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    /// [`round_trip`](Self::round_trip) where the connection is driven.
+    async fn round_trip_here(
+        &self,
+        frame: Bytes,
+        service_path: &str,
+        service_method: &str,
+        timeout: Option<Duration>,
+        reply: Reply,
+    ) -> Result<RawReply> {
+        let span = tracing::debug_span!(
+            "call",
+            service = %service_path,
+            method = %service_method,
+            conn = self.inner.id
+        );
+        let _waiting = (reply == Reply::Wanted).then(|| self.waiting());
+        let fut = self
+            .exchange(frame, service_path, service_method, reply)
+            .instrument(span);
+        let result = match timeout {
+            Some(t) => within(t, fut)
+                .await
+                .unwrap_or(Err(Error::DeadlineExceeded { remote: false })),
+            None => fut.await,
+        };
+        result.map_err(|e| match e {
+            Error::ConnectionLost(lost) => self.lost(lost),
+            other => other,
+        })
+    }
+
+    /// The stream work of one call: open, write the request, finish, read the response.
+    async fn exchange(
+        &self,
+        frame: Bytes,
+        service_path: &str,
+        service_method: &str,
+        reply: Reply,
+    ) -> Result<RawReply> {
+        let (send, recv) = self.inner.quic.open_bi().await?;
+        let mut streams = CallStreams {
+            send,
+            recv,
+            armed: true,
+        };
+        streams.send.write_chunk(frame).await?;
+        streams.send.finish()?;
+        if reply == Reply::None {
+            streams.armed = false;
+            return Ok(RawReply::empty());
+        }
+        let raw = wire::read_frame(&mut streams.recv, &self.inner.side.limits)
+            .await
+            .map_err(|e| {
+                if let Some(c) = e.stream_code() {
+                    let _ = streams.recv.stop(c.into());
+                }
+                Error::from(e)
+            })?;
+        streams.armed = false;
+        if raw.kind != FrameKind::Response {
+            return Err(ProtocolError::UnexpectedFrame(raw.kind as u8).into());
+        }
+        let response: ResponseHeader = raw.header()?;
+        match response.status {
+            Status::Ok => Ok(RawReply {
+                metadata: response.metadata,
+                payload: raw.payload,
+            }),
+            Status::Error { code, message } => Err(Error::from_status(
+                code,
+                message,
+                service_path,
+                service_method,
+            )),
+        }
+    }
+}
+
+/// The two halves of a call's stream; resets both with `CANCELLED` if dropped while armed.
+struct CallStreams {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    armed: bool,
+}
+
+impl Drop for CallStreams {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = self.send.reset(StreamCode::CANCELLED.into());
+            let _ = self.recv.stop(StreamCode::CANCELLED.into());
+        }
+    }
+}
+
+/// Sends a hello declaring `client_id` and waits for the server's answer, within `timeout`.
+/// A refusal is [`Error::HelloRefused`].
+pub(crate) async fn hello(
+    conn: &Connection,
+    client_id: Option<String>,
+    metadata: Metadata,
+    timeout: Duration,
+) -> Result<()> {
+    let header = HelloHeader {
+        client_id: client_id.clone(),
+        metadata,
+    };
+    let frame = wire::encode_frame(FrameKind::Hello, &header, &[], &conn.inner.side.limits)?;
+    conn.round_trip(frame, ("", "hello"), Some(timeout), Reply::Wanted)
+        .await?;
+    conn.set_client_id_local(client_id);
+    Ok(())
+}

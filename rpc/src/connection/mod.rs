@@ -1,0 +1,211 @@
+//! One QUIC connection, from either side.
+//!
+//! - `mod.rs` (this file): the [`Connection`] handle and its identity;
+//! - `side.rs`: what all connections of one side share, and its [`Role`](side::Role);
+//! - `call.rs`: outgoing calls (forward, reverse, hello) and their options;
+//! - `push.rs`: outgoing pushes (server to client);
+//! - `serve.rs`: everything the peer opens — dispatch, handlers, hellos, pushes received;
+//! - `liveness.rs`: probes a silent peer while calls wait, and closes the connection if it is gone;
+//! - `registry.rs`: the server's index of its clients.
+
+pub(crate) mod call;
+mod liveness;
+mod push;
+pub(crate) mod registry;
+mod serve;
+pub(crate) mod side;
+
+use std::{
+    fmt,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+pub use self::call::{CallOptions, RawReply};
+pub(crate) use self::{call::hello, serve::serve};
+use self::{liveness::Liveness, side::Side};
+use crate::{Error, PeerIdentity, io::IoRuntime, wire::CloseCode};
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A handle to one connection (rpcx's `net.Conn` in `server.RemoteConnContextKey`).
+///
+/// On a server it stands for one connected client: a handler gets it from
+/// [`Context::conn`](crate::Context::conn), or the server looks it up
+/// ([`Server::client`](crate::Server::client)), and it can push messages to the client
+/// ([`send_message`](Self::send_message)) and call services the client registered
+/// ([`call`](Self::call)). On a client it stands for the connection to the server (calls only:
+/// a client cannot push). Cloning is cheap; all clones are the same connection.
+#[derive(Clone)]
+pub struct Connection {
+    inner: Arc<ConnInner>,
+}
+
+struct ConnInner {
+    id: u64,
+    quic: quinn::Connection,
+    server_addr: SocketAddr,
+    side: Arc<Side>,
+    client_id: Mutex<Option<String>>,
+    peer_identity: Option<PeerIdentity>,
+    /// Calls the peer has open on this connection now.
+    calls_in_flight: AtomicU32,
+    /// Whether the concurrent-call limit was raised to its maximum.
+    call_limit_raised: AtomicBool,
+    /// Calls (and pushes with receipt) this side waits on, and the probe that runs meanwhile.
+    liveness: Liveness,
+}
+
+impl fmt::Debug for Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection")
+            .field("id", &self.inner.id)
+            .field("remote", &self.inner.quic.remote_address())
+            .field("client_id", &self.client_id())
+            .finish()
+    }
+}
+
+impl PartialEq for Connection {
+    fn eq(&self, other: &Self) -> bool {
+        self.inner.id == other.inner.id
+    }
+}
+
+impl Eq for Connection {}
+
+impl Connection {
+    pub(crate) fn new(quic: quinn::Connection, side: Arc<Side>, server_addr: SocketAddr) -> Self {
+        let peer_identity = PeerIdentity::from_connection(&quic);
+        Self {
+            inner: Arc::new(ConnInner {
+                id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+                quic,
+                server_addr,
+                side,
+                client_id: Mutex::new(None),
+                peer_identity,
+                calls_in_flight: AtomicU32::new(0),
+                call_limit_raised: AtomicBool::new(false),
+                liveness: Liveness::default(),
+            }),
+        }
+    }
+
+    /// A process-unique id of this connection.
+    pub fn id(&self) -> u64 {
+        self.inner.id
+    }
+
+    /// The peer's address.
+    pub fn remote_address(&self) -> SocketAddr {
+        self.inner.quic.remote_address()
+    }
+
+    /// The current round-trip time estimate of the QUIC connection.
+    pub fn rtt(&self) -> Duration {
+        self.inner.quic.rtt()
+    }
+
+    /// The application identity bound to this connection (a device id), if any: declared by the
+    /// client in its hello, taken from its certificate under mTLS, or bound by a handler.
+    pub fn client_id(&self) -> Option<String> {
+        self.inner
+            .client_id
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Binds this connection to an application identity. On a server, the registry then finds
+    /// it by that id ([`Server::client`](crate::Server::client)); an older connection bound to
+    /// the same id is no longer found by it, so pushes reach the newest one; the id this
+    /// connection held before no longer finds it. On a client it only records the id.
+    pub fn bind_client_id(&self, id: impl Into<String>) {
+        let id = id.into();
+        match self.inner.side.registry() {
+            Some(registry) => registry.bind(id, self),
+            None => self.set_client_id_local(Some(id)),
+        }
+    }
+
+    /// The verified client certificate's identity, when the server requires or accepts client
+    /// certificates (mTLS); on a client, the server's.
+    pub fn peer_identity(&self) -> Option<&PeerIdentity> {
+        self.inner.peer_identity.as_ref()
+    }
+
+    /// Whether the connection is closed (by either side, or lost).
+    pub fn is_closed(&self) -> bool {
+        self.inner.quic.close_reason().is_some()
+    }
+
+    /// Why the connection closed, once it has.
+    pub fn close_reason(&self) -> Option<Error> {
+        self.inner.quic.close_reason().map(|e| self.lost(e))
+    }
+
+    /// Resolves when the connection closes, with the reason.
+    pub async fn closed(&self) -> Error {
+        let e = self.inner.quic.closed().await;
+        self.lost(e)
+    }
+
+    /// Closes the connection at once with close code `NORMAL`; calls in flight fail with
+    /// [`Error::ConnectionLost`]. Data not yet acknowledged by the peer (a oneway call just
+    /// handed to QUIC, a push) may be lost.
+    pub fn close(&self) {
+        self.close_with(CloseCode::NORMAL, b"closed");
+    }
+
+    pub(crate) fn close_with(&self, code: CloseCode, reason: &[u8]) {
+        self.inner.quic.close(code.into(), reason);
+    }
+
+    /// After a close: waits until the CONNECTION_CLOSE frame has left (or `limit` passed), so
+    /// a process may exit without leaving the peer to its idle timeout. Needed where the socket
+    /// is shared and waiting for the whole endpoint to go idle is not an option.
+    pub(crate) async fn close_sent(&self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.inner.quic.stats().frame_tx.connection_close == 0
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// The error for a closed connection: [`Error::PeerUnresponsive`] if this side closed it
+    /// because its probes went unanswered.
+    fn lost(&self, e: quinn::ConnectionError) -> Error {
+        match self.inner.liveness.gave_up_after() {
+            Some(silent) => Error::PeerUnresponsive(silent),
+            None => e.into(),
+        }
+    }
+
+    pub(crate) fn quic(&self) -> &quinn::Connection {
+        &self.inner.quic
+    }
+
+    pub(crate) fn set_client_id_local(&self, id: Option<String>) {
+        *self
+            .inner
+            .client_id
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = id;
+    }
+
+    /// Address of the server end of this connection (the peer on a client, the local side on a
+    /// server).
+    pub(crate) fn server_addr(&self) -> SocketAddr {
+        self.inner.server_addr
+    }
+
+    pub(crate) fn io(&self) -> &IoRuntime {
+        &self.inner.side.io
+    }
+}

@@ -1,0 +1,165 @@
+//! Outgoing pushes, server to client: one unidirectional stream per message, or a bidirectional
+//! one when the server wants a receipt.
+
+use std::{sync::atomic::Ordering, time::Duration};
+
+use bytes::Bytes;
+use serde::Serialize;
+
+use super::{Connection, call::Reply, side::Role};
+use crate::{
+    Codec, Error, Metadata, Result,
+    io::within,
+    wire::{self, FrameKind, PushHeaderRef, StreamCode},
+};
+
+impl Connection {
+    /// Pushes one message to the client (rpcx's `server.SendMessage`), on a new unidirectional
+    /// stream.
+    ///
+    /// # When it returns
+    /// Once the whole message is handed to QUIC (queued for sending and within flow control), not
+    /// when the client read it; use [`send_message_with_receipt`](Self::send_message_with_receipt)
+    /// for that. Pushes sent one after another from one task reach the client's channel in order.
+    ///
+    /// # Errors
+    /// - [`Error::WrongSide`] at once on a client's connection: only servers push;
+    /// - [`Error::ConnectionLost`] at once if the connection is closed or lost (the server also
+    ///   drops it from its registry);
+    /// - [`Error::PushTimeout`] if the client applies backpressure (its channel is full) for
+    ///   longer than the push timeout; the partly sent stream is reset and the client never sees a
+    ///   part;
+    /// - [`Error::TooLarge`] if the message is above the payload limit.
+    ///
+    /// A push never delays call replies on the same connection: each rides its own stream.
+    ///
+    /// # Cancel safety
+    /// Dropping the future before it completes resets the stream; the client discards the
+    /// partial message.
+    pub async fn send_message(
+        &self,
+        service_path: &str,
+        service_method: &str,
+        metadata: Metadata,
+        data: impl AsRef<[u8]>,
+    ) -> Result<()> {
+        let frame = self.push_frame(service_path, service_method, metadata, data.as_ref())?;
+        self.send_push_frame(frame, self.inner.side.push_timeout)
+            .await
+    }
+
+    /// [`send_message`](Self::send_message) with a postcard-encoded value (decode it with
+    /// [`PushMessage::decode`](crate::PushMessage::decode)).
+    pub async fn send_message_typed<T: Serialize + ?Sized>(
+        &self,
+        service_path: &str,
+        service_method: &str,
+        metadata: Metadata,
+        value: &T,
+    ) -> Result<()> {
+        let data = Codec::Postcard.encode(value)?;
+        self.send_message(service_path, service_method, metadata, data)
+            .await
+    }
+
+    /// Pushes one message and waits until the client put it into its push channel: on a
+    /// bidirectional stream, answered by the client with a response frame.
+    ///
+    /// # Errors
+    /// As [`send_message`](Self::send_message), plus [`Error::PushDropped`] when the client's
+    /// [`FullPolicy::Drop`](crate::FullPolicy::Drop) dropped it and [`Error::PushRejected`] when
+    /// the client has no push channel. The push timeout covers the whole exchange
+    /// ([`Error::DeadlineExceeded`] when it passes).
+    pub async fn send_message_with_receipt(
+        &self,
+        service_path: &str,
+        service_method: &str,
+        metadata: Metadata,
+        data: impl AsRef<[u8]>,
+    ) -> Result<()> {
+        let frame = self.push_frame(service_path, service_method, metadata, data.as_ref())?;
+        self.round_trip(
+            frame,
+            (service_path, service_method),
+            Some(self.inner.side.push_timeout),
+            Reply::Wanted,
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Encodes a push frame; [`Error::WrongSide`] on a client's connection.
+    pub(crate) fn push_frame(
+        &self,
+        service_path: &str,
+        service_method: &str,
+        metadata: Metadata,
+        data: &[u8],
+    ) -> Result<Bytes> {
+        if matches!(self.inner.side.role, Role::Client { .. }) {
+            return Err(Error::WrongSide("a push (only servers push)"));
+        }
+        let header = PushHeaderRef {
+            service_path,
+            service_method,
+            metadata: &metadata,
+        };
+        Ok(wire::encode_frame(
+            FrameKind::Push,
+            &header,
+            data,
+            &self.inner.side.limits,
+        )?)
+    }
+
+    /// Sends an already encoded push frame on a new unidirectional stream, within `timeout`,
+    /// on the I/O runtime.
+    async fn send_push_frame(&self, frame: Bytes, timeout: Duration) -> Result<()> {
+        let io = &self.inner.side.io;
+        if io.is_current() {
+            return self.push_here(frame, timeout).await;
+        }
+        let conn = self.clone();
+        io.run(async move { conn.push_here(frame, timeout).await })
+            .await
+            .and_then(|r| r)
+    }
+
+    /// The push itself, where the connection is driven (broadcasts call it for many connections
+    /// from one task there).
+    pub(crate) async fn push_here(&self, frame: Bytes, timeout: Duration) -> Result<()> {
+        let push = async {
+            // Fails at once if the connection is gone.
+            let send = self.inner.quic.open_uni().await?;
+            let mut send = ResetOnDrop(Some(send));
+            let stream = send.0.as_mut().expect("present until disarmed");
+            stream.write_chunk(frame).await?;
+            stream.finish()?;
+            send.0 = None;
+            Ok(())
+        };
+        let result = within(timeout, push)
+            .await
+            .unwrap_or(Err(Error::PushTimeout(timeout)));
+        if let Err(e) = &result {
+            tracing::debug!(conn = self.inner.id, "push failed: {e}");
+        }
+        let counters = &self.inner.side.counters;
+        match &result {
+            Ok(()) => counters.pushes_sent.fetch_add(1, Ordering::Relaxed),
+            Err(_) => counters.push_errors.fetch_add(1, Ordering::Relaxed),
+        };
+        result
+    }
+}
+
+/// A send stream that is reset with `CANCELLED` if dropped before it was taken out.
+struct ResetOnDrop(Option<quinn::SendStream>);
+
+impl Drop for ResetOnDrop {
+    fn drop(&mut self) {
+        if let Some(s) = &mut self.0 {
+            let _ = s.reset(StreamCode::CANCELLED.into());
+        }
+    }
+}

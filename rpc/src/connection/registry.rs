@@ -1,0 +1,107 @@
+//! The server's view of its clients: every connection, and the identity index.
+
+use std::{collections::HashMap, fmt, sync::Mutex};
+
+use tokio::sync::broadcast;
+
+use super::Connection;
+use crate::{DisconnectReason, ServerEvent};
+
+/// Every connection of a server and the client identities bound to them. One lock guards both
+/// maps and each connection's bound id, so a lookup never sees half a re-bind.
+pub(crate) struct Registry {
+    inner: Mutex<RegistryInner>,
+    pub(crate) events: broadcast::Sender<ServerEvent>,
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Registry")
+            .field("len", &self.len())
+            .finish()
+    }
+}
+
+#[derive(Default)]
+struct RegistryInner {
+    conns: HashMap<u64, Connection>,
+    ids: HashMap<String, u64>,
+}
+
+impl Registry {
+    pub(crate) fn new(events: usize) -> Self {
+        Self {
+            inner: Mutex::new(RegistryInner::default()),
+            events: broadcast::channel(events).0,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, RegistryInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.lock().conns.len()
+    }
+
+    pub(crate) fn add(&self, conn: &Connection) {
+        self.lock().conns.insert(conn.id(), conn.clone());
+        let _ = self.events.send(ServerEvent::Connected(conn.clone()));
+    }
+
+    pub(crate) fn remove(&self, conn: &Connection, reason: DisconnectReason) {
+        {
+            let mut inner = self.lock();
+            inner.conns.remove(&conn.id());
+            if let Some(id) = conn.client_id() {
+                if inner.ids.get(&id) == Some(&conn.id()) {
+                    inner.ids.remove(&id);
+                }
+            }
+        }
+        let _ = self.events.send(ServerEvent::Disconnected {
+            conn: conn.clone(),
+            reason,
+        });
+    }
+
+    /// Binds `conn` to `client_id`: the id now finds `conn` (an older connection holding it
+    /// keeps running but is no longer found by it), and the id `conn` held before, if any, no
+    /// longer finds anything. A connection that already left the registry is not bound.
+    pub(crate) fn bind(&self, client_id: String, conn: &Connection) {
+        {
+            let mut inner = self.lock();
+            if !inner.conns.contains_key(&conn.id()) {
+                return;
+            }
+            if let Some(old) = conn.client_id() {
+                if old != client_id && inner.ids.get(&old) == Some(&conn.id()) {
+                    inner.ids.remove(&old);
+                }
+            }
+            conn.set_client_id_local(Some(client_id.clone()));
+            inner.ids.insert(client_id.clone(), conn.id());
+        }
+        let _ = self.events.send(ServerEvent::Bound {
+            conn: conn.clone(),
+            client_id,
+        });
+    }
+
+    pub(crate) fn get(&self, id: u64) -> Option<Connection> {
+        self.lock().conns.get(&id).cloned()
+    }
+
+    pub(crate) fn by_client_id(&self, client_id: &str) -> Option<Connection> {
+        let inner = self.lock();
+        inner
+            .ids
+            .get(client_id)
+            .and_then(|id| inner.conns.get(id))
+            .cloned()
+    }
+
+    pub(crate) fn all(&self) -> Vec<Connection> {
+        self.lock().conns.values().cloned().collect()
+    }
+}

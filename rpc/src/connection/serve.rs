@@ -1,0 +1,377 @@
+//! Serving what the peer opens: calls (forward or reverse), hellos (servers), pushes and pushes
+//! with receipt (clients).
+
+use std::{
+    panic::AssertUnwindSafe,
+    sync::atomic::Ordering,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use futures_util::FutureExt;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::{Connection, side::Role};
+use crate::{
+    Codec, Context, Metadata, PushMessage, PushSender,
+    io::within,
+    push::Delivery,
+    service::{Handler, Lookup},
+    wire::{
+        self, FrameError, FrameKind, HelloHeader, PushHeader, RawFrame, RequestHeader,
+        ResponseHeader, Status, StreamCode, flags, status,
+    },
+};
+
+/// Serves everything the peer opens on `conn` until the connection ends: calls (and, on a
+/// server, hellos; on a client, pushes with receipt) on bidirectional streams; pushes on
+/// unidirectional ones (clients only: servers grant no unidirectional streams).
+pub(crate) async fn serve(conn: Connection) {
+    let side = conn.inner.side.clone();
+    let pushes = async {
+        if let Role::Client { push_sink } = &side.role {
+            accept_pushes(&conn, push_sink.as_ref()).await;
+        }
+    };
+    let (initial, max) = side.call_limits;
+    let calls = async {
+        while let Ok((send, recv)) = conn.inner.quic.accept_bi().await {
+            let in_flight = conn.inner.calls_in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+            if in_flight >= initial - initial / 4
+                && max > initial
+                && !conn.inner.call_limit_raised.swap(true, Ordering::Relaxed)
+            {
+                // Busy: let the peer open up to the maximum, so calls never queue behind the
+                // limit; idle connections keep the small starting limit (and quinn's state for
+                // it).
+                conn.inner.quic.set_max_concurrent_bi_streams(max.into());
+            }
+            let conn = conn.clone();
+            side.tracker.spawn(async move {
+                serve_bi(&conn, send, recv).await;
+                conn.inner.calls_in_flight.fetch_sub(1, Ordering::Relaxed);
+            });
+        }
+    };
+    tokio::join!(pushes, calls);
+}
+
+/// Rejects a stream: resets what we would send, stops what the peer sends.
+fn reject(send: Option<&mut quinn::SendStream>, recv: &mut quinn::RecvStream, code: StreamCode) {
+    if let Some(send) = send {
+        let _ = send.reset(code.into());
+    }
+    let _ = recv.stop(code.into());
+}
+
+/// Reads the one frame the peer sends on a stream it opened, within the frame timeout. On a
+/// bad frame or a timeout the stream is rejected with the matching code and `None` returned.
+async fn read_incoming(
+    conn: &Connection,
+    send: Option<&mut quinn::SendStream>,
+    recv: &mut quinn::RecvStream,
+) -> Option<RawFrame> {
+    let side = &conn.inner.side;
+    match within(side.frame_timeout, wire::read_frame(recv, &side.limits)).await {
+        Ok(Ok(raw)) => Some(raw),
+        Ok(Err(e)) => {
+            tracing::debug!(conn = conn.id(), "bad incoming frame: {e:?}");
+            if let Some(code) = e.stream_code() {
+                reject(send, recv, code);
+            }
+            None
+        }
+        Err(_) => {
+            reject(send, recv, StreamCode::CANCELLED);
+            None
+        }
+    }
+}
+
+async fn serve_bi(conn: &Connection, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    let side = &conn.inner.side;
+    if side.shutting_down.load(Ordering::Acquire) {
+        return reject(Some(&mut send), &mut recv, StreamCode::SHUTTING_DOWN);
+    }
+    let Some(raw) = read_incoming(conn, Some(&mut send), &mut recv).await else {
+        return;
+    };
+    let outcome = match (raw.kind, &side.role) {
+        (FrameKind::Request, _) => serve_request(conn, send, raw).await,
+        (FrameKind::Hello, Role::Server { .. }) => serve_hello(conn, send, raw).await,
+        (FrameKind::Push, Role::Client { push_sink }) => {
+            serve_receipt_push(conn, send, raw, push_sink.as_ref()).await
+        }
+        _ => return reject(Some(&mut send), &mut recv, StreamCode::UNEXPECTED_STREAM),
+    };
+    if let Err(code) = outcome {
+        reject(None, &mut recv, code);
+    }
+}
+
+/// Writes a response frame and finishes the stream; a response above the limits resets it.
+async fn respond(
+    conn: &Connection,
+    send: &mut quinn::SendStream,
+    status: Status,
+    metadata: Metadata,
+    payload: &[u8],
+) {
+    let header = ResponseHeader { status, metadata };
+    match wire::encode_frame(
+        FrameKind::Response,
+        &header,
+        payload,
+        &conn.inner.side.limits,
+    ) {
+        Ok(frame) => {
+            if send.write_chunk(frame).await.is_ok() {
+                let _ = send.finish();
+            }
+        }
+        Err(e) => {
+            let _ = send.reset(e.stream_code().unwrap_or(StreamCode::INTERNAL).into());
+        }
+    }
+}
+
+/// A request the dispatcher accepted: its header, codec and handler.
+struct Dispatched {
+    header: RequestHeader,
+    codec: Codec,
+    handler: Handler,
+}
+
+/// Decodes a request header and finds its handler. `Err` is the answer to send instead: a
+/// stream code (malformed header) or an error status.
+fn dispatch(conn: &Connection, raw: &RawFrame) -> Result<Dispatched, Result<Status, StreamCode>> {
+    let header = raw.request_header().map_err(|e| match e {
+        FrameError::Malformed(_) => Err(StreamCode::MALFORMED_FRAME),
+        other => Err(other.stream_code().unwrap_or(StreamCode::INTERNAL)),
+    })?;
+    let Some(codec) = Codec::from_wire(header.codec) else {
+        let message = format!("unsupported codec {}", header.codec);
+        return Err(Ok(Status::error(status::UNSUPPORTED_CODEC, message)));
+    };
+    let services = &conn.inner.side.services;
+    let handler = match services.lookup(&header.service_path, &header.service_method) {
+        Lookup::Found(h) => h,
+        Lookup::UnknownService => {
+            let message = format!("unknown service `{}`", header.service_path);
+            return Err(Ok(Status::error(status::UNKNOWN_SERVICE, message)));
+        }
+        Lookup::UnknownMethod => {
+            let message = format!(
+                "unknown method `{}` on service `{}`",
+                header.service_method, header.service_path
+            );
+            return Err(Ok(Status::error(status::UNKNOWN_METHOD, message)));
+        }
+    };
+    Ok(Dispatched {
+        header,
+        codec,
+        handler,
+    })
+}
+
+async fn serve_request(
+    conn: &Connection,
+    mut send: quinn::SendStream,
+    raw: RawFrame,
+) -> Result<(), StreamCode> {
+    let Dispatched {
+        header,
+        codec,
+        handler,
+    } = match dispatch(conn, &raw) {
+        Ok(d) => d,
+        Err(Ok(status)) => {
+            respond(conn, &mut send, status, Metadata::new(), &[]).await;
+            return Ok(());
+        }
+        Err(Err(code)) => {
+            let _ = send.reset(code.into());
+            return Err(code);
+        }
+    };
+    let oneway = header.flags & flags::ONEWAY != 0;
+    let deadline =
+        (header.timeout_ms > 0).then(|| Instant::now() + Duration::from_millis(header.timeout_ms));
+    // The call's own token (no registration with a shared parent, which would lock on every
+    // call): cancelled when this task ends early — caller gone, deadline, shutdown (all
+    // selected in `run_handler`) — or is dropped.
+    let cancel = CancellationToken::new();
+    let _cancel_on_exit = cancel.clone().drop_guard();
+    let span = tracing::debug_span!(
+        "serve",
+        service = %header.service_path,
+        method = %header.service_method,
+        conn = conn.id()
+    );
+    let ctx = Context::new(
+        conn.clone(),
+        header.service_path,
+        header.service_method,
+        header.metadata,
+        deadline,
+        cancel.clone(),
+    );
+    let side = &conn.inner.side;
+    let handler = AssertUnwindSafe(handler(ctx.clone(), codec, raw.payload))
+        .catch_unwind()
+        .instrument(span);
+    side.counters.calls_served.fetch_add(1, Ordering::Relaxed);
+    if oneway {
+        let _ = send.finish();
+        drop(send);
+        tokio::select! {
+            _ = handler => {}
+            () = side.shutdown.cancelled() => {}
+        }
+        return Ok(());
+    }
+    let stopped = send.stopped();
+    let deadline_passed = async {
+        match deadline {
+            Some(d) => tokio::time::sleep_until(d.into()).await,
+            None => std::future::pending().await,
+        }
+    };
+    // Biased, handler first: a handler that finishes in its first poll never arms the deadline
+    // timer or registers for the stream's stop notification.
+    let (status, payload) = tokio::select! {
+        biased;
+        result = handler => match result {
+            Ok(Ok(payload)) => (Status::Ok, payload),
+            Ok(Err(e)) => (Status::error(e.code(), e.message()), Bytes::new()),
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "handler panicked".to_owned());
+                tracing::error!(conn = conn.id(), "handler panicked: {message}");
+                (Status::error(status::INTERNAL, message), Bytes::new())
+            }
+        },
+        () = deadline_passed => {
+            cancel.cancel();
+            (Status::error(status::DEADLINE_EXCEEDED, "deadline exceeded"), Bytes::new())
+        }
+        _ = stopped => {
+            // The caller gave up (timeout, dropped future) or the connection is gone.
+            cancel.cancel();
+            let _ = send.reset(StreamCode::CANCELLED.into());
+            return Ok(());
+        }
+        () = side.shutdown.cancelled() => {
+            let _ = send.reset(StreamCode::SHUTTING_DOWN.into());
+            return Ok(());
+        }
+    };
+    if !matches!(status, Status::Ok) {
+        side.counters
+            .call_handler_errors
+            .fetch_add(1, Ordering::Relaxed);
+    }
+    respond(conn, &mut send, status, ctx.take_reply_metadata(), &payload).await;
+    if side.shutting_down.load(Ordering::Acquire) {
+        // Draining: stay tracked until the client has the reply, so closing the connection
+        // afterwards cannot discard it.
+        let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+    }
+    Ok(())
+}
+
+/// A hello: binds the declared client id. An empty id is refused with `HELLO_REFUSED`; a hello
+/// without an id, a late hello (after calls) and a second hello are accepted: the newest id
+/// declared wins.
+async fn serve_hello(
+    conn: &Connection,
+    mut send: quinn::SendStream,
+    raw: RawFrame,
+) -> Result<(), StreamCode> {
+    let Ok(hello) = raw.header::<HelloHeader>() else {
+        let _ = send.reset(StreamCode::MALFORMED_FRAME.into());
+        return Err(StreamCode::MALFORMED_FRAME);
+    };
+    if !raw.payload.is_empty() {
+        let _ = send.reset(StreamCode::MALFORMED_FRAME.into());
+        return Err(StreamCode::MALFORMED_FRAME);
+    }
+    let status = match hello.client_id {
+        Some(id) if id.is_empty() => Status::error(status::HELLO_REFUSED, "empty client id"),
+        Some(id) => {
+            conn.bind_client_id(id);
+            Status::Ok
+        }
+        None => Status::Ok,
+    };
+    respond(conn, &mut send, status, Metadata::new(), &[]).await;
+    Ok(())
+}
+
+/// A push with receipt: delivered to the channel, answered with the outcome.
+async fn serve_receipt_push(
+    conn: &Connection,
+    mut send: quinn::SendStream,
+    raw: RawFrame,
+    sink: Option<&PushSender>,
+) -> Result<(), StreamCode> {
+    let Ok(msg) = push_message(conn, raw) else {
+        let _ = send.reset(StreamCode::MALFORMED_FRAME.into());
+        return Err(StreamCode::MALFORMED_FRAME);
+    };
+    let status = match sink {
+        None => Status::error(status::PUSH_REJECTED, "this client receives no pushes"),
+        Some(sink) => match sink.deliver(msg).await {
+            Delivery::Delivered => Status::Ok,
+            Delivery::Dropped => Status::error(status::PUSH_DROPPED, "push channel full"),
+            Delivery::Closed => Status::error(status::PUSH_REJECTED, "push channel closed"),
+        },
+    };
+    respond(conn, &mut send, status, Metadata::new(), &[]).await;
+    Ok(())
+}
+
+fn push_message(conn: &Connection, raw: RawFrame) -> Result<PushMessage, FrameError> {
+    let header: PushHeader = raw.header()?;
+    Ok(PushMessage {
+        service_path: header.service_path,
+        service_method: header.service_method,
+        metadata: header.metadata,
+        payload: raw.payload,
+        server: conn.server_addr(),
+    })
+}
+
+/// Reads pushes in the order the server opened their streams and hands each to the push channel.
+/// Under backpressure this loop waits, which stops QUIC from granting the server new streams.
+async fn accept_pushes(conn: &Connection, sink: Option<&PushSender>) {
+    while let Ok(mut recv) = conn.inner.quic.accept_uni().await {
+        let Some(sink) = sink else {
+            reject(None, &mut recv, StreamCode::PUSH_REJECTED);
+            continue;
+        };
+        let Some(raw) = read_incoming(conn, None, &mut recv).await else {
+            continue;
+        };
+        if raw.kind != FrameKind::Push {
+            reject(None, &mut recv, StreamCode::UNEXPECTED_STREAM);
+            continue;
+        }
+        match push_message(conn, raw) {
+            Ok(msg) => {
+                if sink.deliver(msg).await == Delivery::Dropped {
+                    tracing::debug!(conn = conn.id(), "push dropped: channel full");
+                }
+            }
+            Err(e) => {
+                tracing::debug!(conn = conn.id(), "bad push header: {e:?}");
+                reject(None, &mut recv, StreamCode::MALFORMED_FRAME);
+            }
+        }
+    }
+}

@@ -1,0 +1,384 @@
+//! The endpoints of an XClient: their connections (opened lazily, one attempt at a time), their
+//! health (cool-downs after failures), and picking one for a call.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use tokio::sync::watch;
+
+use super::XInner;
+use crate::{
+    Client, Error, Result,
+    discovery::{Endpoint, Endpoints},
+    error::NotConnected,
+    failmode::no_endpoint,
+    selector::{Candidate, SelectInfo},
+};
+
+/// A connection attempt in flight; its outcome once it is known (the error as text: it
+/// belongs to the task that made the attempt).
+type Attempt = watch::Receiver<Option<Result<Client, String>>>;
+
+/// One endpoint and its lazily opened client.
+#[derive(Debug)]
+pub(super) struct Member {
+    pub(super) endpoint: Endpoint,
+    client: Mutex<Option<Client>>,
+    /// The connection attempt in flight, if any: every caller that needs this endpoint meanwhile
+    /// waits for that one attempt instead of starting its own.
+    connecting: Mutex<Option<Attempt>>,
+    health: Mutex<Health>,
+    pub(super) in_flight: AtomicUsize,
+}
+
+/// Failures of one endpoint: a breaker that opens for a cool-down after each failure episode.
+#[derive(Debug, Default)]
+struct Health {
+    failures: u32,
+    down_until: Option<Instant>,
+}
+
+impl Member {
+    fn new(endpoint: Endpoint, client: Option<Client>) -> Self {
+        Self {
+            endpoint,
+            client: Mutex::new(client),
+            connecting: Mutex::new(None),
+            health: Mutex::default(),
+            in_flight: AtomicUsize::new(0),
+        }
+    }
+
+    pub(super) fn client(&self) -> Option<Client> {
+        self.client
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The client, if its connection is up now.
+    pub(super) fn live_client(&self) -> Option<Client> {
+        self.client().filter(Client::is_connected)
+    }
+
+    fn rtt(&self) -> Option<Duration> {
+        self.live_client()
+            .and_then(|c| c.live_connection())
+            .map(|c| c.rtt())
+    }
+
+    fn cooling_down(&self, now: Instant) -> bool {
+        let health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        health.down_until.is_some_and(|t| now < t)
+    }
+
+    fn failed_before(&self) -> bool {
+        self.health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .failures
+            > 0
+    }
+
+    fn connecting(&self) -> bool {
+        self.connecting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+
+    /// Records the outcome of an attempt. A transport failure opens the breaker for the
+    /// cool-down, doubled per failure episode up to 32×; failures that arrive while it is open
+    /// (other callers failing on the same dead server) do not count again. A success closes it.
+    pub(super) fn record(&self, failed: bool, cooldown: Duration) {
+        let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        if !failed {
+            *health = Health::default();
+            return;
+        }
+        let now = Instant::now();
+        if health.down_until.is_some_and(|t| now < t) {
+            return;
+        }
+        health.failures = health.failures.saturating_add(1);
+        let factor = 1u32 << (health.failures - 1).min(5);
+        health.down_until = Some(now + cooldown * factor);
+    }
+
+    /// The cool-down left, for tests and logs.
+    #[cfg(test)]
+    fn down_for(&self) -> Option<Duration> {
+        let health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        health
+            .down_until
+            .map(|t| t.saturating_duration_since(Instant::now()))
+    }
+}
+
+/// The usable endpoints, in discovery order.
+#[derive(Debug, Default)]
+pub(super) struct Members(Mutex<Vec<Arc<Member>>>);
+
+impl Members {
+    pub(super) fn all(&self) -> Vec<Arc<Member>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub(super) fn take_all(&self) -> Vec<Arc<Member>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+            .collect()
+    }
+
+    /// Takes a new list: keeps members (and their connections) of endpoints still listed, adds
+    /// new ones; returns the removed ones.
+    pub(super) fn replace(&self, wanted: &[&Endpoint]) -> Vec<Arc<Member>> {
+        let mut members = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut old: HashMap<String, Arc<Member>> = members
+            .drain(..)
+            .map(|m| (m.endpoint.address.clone(), m))
+            .collect();
+        for &endpoint in wanted {
+            let member = match old.remove(&endpoint.address) {
+                Some(member) if member.endpoint == *endpoint => member,
+                Some(member) => Arc::new(Member::new(endpoint.clone(), member.client())),
+                None => Arc::new(Member::new(endpoint.clone(), None)),
+            };
+            members.push(member);
+        }
+        old.into_values().collect()
+    }
+}
+
+impl XInner {
+    /// Picks an endpoint for an attempt, avoiding `tried`.
+    ///
+    /// Preference: endpoints not cooling down; among those, while any has a live connection,
+    /// endpoints that failed before and have none are not picked — they are reconnected in the
+    /// background instead (one attempt at a time), so no call waits on a server that was just
+    /// dead. With nothing better, any endpoint not tried.
+    pub(super) fn pick(&self, info: &SelectInfo<'_>, tried: &[Arc<Member>]) -> Result<Arc<Member>> {
+        let now = Instant::now();
+        let open: Vec<Arc<Member>> = self
+            .members
+            .all()
+            .into_iter()
+            .filter(|m| !tried.iter().any(|t| Arc::ptr_eq(t, m)))
+            .collect();
+        let healthy: Vec<Arc<Member>> = open
+            .iter()
+            .filter(|m| !m.cooling_down(now))
+            .cloned()
+            .collect();
+        let any_live = healthy.iter().any(|m| m.live_client().is_some());
+        let pool: Vec<Arc<Member>> = if any_live {
+            let (recovering, ready): (Vec<_>, Vec<_>) = healthy
+                .into_iter()
+                .partition(|m| m.live_client().is_none() && (m.failed_before() || m.connecting()));
+            for member in recovering {
+                self.reconnect_in_background(member);
+            }
+            ready
+        } else if healthy.is_empty() {
+            open
+        } else {
+            healthy
+        };
+        if pool.is_empty() {
+            return Err(no_endpoint(&self.service_path));
+        }
+        let candidates: Vec<Candidate<'_>> = pool
+            .iter()
+            .map(|m| Candidate {
+                endpoint: &m.endpoint,
+                rtt: m.rtt(),
+            })
+            .collect();
+        let i = self.selector.select(&candidates, info).min(pool.len() - 1);
+        Ok(pool[i].clone())
+    }
+
+    fn reconnect_in_background(&self, member: Arc<Member>) {
+        if member.connecting() {
+            return;
+        }
+        let Some(inner) = self.weak.upgrade() else {
+            return;
+        };
+        tokio::spawn(async move {
+            let _ = inner
+                .client_for(&member, inner.option.connect_timeout)
+                .await;
+        });
+    }
+
+    /// The member's client, connecting first if it has none, within `within`. One connection
+    /// attempt per endpoint at a time: callers arriving meanwhile wait for it (up to `within`)
+    /// and share its outcome. The attempt itself runs on as a task of its own, so a caller that
+    /// gives up does not cancel it for the others.
+    pub(super) async fn client_for(
+        &self,
+        member: &Arc<Member>,
+        within: Duration,
+    ) -> Result<Client> {
+        if let Some(client) = member.client() {
+            if client.is_connected() {
+                return Ok(client);
+            }
+            if self.bidirectional {
+                // Its own supervisor is reconnecting; wait for it as for a connect.
+                return match tokio::time::timeout(within, client.connection()).await {
+                    Ok(connected) => connected.map(|_| client),
+                    Err(_) => Err(Error::ConnectTimeout(within)),
+                };
+            }
+        }
+        if self.closed.is_cancelled() {
+            return Err(Error::NotConnected(NotConnected::Closed));
+        }
+        let mut attempt = {
+            let mut connecting = member.connecting.lock().unwrap_or_else(|p| p.into_inner());
+            match connecting.as_ref() {
+                Some(rx) => rx.clone(),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    *connecting = Some(rx.clone());
+                    let inner = self
+                        .weak
+                        .upgrade()
+                        .ok_or(Error::NotConnected(NotConnected::Closed))?;
+                    let member = member.clone();
+                    tokio::spawn(async move {
+                        let result = inner.connect(&member).await;
+                        member.record(result.is_err(), inner.option.endpoint_cooldown);
+                        let shared = match result {
+                            Ok(client) => {
+                                *member.client.lock().unwrap_or_else(|p| p.into_inner()) =
+                                    Some(client.clone());
+                                Ok(client)
+                            }
+                            Err(e) => {
+                                tracing::debug!(endpoint = %member.endpoint, "connect failed: {e}");
+                                Err(e.to_string())
+                            }
+                        };
+                        *member.connecting.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                        let _ = tx.send(Some(shared));
+                    });
+                    rx
+                }
+            }
+        };
+        let outcome = tokio::time::timeout(within, attempt.wait_for(Option::is_some)).await;
+        match outcome {
+            Ok(Ok(done)) => match done.as_ref() {
+                Some(Ok(client)) => Ok(client.clone()),
+                Some(Err(cause)) => Err(Error::NotConnected(NotConnected::ConnectFailed {
+                    endpoint: member.endpoint.address.clone(),
+                    cause: cause.clone(),
+                })),
+                None => Err(Error::ConnectTimeout(within)),
+            },
+            Ok(Err(_)) => Err(Error::NotConnected(NotConnected::Closed)),
+            Err(_) => Err(Error::ConnectTimeout(within)),
+        }
+    }
+
+    /// One connection attempt to a member, within the connect timeout.
+    async fn connect(&self, member: &Member) -> Result<Client> {
+        let addr = tokio::net::lookup_host(member.endpoint.address.as_str())
+            .await?
+            .next()
+            .ok_or_else(|| Error::Config(format!("`{}` resolved to nothing", member.endpoint)))?;
+        Client::start(
+            self.link.clone(),
+            self.side.clone(),
+            self.session.clone(),
+            self.events.clone(),
+            (addr, &member.endpoint.server_name),
+            self.option.connect_timeout,
+        )
+        .await
+    }
+
+    /// Takes a new endpoint list from discovery: new endpoints are used; removed ones are
+    /// drained (calls in flight finish) and closed.
+    pub(super) fn apply(self: &Arc<Self>, endpoints: &Endpoints) {
+        let wanted: Vec<&Endpoint> = endpoints
+            .iter()
+            .filter(|e| {
+                self.option
+                    .group
+                    .as_ref()
+                    .is_none_or(|g| e.group.as_ref() == Some(g))
+            })
+            .collect();
+        let removed = self.members.replace(&wanted);
+        for member in removed {
+            let drain = self.option.call_timeout.unwrap_or(Duration::from_secs(10));
+            tokio::spawn(async move {
+                let deadline = Instant::now() + drain;
+                while member.in_flight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                if let Some(client) = member.client() {
+                    client.close().await;
+                }
+            });
+        }
+        if self.bidirectional {
+            for member in self.members.all() {
+                let inner = self.clone();
+                tokio::spawn(async move {
+                    let _ = inner
+                        .client_for(&member, inner.option.connect_timeout)
+                        .await;
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_episode_counts_once_whatever_the_number_of_callers() {
+        let member = Member::new(Endpoint::parse("quic@127.0.0.1:1").unwrap(), None);
+        let cooldown = Duration::from_secs(1);
+        // Eight callers fail on the same dead server at once: one episode, 1 s of cool-down.
+        for _ in 0..8 {
+            member.record(true, cooldown);
+        }
+        let down = member.down_for().unwrap();
+        assert!(down <= cooldown && down > cooldown / 2, "{down:?}");
+        // A success closes the breaker and forgets the failures.
+        member.record(false, cooldown);
+        assert!(!member.failed_before());
+        assert!(!member.cooling_down(Instant::now()));
+    }
+
+    #[test]
+    fn later_episodes_double_the_cool_down() {
+        let member = Member::new(Endpoint::parse("quic@127.0.0.1:1").unwrap(), None);
+        let cooldown = Duration::from_millis(1);
+        member.record(true, cooldown);
+        std::thread::sleep(Duration::from_millis(2));
+        member.record(true, cooldown);
+        let health = member.health.lock().unwrap();
+        assert_eq!(health.failures, 2);
+    }
+}

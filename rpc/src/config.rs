@@ -88,19 +88,53 @@ impl TransportOptions {
 /// Bytes of DATAGRAM frames buffered per connection and direction.
 const DATAGRAM_BUFFER: usize = 1024;
 
-/// The stateless-reset key of a server, derived from its private key: a server restarted on the
-/// same port with the same key computes the same reset tokens, so the clients of the process
+/// A server endpoint's keys that must survive a restart, derived from its private key: the
+/// stateless-reset key and the key of its connection-id checksum. A server restarted on the same
+/// port with the same key recognises the connection ids it issued before (quinn drops packets
+/// whose id fails the checksum) and computes the same reset tokens, so the clients of the process
 /// that died learn at their next packet that their connection is gone (and reconnect at once)
-/// instead of waiting for the idle timeout. Derived with a one-way function, so the key reveals
+/// instead of waiting for the idle timeout. Derived with a one-way function, so they reveal
 /// nothing about the private key.
-pub(crate) fn reset_key(private_key_der: &[u8]) -> Arc<ring::hmac::Key> {
-    let mut material = b"quicx stateless reset key v1".to_vec();
-    material.extend_from_slice(private_key_der);
-    let digest = ring::digest::digest(&ring::digest::SHA256, &material);
-    Arc::new(ring::hmac::Key::new(
-        ring::hmac::HMAC_SHA256,
-        digest.as_ref(),
-    ))
+#[derive(Clone)]
+pub(crate) struct StableKeys {
+    reset: Arc<ring::hmac::Key>,
+    cid: u64,
+}
+
+impl std::fmt::Debug for StableKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StableKeys")
+    }
+}
+
+impl StableKeys {
+    pub(crate) fn derive(private_key_der: &[u8]) -> Self {
+        let derive = |label: &[u8]| {
+            let mut material = label.to_vec();
+            material.extend_from_slice(private_key_der);
+            ring::digest::digest(&ring::digest::SHA256, &material)
+        };
+        let reset = derive(b"quicx stateless reset key v1");
+        let cid = derive(b"quicx connection id key v1");
+        let mut cid_key = [0u8; 8];
+        cid_key.copy_from_slice(&cid.as_ref()[..8]);
+        Self {
+            reset: Arc::new(ring::hmac::Key::new(
+                ring::hmac::HMAC_SHA256,
+                reset.as_ref(),
+            )),
+            cid: u64::from_le_bytes(cid_key),
+        }
+    }
+
+    fn endpoint_config(&self) -> quinn::EndpointConfig {
+        let mut config = quinn::EndpointConfig::new(self.reset.clone());
+        let cid = self.cid;
+        config.cid_generator(move || {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid))
+        });
+        config
+    }
 }
 
 /// Binds a UDP socket with the requested buffer sizes, for a quinn endpoint.
@@ -130,13 +164,13 @@ pub(crate) fn bind_socket(addr: SocketAddr, buffer: usize) -> Result<std::net::U
 pub(crate) fn endpoint(
     addr: SocketAddr,
     buffer: usize,
-    server: Option<(quinn::ServerConfig, Arc<ring::hmac::Key>)>,
+    server: Option<(quinn::ServerConfig, StableKeys)>,
 ) -> Result<quinn::Endpoint> {
     let socket = bind_socket(addr, buffer)?;
     let runtime = quinn::default_runtime()
         .ok_or_else(|| Error::Config("quicx needs a tokio runtime".into()))?;
     let (config, server) = match server {
-        Some((server, key)) => (quinn::EndpointConfig::new(key), Some(server)),
+        Some((server, keys)) => (keys.endpoint_config(), Some(server)),
         None => (quinn::EndpointConfig::default(), None),
     };
     Ok(quinn::Endpoint::new(config, server, socket, runtime)?)

@@ -138,7 +138,7 @@ impl ServerBuilder {
         })?;
         let mut quinn_config = quinn::ServerConfig::with_crypto(Arc::new(tls.quinn_config()?));
         quinn_config.transport_config(self.transport.quinn_transport(false)?);
-        let reset_key = config::reset_key(tls.private_key_der());
+        let stable_keys = config::StableKeys::derive(tls.private_key_der());
         let registry = Arc::new(Registry::new(4096));
         let side = Arc::new(Side::new(
             Role::Server {
@@ -157,7 +157,7 @@ impl ServerBuilder {
                 side,
                 registry,
                 quinn_config,
-                reset_key,
+                stable_keys,
                 socket_buffer_size: self.transport.socket_buffer_size,
                 max_connections: self.max_connections,
                 admitted: std::sync::atomic::AtomicUsize::new(0),
@@ -194,8 +194,8 @@ struct ServerInner {
     side: Arc<Side>,
     registry: Arc<Registry>,
     quinn_config: quinn::ServerConfig,
-    /// Stable across restarts with the same key: see [`config::reset_key`].
-    reset_key: Arc<ring::hmac::Key>,
+    /// Stable across restarts with the same key: see [`config::StableKeys`].
+    stable_keys: config::StableKeys,
     socket_buffer_size: usize,
     max_connections: usize,
     /// Connections accepted and not yet closed, handshakes included.
@@ -267,7 +267,7 @@ impl Server {
                 self.inner.socket_buffer_size,
                 Some((
                     self.inner.quinn_config.clone(),
-                    self.inner.reset_key.clone(),
+                    self.inner.stable_keys.clone(),
                 )),
             )?
         };

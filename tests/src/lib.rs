@@ -2,6 +2,7 @@
 //! and raw QUIC connections for protocol-level tests.
 #![forbid(unsafe_code)]
 
+pub mod child;
 pub mod relay;
 
 use std::{

@@ -1,0 +1,167 @@
+//! Servers as child processes (so a test can kill one with SIGKILL), and a black-hole UDP
+//! socket that counts the QUIC connection attempts sent to it.
+
+use std::{
+    collections::HashSet,
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use quicx::DevCertificate;
+
+/// A `quicx-test-server` child process. Killed (SIGKILL) when dropped.
+#[derive(Debug)]
+pub struct ChildServer {
+    child: Child,
+    /// Where it listens.
+    pub addr: SocketAddr,
+}
+
+/// PEM files of a development certificate in a fresh temporary directory, removed on drop.
+#[derive(Debug)]
+pub struct PemFiles {
+    dir: PathBuf,
+    /// The certificate file.
+    pub cert: PathBuf,
+    /// The private key file.
+    pub key: PathBuf,
+}
+
+impl PemFiles {
+    /// Writes `dev`'s certificate and key.
+    pub fn write(dev: &DevCertificate) -> std::io::Result<Self> {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "quicx-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir)?;
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&cert, dev.certificate_pem())?;
+        std::fs::write(&key, dev.private_key_pem())?;
+        Ok(Self { dir, cert, key })
+    }
+}
+
+impl Drop for PemFiles {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl ChildServer {
+    /// Starts `exe` (the `quicx-test-server` binary: pass `env!("CARGO_BIN_EXE_quicx-test-server")`)
+    /// on `listen` with the certificate in `pem`, answering as `name`, its `Who.Work` taking
+    /// `stall_ms`; returns once it accepts connections (at most 20 s).
+    pub fn start(
+        exe: &str,
+        pem: &PemFiles,
+        listen: &str,
+        name: &str,
+        stall_ms: u64,
+    ) -> std::io::Result<Self> {
+        let mut child = Command::new(exe)
+            .arg(&pem.cert)
+            .arg(&pem.key)
+            .arg(listen)
+            .arg(name)
+            .arg(stall_ms.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .map_err(|_| std::io::Error::other("the child server did not start"))?;
+        let addr = line
+            .trim()
+            .strip_prefix("READY ")
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("unexpected child output {line:?}")))?;
+        Ok(Self { child, addr })
+    }
+
+    /// Kills the process with SIGKILL and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A UDP socket on loopback that never answers, standing for a server that is down, and
+/// counts the distinct QUIC connection attempts (Initial packets' destination connection ids)
+/// that reach it.
+#[derive(Debug)]
+pub struct BlackHole {
+    /// Its address.
+    pub addr: SocketAddr,
+    attempts: Arc<Mutex<HashSet<Vec<u8>>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl BlackHole {
+    /// Binds it on 127.0.0.1.
+    pub async fn bind() -> std::io::Result<Self> {
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+        let addr = socket.local_addr()?;
+        let attempts = Arc::new(Mutex::new(HashSet::new()));
+        let seen = attempts.clone();
+        let task = tokio::spawn(async move {
+            let mut buf = vec![0u8; 2048];
+            while let Ok((n, _)) = socket.recv_from(&mut buf).await {
+                // Long header (0x80), Initial type (bits 0x30 == 0): version (4), dcid len, dcid.
+                let packet = &buf[..n];
+                if n > 6 && packet[0] & 0x80 != 0 && packet[0] & 0x30 == 0 {
+                    let len = usize::from(packet[5]);
+                    if let Some(dcid) = packet.get(6..6 + len) {
+                        seen.lock().unwrap().insert(dcid.to_vec());
+                    }
+                }
+            }
+        });
+        Ok(Self {
+            addr,
+            attempts,
+            task,
+        })
+    }
+
+    /// Connection attempts seen so far.
+    pub fn attempts(&self) -> usize {
+        self.attempts.lock().unwrap().len()
+    }
+}
+
+impl Drop for BlackHole {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A UDP port on loopback that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}

@@ -640,7 +640,12 @@ impl Client {
         self.inner.closed.cancel();
         let conn = self.inner.current.send_replace(None);
         if let Some(conn) = &conn {
-            conn.close_with(CloseCode::NORMAL, b"client closed");
+            if self.inner.link.owns_endpoint {
+                conn.close_with(CloseCode::NORMAL, b"client closed");
+            } else {
+                conn.close_and_flush(CloseCode::NORMAL, b"client closed", Duration::from_secs(1))
+                    .await;
+            }
             let _ = self.inner.events.send(ClientEvent::Disconnected {
                 server: self.inner.server_addr,
                 reason: DisconnectReason::ClosedLocally,
@@ -649,8 +654,6 @@ impl Client {
         if self.inner.link.owns_endpoint {
             let idle = self.inner.link.endpoint.wait_idle();
             let _ = tokio::time::timeout(Duration::from_secs(1), idle).await;
-        } else if let Some(conn) = conn {
-            conn.close_sent(Duration::from_secs(1)).await;
         }
     }
 }

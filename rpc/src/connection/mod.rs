@@ -166,12 +166,15 @@ impl Connection {
         self.inner.quic.close(code.into(), reason);
     }
 
-    /// After a close: waits until the CONNECTION_CLOSE frame has left (or `limit` passed), so
-    /// a process may exit without leaving the peer to its idle timeout. Needed where the socket
-    /// is shared and waiting for the whole endpoint to go idle is not an option.
-    pub(crate) async fn close_sent(&self, limit: Duration) {
+    /// Closes with `code`, then waits until a datagram left after the close (the
+    /// CONNECTION_CLOSE: a closed connection sends nothing else) or `limit` passed, so a process
+    /// may exit without leaving the peer to its idle timeout. For connections on a shared socket,
+    /// where waiting for the whole endpoint to go idle is not an option.
+    pub(crate) async fn close_and_flush(&self, code: CloseCode, reason: &[u8], limit: Duration) {
+        let sent_before = self.inner.quic.stats().udp_tx.datagrams;
+        self.close_with(code, reason);
         let deadline = tokio::time::Instant::now() + limit;
-        while self.inner.quic.stats().frame_tx.connection_close == 0
+        while self.inner.quic.stats().udp_tx.datagrams == sent_before
             && tokio::time::Instant::now() < deadline
         {
             tokio::time::sleep(Duration::from_millis(1)).await;

@@ -1,0 +1,168 @@
+//! Identity re-binding, shutdown, hello refusal, pushes from the wrong side and closing many
+//! clients of a shared endpoint: each a defect found in review, each test failed before its fix.
+
+use std::time::{Duration, Instant};
+
+use quicx::{
+    ClientEndpoint, Context, Error, Metadata, NotConnected, Placement, ServerEvent, Service,
+};
+use quicx_tests::start_server;
+
+#[tokio::test]
+async fn rebinding_a_connection_releases_its_old_identity() {
+    let t = start_server().await;
+    t.server.register(
+        "Auth",
+        Service::new().method("Rename", |ctx: Context, id: String| async move {
+            ctx.conn().bind_client_id(id);
+            Ok(())
+        }),
+    );
+    let client = t
+        .client()
+        .client_id("old")
+        .connect(&t.address())
+        .await
+        .unwrap();
+    let conn = t.server.client("old").expect("bound by the hello");
+    let () = client.call("Auth", "Rename", "new").await.unwrap();
+    assert_eq!(t.server.client("new"), Some(conn.clone()));
+    assert_eq!(conn.client_id().as_deref(), Some("new"));
+    assert!(
+        t.server.client("old").is_none(),
+        "the old id still finds the re-bound connection"
+    );
+    // Re-binding to the same id again is harmless.
+    let () = client.call("Auth", "Rename", "new").await.unwrap();
+    assert_eq!(t.server.client("new"), Some(conn));
+    client.close().await;
+}
+
+#[tokio::test]
+async fn a_cancelled_shutdown_still_shuts_the_server_down() {
+    let t = start_server().await;
+    let server = t.server.clone();
+    let serving = tokio::spawn(async move {
+        // `serve` on a server that is already bound waits for the shutdown like this.
+        let mut events = server.events();
+        while events.recv().await.is_ok() {}
+    });
+    let client = t.client().connect(&t.address()).await.unwrap();
+    let conn = client.connection().await.unwrap();
+    let slow = {
+        let client = client.clone();
+        tokio::spawn(async move { client.call::<_, u64>("Arith", "Sleep", &10_000u64).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The caller gives up on the shutdown half-way through the drain.
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(50),
+        t.server.shutdown(Duration::from_millis(300)),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the drain takes longer than 50 ms");
+    // The shutdown goes on by itself: the call is cancelled, the connection closed.
+    let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+    assert!(
+        matches!(closed, Ok(Error::ShuttingDown)),
+        "connection not closed by the shutdown: {closed:?}"
+    );
+    assert!(matches!(slow.await.unwrap(), Err(Error::ShuttingDown)));
+    // A second shutdown call returns the first one's result at once.
+    let started = Instant::now();
+    assert!(!t.server.shutdown(Duration::from_secs(10)).await);
+    assert!(started.elapsed() < Duration::from_secs(1));
+    serving.abort();
+}
+
+#[tokio::test]
+async fn a_client_cannot_push_and_learns_it_at_once() {
+    let t = start_server().await;
+    let client = t.client().connect(&t.address()).await.unwrap();
+    let conn = client.connection().await.unwrap();
+    let started = Instant::now();
+    let err = conn
+        .send_message("p", "m", Metadata::new(), b"x")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::WrongSide(_)), "{err:?}");
+    assert!(started.elapsed() < Duration::from_millis(100));
+    client.close().await;
+}
+
+#[tokio::test]
+async fn a_refused_hello_is_a_typed_error() {
+    let t = start_server().await;
+    let err = t
+        .client()
+        .client_id("")
+        .connect(&t.address())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::HelloRefused(ref m) if m.contains("empty")),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn sending_to_an_unknown_client_is_a_typed_error() {
+    let t = start_server().await;
+    let err = t
+        .server
+        .send_to_client("nobody", "p", "m", Metadata::new(), b"x")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::NotConnected(NotConnected::NoClient(ref id)) if id == "nobody"),
+        "{err:?}"
+    );
+}
+
+/// Clients sharing one endpoint, closed one by one, then their runtime (as a process exiting)
+/// is gone at once: the server must see every disconnect right away, not at its idle timeout.
+#[tokio::test]
+async fn closing_clients_of_a_shared_endpoint_reaches_the_server_before_exit() {
+    const CLIENTS: usize = 50;
+    let t = quicx_tests::start_server_with(|b| b.idle_timeout(Duration::from_secs(30))).await;
+    let mut events = t.server.events();
+    let address = t.address();
+    let dev = t.dev.clone();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let shared = ClientEndpoint::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+            let mut clients = Vec::new();
+            for _ in 0..CLIENTS {
+                let client = quicx_tests::client_builder(&dev)
+                    .endpoint(&shared)
+                    .placement(Placement::CallerRuntime)
+                    .connect(&address)
+                    .await
+                    .unwrap();
+                clients.push(client);
+            }
+            for client in &clients {
+                client.close().await;
+            }
+        });
+        // The runtime, the endpoint and its socket go away here, as in a process that exits.
+        drop(runtime);
+    })
+    .join()
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut disconnected = 0;
+    while disconnected < CLIENTS {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, events.recv()).await {
+            Ok(Ok(ServerEvent::Disconnected { .. })) => disconnected += 1,
+            Ok(Ok(_)) => {}
+            other => panic!("{disconnected} of {CLIENTS} disconnects seen: {other:?}"),
+        }
+    }
+    assert!(t.server.connections().is_empty());
+}

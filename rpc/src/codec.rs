@@ -64,10 +64,21 @@ impl Codec {
         }
     }
 
-    /// Decodes a value, failing with [`Error::Decode`] on malformed input.
+    /// Decodes a value, failing with [`Error::Decode`] on malformed input, including bytes left
+    /// over after the value (postcard; JSON allows only trailing whitespace).
     pub fn decode<T: DeserializeOwned>(self, bytes: &[u8]) -> Result<T> {
         match self {
-            Self::Postcard => postcard::from_bytes(bytes).map_err(|e| Error::Decode(e.to_string())),
+            Self::Postcard => {
+                let (value, rest) =
+                    postcard::take_from_bytes(bytes).map_err(|e| Error::Decode(e.to_string()))?;
+                if !rest.is_empty() {
+                    return Err(Error::Decode(format!(
+                        "{} trailing bytes after the value",
+                        rest.len()
+                    )));
+                }
+                Ok(value)
+            }
             Self::Json => serde_json::from_slice(bytes).map_err(|e| Error::Decode(e.to_string())),
         }
     }
@@ -90,5 +101,35 @@ mod tests {
             ));
         }
         assert_eq!(Codec::from_wire(9), None);
+    }
+
+    #[test]
+    fn trailing_bytes_are_a_decode_error() {
+        let mut bytes = Codec::Postcard.encode(&(10u32, 20u32)).unwrap().to_vec();
+        bytes.push(0);
+        assert!(matches!(
+            Codec::Postcard.decode::<(u32, u32)>(&bytes),
+            Err(Error::Decode(m)) if m.contains("trailing")
+        ));
+        assert!(Codec::Json.decode::<u32>(b"10 x").is_err());
+        assert_eq!(Codec::Json.decode::<u32>(b"10 ").unwrap(), 10);
+    }
+
+    /// The JSON example of `docs/PROTOCOL.md`: serde's field names, as written.
+    #[test]
+    fn documented_json_payloads() {
+        #[derive(serde::Serialize)]
+        struct Args {
+            a: i64,
+            b: i64,
+        }
+        #[derive(serde::Serialize)]
+        struct Reply {
+            c: i64,
+        }
+        let args = Codec::Json.encode(&Args { a: 10, b: 20 }).unwrap();
+        assert_eq!(&args[..], br#"{"a":10,"b":20}"#);
+        let reply = Codec::Json.encode(&Reply { c: 200 }).unwrap();
+        assert_eq!(&reply[..], br#"{"c":200}"#);
     }
 }

@@ -117,13 +117,32 @@
 //! # Ok(()) }
 //! ```
 //!
+//! ## How streams are used
+//!
+//! Everything rides QUIC streams of one connection per client and server; nothing is
+//! multiplexed by hand:
+//!
+//! | what | stream | opened by |
+//! |---|---|---|
+//! | a call, a hello | bidirectional: request frame, then response frame | client |
+//! | a reverse call, a push with receipt | bidirectional | server |
+//! | a push | unidirectional: one frame | server |
+//!
+//! A frame is a 5-byte prefix, a postcard header and the payload to the end of the stream, so a
+//! slow or cancelled call never blocks another, and cancelling is resetting one stream. While
+//! calls wait on a silent peer, empty QUIC DATAGRAM frames probe it (see
+//! [`TransportOptions::unresponsive_timeout`]). `docs/PROTOCOL.md` specifies every byte.
+//!
 //! ## Errors
 //!
-//! Every failure is a variant of [`Error`]: [`Error::UnknownService`], [`Error::UnknownMethod`],
-//! [`Error::Decode`], [`Error::TooLarge`], [`Error::Timeout`], [`Error::Remote`] (the handler's
-//! own [`ServiceError`] with its code and message), [`Error::ConnectionLost`],
-//! [`Error::Handshake`], ... Fail modes retry only transport errors
-//! ([`Error::is_transport`]); a handler's error is returned at once.
+//! Every failure is a variant of [`Error`], one per failure a caller handles differently:
+//! [`Error::UnknownService`], [`Error::UnknownMethod`], [`Error::Decode`], [`Error::TooLarge`],
+//! [`Error::DeadlineExceeded`], [`Error::ConnectTimeout`], [`Error::PushTimeout`],
+//! [`Error::PeerUnresponsive`], [`Error::Remote`] (the handler's own [`ServiceError`] with its
+//! code and message), [`Error::ConnectionLost`] (with quinn's typed cause),
+//! [`Error::Handshake`], [`Error::HelloRefused`], ... Fail modes retry only transport errors
+//! ([`Error::is_transport`]); a handler's error is returned at once. Wire codes are typed
+//! ([`StreamCode`], [`CloseCode`], [`status`]).
 //!
 //! ## Security
 //!
@@ -132,6 +151,36 @@
 //! ([`ServerTls::from_pem_files`], [`ClientTls::trust_pem_file`]). Client certificates (mTLS)
 //! are verified against a CA and the certificate's common name becomes the client identity. The
 //! only way to skip verification is [`ClientTls::insecure_skip_server_verification`].
+//!
+//! ## Non-goals
+//!
+//! - **Not a transport for arbitrary streams.** One request and one response per call; a large
+//!   transfer is a payload (up to [`Limits::max_payload_size`]), not a byte stream.
+//! - **No reflection, no IDL.** Services are Rust closures over serde types; other languages
+//!   speak the documented wire format (JSON payloads make that easy).
+//! - **No exactly-once calls.** A call that fails with a transport error may or may not have
+//!   run; fail modes retry such calls, so make retried methods idempotent (or use
+//!   [`FailMode::Failfast`]).
+//! - **No coordination protocol of its own.** Discovery plugs in ([`discovery`]); agreement
+//!   belongs to existing engines.
+//!
+//! ## Common issues
+//!
+//! - **`Error::Handshake` on connect**: the client does not trust the server's certificate, or
+//!   the name differs. Pass the certificate ([`ClientTls::trust`]) and the name it carries
+//!   ([`ClientBuilder::server_name`], or [`Endpoint::with_server_name`](discovery::Endpoint::with_server_name)).
+//! - **A handler stalls every other call**: an async handler must not block its thread
+//!   (`std::thread::sleep`, blocking I/O, long CPU work): a server runs its handlers on its I/O
+//!   thread. Use `tokio::task::spawn_blocking` inside the handler for such work.
+//! - **A oneway call or a push "got lost" at exit**: they return once handed to QUIC. Close the
+//!   client with [`Client::close`] (which waits until the close was sent) rather than dropping
+//!   it, and use a normal call or [`Connection::send_message_with_receipt`] when delivery
+//!   matters.
+//! - **Calls wait the whole deadline on a dead server**: the liveness probes need DATAGRAM
+//!   support on both sides (quicx has it); with
+//!   [`TransportOptions::unresponsive_timeout`] set to `None` only the idle timeout (15 s)
+//!   notices a killed peer.
+//! - **`Error::WrongSide`**: pushes go from a server to its clients only; a client calls.
 //!
 //! The wire protocol is specified in `docs/PROTOCOL.md`.
 #![forbid(unsafe_code)]

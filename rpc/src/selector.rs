@@ -31,8 +31,8 @@ pub struct SelectInfo<'a> {
     pub service_method: &'a str,
     /// The encoded arguments.
     pub args: &'a [u8],
-    /// A routing key the caller chose ([`CallOptions`](crate::CallOptions) metadata
-    /// `quicx-route-key`), which [`ConsistentHash`] prefers over path/method/args.
+    /// A routing key the caller chose ([`CallOptions::route_key`](crate::CallOptions::route_key),
+    /// never sent on the wire), which [`ConsistentHash`] prefers over path/method/args.
     pub key: Option<&'a str>,
 }
 
@@ -150,7 +150,8 @@ impl Selector for WeightedRoundRobin {
 }
 
 /// [`SelectMode::ConsistentHash`]: rendezvous (highest random weight) hashing of the routing
-/// key — the caller's `quicx-route-key`, else service path, method and arguments.
+/// key — the caller's [`CallOptions::route_key`](crate::CallOptions::route_key), else service
+/// path, method and arguments.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ConsistentHash;
 

@@ -106,7 +106,7 @@ impl ServerBuilder {
     }
 
     /// How long `send_message` may wait for the client (stream credit, flow control) before it
-    /// fails with [`Error::Timeout`]. Default 10 s.
+    /// fails with [`Error::PushTimeout`]. Default 10 s.
     #[must_use]
     pub fn push_timeout(mut self, timeout: Duration) -> Self {
         self.push_timeout = timeout;

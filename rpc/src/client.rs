@@ -113,27 +113,6 @@ impl ClientBuilder {
         self
     }
 
-    /// Idle timeout (default 15 s).
-    #[must_use]
-    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
-        self.transport.idle_timeout = timeout;
-        self
-    }
-
-    /// Keep-alive interval (default 5 s).
-    #[must_use]
-    pub fn keep_alive_interval(mut self, interval: Option<Duration>) -> Self {
-        self.transport.keep_alive_interval = interval;
-        self
-    }
-
-    /// Frame size limits.
-    #[must_use]
-    pub fn limits(mut self, limits: crate::Limits) -> Self {
-        self.transport.limits = limits;
-        self
-    }
-
     /// Default timeout of every call (default 30 s; `None` waits forever).
     #[must_use]
     pub fn call_timeout(mut self, timeout: Option<Duration>) -> Self {

@@ -4,9 +4,24 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use crate::{Error, Limits, Result};
 
-/// QUIC transport settings. The defaults suit both backend services and device fleets: a dead
-/// peer is noticed within `idle_timeout` (15 s), keep-alives every 5 s hold NAT bindings open, and
-/// up to 1,024 concurrent calls per connection never queue behind the stream limit.
+/// QUIC transport settings, the one place for them: [`ServerBuilder::transport`],
+/// [`ClientBuilder::transport`] and [`ClientOption::transport`] all take this. The defaults suit
+/// both backend services and device fleets: a dead peer is noticed within `idle_timeout` (15 s),
+/// or within 1.5 s while calls wait on it; keep-alives every 5 s hold NAT bindings open; up to
+/// 1,024 concurrent calls per connection never queue behind the stream limit.
+///
+/// ```
+/// use std::time::Duration;
+/// let transport = quicx::TransportOptions::default()
+///     .idle_timeout(Duration::from_secs(30))
+///     .keep_alive_interval(Some(Duration::from_secs(10)));
+/// let builder = quicx::Server::builder().transport(transport);
+/// # let _ = builder;
+/// ```
+///
+/// [`ServerBuilder::transport`]: crate::ServerBuilder::transport
+/// [`ClientBuilder::transport`]: crate::ClientBuilder::transport
+/// [`ClientOption::transport`]: crate::ClientOption::transport
 #[derive(Debug, Clone)]
 pub struct TransportOptions {
     /// Send a keep-alive when the connection was quiet this long. `None` disables keep-alives.
@@ -53,6 +68,42 @@ impl Default for TransportOptions {
 }
 
 impl TransportOptions {
+    /// Keep-alive interval (default 5 s); `None` disables keep-alives.
+    #[must_use]
+    pub fn keep_alive_interval(mut self, interval: Option<Duration>) -> Self {
+        self.keep_alive_interval = interval;
+        self
+    }
+
+    /// Idle timeout (default 15 s): a peer that sends nothing this long is considered gone.
+    #[must_use]
+    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
+        self.idle_timeout = timeout;
+        self
+    }
+
+    /// Concurrent calls the peer may have open towards this side (default 1,024).
+    #[must_use]
+    pub fn max_concurrent_calls(mut self, n: u32) -> Self {
+        self.max_concurrent_calls = n;
+        self
+    }
+
+    /// Frame size limits.
+    #[must_use]
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// How long a silent peer may leave calls waiting before its connection is closed (default
+    /// 1.5 s); `None` turns the liveness probes off.
+    #[must_use]
+    pub fn unresponsive_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.unresponsive_timeout = timeout;
+        self
+    }
+
     /// The concurrent-call limit a connection starts with.
     pub(crate) fn starting_calls(&self) -> u32 {
         self.initial_concurrent_calls.min(self.max_concurrent_calls)

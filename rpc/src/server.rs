@@ -12,8 +12,8 @@ use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    Connection, DevCertificate, DisconnectReason, Error, Limits, Metadata, Result, ServerEvent,
-    ServerTls, Service, Stats, TransportOptions, config,
+    Connection, DevCertificate, DisconnectReason, Error, Metadata, Result, ServerEvent, ServerTls,
+    Service, Stats, TransportOptions, config,
     connection::{
         self,
         registry::Registry,
@@ -32,7 +32,7 @@ use crate::{
 /// let dev = quicx::DevCertificate::localhost()?;
 /// let server = quicx::Server::builder()
 ///     .tls(quicx::ServerTls::from_dev(&dev))
-///     .idle_timeout(std::time::Duration::from_secs(5))
+///     .transport(quicx::TransportOptions::default().idle_timeout(std::time::Duration::from_secs(5)))
 ///     .build()?;
 /// # let _ = server;
 /// # Ok(())
@@ -74,34 +74,6 @@ impl ServerBuilder {
     #[must_use]
     pub fn transport(mut self, transport: TransportOptions) -> Self {
         self.transport = transport;
-        self
-    }
-
-    /// Keep-alive interval (default 5 s); `None` disables keep-alives.
-    #[must_use]
-    pub fn keep_alive_interval(mut self, interval: Option<Duration>) -> Self {
-        self.transport.keep_alive_interval = interval;
-        self
-    }
-
-    /// Idle timeout (default 15 s): a client that sends nothing this long is considered gone.
-    #[must_use]
-    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
-        self.transport.idle_timeout = timeout;
-        self
-    }
-
-    /// Concurrent calls per connection (default 1,024).
-    #[must_use]
-    pub fn max_concurrent_calls(mut self, n: u32) -> Self {
-        self.transport.max_concurrent_calls = n;
-        self
-    }
-
-    /// Frame size limits.
-    #[must_use]
-    pub fn limits(mut self, limits: Limits) -> Self {
-        self.transport.limits = limits;
         self
     }
 

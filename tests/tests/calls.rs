@@ -3,7 +3,9 @@
 
 use std::{sync::atomic::Ordering, time::Duration};
 
-use quicx::{ALPN, CallOptions, ClientTls, Codec, Error, FramePart, Limits, StreamCode};
+use quicx::{
+    ALPN, CallOptions, ClientTls, Codec, Error, FramePart, Limits, StreamCode, TransportOptions,
+};
 use quicx_tests::{Args, DIVIDE_BY_ZERO, Reply, raw_connection, start_server, start_server_with};
 
 #[tokio::test]
@@ -113,7 +115,7 @@ async fn oversized_request_is_typed_and_connection_keeps_serving() {
         max_header_size: 1024,
         max_payload_size: 1024,
     };
-    let t = start_server_with(|b| b.limits(small)).await;
+    let t = start_server_with(|b| b.transport(TransportOptions::default().limits(small))).await;
     // The client allows more than the server, so the server's own check is exercised.
     let client = t.client().connect(&t.address()).await.unwrap();
     let big = vec![7u8; 64 * 1024];
@@ -158,7 +160,7 @@ async fn oversized_request_is_typed_and_connection_keeps_serving() {
     // The client checks its own limit before sending anything.
     let strict = t
         .client()
-        .limits(small)
+        .transport(TransportOptions::default().limits(small))
         .connect(&t.address())
         .await
         .unwrap();

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use quicx::{
     ClientEndpoint, Context, Error, Metadata, NotConnected, Placement, ServerEvent, Service,
+    TransportOptions,
 };
 use quicx_tests::start_server;
 
@@ -124,7 +125,10 @@ async fn sending_to_an_unknown_client_is_a_typed_error() {
 #[tokio::test]
 async fn closing_clients_of_a_shared_endpoint_reaches_the_server_before_exit() {
     const CLIENTS: usize = 50;
-    let t = quicx_tests::start_server_with(|b| b.idle_timeout(Duration::from_secs(30))).await;
+    let t = quicx_tests::start_server_with(|b| {
+        b.transport(TransportOptions::default().idle_timeout(Duration::from_secs(30)))
+    })
+    .await;
     let mut events = t.server.events();
     let address = t.address();
     let dev = t.dev.clone();

@@ -280,8 +280,11 @@ async fn child_client_process() {
 async fn push_to_killed_client_fails_and_registry_drops_it() {
     let idle = Duration::from_secs(2);
     let t = start_server_with(|b| {
-        b.idle_timeout(idle)
-            .keep_alive_interval(Some(Duration::from_millis(500)))
+        b.transport(
+            TransportOptions::default()
+                .idle_timeout(idle)
+                .keep_alive_interval(Some(Duration::from_millis(500))),
+        )
     })
     .await;
     let mut events = t.server.events();

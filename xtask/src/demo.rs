@@ -8,7 +8,7 @@ use std::{
 use anyhow::{Context as _, bail, ensure};
 use quicx::{
     Client, ClientEvent, ClientTls, Context, DevCertificate, Metadata, PushReceiver, Server,
-    ServerEvent, Service, push_channel,
+    ServerEvent, Service, TransportOptions, push_channel,
 };
 use serde::{Deserialize, Serialize};
 
@@ -125,7 +125,7 @@ async fn demo() -> anyhow::Result<()> {
     let dev = DevCertificate::localhost()?;
     let server = Server::builder()
         .dev_certificate(&dev)
-        .idle_timeout(Duration::from_secs(5))
+        .transport(TransportOptions::default().idle_timeout(Duration::from_secs(5)))
         .build()?;
     server.register(
         "Arith",

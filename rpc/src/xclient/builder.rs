@@ -5,7 +5,7 @@ use std::{sync::Arc, time::Duration};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-use super::{XClient, XInner, endpoints::Members};
+use super::{XClient, Core, endpoints::Members};
 use crate::{
     ClientTls, FailMode, Metadata, Placement, PushSender, Result, SelectMode, Service,
     TransportOptions,
@@ -209,7 +209,7 @@ impl XClientBuilder {
             max_backoff: Duration::from_secs(2),
             connect_timeout: option.connect_timeout,
         };
-        let inner = Arc::new_cyclic(|weak| XInner {
+        let inner = Arc::new_cyclic(|weak| Core {
             weak: weak.clone(),
             service_path: self.service_path,
             policy: option.policy(self.fail_mode),

@@ -12,7 +12,7 @@ use std::{
 
 use tokio::sync::watch;
 
-use super::XInner;
+use super::Core;
 use crate::{
     Client, Error, Result,
     discovery::{Endpoint, Endpoints},
@@ -162,7 +162,7 @@ impl Members {
     }
 }
 
-impl XInner {
+impl Core {
     /// Picks an endpoint for an attempt, avoiding `tried`.
     ///
     /// Preference: endpoints not cooling down; among those, while any has a live connection,

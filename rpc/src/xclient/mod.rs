@@ -64,7 +64,7 @@ use crate::{
 /// ```
 #[derive(Clone)]
 pub struct XClient {
-    inner: Arc<XInner>,
+    inner: Arc<Core>,
 }
 
 impl fmt::Debug for XClient {
@@ -78,7 +78,7 @@ impl fmt::Debug for XClient {
 }
 
 /// Everything one XClient holds.
-struct XInner {
+struct Core {
     weak: Weak<Self>,
     service_path: String,
     fail_mode: FailMode,
@@ -120,7 +120,7 @@ impl Deadline {
     }
 }
 
-impl XInner {
+impl Core {
     /// One attempt on one endpoint, within what is left of the deadline: connect if needed
     /// (within the connect timeout too), then call. Counted in the member's in-flight calls;
     /// its outcome in the member's health.

@@ -204,3 +204,15 @@ async fn clients_of_a_server_restarted_on_the_same_port_reconnect_within_1s() {
     );
     client.close().await;
 }
+
+#[tokio::test]
+async fn a_slow_handler_on_a_live_server_is_not_mistaken_for_a_dead_one() {
+    let t = quicx_tests::start_server().await;
+    let client = t.client().connect(&t.address()).await.unwrap();
+    let conn = client.connection().await.unwrap();
+    // Twice the unresponsive timeout: the server acknowledges the probes meanwhile.
+    let slept: u64 = client.call("Arith", "Sleep", &3_000u64).await.unwrap();
+    assert_eq!(slept, 3_000);
+    assert!(!conn.is_closed());
+    client.close().await;
+}

@@ -60,7 +60,11 @@ impl Connection {
         let limit = self.inner.side.unresponsive_timeout?;
         let liveness = &self.inner.liveness;
         liveness.waiting.fetch_add(1, Ordering::AcqRel);
-        if !liveness.running.swap(true, Ordering::AcqRel) {
+        // Load first: on a busy connection the probe runs, and a plain load keeps the flag's
+        // cache line shared between the threads that make calls.
+        if !liveness.running.load(Ordering::Acquire)
+            && !liveness.running.swap(true, Ordering::AcqRel)
+        {
             let weak = Arc::downgrade(&self.inner);
             tokio::spawn(probe(weak, limit));
         }

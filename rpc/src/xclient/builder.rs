@@ -5,7 +5,7 @@ use std::{sync::Arc, time::Duration};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
-use super::{XClient, Core, endpoints::Members};
+use super::{Core, XClient, endpoints::Members};
 use crate::{
     ClientTls, FailMode, Metadata, Placement, PushSender, Result, SelectMode, Service,
     TransportOptions,

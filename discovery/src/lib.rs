@@ -39,8 +39,8 @@ mod mdns;
 pub mod sandbox;
 
 pub use mdns::{
-    Announcement, Interfaces, MdnsAdvertiser, MdnsDiscovery, MdnsOptions, MdnsRegistration,
-    SERVICE_TYPE,
+    Announcement, Interfaces, MDNS_VERIFY_TIMEOUT, MdnsAdvertiser, MdnsDiscovery, MdnsOptions,
+    MdnsRegistration, SERVICE_TYPE,
 };
 
 /// Errors of discovery backends.
@@ -152,9 +152,11 @@ pub type Endpoints = Arc<Vec<Endpoint>>;
 /// Implementations publish their list through a `tokio::sync::watch` channel:
 /// [`endpoints`](LocalDiscovery::endpoints) returns the list (waiting briefly for a first answer
 /// where the backend needs one, as mDNS does), and [`watch`](LocalDiscovery::watch) sees every
-/// later change. `Discovery` is the `Send` variant (made with `trait_variant`) that `XClient`
-/// takes; implement that one. Call it as `Discovery::endpoints(&d)` where both traits are in
-/// scope.
+/// later change. A caller that fails to reach an endpoint tells the backend with
+/// [`report_unreachable`](LocalDiscovery::report_unreachable), so a backend that can check
+/// (mDNS) drops a server that is gone sooner than its records would expire. `Discovery` is the
+/// `Send` variant (made with `trait_variant`) that `XClient` takes; implement that one. Call it
+/// as `Discovery::endpoints(&d)` where both traits are in scope.
 #[trait_variant::make(Discovery: Send)]
 pub trait LocalDiscovery {
     /// The endpoints known now. May be empty.
@@ -162,6 +164,16 @@ pub trait LocalDiscovery {
 
     /// A receiver that sees every later change of the list.
     fn watch(&self) -> watch::Receiver<Endpoints>;
+
+    /// A caller could not reach `endpoint` (connection attempt failed, or the peer stopped
+    /// answering). Backends that can check (mDNS) verify it and drop it from the list if it is
+    /// gone; the default does nothing.
+    ///
+    /// It returns at once (any check runs in the background) and may be called often, from
+    /// many callers, for the same endpoint: backends rate-limit their checks.
+    fn report_unreachable(&self, endpoint: &Endpoint) {
+        let _ = endpoint;
+    }
 }
 
 /// Waits until `discovery` knows at least one endpoint or `timeout` passes; returns the list.
@@ -294,5 +306,19 @@ mod tests {
         assert_eq!(Discovery::endpoints(&d).await.len(), 2);
         let got = wait_for_endpoints(&d, std::time::Duration::from_millis(10)).await;
         assert_eq!(got.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn report_unreachable_defaults_to_nothing() {
+        let e = Endpoint::parse("127.0.0.1:1").unwrap();
+        let d = MultipleServersDiscovery::new(vec![e.clone()]);
+        // Through the `Send` variant, the local one, and a generic `D: Discovery`.
+        Discovery::report_unreachable(&d, &e);
+        LocalDiscovery::report_unreachable(&d, &e);
+        fn report<D: Discovery>(d: &D, e: &Endpoint) {
+            d.report_unreachable(e);
+        }
+        report(&d, &e);
+        assert_eq!(d.current().as_slice(), [e]);
     }
 }

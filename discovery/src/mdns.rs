@@ -4,12 +4,15 @@
 //! Record lifetimes are mdns-sd's (0.21): SRV, A and AAAA records carry a TTL of 120 s, PTR and
 //! TXT records 4500 s, and mdns-sd offers no public way to change them. A browser drops a server
 //! when its SRV record expires, so a server that crashes (sends no goodbye) stays listed for up
-//! to 120 s; one that withdraws cleanly disappears within about a second.
+//! to 120 s; one that withdraws cleanly disappears within about a second. A caller that fails to
+//! reach a crashed server shortens that with [`Discovery::report_unreachable`]: the browser asks
+//! the network to confirm the server's records (RFC 6762 §10.4, "cache flush on failure
+//! indication") and drops it when nobody answers, about [`MDNS_VERIFY_TIMEOUT`] later.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     fmt,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex, PoisonError},
     time::{Duration, Instant},
 };
@@ -37,6 +40,26 @@ const GOODBYE_REPEAT_MS: u64 = 120;
 /// How long after an unregister both goodbyes are surely out: the repeat plus slack for the
 /// daemon thread to wake up and send it.
 const GOODBYES_SENT_AFTER: Duration = Duration::from_millis(GOODBYE_REPEAT_MS + 100);
+
+/// How long a browser waits for a server reported unreachable to confirm its records before it
+/// drops them (the `timeout` of mdns-sd's `ServiceDaemon::verify`).
+///
+/// mdns-sd 0.21 queries the instance's SRV record and its host's A and AAAA records at once and
+/// again 1 s later (a fixed resend in its `exec_command_verify`), and moves the expiry of the
+/// cached SRV and address records to `now + timeout`; any answer restores their TTL, otherwise
+/// they expire then and browsers get `ServiceRemoved`. It enforces no minimum, but below 1 s the
+/// resend never goes out (the records are gone by then) and RFC 6762 §10.4 asks for two or more
+/// queries. 2 s sends both and leaves a live responder a full second to answer the second, which
+/// is also enough when its answer to the first was held back by the one-second-per-record
+/// multicast rate limit (RFC 6762 §6) that mdns-sd's responder applies. The RFC's 10 s (mdns-sd's
+/// `VERIFY_TIMEOUT_DEFAULT`) is meant for a hint from anywhere; here it follows a failed
+/// connection attempt, and a crashed server should leave the list in seconds.
+pub const MDNS_VERIFY_TIMEOUT: Duration = Duration::from_secs(2);
+/// The least time between two verifications of one instance, however often it is reported:
+/// longer than [`MDNS_VERIFY_TIMEOUT`], so at most one is in flight, and it caps the queries that a
+/// flood of reports about a server that answers mDNS but not QUIC sends (three questions, twice,
+/// per instance every 5 s).
+const VERIFY_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Which network interfaces the mDNS daemon uses.
 ///
@@ -115,10 +138,15 @@ fn start_daemon(options: &MdnsOptions) -> Result<ServiceDaemon, DiscoveryError> 
 /// TXT keys other than `service`, `server_name`, `weight` and `group` land in
 /// [`Endpoint::metadata`], spelled as the responder spelled them.
 ///
+/// A server that crashes sends no goodbye and would stay listed until its records expire (up
+/// to 120 s); [`report_unreachable`](Discovery::report_unreachable) asks the network to confirm
+/// it and drops it about [`MDNS_VERIFY_TIMEOUT`] later if nobody answers.
+///
 /// Dropping it stops the daemon.
 pub struct MdnsDiscovery {
     service_name: String,
     tx: Arc<watch::Sender<Endpoints>>,
+    resolved: Arc<Mutex<Resolved>>,
     daemon: ServiceDaemon,
     initial_wait: Duration,
 }
@@ -132,6 +160,71 @@ impl fmt::Debug for MdnsDiscovery {
     }
 }
 
+/// The instances of the wanted service a browser knows, shared by its browse thread (which
+/// follows mdns-sd's events) and [`MdnsDiscovery::report_unreachable`] (which maps an endpoint
+/// back to the instances that produced it).
+#[derive(Debug, Default)]
+struct Resolved {
+    /// The endpoint of each instance, by instance full name (`arith-1._quicx._udp.local.`).
+    endpoints: HashMap<String, Endpoint>,
+    /// When each instance was last sent to verification, for the rate limit; entries older than
+    /// [`VERIFY_INTERVAL`] are pruned.
+    verified_at: HashMap<String, Instant>,
+}
+
+impl Resolved {
+    /// Records `fullname`'s endpoint; true if the list changed.
+    fn insert(&mut self, fullname: &str, endpoint: Endpoint) -> bool {
+        self.endpoints.insert(fullname.to_owned(), endpoint.clone()) != Some(endpoint)
+    }
+
+    /// Forgets `fullname`; true if the list changed.
+    fn remove(&mut self, fullname: &str) -> bool {
+        self.verified_at.remove(fullname);
+        self.endpoints.remove(fullname).is_some()
+    }
+
+    /// The list to publish, sorted.
+    fn list(&self) -> Vec<Endpoint> {
+        let mut list: Vec<Endpoint> = self.endpoints.values().cloned().collect();
+        list.sort();
+        list
+    }
+
+    /// The instances at `address` to verify at `now`: those not verified in the last
+    /// [`VERIFY_INTERVAL`]. Marks them as verified at `now`.
+    fn due_for_verification(&mut self, address: &str, now: Instant) -> Vec<String> {
+        self.verified_at
+            .retain(|_, at| now.saturating_duration_since(*at) < VERIFY_INTERVAL);
+        let due: Vec<String> = self
+            .endpoints
+            .iter()
+            .filter(|(name, e)| {
+                same_address(&e.address, address) && !self.verified_at.contains_key(*name)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in &due {
+            self.verified_at.insert(name.clone(), now);
+        }
+        due
+    }
+}
+
+/// Whether two `ip:port` strings name the same socket address (`[::1]:1` and
+/// `[0:0:0:0:0:0:0:1]:1` do); anything that does not parse must match exactly.
+fn same_address(a: &str, b: &str) -> bool {
+    a == b
+        || matches!(
+            (a.parse::<SocketAddr>(), b.parse::<SocketAddr>()),
+            (Ok(x), Ok(y)) if x == y
+        )
+}
+
+fn lock(resolved: &Mutex<Resolved>) -> std::sync::MutexGuard<'_, Resolved> {
+    resolved.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 impl MdnsDiscovery {
     /// Browses for servers announcing `service_name`.
     pub fn new(service_name: &str, options: &MdnsOptions) -> Result<Self, DiscoveryError> {
@@ -139,29 +232,39 @@ impl MdnsDiscovery {
         let events = daemon.browse(SERVICE_TYPE).map_err(mdns_err)?;
         let tx = Arc::new(watch::Sender::new(Endpoints::default()));
         let publish = tx.clone();
+        let resolved = Arc::new(Mutex::new(Resolved::default()));
+        let found = resolved.clone();
         let wanted = service_name.to_owned();
         std::thread::Builder::new()
             .name("quicx-mdns-browse".into())
             .spawn(move || {
-                let mut found: HashMap<String, Endpoint> = HashMap::new();
                 while let Ok(event) = events.recv() {
+                    let mut found = lock(&found);
                     let changed = match event {
                         ServiceEvent::ServiceResolved(info) => {
                             let fullname = info.get_fullname();
                             match endpoint_of(&info, &wanted) {
-                                Some(e) => found.insert(fullname.to_owned(), e.clone()) != Some(e),
+                                Some(e) => found.insert(fullname, e),
                                 // Another service, or an instance whose TXT record no longer
                                 // names ours.
-                                None => found.remove(fullname).is_some(),
+                                None => found.remove(fullname),
                             }
                         }
-                        ServiceEvent::ServiceRemoved(_, fullname) => found.remove(&fullname).is_some(),
+                        // A goodbye, an expired SRV record, or a verification nobody answered
+                        // (`report_unreachable`).
+                        ServiceEvent::ServiceRemoved(_, fullname) => {
+                            let removed = found.remove(&fullname);
+                            if removed {
+                                tracing::debug!(service = %wanted, instance = %fullname, "mDNS instance removed");
+                            }
+                            removed
+                        }
                         ServiceEvent::SearchStopped(_) => break,
                         _ => false,
                     };
-                    if changed {
-                        let mut list: Vec<Endpoint> = found.values().cloned().collect();
-                        list.sort();
+                    let list = changed.then(|| found.list());
+                    drop(found);
+                    if let Some(list) = list {
                         tracing::debug!(service = %wanted, endpoints = list.len(), "mDNS endpoints changed");
                         publish.send_replace(Arc::new(list));
                     }
@@ -171,6 +274,7 @@ impl MdnsDiscovery {
         Ok(Self {
             service_name: service_name.to_owned(),
             tx,
+            resolved,
             daemon,
             initial_wait: Duration::from_secs(2),
         })
@@ -279,6 +383,45 @@ impl Discovery for MdnsDiscovery {
 
     fn watch(&self) -> watch::Receiver<Endpoints> {
         self.tx.subscribe()
+    }
+
+    /// Verifies the instances announcing `endpoint` (matched by `address`) as RFC 6762 §10.4
+    /// describes: mdns-sd queries their SRV and address records, twice, 1 s apart, and flushes
+    /// them if no answer comes within [`MDNS_VERIFY_TIMEOUT`] (2 s); the endpoint then leaves the
+    /// list. A server that answers stays listed (one whose answers are all lost is dropped too,
+    /// and listed again when its records are next seen on the network, for example in an answer
+    /// to another browser). Each instance is verified at most once every 5 s, however often it
+    /// is reported; endpoints this discovery does not list are ignored. Returns at once.
+    fn report_unreachable(&self, endpoint: &Endpoint) {
+        let due = lock(&self.resolved).due_for_verification(&endpoint.address, Instant::now());
+        if due.is_empty() {
+            tracing::debug!(
+                service = %self.service_name,
+                %endpoint,
+                "mDNS: unreachable endpoint not listed, or verified recently"
+            );
+        }
+        for fullname in due {
+            match self.daemon.verify(fullname.clone(), MDNS_VERIFY_TIMEOUT) {
+                Ok(()) => tracing::debug!(
+                    service = %self.service_name,
+                    %endpoint,
+                    instance = %fullname,
+                    "mDNS: verifying an unreachable endpoint"
+                ),
+                Err(e) => {
+                    tracing::debug!(
+                        service = %self.service_name,
+                        %endpoint,
+                        instance = %fullname,
+                        error = %e,
+                        "mDNS: cannot verify an unreachable endpoint"
+                    );
+                    // Not sent: let the next report try again.
+                    lock(&self.resolved).verified_at.remove(&fullname);
+                }
+            }
+        }
     }
 }
 
@@ -671,6 +814,50 @@ mod tests {
         );
     }
 
+    #[test]
+    fn verification_maps_addresses_to_instances_and_is_rate_limited() {
+        let mut r = Resolved::default();
+        let at = |a: &str| Endpoint::parse(a).unwrap();
+        assert!(r.insert("a._quicx._udp.local.", at("10.0.0.1:1")));
+        assert!(
+            !r.insert("a._quicx._udp.local.", at("10.0.0.1:1")),
+            "no change"
+        );
+        assert!(r.insert("b._quicx._udp.local.", at("10.0.0.1:1")));
+        assert!(r.insert("c._quicx._udp.local.", at("[::1]:2")));
+        let t0 = Instant::now();
+        let mut due = r.due_for_verification("10.0.0.1:1", t0);
+        due.sort();
+        assert_eq!(due, ["a._quicx._udp.local.", "b._quicx._udp.local."]);
+        // Reported again, by anyone, while verifying: nothing new.
+        assert!(r.due_for_verification("10.0.0.1:1", t0).is_empty());
+        let soon = t0 + VERIFY_INTERVAL - Duration::from_millis(1);
+        assert!(r.due_for_verification("10.0.0.1:1", soon).is_empty());
+        // Addresses compare as socket addresses; unknown ones verify nothing.
+        assert_eq!(
+            r.due_for_verification("[0:0:0:0:0:0:0:1]:2", t0),
+            ["c._quicx._udp.local."]
+        );
+        assert!(r.due_for_verification("10.0.0.1:2", t0).is_empty());
+        assert!(r.due_for_verification("nowhere", t0).is_empty());
+        // A removed instance that comes back is verified afresh.
+        assert!(r.remove("a._quicx._udp.local."));
+        assert!(!r.remove("a._quicx._udp.local."));
+        assert_eq!(r.list(), [at("10.0.0.1:1"), at("[::1]:2")]);
+        r.insert("a._quicx._udp.local.", at("10.0.0.1:1"));
+        assert_eq!(
+            r.due_for_verification("10.0.0.1:1", soon),
+            ["a._quicx._udp.local."]
+        );
+        // Once the interval has passed, again; stale marks are pruned.
+        let later = t0 + VERIFY_INTERVAL;
+        assert_eq!(
+            r.due_for_verification("10.0.0.1:1", later),
+            ["b._quicx._udp.local."]
+        );
+        assert_eq!(r.verified_at.len(), 2, "{:?}", r.verified_at);
+    }
+
     /// Tests with a real daemon, inside a private network namespace holding only `lo` (never on
     /// the machine's interfaces). Built with the `sandbox` feature (as `cargo test --workspace`
     /// does); skipped, loudly, where namespaces cannot be created.
@@ -748,6 +935,145 @@ mod tests {
                 let started = Instant::now();
                 drop(advertiser);
                 assert!(started.elapsed() < Duration::from_secs(1));
+            });
+        }
+
+        /// Tells [`crashed_server_child`] that it runs as the child of
+        /// [`report_unreachable_drops_a_crashed_server`], in that test's namespace.
+        const CRASH_CHILD_ENV: &str = "QUICX_MDNS_CRASH_CHILD";
+        const CRASHED_PORT: u16 = 9201;
+        const LIVE_PORT: u16 = 9202;
+
+        /// Not a test: the advertiser [`report_unreachable_drops_a_crashed_server`] runs in a
+        /// child process (this test binary, filtered to this test) and kills with SIGKILL, so
+        /// that it sends no goodbye. Does nothing unless that test started it.
+        #[test]
+        #[ignore = "the child process of report_unreachable_drops_a_crashed_server"]
+        fn crashed_server_child() {
+            if std::env::var_os(CRASH_CHILD_ENV).is_none() {
+                eprintln!("nothing to do: run by report_unreachable_drops_a_crashed_server");
+                return;
+            }
+            // The child inherits the parent's private namespace; never advertise elsewhere.
+            let links = std::process::Command::new("ip")
+                .args(["-o", "link", "show"])
+                .output()
+                .expect("ip");
+            let links = String::from_utf8_lossy(&links.stdout);
+            let names: Vec<&str> = links
+                .lines()
+                .filter_map(|l| l.split(':').nth(1).map(str::trim))
+                .collect();
+            assert_eq!(names, ["lo"], "only in a private namespace");
+            let advertiser = MdnsAdvertiser::new(&MdnsOptions::loopback()).unwrap();
+            let _registration = advertiser
+                .advertise(&announcement("crash-1", CRASHED_PORT))
+                .unwrap();
+            // Until killed; the bound only matters if the parent died without killing it.
+            std::thread::sleep(Duration::from_secs(60));
+        }
+
+        /// The child process running [`crashed_server_child`]; killed (SIGKILL) when dropped.
+        struct CrashedServer(std::process::Child);
+
+        impl CrashedServer {
+            fn spawn() -> Self {
+                let child = std::process::Command::new(std::env::current_exe().unwrap())
+                    .args([
+                        "mdns::tests::sandboxed::crashed_server_child",
+                        "--exact",
+                        "--ignored",
+                        "--nocapture",
+                    ])
+                    .env(CRASH_CHILD_ENV, "1")
+                    .stdout(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap();
+                Self(child)
+            }
+
+            /// SIGKILL: the process ends at once, its daemon sends nothing more.
+            fn kill(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+
+        impl Drop for CrashedServer {
+            fn drop(&mut self) {
+                self.kill();
+            }
+        }
+
+        #[test]
+        fn report_unreachable_drops_a_crashed_server() {
+            in_private_namespace(async {
+                let options = MdnsOptions::loopback();
+                // Spawned after unshare, from this thread: the child is in this namespace.
+                let mut crashed = CrashedServer::spawn();
+                let advertiser = MdnsAdvertiser::new(&options).unwrap();
+                let _live = advertiser
+                    .advertise(&announcement("live-1", LIVE_PORT))
+                    .unwrap();
+                let discovery = MdnsDiscovery::new("Arith", &options).unwrap();
+                let mut watch = Discovery::watch(&discovery);
+                let crashed_at = format!("127.0.0.1:{CRASHED_PORT}");
+                let live_at = format!("127.0.0.1:{LIVE_PORT}");
+                let addresses = |list: &[Endpoint]| -> Vec<String> {
+                    list.iter().map(|e| e.address.clone()).collect()
+                };
+                let both = [crashed_at.clone(), live_at.clone()];
+                let found = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    watch.wait_for(|list| addresses(list) == both),
+                )
+                .await
+                .map(|r| r.is_ok());
+                assert!(
+                    found == Ok(true),
+                    "both servers found: {:?} (child: {:?})",
+                    watch.borrow(),
+                    crashed.0.try_wait()
+                );
+                let listed = Discovery::endpoints(&discovery).await;
+                let (crashed_endpoint, live_endpoint) = (listed[0].clone(), listed[1].clone());
+
+                crashed.kill();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                assert_eq!(
+                    addresses(&watch.borrow_and_update()),
+                    both,
+                    "no goodbye came from the killed server"
+                );
+
+                let reported = Instant::now();
+                // Many callers at once; the live server is reported too (a false alarm).
+                for _ in 0..100 {
+                    Discovery::report_unreachable(&discovery, &crashed_endpoint);
+                    Discovery::report_unreachable(&discovery, &live_endpoint);
+                }
+                tokio::time::timeout(
+                    Duration::from_secs(10),
+                    watch.wait_for(|list| addresses(list) == [live_at.clone()]),
+                )
+                .await
+                .expect("the crashed server is dropped after verification")
+                .unwrap();
+                let gone_after = reported.elapsed();
+                eprintln!(
+                    "mDNS: a crashed server left the list {:.0} ms after report_unreachable",
+                    gone_after.as_secs_f64() * 1e3
+                );
+                assert!(
+                    gone_after >= MDNS_VERIFY_TIMEOUT - Duration::from_millis(100),
+                    "dropped by the verification, not before: {gone_after:?}"
+                );
+                // The live server answered the verification: still listed once it is over.
+                tokio::time::sleep_until((reported + MDNS_VERIFY_TIMEOUT * 2).into()).await;
+                assert_eq!(
+                    addresses(&Discovery::endpoints(&discovery).await),
+                    [live_at]
+                );
             });
         }
 

@@ -62,6 +62,10 @@ pub struct Impairment {
     pub reorder_delay: Duration,
     /// Seed of the random decisions (mixed with the client's index and the direction).
     pub seed: u64,
+    /// Datagrams dropped whatever the dice say: by direction and 0-based index among the
+    /// datagrams of one client in that direction. For scripting one exact loss, such as a
+    /// handshake packet.
+    pub drops: Vec<(Direction, u64)>,
 }
 
 impl Default for Impairment {
@@ -74,6 +78,7 @@ impl Default for Impairment {
             reorder: 0.0,
             reorder_delay: Duration::from_millis(5),
             seed: 0x5eed_cafe,
+            drops: Vec::new(),
         }
     }
 }
@@ -104,6 +109,17 @@ impl Impairment {
     /// The same, with another seed.
     pub fn with_seed(mut self, seed: u64) -> Self {
         self.seed = seed;
+        self
+    }
+
+    /// The same, also dropping the datagrams numbered `indices` (from 0) in `direction`.
+    pub fn with_drops(
+        mut self,
+        direction: Direction,
+        indices: impl IntoIterator<Item = u64>,
+    ) -> Self {
+        self.drops
+            .extend(indices.into_iter().map(|index| (direction, index)));
         self
     }
 
@@ -389,9 +405,12 @@ async fn new_client(
     Ok(to_server)
 }
 
-#[derive(Debug, Clone, Copy)]
-enum Direction {
+/// One direction of the relayed flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// From the client to the server.
     ToServer,
+    /// From the server to the client.
     ToClient,
 }
 
@@ -421,6 +440,8 @@ struct Path {
     direction: Direction,
     shared: Arc<Shared>,
     line: mpsc::UnboundedSender<Delayed>,
+    /// Datagrams offered so far.
+    offered: u64,
     next_seq: u64,
 }
 
@@ -445,6 +466,7 @@ impl Path {
             direction,
             shared,
             line,
+            offered: 0,
             next_seq: 0,
         }
     }
@@ -456,7 +478,11 @@ impl Path {
     /// Drops, delays or reorders one datagram.
     fn offer(&mut self, datagram: &[u8], imp: &Impairment) {
         self.counters().received.fetch_add(1, Ordering::Relaxed);
-        if imp.loss > 0.0 && self.rng.random_bool(imp.loss) {
+        let index = self.offered;
+        self.offered += 1;
+        // Always draw, so that scripted drops leave the random pattern as it was.
+        let lost = imp.loss > 0.0 && self.rng.random_bool(imp.loss);
+        if lost || imp.drops.contains(&(self.direction, index)) {
             self.counters().dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }

@@ -85,9 +85,17 @@ async fn probe(weak: std::sync::Weak<ConnInner>, limit: Duration) {
             return;
         }
         let now = Instant::now();
-        let rx = inner.quic.stats().udp_rx.datagrams;
+        let stats = inner.quic.stats();
+        let rx = stats.udp_rx.datagrams;
         if last_rx != Some(rx) {
             last_rx = Some(rx);
+            last_heard = now;
+        }
+        // Until a client's handshake is confirmed (HANDSHAKE_DONE received) the server may
+        // still be waiting for the client's last handshake packet and drop everything else,
+        // probes included: silence then proves nothing, and QUIC retransmits that packet
+        // itself. (A server's handshake is confirmed once the connection exists.)
+        if inner.quic.side() == quinn::Side::Client && stats.frame_rx.handshake_done == 0 {
             last_heard = now;
         }
         let limit = limit.max(inner.quic.rtt() * 6);

@@ -216,3 +216,76 @@ async fn a_slow_handler_on_a_live_server_is_not_mistaken_for_a_dead_one() {
     assert!(!conn.is_closed());
     client.close().await;
 }
+
+/// A discovery that remembers which endpoints callers could not reach.
+#[derive(Debug)]
+struct Reporting {
+    list: MultipleServersDiscovery,
+    unreachable: std::sync::Mutex<Vec<String>>,
+}
+
+impl quicx::discovery::Discovery for Reporting {
+    async fn endpoints(&self) -> quicx::discovery::Endpoints {
+        quicx::discovery::Discovery::endpoints(&self.list).await
+    }
+
+    fn watch(&self) -> tokio::sync::watch::Receiver<quicx::discovery::Endpoints> {
+        quicx::discovery::Discovery::watch(&self.list)
+    }
+
+    fn report_unreachable(&self, endpoint: &Endpoint) {
+        self.unreachable
+            .lock()
+            .unwrap()
+            .push(endpoint.address.clone());
+    }
+}
+
+#[tokio::test]
+async fn a_failed_connect_is_reported_to_the_discovery() {
+    let dev = DevCertificate::localhost().unwrap();
+    let dead = BlackHole::bind().await.unwrap();
+    let discovery = std::sync::Arc::new(Reporting {
+        list: MultipleServersDiscovery::new(vec![endpoint(dead.addr)]),
+        unreachable: std::sync::Mutex::default(),
+    });
+    let x = XClient::new(
+        "Who",
+        FailMode::Failfast,
+        SelectMode::RandomSelect,
+        ArcDiscovery(discovery.clone()),
+        ClientOption {
+            connect_timeout: Duration::from_millis(300),
+            ..option(&dev)
+        },
+    )
+    .unwrap();
+    assert!(x.call::<_, String>("Name", &()).await.is_err());
+    // The attempt's task reports right after it failed.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while discovery.unreachable.lock().unwrap().is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        *discovery.unreachable.lock().unwrap(),
+        [dead.addr.to_string()]
+    );
+}
+
+/// Shares a discovery between the test and the XClient.
+#[derive(Debug)]
+struct ArcDiscovery(std::sync::Arc<Reporting>);
+
+impl quicx::discovery::Discovery for ArcDiscovery {
+    async fn endpoints(&self) -> quicx::discovery::Endpoints {
+        quicx::discovery::Discovery::endpoints(&*self.0).await
+    }
+
+    fn watch(&self) -> tokio::sync::watch::Receiver<quicx::discovery::Endpoints> {
+        quicx::discovery::Discovery::watch(&*self.0)
+    }
+
+    fn report_unreachable(&self, endpoint: &Endpoint) {
+        quicx::discovery::Discovery::report_unreachable(&*self.0, endpoint);
+    }
+}

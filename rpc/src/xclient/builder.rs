@@ -110,6 +110,8 @@ pub(super) trait DynDiscovery: Send + Sync + std::fmt::Debug {
     fn endpoints(&self) -> crate::service::BoxFuture<crate::discovery::Endpoints>;
     /// Follows changes.
     fn watch(&self) -> tokio::sync::watch::Receiver<crate::discovery::Endpoints>;
+    /// Tells the backend an endpoint could not be reached.
+    fn report_unreachable(&self, endpoint: &crate::discovery::Endpoint);
 }
 
 /// Any [`Discovery`], erased.
@@ -129,6 +131,10 @@ impl<D: Discovery + Send + Sync + 'static> DynDiscovery for Erased<D> {
 
     fn watch(&self) -> tokio::sync::watch::Receiver<crate::discovery::Endpoints> {
         self.0.watch()
+    }
+
+    fn report_unreachable(&self, endpoint: &crate::discovery::Endpoint) {
+        self.0.report_unreachable(endpoint);
     }
 }
 

@@ -271,6 +271,10 @@ impl Core {
                             }
                             Err(e) => {
                                 tracing::debug!(endpoint = %member.endpoint, "connect failed: {e}");
+                                if e.is_transport() {
+                                    // mDNS verifies the announcement and forgets a crashed server.
+                                    inner.discovery.report_unreachable(&member.endpoint);
+                                }
                                 Err(e.to_string())
                             }
                         };

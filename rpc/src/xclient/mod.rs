@@ -157,6 +157,9 @@ impl Core {
             result.as_ref().is_err_and(Error::is_transport),
             self.option.endpoint_cooldown,
         );
+        if matches!(result, Err(Error::PeerUnresponsive(_))) {
+            self.discovery.report_unreachable(&member.endpoint);
+        }
         result
     }
 

@@ -225,7 +225,6 @@ impl ClientBuilder {
                 push: Duration::from_secs(10),
                 call: self.call_timeout,
             },
-            IoRuntime::caller(),
         ));
         let session = Session {
             client_id: self.client_id,
@@ -355,7 +354,14 @@ impl ClientInner {
         let quic = tokio::time::timeout_at(deadline, connecting)
             .await
             .map_err(|_| Error::ConnectTimeout(timeout))??;
-        let conn = Connection::new(quic, self.side.clone(), self.server_addr);
+        // Calls and pushes run on the caller's runtime: the task that awaits a call drives its
+        // stream (no hand-over per call).
+        let conn = Connection::new(
+            quic,
+            self.side.clone(),
+            self.server_addr,
+            IoRuntime::caller(),
+        );
         self.side
             .counters
             .connections_accepted

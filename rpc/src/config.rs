@@ -188,14 +188,29 @@ impl StableKeys {
     }
 }
 
-/// Binds a UDP socket with the requested buffer sizes, for a quinn endpoint.
-pub(crate) fn bind_socket(addr: SocketAddr, buffer: usize) -> Result<std::net::UdpSocket> {
+/// Whether several sockets can share a port with the kernel spreading peers over them
+/// (`SO_REUSEPORT` load balancing: Linux).
+pub(crate) const SHARDED_PORTS: bool = cfg!(target_os = "linux");
+
+/// Binds a UDP socket with the requested buffer sizes, for a quinn endpoint; with `shared_port`,
+/// one of several sockets of a server's port (`SO_REUSEPORT`).
+pub(crate) fn bind_socket(
+    addr: SocketAddr,
+    buffer: usize,
+    shared_port: bool,
+) -> Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
         // Best effort: dual-stack where the platform allows it.
         let _ = socket.set_only_v6(false);
     }
+    #[cfg(target_os = "linux")]
+    if shared_port {
+        socket.set_reuse_port(true)?;
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = shared_port;
     if buffer > 0 {
         // The kernel caps these at net.core.{r,w}mem_max; failures are not fatal.
         let _ = socket.set_recv_buffer_size(buffer);
@@ -211,13 +226,13 @@ pub(crate) fn bind_socket(addr: SocketAddr, buffer: usize) -> Result<std::net::U
     Ok(socket.into())
 }
 
-/// Builds a quinn endpoint on `addr`; a server's with its stateless-reset key.
+/// Builds a quinn endpoint on `addr`; a server's with its stable keys, on a shared port.
 pub(crate) fn endpoint(
     addr: SocketAddr,
     buffer: usize,
     server: Option<(quinn::ServerConfig, StableKeys)>,
 ) -> Result<quinn::Endpoint> {
-    let socket = bind_socket(addr, buffer)?;
+    let socket = bind_socket(addr, buffer, server.is_some() && SHARDED_PORTS)?;
     let runtime = quinn::default_runtime()
         .ok_or_else(|| Error::Config("quicx needs a tokio runtime".into()))?;
     let (config, server) = match server {

@@ -1,16 +1,24 @@
-//! Where QUIC I/O runs (`IoRuntime`): a dedicated single-threaded runtime, or the caller's.
+//! Where work runs: I/O threads (`IoRuntime`), each a current_thread runtime that drives QUIC
+//! endpoints and connections, and the handler pool (`HandlerPool`), a work-stealing runtime for
+//! handlers that proved slow.
 //!
 //! quinn's connection driver and the tasks that read and write its streams wake each other for
 //! every packet. On a multi-thread runtime those wake-ups cross threads and each call costs about
 //! 1.5 UDP packets; on one thread 10-20 calls share a packet and the CPU cost per call falls
-//! several times (BENCHMARKS.md has the numbers). So a quicx server runs its endpoint, its
-//! connections, their streams and the handlers on one I/O thread, whatever runtime the
-//! application uses; pushes and reverse calls issued from application tasks are handed to that
-//! thread. Clients ([`Placement::Auto`]): on a current_thread runtime everything already shares
-//! one thread, so the connection is driven there; on a multi-thread runtime the connection
-//! drivers run on one I/O thread shared by all clients of the process, while each call's stream
-//! is driven by the task that awaits it (handing every call to another thread cost more than it
-//! saved: c=64 fell from 187k to 67k calls/s).
+//! several times (BENCHMARKS.md has the numbers). So a quicx server runs **one I/O thread per
+//! core**, each with its own endpoint on a `SO_REUSEPORT` socket of the same port (Linux; one
+//! thread elsewhere): the kernel keeps a connection's packets on one socket, so each connection,
+//! its streams and its short handlers live on one thread, and connections spread over all cores.
+//! A handler whose poll holds its I/O thread longer than [`INLINE_BUDGET`] marks its method slow:
+//! the method's later calls run on the handler pool, so one slow method never stalls the other
+//! connections of its thread. Pushes and reverse calls issued from application tasks are handed
+//! to the thread that owns the connection.
+//!
+//! Clients ([`Placement::Auto`]): on a current_thread runtime everything already shares one
+//! thread, so the connection is driven there; on a multi-thread runtime each client's connection
+//! is driven by one of the process's client I/O threads (one per core, assigned in turn), while
+//! each call's stream is driven by the task that awaits it (handing every call to another thread
+//! cost more than it saved: c=64 fell from 187k to 67k calls/s).
 
 use std::{
     cell::Cell,
@@ -25,32 +33,44 @@ use tokio::sync::oneshot;
 
 use crate::{Error, Result};
 
-/// Where a server's or client's QUIC I/O runs: the endpoint, the connection drivers, the tasks
-/// that serve what the peer opens (and, on a server, the handlers).
+/// Where a server's or client's QUIC I/O runs: the endpoints, the connection drivers, the tasks
+/// that serve what the peer opens (and, on a server, the handlers that proved short).
 ///
-/// Measured on 2 cores, 32 B echo calls (BENCHMARKS.md has the tables):
-/// a dedicated I/O thread lets 10-20 calls share a UDP packet under load and more than doubles
-/// calls/s at 64-256 concurrent callers when the application runs a multi-thread runtime; it
-/// costs latency when a single caller waits for each reply (two more thread wake-ups per call).
+/// Measured on 2 cores, 32 B echo calls (BENCHMARKS.md has the tables): dedicated I/O threads
+/// let 10-20 calls share a UDP packet under load and more than double calls/s at 64-256
+/// concurrent callers when the application runs a multi-thread runtime; they cost latency when a
+/// single caller waits for each reply (two more thread wake-ups per call).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Placement {
-    /// Servers: a dedicated I/O thread. Clients: the caller's runtime if it is a current_thread
-    /// runtime (everything then shares one thread already), else the I/O thread all clients of
-    /// the process share.
+    /// Servers: one dedicated I/O thread per core (see
+    /// [`ServerBuilder::io_threads`](crate::ServerBuilder::io_threads)). Clients: the caller's
+    /// runtime if it is a current_thread runtime (everything then shares one thread already),
+    /// else one of the I/O threads (one per core) all clients of the process share.
     #[default]
     Auto,
     /// The runtime of the task that binds or connects. Best single-caller latency on a
     /// multi-thread runtime; lower throughput under concurrency.
     CallerRuntime,
-    /// A dedicated I/O thread: one per server, one shared by all clients of the process.
+    /// Dedicated I/O threads: a server's own (one per core by default), or the ones all clients
+    /// of the process share.
     IoThread,
 }
 
 static NEXT_ID: AtomicUsize = AtomicUsize::new(1);
 
-/// How many shared client I/O threads this process started (one, once any client needed it).
+/// How many shared client I/O threads this process started (one per core, once any client
+/// needed them).
 static CLIENT_THREADS_STARTED: AtomicUsize = AtomicUsize::new(0);
+
+/// How long one poll of a handler may hold its I/O thread. A method whose handler took longer
+/// (CPU work, blocking calls) runs its later calls on the handler pool.
+pub(crate) const INLINE_BUDGET: std::time::Duration = std::time::Duration::from_micros(50);
+
+/// The cores of this machine (at least 1).
+pub(crate) fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+}
 
 thread_local! {
     /// The id of the I/O thread this thread is, or 0.
@@ -100,15 +120,18 @@ impl IoRuntime {
         })
     }
 
-    /// Where a server with this placement runs its I/O.
-    pub(crate) fn for_server(placement: Placement) -> Result<Self> {
+    /// The I/O threads of a server with this placement: `threads` dedicated ones, or the
+    /// caller's runtime.
+    pub(crate) fn for_server(placement: Placement, threads: usize) -> Result<Vec<Self>> {
         match placement {
-            Placement::Auto | Placement::IoThread => Self::start("quicx-server-io"),
-            Placement::CallerRuntime => Ok(Self::caller()),
+            Placement::Auto | Placement::IoThread => (0..threads.max(1))
+                .map(|i| Self::start(&format!("quicx-server-io-{i}")))
+                .collect(),
+            Placement::CallerRuntime => Ok(vec![Self::caller()]),
         }
     }
 
-    /// Where a client with this placement establishes and drives its connections. Must run
+    /// Where a client with this placement establishes and drives its connection. Must run
     /// inside a tokio runtime.
     pub(crate) fn for_client(placement: Placement) -> Result<Self> {
         let current_thread = tokio::runtime::Handle::try_current()
@@ -120,18 +143,26 @@ impl IoRuntime {
         }
     }
 
-    /// The I/O thread the clients of this process share for their connection drivers. Started
-    /// once, by the first caller, however many race for it; it runs for the life of the process.
+    /// One of the I/O threads the clients of this process share (one per core, started once by
+    /// the first caller however many race for them, running for the life of the process),
+    /// assigned in turn.
     pub(crate) fn shared_client() -> Result<Self> {
-        static SHARED: std::sync::Mutex<Option<IoRuntime>> = std::sync::Mutex::new(None);
+        static SHARED: std::sync::Mutex<Vec<IoRuntime>> = std::sync::Mutex::new(Vec::new());
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
         let mut shared = SHARED.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(io) = shared.as_ref() {
-            return Ok(io.clone());
+        if shared.is_empty() {
+            for i in 0..cores() {
+                shared.push(Self::start(&format!("quicx-client-io-{i}"))?);
+            }
+            CLIENT_THREADS_STARTED.fetch_add(1, Ordering::Relaxed);
         }
-        let io = Self::start("quicx-client-io")?;
-        CLIENT_THREADS_STARTED.fetch_add(1, Ordering::Relaxed);
-        *shared = Some(io.clone());
-        Ok(io)
+        let next = NEXT.fetch_add(1, Ordering::Relaxed) % shared.len();
+        Ok(shared[next].clone())
+    }
+
+    /// A number that tells I/O threads apart (0 for the caller's runtime).
+    pub(crate) fn id(&self) -> usize {
+        self.dedicated.as_ref().map_or(0, |d| d.id)
     }
 
     /// Work runs on whatever runtime calls in (clients: a call's stream is driven by the task
@@ -221,11 +252,29 @@ pub(crate) async fn within<F: Future>(limit: Duration, fut: F) -> Result<F::Outp
     .await
 }
 
+/// The work-stealing runtime that runs handlers which proved slow (see [`INLINE_BUDGET`]): one
+/// worker per core, shared by every server of the process, started on first use.
+pub(crate) fn handler_pool() -> Result<tokio::runtime::Handle> {
+    static POOL: std::sync::Mutex<Option<tokio::runtime::Runtime>> = std::sync::Mutex::new(None);
+    let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(runtime) = pool.as_ref() {
+        return Ok(runtime.handle().clone());
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cores())
+        .thread_name("quicx-handler")
+        .enable_all()
+        .build()?;
+    let handle = runtime.handle().clone();
+    *pool = Some(runtime);
+    Ok(handle)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Many first callers at once start one shared client thread, not several.
+    /// Many first callers at once start one set of shared client threads, not several.
     #[test]
     fn the_shared_client_thread_starts_once() {
         let barrier = std::sync::Arc::new(std::sync::Barrier::new(8));
@@ -242,10 +291,10 @@ mod tests {
             .into_iter()
             .map(|t| t.join().unwrap().unwrap())
             .collect();
-        assert!(
-            ids.iter().all(|id| id.is_some() && *id == ids[0]),
-            "{ids:?}"
-        );
+        assert!(ids.iter().all(Option::is_some), "{ids:?}");
+        // One set of threads, one per core, assigned in turn.
+        let distinct: std::collections::HashSet<_> = ids.iter().collect();
+        assert_eq!(distinct.len(), cores().min(8), "{ids:?}");
         assert_eq!(CLIENT_THREADS_STARTED.load(Ordering::Relaxed), 1);
     }
 }

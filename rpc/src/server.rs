@@ -46,14 +46,27 @@ pub struct ServerBuilder {
     call_timeout: Option<Duration>,
     max_connections: usize,
     placement: Placement,
+    io_threads: Option<usize>,
 }
 
 impl ServerBuilder {
-    /// Where the endpoint, connections and handlers run (default [`Placement::Auto`]: a
-    /// dedicated I/O thread).
+    /// Where the endpoints, connections and handlers run (default [`Placement::Auto`]:
+    /// dedicated I/O threads, one per core).
     #[must_use]
     pub fn placement(mut self, placement: Placement) -> Self {
         self.placement = placement;
+        self
+    }
+
+    /// How many I/O threads (default: one per core). Each has its own endpoint on the server's
+    /// port (`SO_REUSEPORT`, Linux; elsewhere one thread): the kernel spreads clients over them
+    /// and keeps each client's packets on one thread, which drives that connection, its streams
+    /// and its short handlers. A client whose address changes mid-connection (NAT rebinding)
+    /// may land on another thread, which answers with a stateless reset; the client then
+    /// reconnects at once.
+    #[must_use]
+    pub fn io_threads(mut self, n: usize) -> Self {
+        self.io_threads = Some(n.max(1));
         self
     }
 
@@ -122,8 +135,13 @@ impl ServerBuilder {
                 push: self.push_timeout,
                 call: self.call_timeout,
             },
-            IoRuntime::for_server(self.placement)?,
         ));
+        let threads = if config::SHARDED_PORTS {
+            self.io_threads.unwrap_or_else(crate::io::cores)
+        } else {
+            1
+        };
+        let io = IoRuntime::for_server(self.placement, threads)?;
         Ok(Server {
             inner: Arc::new(ServerInner {
                 side,
@@ -133,7 +151,8 @@ impl ServerBuilder {
                 socket_buffer_size: self.transport.socket_buffer_size,
                 max_connections: self.max_connections,
                 admitted: std::sync::atomic::AtomicUsize::new(0),
-                endpoint: Mutex::new(None),
+                io,
+                endpoints: Mutex::new(Vec::new()),
                 stop_accepting: CancellationToken::new(),
                 stopped: CancellationToken::new(),
                 shutdown: Mutex::new(None),
@@ -172,7 +191,9 @@ struct ServerInner {
     max_connections: usize,
     /// Connections accepted and not yet closed, handshakes included.
     admitted: std::sync::atomic::AtomicUsize,
-    endpoint: Mutex<Option<quinn::Endpoint>>,
+    /// The I/O threads, one endpoint each once bound.
+    io: Vec<IoRuntime>,
+    endpoints: Mutex<Vec<quinn::Endpoint>>,
     stop_accepting: CancellationToken,
     stopped: CancellationToken,
     /// The shutdown in progress, once one started: `Some(drained)` when it is complete.
@@ -181,8 +202,10 @@ struct ServerInner {
 
 impl Drop for ServerInner {
     fn drop(&mut self) {
-        // A server dropped without ever serving (or after shutdown) releases its I/O thread.
-        self.side.io.stop();
+        // A server dropped without ever serving (or after shutdown) releases its I/O threads.
+        for io in &self.io {
+            io.stop();
+        }
     }
 }
 
@@ -214,6 +237,7 @@ impl Server {
             call_timeout: Some(Duration::from_secs(30)),
             max_connections: 100_000,
             placement: Placement::Auto,
+            io_threads: None,
         }
     }
 
@@ -225,38 +249,48 @@ impl Server {
 
     /// Binds `addr` and starts accepting in the background; returns the bound address (useful
     /// with port 0). Call [`shutdown`](Self::shutdown) to stop.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the address is taken (also by sockets that share ports, so a second
+    /// server cannot silently split a running server's traffic), [`Error::Config`] if this server
+    /// already listens.
     pub async fn bind(&self, addr: impl tokio::net::ToSocketAddrs) -> Result<SocketAddr> {
         let addr = tokio::net::lookup_host(addr)
             .await?
             .next()
             .ok_or_else(|| Error::Config("the listen address resolved to nothing".into()))?;
-        let io = self.inner.side.io.clone();
-        let endpoint = {
+        let mut endpoints = self
+            .inner
+            .endpoints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if !endpoints.is_empty() {
+            return Err(Error::Config("the server is already listening".into()));
+        }
+        // A plain bind first: it fails if anything holds the port, sharing sockets included;
+        // the sockets that share the port are bound right after it is released.
+        let local = std::net::UdpSocket::bind(addr)?.local_addr()?;
+        let mut bound = Vec::with_capacity(self.inner.io.len());
+        for io in &self.inner.io {
             // The socket and the endpoint driver belong to the I/O thread.
             let _io = io.enter();
-            config::endpoint(
-                addr,
+            bound.push(config::endpoint(
+                local,
                 self.inner.socket_buffer_size,
                 Some((
                     self.inner.quinn_config.clone(),
                     self.inner.stable_keys.clone(),
                 )),
-            )?
-        };
-        let local = endpoint.local_addr()?;
-        {
-            let mut slot = self
-                .inner
-                .endpoint
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            if slot.is_some() {
-                return Err(Error::Config("the server is already listening".into()));
-            }
-            *slot = Some(endpoint.clone());
+            )?);
         }
-        io.spawn(self.clone().accept_loop(endpoint, local));
-        tracing::info!(%local, "quicx server listening");
+        for (endpoint, io) in bound.iter().zip(&self.inner.io) {
+            io.spawn(
+                self.clone()
+                    .accept_loop(endpoint.clone(), local, io.clone()),
+            );
+        }
+        *endpoints = bound;
+        tracing::info!(%local, threads = self.inner.io.len(), "quicx server listening");
         Ok(local)
     }
 
@@ -270,14 +304,15 @@ impl Server {
     /// The bound address, once listening.
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.inner
-            .endpoint
+            .endpoints
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
+            .first()
             .and_then(|e| e.local_addr().ok())
     }
 
-    async fn accept_loop(self, endpoint: quinn::Endpoint, local: SocketAddr) {
+    /// Accepts on one endpoint, on its I/O thread; its connections live on that thread.
+    async fn accept_loop(self, endpoint: quinn::Endpoint, local: SocketAddr, io: IoRuntime) {
         loop {
             let incoming = tokio::select! {
                 () = self.inner.stop_accepting.cancelled() => break,
@@ -295,8 +330,9 @@ impl Server {
             }
             self.inner.admitted.fetch_add(1, Ordering::AcqRel);
             let server = self.clone();
+            let io = io.clone();
             tokio::spawn(async move {
-                server.clone().handle_incoming(incoming, local).await;
+                server.clone().handle_incoming(incoming, local, io).await;
                 server.inner.admitted.fetch_sub(1, Ordering::AcqRel);
             });
         }
@@ -306,7 +342,7 @@ impl Server {
         }
     }
 
-    async fn handle_incoming(self, incoming: quinn::Incoming, local: SocketAddr) {
+    async fn handle_incoming(self, incoming: quinn::Incoming, local: SocketAddr, io: IoRuntime) {
         let remote = incoming.remote_address();
         let quic = match incoming.await {
             Ok(quic) => quic,
@@ -316,7 +352,7 @@ impl Server {
             }
         };
         let side = &self.inner.side;
-        let conn = Connection::new(quic, side.clone(), local);
+        let conn = Connection::new(quic, side.clone(), local, io);
         side.counters
             .connections_accepted
             .fetch_add(1, Ordering::Relaxed);
@@ -433,23 +469,58 @@ impl Server {
             return Ok(Vec::new());
         };
         let frame = first.push_frame(service_path, service_method, metadata, data.as_ref())?;
-        // One task on the I/O thread queues every push; only the waits run concurrently.
-        let io = first.io().clone();
-        let targets = conns.clone();
-        let results = io
-            .run(async move {
-                join_all(
-                    targets
-                        .iter()
-                        .map(|conn| conn.push_here(frame.clone(), timeout)),
-                )
-                .await
-            })
-            .await?;
+        // One task per I/O thread queues the pushes of the connections it drives; only the
+        // waits (credit, timeouts) run concurrently.
+        let mut by_thread: Vec<(IoRuntime, Vec<usize>)> = Vec::new();
+        for (i, conn) in conns.iter().enumerate() {
+            match by_thread
+                .iter_mut()
+                .find(|(io, _)| io.id() == conn.io().id())
+            {
+                Some((_, members)) => members.push(i),
+                None => by_thread.push((conn.io().clone(), vec![i])),
+            }
+        }
+        let batches = by_thread.into_iter().map(|(io, members)| {
+            let targets: Vec<Connection> = members.iter().map(|&i| conns[i].clone()).collect();
+            let frame = frame.clone();
+            async move {
+                let results = io
+                    .run(async move {
+                        join_all(
+                            targets
+                                .iter()
+                                .map(|conn| conn.push_here(frame.clone(), timeout)),
+                        )
+                        .await
+                    })
+                    .await;
+                (members, results)
+            }
+        });
+        let mut results: Vec<Option<Result<()>>> = conns.iter().map(|_| None).collect();
+        for (members, outcome) in join_all(batches).await {
+            match outcome {
+                Ok(each) => {
+                    for (i, result) in members.into_iter().zip(each) {
+                        results[i] = Some(result);
+                    }
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    for i in members {
+                        results[i] = Some(Err(Error::Internal(message.clone())));
+                    }
+                }
+            }
+        }
         Ok(conns
             .into_iter()
             .zip(results)
-            .map(|(conn, result)| PushResult { conn, result })
+            .map(|(conn, result)| PushResult {
+                conn,
+                result: result.unwrap_or_else(|| Err(Error::Internal("push not run".into()))),
+            })
             .collect())
     }
 
@@ -509,18 +580,21 @@ impl Server {
         for conn in self.connections() {
             conn.close_with(CloseCode::SHUTDOWN, b"server shutdown");
         }
-        let endpoint = self
+        let endpoints = self
             .inner
-            .endpoint
+            .endpoints
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        if let Some(endpoint) = endpoint {
+        for endpoint in &endpoints {
             endpoint.close(CloseCode::SHUTDOWN.into(), b"server shutdown");
-            let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
         }
+        let idle = join_all(endpoints.iter().map(quinn::Endpoint::wait_idle));
+        let _ = tokio::time::timeout(Duration::from_secs(2), idle).await;
         self.inner.stopped.cancel();
-        side.io.stop();
+        for io in &self.inner.io {
+            io.stop();
+        }
         drained
     }
 }

@@ -5,7 +5,10 @@ use std::{
     fmt,
     future::Future,
     pin::Pin,
-    sync::{Arc, RwLock},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use bytes::Bytes;
@@ -16,6 +19,43 @@ use crate::{Codec, Context, ServiceError, wire::status};
 pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 pub(crate) type HandlerFn =
     dyn Fn(Context, Codec, Bytes) -> BoxFuture<Result<Bytes, ServiceError>> + Send + Sync;
+
+/// One registered method: its erased handler, and where its calls run.
+pub(crate) struct Method {
+    run: Box<HandlerFn>,
+    /// Set once a call's handler held its I/O thread longer than the inline budget (or for
+    /// blocking methods from the start): its calls then run on the handler pool.
+    slow: AtomicBool,
+}
+
+impl Method {
+    fn new(run: Box<HandlerFn>) -> Self {
+        Self {
+            run,
+            slow: AtomicBool::new(false),
+        }
+    }
+
+    /// Starts a call of this method.
+    pub(crate) fn call(
+        &self,
+        ctx: Context,
+        codec: Codec,
+        payload: Bytes,
+    ) -> BoxFuture<Result<Bytes, ServiceError>> {
+        (self.run)(ctx, codec, payload)
+    }
+
+    /// Whether calls run on the handler pool.
+    pub(crate) fn is_slow(&self) -> bool {
+        self.slow.load(Ordering::Relaxed)
+    }
+
+    /// Moves this method's later calls to the handler pool.
+    pub(crate) fn mark_slow(&self) {
+        self.slow.store(true, Ordering::Relaxed);
+    }
+}
 
 /// A named set of methods (rpcx's service). Register it on a [`Server`](crate::Server) under a
 /// service path, or on a [`Client`](crate::Client) so the server can call it back.
@@ -42,9 +82,19 @@ pub(crate) type HandlerFn =
 ///     .method("Div", div);
 /// assert!(arith.has_method("Div"));
 /// ```
+///
+/// # Where handlers run, and what an async handler must not do
+/// On a server, a call's handler first runs on the I/O thread that owns the connection (no
+/// hand-over: trivial handlers cost least there). If one poll of a method's handler holds that
+/// thread longer than 50 µs — CPU work, a blocking call — the method is marked slow and its later
+/// calls run on a work-stealing pool with one worker per core, so other connections go on. The
+/// first such call still holds its I/O thread for as long as it blocks: an async handler must
+/// not block (`std::thread::sleep`, blocking I/O or locks held across long waits). Register
+/// blocking code with [`blocking_method`](Self::blocking_method), which runs it on a blocking
+/// thread from the first call.
 #[derive(Clone, Default)]
 pub struct Service {
-    methods: HashMap<String, Arc<HandlerFn>>,
+    methods: HashMap<String, Arc<Method>>,
 }
 
 impl Service {
@@ -80,7 +130,67 @@ impl Service {
                     .map_err(|e| ServiceError::status(status::ENCODE_ERROR, e.to_string()))
             })
         };
-        self.methods.insert(name.into(), Arc::new(erased));
+        self.methods
+            .insert(name.into(), Arc::new(Method::new(Box::new(erased))));
+        self
+    }
+
+    /// Adds a synchronous method that may block (a database driver, file I/O, a long
+    /// computation): rpcx's handlers, as Go code writes them. Each call runs on a blocking
+    /// thread (tokio's `spawn_blocking` pool), never on an I/O thread, so it delays only its own
+    /// caller.
+    ///
+    /// # Cancel safety
+    /// A blocking call cannot be interrupted: when the caller gives up (deadline, cancellation,
+    /// shutdown) the reply is discarded but the closure runs to its end. Long handlers can check
+    /// [`Context::is_cancelled`] to stop early.
+    ///
+    /// ```
+    /// use quicx::{Context, Service};
+    /// let files = Service::new().blocking_method("Read", |_ctx: Context, path: String| {
+    ///     Ok(std::fs::read(path).unwrap_or_default())
+    /// });
+    /// assert!(files.has_method("Read"));
+    /// ```
+    #[must_use]
+    pub fn blocking_method<A, R, F>(mut self, name: impl Into<String>, handler: F) -> Self
+    where
+        A: DeserializeOwned + Send + 'static,
+        R: Serialize + Send + 'static,
+        F: Fn(Context, A) -> Result<R, ServiceError> + Send + Sync + 'static,
+    {
+        let handler = Arc::new(handler);
+        let erased = move |ctx: Context, codec: Codec, payload: Bytes| -> BoxFuture<_> {
+            let handler = handler.clone();
+            Box::pin(async move {
+                let args = codec
+                    .decode::<A>(&payload)
+                    .map_err(|e| ServiceError::status(status::DECODE_ERROR, e.to_string()))?;
+                let reply = tokio::task::spawn_blocking(move || {
+                    let reply = handler(ctx, args)?;
+                    codec
+                        .encode(&reply)
+                        .map_err(|e| ServiceError::status(status::ENCODE_ERROR, e.to_string()))
+                })
+                .await;
+                match reply {
+                    Ok(reply) => reply,
+                    Err(e) if e.is_panic() => {
+                        let panic = e.into_panic();
+                        let message = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| (*s).to_owned())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "handler panicked".to_owned());
+                        Err(ServiceError::status(status::INTERNAL, message))
+                    }
+                    Err(e) => Err(ServiceError::status(status::INTERNAL, e.to_string())),
+                }
+            })
+        };
+        // Only the hand-over to the blocking thread runs on the I/O thread.
+        self.methods
+            .insert(name.into(), Arc::new(Method::new(Box::new(erased))));
         self
     }
 
@@ -94,7 +204,8 @@ impl Service {
         let erased = move |ctx: Context, _codec: Codec, payload: Bytes| -> BoxFuture<_> {
             Box::pin(handler(ctx, payload))
         };
-        self.methods.insert(name.into(), Arc::new(erased));
+        self.methods
+            .insert(name.into(), Arc::new(Method::new(Box::new(erased))));
         self
     }
 
@@ -103,7 +214,7 @@ impl Service {
         self.methods.contains_key(name)
     }
 
-    pub(crate) fn handler(&self, name: &str) -> Option<Arc<HandlerFn>> {
+    pub(crate) fn handler(&self, name: &str) -> Option<Handler> {
         self.methods.get(name).cloned()
     }
 }
@@ -120,12 +231,12 @@ impl fmt::Debug for Service {
 #[derive(Clone, Default, Debug)]
 pub(crate) struct Services(Arc<RwLock<HashMap<String, Arc<Service>>>>);
 
-/// The outcome of looking a method up.
-/// A registered handler.
-pub(crate) type Handler = Arc<HandlerFn>;
+/// A registered method.
+pub(crate) type Handler = Arc<Method>;
 
+/// The outcome of looking a method up.
 pub(crate) enum Lookup {
-    Found(Arc<HandlerFn>),
+    Found(Handler),
     UnknownService,
     UnknownMethod,
 }

@@ -268,7 +268,7 @@ impl Connection {
         reply: Reply,
     ) -> Result<RawReply> {
         let timeout = timeout.or(self.inner.side.call_timeout);
-        let io = &self.inner.side.io;
+        let io = &self.inner.io;
         let result = if io.is_current() {
             self.round_trip_here(frame, service_path, service_method, timeout, reply)
                 .await

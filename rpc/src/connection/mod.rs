@@ -50,6 +50,8 @@ struct ConnInner {
     quic: quinn::Connection,
     server_addr: SocketAddr,
     side: Arc<Side>,
+    /// The thread (or runtime) that drives this connection.
+    io: IoRuntime,
     client_id: Mutex<Option<String>>,
     peer_identity: Option<PeerIdentity>,
     /// Calls the peer has open on this connection now.
@@ -79,7 +81,12 @@ impl PartialEq for Connection {
 impl Eq for Connection {}
 
 impl Connection {
-    pub(crate) fn new(quic: quinn::Connection, side: Arc<Side>, server_addr: SocketAddr) -> Self {
+    pub(crate) fn new(
+        quic: quinn::Connection,
+        side: Arc<Side>,
+        server_addr: SocketAddr,
+        io: IoRuntime,
+    ) -> Self {
         let peer_identity = PeerIdentity::from_connection(&quic);
         Self {
             inner: Arc::new(ConnInner {
@@ -87,6 +94,7 @@ impl Connection {
                 quic,
                 server_addr,
                 side,
+                io,
                 client_id: Mutex::new(None),
                 peer_identity,
                 calls_in_flight: AtomicU32::new(0),
@@ -209,6 +217,6 @@ impl Connection {
     }
 
     pub(crate) fn io(&self) -> &IoRuntime {
-        &self.inner.side.io
+        &self.inner.io
     }
 }

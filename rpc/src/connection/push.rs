@@ -115,7 +115,7 @@ impl Connection {
     /// Sends an already encoded push frame on a new unidirectional stream, within `timeout`,
     /// on the I/O runtime.
     async fn send_push_frame(&self, frame: Bytes, timeout: Duration) -> Result<()> {
-        let io = &self.inner.side.io;
+        let io = &self.inner.io;
         if io.is_current() {
             return self.push_here(frame, timeout).await;
         }

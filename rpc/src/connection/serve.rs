@@ -2,22 +2,26 @@
 //! with receipt (clients).
 
 use std::{
+    any::Any,
+    future::Future,
     panic::AssertUnwindSafe,
+    pin::Pin,
     sync::atomic::Ordering,
+    task::{Context as TaskContext, Poll},
     time::{Duration, Instant},
 };
 
 use bytes::Bytes;
-use futures_util::FutureExt;
+use futures_util::{FutureExt, future::CatchUnwind};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::{Connection, side::Role};
 use crate::{
-    Codec, Context, Metadata, PushMessage, PushSender,
-    io::within,
+    Codec, Context, Metadata, PushMessage, PushSender, ServiceError,
+    io::{INLINE_BUDGET, handler_pool, within},
     push::Delivery,
-    service::{Handler, Lookup},
+    service::{BoxFuture, Handler, Lookup},
     wire::{
         self, FrameError, FrameKind, HelloHeader, PushHeader, RawFrame, RequestHeader,
         ResponseHeader, Status, StreamCode, flags, status,
@@ -219,9 +223,7 @@ async fn serve_request(
         cancel.clone(),
     );
     let side = &conn.inner.side;
-    let handler = AssertUnwindSafe(handler(ctx.clone(), codec, raw.payload))
-        .catch_unwind()
-        .instrument(span);
+    let handler = run_handler(&handler, ctx.clone(), codec, raw.payload).instrument(span);
     side.counters.calls_served.fetch_add(1, Ordering::Relaxed);
     if oneway {
         let _ = send.finish();
@@ -283,6 +285,71 @@ async fn serve_request(
         let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
     }
     Ok(())
+}
+
+/// What a handler's run gives: its result, or the panic it raised.
+type HandlerOutcome = Result<Result<Bytes, ServiceError>, Box<dyn Any + Send>>;
+
+/// Runs one call's handler where its method belongs: inline on this I/O thread, timing every
+/// poll (a poll over the inline budget moves the method's later calls to the handler pool), or on
+/// the handler pool for a method that proved slow. Dropping the returned future cancels the
+/// handler either way.
+fn run_handler(
+    method: &Handler,
+    ctx: Context,
+    codec: Codec,
+    payload: Bytes,
+) -> Pin<Box<dyn Future<Output = HandlerOutcome> + Send>> {
+    let call = AssertUnwindSafe(method.call(ctx, codec, payload)).catch_unwind();
+    if method.is_slow() {
+        if let Ok(pool) = handler_pool() {
+            let task = AbortOnDrop(pool.spawn(call));
+            return Box::pin(async move {
+                let mut task = task;
+                match (&mut task.0).await {
+                    Ok(outcome) => outcome,
+                    Err(e) if e.is_panic() => Err(e.into_panic()),
+                    Err(_) => Err(Box::new("handler task cancelled") as Box<dyn Any + Send>),
+                }
+            });
+        }
+    }
+    Box::pin(Timed {
+        call,
+        method: method.clone(),
+    })
+}
+
+/// A handler polled inline, each poll timed against the inline budget.
+struct Timed {
+    call: CatchUnwind<AssertUnwindSafe<BoxFuture<Result<Bytes, ServiceError>>>>,
+    method: Handler,
+}
+
+impl Future for Timed {
+    type Output = HandlerOutcome;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<HandlerOutcome> {
+        let started = Instant::now();
+        let outcome = self.call.poll_unpin(cx);
+        if started.elapsed() > INLINE_BUDGET && !self.method.is_slow() {
+            tracing::debug!(
+                "a handler held its I/O thread for {:?}: its method moves to the handler pool",
+                started.elapsed()
+            );
+            self.method.mark_slow();
+        }
+        outcome
+    }
+}
+
+/// Aborts a pooled handler when the call no longer waits for it.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// A hello: binds the declared client id. An empty id is refused with `HELLO_REFUSED`; a hello

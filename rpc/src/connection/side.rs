@@ -9,9 +9,7 @@ use std::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::registry::Registry;
-use crate::{
-    PushSender, TransportOptions, io::IoRuntime, service::Services, stats::Counters, wire::Limits,
-};
+use crate::{PushSender, TransportOptions, service::Services, stats::Counters, wire::Limits};
 
 /// The role a side plays. Matched once where behaviour differs; nothing is inferred from which
 /// options happen to be set.
@@ -54,8 +52,6 @@ pub(crate) struct Side {
     /// Cancelled when the side shuts down its handlers for good.
     pub(crate) shutdown: CancellationToken,
     pub(crate) counters: Counters,
-    /// Where this side's QUIC I/O runs.
-    pub(crate) io: IoRuntime,
 }
 
 /// The timeouts of one side.
@@ -71,7 +67,6 @@ impl Side {
         services: Services,
         transport: &TransportOptions,
         timeouts: SideTimeouts,
-        io: IoRuntime,
     ) -> Self {
         Self {
             role,
@@ -86,7 +81,6 @@ impl Side {
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
             counters: Counters::default(),
-            io,
         }
     }
 

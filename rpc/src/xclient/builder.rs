@@ -206,7 +206,6 @@ impl XClientBuilder {
                 push: Duration::from_secs(10),
                 call: option.call_timeout,
             },
-            IoRuntime::caller(),
         ));
         let session = Session {
             client_id: option.client_id.clone(),

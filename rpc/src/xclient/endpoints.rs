@@ -18,6 +18,7 @@ use crate::{
     discovery::{Endpoint, Endpoints},
     error::NotConnected,
     failmode::no_endpoint,
+    io::IoRuntime,
     selector::{Candidate, SelectInfo},
 };
 
@@ -306,8 +307,13 @@ impl Core {
             .await?
             .next()
             .ok_or_else(|| Error::Config(format!("`{}` resolved to nothing", member.endpoint)))?;
+        // Each endpoint's connection on its own client I/O thread, in turn.
+        let mut link = self.link.clone();
+        if let Ok(driver) = IoRuntime::for_client(self.option.placement) {
+            link.driver = driver;
+        }
         Client::start(
-            self.link.clone(),
+            link,
             self.side.clone(),
             self.session.clone(),
             self.events.clone(),

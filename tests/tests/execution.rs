@@ -1,0 +1,231 @@
+//! Server execution across threads: connections spread over more I/O threads than cores, with
+//! the registry, identities, reverse calls, broadcast and shutdown still right; slow handlers
+//! isolated from other connections; blocking handlers on their own threads.
+
+use std::{
+    collections::HashSet,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use quicx::{CallOptions, Context, Error, Metadata, Service, push_channel};
+use quicx_tests::{TestServer, start_server_with};
+
+/// The name of the thread a handler ran on.
+fn thread_name() -> String {
+    std::thread::current().name().unwrap_or("?").to_owned()
+}
+
+/// Burns the CPU for `d`, as a handler doing real work would.
+fn burn(d: Duration) {
+    let started = Instant::now();
+    while started.elapsed() < d {
+        std::hint::spin_loop();
+    }
+}
+
+async fn server_with_threads(threads: usize) -> TestServer {
+    let t = start_server_with(|b| b.io_threads(threads)).await;
+    t.server.register(
+        "Exec",
+        Service::new()
+            .method(
+                "Where",
+                |_ctx: Context, (): ()| async move { Ok(thread_name()) },
+            )
+            .method("Block", |_ctx: Context, ms: u64| async move {
+                // What an async handler must not do; quicx moves the method off the I/O thread.
+                std::thread::sleep(Duration::from_millis(ms));
+                Ok(thread_name())
+            })
+            .blocking_method("BlockingPath", |_ctx: Context, ms: u64| {
+                std::thread::sleep(Duration::from_millis(ms));
+                Ok(thread_name())
+            })
+            .method("BurnThenPanic", |_ctx: Context, (): ()| async move {
+                burn(Duration::from_millis(2));
+                if true {
+                    panic!("burnt out");
+                }
+                Ok(())
+            }),
+    );
+    t
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_io_threads_keep_registry_identity_broadcast_and_shutdown_right() {
+    const CLIENTS: usize = 24;
+    let t = server_with_threads(4).await;
+    let mut clients = Vec::new();
+    let mut receivers = Vec::new();
+    for i in 0..CLIENTS {
+        let (tx, rx) = push_channel(8);
+        let client = t
+            .client()
+            .client_id(format!("dev-{i}"))
+            .push_channel(tx)
+            .register(
+                "Device",
+                Service::new().method("Id", move |_ctx: Context, (): ()| async move { Ok(i) }),
+            )
+            .connect(&t.address())
+            .await
+            .unwrap();
+        clients.push(client);
+        receivers.push(rx);
+    }
+    // Spread over the I/O threads (24 clients on 4 sockets all on one: probability 4 × 4^-24).
+    let mut threads = HashSet::new();
+    for client in &clients {
+        let name: String = client.call("Exec", "Where", &()).await.unwrap();
+        assert!(name.starts_with("quicx-server-io-"), "{name}");
+        threads.insert(name);
+    }
+    assert!(threads.len() >= 2, "all connections on {threads:?}");
+    // Identities and reverse calls, whichever thread holds the connection.
+    assert_eq!(t.server.connections().len(), CLIENTS);
+    for i in 0..CLIENTS {
+        let conn = t.server.client(&format!("dev-{i}")).expect("bound");
+        let id: usize = conn.call("Device", "Id", &()).await.unwrap();
+        assert_eq!(id, i);
+    }
+    // One broadcast, every result Ok, every client gets it once.
+    let results = t
+        .server
+        .broadcast(
+            "news",
+            "all",
+            Metadata::new(),
+            b"hi",
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    assert_eq!(results.len(), CLIENTS);
+    assert!(results.iter().all(|r| r.result.is_ok()));
+    for rx in &mut receivers {
+        let msg = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&msg.payload[..], b"hi");
+    }
+    // Shutdown closes the connections of every thread.
+    let mut conns = Vec::new();
+    for client in &clients {
+        conns.push(client.connection().await.unwrap());
+    }
+    assert!(t.server.shutdown(Duration::from_secs(1)).await);
+    for conn in conns {
+        let closed = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+        assert!(matches!(closed, Ok(Error::ShuttingDown)), "{closed:?}");
+    }
+}
+
+/// Another connection's trivial calls while `busy` keeps calling `method` on its own.
+async fn latencies_beside(t: &TestServer, method: &'static str, ms: u64) -> Vec<Duration> {
+    let busy = t.client().connect(&t.address()).await.unwrap();
+    let other = t.client().connect(&t.address()).await.unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let blocker = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) && n < 20 {
+                let _ = busy.call::<_, String>("Exec", method, &ms).await;
+                n += 1;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut latencies = Vec::new();
+    for _ in 0..100 {
+        let started = Instant::now();
+        let _: String = other.call("Exec", "Where", &()).await.unwrap();
+        latencies.push(started.elapsed());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    blocker.await.unwrap();
+    latencies.sort();
+    latencies
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocking_handler_on_the_blocking_path_never_delays_another_connection() {
+    let t = server_with_threads(1).await;
+    // One I/O thread: without isolation every call of the other connection would wait.
+    let latencies = latencies_beside(&t, "BlockingPath", 300).await;
+    let max = *latencies.last().unwrap();
+    assert!(max < Duration::from_millis(150), "max {max:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_async_handler_that_blocks_is_moved_off_the_io_thread() {
+    let t = server_with_threads(1).await;
+    let client = t.client().connect(&t.address()).await.unwrap();
+    // The first call blocks the I/O thread and shows the method slow.
+    let first: String = client.call("Exec", "Block", &100u64).await.unwrap();
+    assert!(first.starts_with("quicx-server-io-"), "{first}");
+    let second: String = client.call("Exec", "Block", &1u64).await.unwrap();
+    assert!(second.starts_with("quicx-handler"), "{second}");
+    // From then on, another connection's calls go on while it blocks.
+    let latencies = latencies_beside(&t, "Block", 300).await;
+    let p50 = latencies[latencies.len() / 2];
+    assert!(p50 < Duration::from_millis(50), "p50 {p50:?}");
+}
+
+#[tokio::test]
+async fn pooled_handlers_panic_and_cancel_like_inline_ones() {
+    let t = server_with_threads(2).await;
+    let client = t.client().connect(&t.address()).await.unwrap();
+    // Inline (and marked slow), then on the pool: the same typed error.
+    for _ in 0..2 {
+        let err = client
+            .call::<_, ()>("Exec", "BurnThenPanic", &())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::Internal(ref m) if m.contains("burnt out")),
+            "{err:?}"
+        );
+    }
+    // A pooled handler is cancelled when its caller gives up.
+    let cancelled = Arc::new(AtomicUsize::new(0));
+    let seen = cancelled.clone();
+    t.server.register(
+        "Slow",
+        Service::new().method("Wait", move |_ctx: Context, (): ()| {
+            let seen = seen.clone();
+            async move {
+                struct Guard(Arc<AtomicUsize>);
+                impl Drop for Guard {
+                    fn drop(&mut self) {
+                        self.0.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+                let _guard = Guard(seen);
+                burn(Duration::from_millis(2));
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                Ok(())
+            }
+        }),
+    );
+    let options = CallOptions::new().timeout(Duration::from_millis(200));
+    for _ in 0..2 {
+        let err = client
+            .call_with::<_, ()>("Slow", "Wait", &(), &options)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::DeadlineExceeded { .. }), "{err:?}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while cancelled.load(Ordering::SeqCst) < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(cancelled.load(Ordering::SeqCst), 2);
+}

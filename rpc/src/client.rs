@@ -600,17 +600,16 @@ impl Client {
 
     /// Whether the client has a live connection right now.
     pub fn is_connected(&self) -> bool {
-        self.live_connection().is_some()
+        self.live_connection().is_some_and(|c| !c.is_closed())
     }
 
     /// The current connection if it is up, without waiting.
+    ///
+    /// Lock-free on the call path: the supervisor clears the current connection as soon as it
+    /// closes (a call that races it fails at once with [`Error::ConnectionLost`]), so there is
+    /// no need to take quinn's connection lock on every call to ask.
     pub(crate) fn live_connection(&self) -> Option<Connection> {
-        self.inner
-            .current
-            .borrow()
-            .as_ref()
-            .filter(|c| !c.is_closed())
-            .cloned()
+        self.inner.current.borrow().clone()
     }
 
     /// Closes the connection with close code `NORMAL` and stops reconnecting. Calls in flight

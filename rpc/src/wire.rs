@@ -313,6 +313,57 @@ pub(crate) fn encode_frame_with<H: Serialize, E: From<FrameError>>(
     Ok(buf.into())
 }
 
+/// A frame ready to write: its prefix and header, and (for large payloads) the payload as a
+/// separate chunk, so it is never copied.
+#[derive(Debug, Clone)]
+pub(crate) struct Frame {
+    pub(crate) head: Bytes,
+    pub(crate) payload: Bytes,
+}
+
+/// Payloads up to this size are copied behind the header (one chunk, one write); larger ones
+/// go to QUIC as their own chunk.
+const COPY_PAYLOAD_UP_TO: usize = 1024;
+
+impl Frame {
+    /// Encodes `header` in front of `payload`.
+    pub(crate) fn encode<H: Serialize>(
+        frame_kind: FrameKind,
+        header: &H,
+        payload: Bytes,
+        limits: &Limits,
+    ) -> Result<Self, FrameError> {
+        if payload.len() <= COPY_PAYLOAD_UP_TO {
+            return Ok(Self {
+                head: encode_frame(frame_kind, header, &payload, limits)?,
+                payload: Bytes::new(),
+            });
+        }
+        check_payload(payload.len(), limits)?;
+        Ok(Self {
+            head: encode_frame(frame_kind, header, &[], limits)?,
+            payload,
+        })
+    }
+
+    /// A frame encoded in one buffer.
+    pub(crate) fn whole(bytes: Bytes) -> Self {
+        Self {
+            head: bytes,
+            payload: Bytes::new(),
+        }
+    }
+
+    /// Writes the frame (not finishing the stream).
+    pub(crate) async fn write(self, send: &mut quinn::SendStream) -> Result<(), quinn::WriteError> {
+        if self.payload.is_empty() {
+            send.write_chunk(self.head).await
+        } else {
+            send.write_all_chunks(&mut [self.head, self.payload]).await
+        }
+    }
+}
+
 /// Fails with [`FrameError::PayloadTooLarge`] when a payload is above the limit.
 pub(crate) fn check_payload(len: usize, limits: &Limits) -> Result<(), FrameError> {
     if len as u64 > limits.max_payload_size {

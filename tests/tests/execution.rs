@@ -229,3 +229,18 @@ async fn pooled_handlers_panic_and_cancel_like_inline_ones() {
     }
     assert_eq!(cancelled.load(Ordering::SeqCst), 2);
 }
+
+#[tokio::test]
+async fn large_payloads_travel_as_their_own_chunk_both_ways() {
+    let t = server_with_threads(2).await;
+    let client = t.client().connect(&t.address()).await.unwrap();
+    for size in [0, 1, 1024, 1025, 64 * 1024, 1024 * 1024] {
+        let payload: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        let reply = client
+            .call_raw("Arith", "Echo", &payload, &CallOptions::new())
+            .await
+            .unwrap();
+        assert_eq!(reply.payload.len(), size);
+        assert!(reply.payload.iter().eq(payload.iter()), "size {size}");
+    }
+}

@@ -13,7 +13,8 @@ use crate::{
     error::ProtocolError,
     io::within,
     wire::{
-        self, FrameKind, HelloHeader, RequestHeaderRef, ResponseHeader, Status, StreamCode, flags,
+        self, Frame, FrameKind, HelloHeader, RequestHeaderRef, ResponseHeader, Status, StreamCode,
+        flags,
     },
 };
 
@@ -182,6 +183,7 @@ impl Connection {
         payload: &[u8],
         options: &CallOptions,
     ) -> Result<RawReply> {
+        let payload = Bytes::copy_from_slice(payload);
         self.request_raw(
             service_path,
             service_method,
@@ -198,12 +200,12 @@ impl Connection {
         &self,
         service_path: &str,
         service_method: &str,
-        payload: &[u8],
+        payload: Bytes,
         options: &CallOptions,
         reply: Reply,
     ) -> Result<RawReply> {
         let header = self.request_header(service_path, service_method, options, reply);
-        let frame = wire::encode_frame(
+        let frame = Frame::encode(
             FrameKind::Request,
             &header,
             payload,
@@ -225,7 +227,7 @@ impl Connection {
         args: &A,
         options: &CallOptions,
         reply: Reply,
-    ) -> Result<Bytes> {
+    ) -> Result<Frame> {
         let header = self.request_header(service_path, service_method, options, reply);
         wire::encode_frame_with(
             FrameKind::Request,
@@ -233,6 +235,7 @@ impl Connection {
             &self.inner.side.limits,
             |buf| options.codec.encode_into(args, buf),
         )
+        .map(Frame::whole)
     }
 
     fn request_header<'a>(
@@ -262,7 +265,7 @@ impl Connection {
     /// its I/O runtime. Counted in the side's call counters.
     pub(crate) async fn round_trip(
         &self,
-        frame: Bytes,
+        frame: Frame,
         (service_path, service_method): (&str, &str),
         timeout: Option<Duration>,
         reply: Reply,
@@ -293,7 +296,7 @@ impl Connection {
     /// [`round_trip`](Self::round_trip) where the connection is driven.
     async fn round_trip_here(
         &self,
-        frame: Bytes,
+        frame: Frame,
         service_path: &str,
         service_method: &str,
         timeout: Option<Duration>,
@@ -324,7 +327,7 @@ impl Connection {
     /// The stream work of one call: open, write the request, finish, read the response.
     async fn exchange(
         &self,
-        frame: Bytes,
+        frame: Frame,
         service_path: &str,
         service_method: &str,
         reply: Reply,
@@ -335,7 +338,7 @@ impl Connection {
             recv,
             armed: true,
         };
-        streams.send.write_chunk(frame).await?;
+        frame.write(&mut streams.send).await?;
         streams.send.finish()?;
         if reply == Reply::None {
             streams.armed = false;
@@ -397,7 +400,12 @@ pub(crate) async fn hello(
         client_id: client_id.clone(),
         metadata,
     };
-    let frame = wire::encode_frame(FrameKind::Hello, &header, &[], &conn.inner.side.limits)?;
+    let frame = Frame::whole(wire::encode_frame(
+        FrameKind::Hello,
+        &header,
+        &[],
+        &conn.inner.side.limits,
+    )?);
     conn.round_trip(frame, ("", "hello"), Some(timeout), Reply::Wanted)
         .await?;
     conn.set_client_id_local(client_id);

@@ -10,7 +10,7 @@ use super::{Connection, call::Reply, side::Role};
 use crate::{
     Codec, Error, Metadata, Result,
     io::within,
-    wire::{self, FrameKind, PushHeaderRef, StreamCode},
+    wire::{self, Frame, FrameKind, PushHeaderRef, StreamCode},
 };
 
 impl Connection {
@@ -77,7 +77,8 @@ impl Connection {
         metadata: Metadata,
         data: impl AsRef<[u8]>,
     ) -> Result<()> {
-        let frame = self.push_frame(service_path, service_method, metadata, data.as_ref())?;
+        let frame =
+            Frame::whole(self.push_frame(service_path, service_method, metadata, data.as_ref())?);
         self.round_trip(
             frame,
             (service_path, service_method),

@@ -23,7 +23,7 @@ use crate::{
     push::Delivery,
     service::{BoxFuture, Handler, Lookup},
     wire::{
-        self, FrameError, FrameKind, HelloHeader, PushHeader, RawFrame, RequestHeader,
+        self, Frame, FrameError, FrameKind, HelloHeader, PushHeader, RawFrame, RequestHeader,
         ResponseHeader, Status, StreamCode, flags, status,
     },
 };
@@ -120,17 +120,17 @@ async fn respond(
     send: &mut quinn::SendStream,
     status: Status,
     metadata: Metadata,
-    payload: &[u8],
+    payload: Bytes,
 ) {
     let header = ResponseHeader { status, metadata };
-    match wire::encode_frame(
+    match Frame::encode(
         FrameKind::Response,
         &header,
         payload,
         &conn.inner.side.limits,
     ) {
         Ok(frame) => {
-            if send.write_chunk(frame).await.is_ok() {
+            if frame.write(send).await.is_ok() {
                 let _ = send.finish();
             }
         }
@@ -192,7 +192,7 @@ async fn serve_request(
     } = match dispatch(conn, &raw) {
         Ok(d) => d,
         Err(Ok(status)) => {
-            respond(conn, &mut send, status, Metadata::new(), &[]).await;
+            respond(conn, &mut send, status, Metadata::new(), Bytes::new()).await;
             return Ok(());
         }
         Err(Err(code)) => {
@@ -278,7 +278,7 @@ async fn serve_request(
             .call_handler_errors
             .fetch_add(1, Ordering::Relaxed);
     }
-    respond(conn, &mut send, status, ctx.take_reply_metadata(), &payload).await;
+    respond(conn, &mut send, status, ctx.take_reply_metadata(), payload).await;
     if side.shutting_down.load(Ordering::Acquire) {
         // Draining: stay tracked until the client has the reply, so closing the connection
         // afterwards cannot discard it.
@@ -376,7 +376,7 @@ async fn serve_hello(
         }
         None => Status::Ok,
     };
-    respond(conn, &mut send, status, Metadata::new(), &[]).await;
+    respond(conn, &mut send, status, Metadata::new(), Bytes::new()).await;
     Ok(())
 }
 
@@ -399,7 +399,7 @@ async fn serve_receipt_push(
             Delivery::Closed => Status::error(status::PUSH_REJECTED, "push channel closed"),
         },
     };
-    respond(conn, &mut send, status, Metadata::new(), &[]).await;
+    respond(conn, &mut send, status, Metadata::new(), Bytes::new()).await;
     Ok(())
 }
 

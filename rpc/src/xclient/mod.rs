@@ -128,7 +128,7 @@ impl Core {
         &self,
         member: &Arc<Member>,
         method: &str,
-        payload: &[u8],
+        payload: &Bytes,
         options: &CallOptions,
         deadline: Deadline,
         reply: Reply,
@@ -149,7 +149,7 @@ impl Core {
                 timeout,
                 ..options.clone()
             };
-            conn.request_raw(&self.service_path, method, payload, &options, reply)
+            conn.request_raw(&self.service_path, method, payload.clone(), &options, reply)
                 .await
         }
         .await;
@@ -167,13 +167,13 @@ impl Core {
     async fn invoke(
         &self,
         method: &str,
-        payload: &[u8],
+        payload: &Bytes,
         options: &CallOptions,
     ) -> Result<RawReply> {
         let info = SelectInfo {
             service_path: &self.service_path,
             service_method: method,
-            args: payload,
+            args: &payload[..],
             key: options.route_key.as_deref(),
         };
         let timeout = options.timeout.or(self.option.call_timeout);
@@ -282,7 +282,8 @@ impl XClient {
         R: DeserializeOwned,
     {
         let payload = options.codec.encode(args)?;
-        let reply = self.call_raw(method, &payload, options).await?;
+        self.await_endpoints().await;
+        let reply = self.inner.invoke(method, &payload, options).await?;
         options.codec.decode(&reply.payload)
     }
 
@@ -294,7 +295,8 @@ impl XClient {
         options: &CallOptions,
     ) -> Result<RawReply> {
         self.await_endpoints().await;
-        self.inner.invoke(method, payload, options).await
+        let payload = Bytes::copy_from_slice(payload);
+        self.inner.invoke(method, &payload, options).await
     }
 
     /// Calls `method` on every endpoint at once (rpcx's `Broadcast`) and returns each
@@ -377,7 +379,7 @@ impl XClient {
         let info = SelectInfo {
             service_path: &self.inner.service_path,
             service_method: method,
-            args: &payload,
+            args: &payload[..],
             key: None,
         };
         let member = self.inner.pick(&info, &[])?;

@@ -39,12 +39,24 @@ pub(crate) async fn closed_loop(
     warmup: Duration,
     duration: Duration,
 ) -> anyhow::Result<Sample> {
+    closed_loop_spread(&[caller], concurrency, warmup, duration).await
+}
+
+/// The same load with the `concurrency` callers spread evenly over `callers` (one per
+/// connection): caller `i` calls through `callers[i % callers.len()]`.
+pub(crate) async fn closed_loop_spread(
+    callers: &[Caller],
+    concurrency: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> anyhow::Result<Sample> {
+    anyhow::ensure!(!callers.is_empty(), "no connection to call through");
     let start = Instant::now();
     let measure_from = start + warmup;
     let end = measure_from + duration;
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..concurrency {
-        let caller = caller.clone();
+    for i in 0..concurrency {
+        let caller = callers[i % callers.len()].clone();
         tasks.spawn(async move {
             let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
             let mut calls = 0u64;
@@ -81,6 +93,61 @@ pub(crate) async fn closed_loop(
         p50_us: hist.value_at_quantile(0.5) as f64,
         p99_us: hist.value_at_quantile(0.99) as f64,
     })
+}
+
+/// What a paced probe measured.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Paced {
+    /// Calls that succeeded.
+    pub(crate) calls: u64,
+    /// Calls that failed or did not complete within [`PACED_CALL_LIMIT`].
+    pub(crate) errors: u64,
+    pub(crate) p50_us: f64,
+    pub(crate) p99_us: f64,
+    pub(crate) max_us: f64,
+}
+
+/// Longest a paced call may take before it counts as an error: a bound on every probe.
+const PACED_CALL_LIMIT: Duration = Duration::from_secs(30);
+
+/// One call every `interval` for `window`, each started on its schedule whatever the earlier
+/// calls are doing (open loop), so a stall counts for every call sent during it, not once. A
+/// call's latency runs from when it is sent (not from its scheduled time: tokio's timer wakes up
+/// to a millisecond late, which would swamp a trivial call's latency).
+pub(crate) async fn paced(caller: Caller, interval: Duration, window: Duration) -> Paced {
+    let start = Instant::now();
+    let n = (window.as_nanos() / interval.as_nanos().max(1)) as u32;
+    let mut tasks = tokio::task::JoinSet::new();
+    for k in 0..n {
+        let due = start + interval * k;
+        tokio::time::sleep_until(due.into()).await;
+        let caller = caller.clone();
+        tasks.spawn(async move {
+            let sent = Instant::now();
+            let ok = matches!(
+                tokio::time::timeout(PACED_CALL_LIMIT, caller()).await,
+                Ok(Ok(()))
+            );
+            (ok, sent.elapsed())
+        });
+    }
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+    let mut out = Paced::default();
+    while let Some(result) = tasks.join_next().await {
+        match result {
+            Ok((true, latency)) => {
+                hist.saturating_record((latency.as_micros() as u64).max(1));
+                out.calls += 1;
+            }
+            _ => out.errors += 1,
+        }
+    }
+    if out.calls > 0 {
+        out.p50_us = hist.value_at_quantile(0.5) as f64;
+        out.p99_us = hist.value_at_quantile(0.99) as f64;
+        out.max_us = hist.max() as f64;
+    }
+    out
 }
 
 /// CPU time (user + system) this process has used so far.

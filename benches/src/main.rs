@@ -19,16 +19,16 @@ mod load;
 mod report;
 mod systems;
 
-use load::{Sample, closed_loop, cpu_time};
+use load::{Paced, Sample, closed_loop, closed_loop_spread, cpu_time, paced};
 use report::Record;
-use systems::{ServerInfo, System};
+use systems::{ServerInfo, System, Work};
 
 #[derive(Parser)]
 #[command(about = "quicx benchmarks against raw quinn, tonic and tarpc")]
 struct Cli {
     #[command(subcommand)]
     command: Option<Cmd>,
-    /// A short run (under 2 minutes): fewer points, one repetition.
+    /// A short run (under 3 minutes): fewer points, one repetition, short windows.
     #[arg(long)]
     quick: bool,
     /// Where report.md, results.json and the SVG plots go.
@@ -62,7 +62,27 @@ enum Scenario {
     Setup,
     /// Many connected devices: handshakes, memory, broadcast.
     Fleet,
+    /// Handlers that burn a fixed CPU time per call, several connections: calls/s, server cores.
+    HandlerCpu,
+    /// Isolation: one connection's handler blocks its thread; another connection's latency.
+    Blocking,
 }
+
+/// One load of the handler-cpu scenario.
+#[derive(Debug, Clone, Copy)]
+struct CpuLoad {
+    /// CPU each call's handler burns, µs.
+    work_us: u64,
+    /// Concurrent callers, spread evenly over the connections.
+    callers: usize,
+    /// Connections, each its own client.
+    connections: usize,
+}
+
+/// How long each of connection A's calls blocks its handler in the blocking scenario.
+const BLOCK_MS: u64 = 300;
+/// Connection B's call interval in the blocking scenario.
+const PROBE_INTERVAL: Duration = Duration::from_millis(5);
 
 #[derive(Subcommand)]
 enum Cmd {
@@ -103,6 +123,8 @@ struct Settings {
     push_count: u32,
     fleets: Vec<usize>,
     setup_rounds: usize,
+    cpu_loads: Vec<CpuLoad>,
+    blocking_window: Duration,
 }
 
 impl Settings {
@@ -117,6 +139,12 @@ impl Settings {
                 push_count: 100_000,
                 fleets: vec![1_000],
                 setup_rounds: 3,
+                cpu_loads: vec![CpuLoad {
+                    work_us: 100,
+                    callers: 32,
+                    connections: 4,
+                }],
+                blocking_window: Duration::from_secs(3),
             }
         } else {
             Self {
@@ -128,6 +156,19 @@ impl Settings {
                 push_count: 1_000_000,
                 fleets: vec![1_000, 10_000],
                 setup_rounds: 20,
+                cpu_loads: vec![
+                    CpuLoad {
+                        work_us: 20,
+                        callers: 64,
+                        connections: 8,
+                    },
+                    CpuLoad {
+                        work_us: 100,
+                        callers: 32,
+                        connections: 4,
+                    },
+                ],
+                blocking_window: Duration::from_secs(10),
             }
         }
     }
@@ -308,6 +349,86 @@ impl Env {
     }
 }
 
+impl Env {
+    /// The handler-cpu load on `system`: the sample and, with the server in a child process,
+    /// the cores it used over the measured window.
+    fn handler_cpu(
+        &mut self,
+        system: System,
+        load: CpuLoad,
+        s: &Settings,
+    ) -> anyhow::Result<(Sample, Option<f64>)> {
+        let info = self.servers[&system].clone();
+        let Self {
+            runtime, children, ..
+        } = self;
+        let child = children.get_mut(&system);
+        runtime.block_on(async {
+            let mut callers = Vec::with_capacity(load.connections);
+            let mut keep = Vec::with_capacity(load.connections);
+            for _ in 0..load.connections {
+                let (caller, k) = systems::work_caller(&info, Work::Spin(load.work_us)).await?;
+                callers.push(caller);
+                keep.push(k);
+            }
+            let cores = async {
+                // The CPU query is a short pipe round trip; it blocks only this (non-worker)
+                // thread, and only with a child, i.e. on a multi-thread runtime.
+                let child = child?;
+                tokio::time::sleep(s.warmup).await;
+                let (t0, cpu0) = (Instant::now(), child.cpu().ok()?);
+                tokio::time::sleep(s.duration).await;
+                let (t1, cpu1) = (Instant::now(), child.cpu().ok()?);
+                Some(cpu1.saturating_sub(cpu0).as_secs_f64() / (t1 - t0).as_secs_f64())
+            };
+            let (sample, cores) = tokio::join!(
+                closed_loop_spread(&callers, load.callers, s.warmup, s.duration),
+                cores
+            );
+            drop(keep);
+            Ok((sample?, cores))
+        })
+    }
+
+    /// The blocking scenario on `system`: connection A calls `work` (a blocking handler) back to
+    /// back while connection B's paced probe is measured; returns B's figures and A's calls.
+    fn blocking(
+        &mut self,
+        system: System,
+        work: Work,
+        window: Duration,
+    ) -> anyhow::Result<(Paced, u64)> {
+        let info = self.servers[&system].clone();
+        self.runtime.block_on(async {
+            let (probe, keep_b) = systems::echo_caller(&info, 32).await?;
+            probe().await.context("first probe call")?;
+            let (blocker, keep_a) = systems::work_caller(&info, work).await?;
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let stopped = stop.clone();
+            // Bounded in time and count: stops when told, or at the latest a minute late.
+            let limit = Instant::now() + window + Duration::from_secs(60);
+            let a = tokio::spawn(async move {
+                let mut calls = 0u64;
+                while !stopped.load(std::sync::atomic::Ordering::Relaxed)
+                    && Instant::now() < limit
+                    && calls < 1_000_000
+                {
+                    blocker().await.context("blocked call")?;
+                    calls += 1;
+                }
+                Ok::<_, anyhow::Error>(calls)
+            });
+            // Let A's first call reach its handler: from here on one is always in progress.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let measured = paced(probe, PROBE_INTERVAL, window).await;
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let blocked_calls = a.await??;
+            drop((keep_a, keep_b));
+            Ok((measured, blocked_calls))
+        })
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     if v.is_empty() { 0.0 } else { v[v.len() / 2] }
@@ -372,6 +493,25 @@ fn main() -> anyhow::Result<()> {
     let do_calls = wants(Scenario::Calls);
     let do_push = wants(Scenario::Push);
     let do_setup = wants(Scenario::Setup);
+    // The handler scenarios need handlers: every system but raw quinn.
+    let handler_systems: Vec<System> = systems
+        .iter()
+        .copied()
+        .filter(|&s| s != System::Quinn)
+        .collect();
+    let do_handler_cpu = wants(Scenario::HandlerCpu);
+    let do_blocking = wants(Scenario::Blocking);
+    // A's handler per system: an ordinary one that blocks, and for quicx also `blocking_method`.
+    let blocking_variants: Vec<(System, Work, &'static str)> = handler_systems
+        .iter()
+        .flat_map(|&s| {
+            let mut v = vec![(s, Work::Sleep(BLOCK_MS), "async handler, blocks")];
+            if s == System::Quicx {
+                v.push((s, Work::SleepBlocking(BLOCK_MS), "blocking_method"));
+            }
+            v
+        })
+        .collect();
     let planned = layouts.len()
         * (settings.payloads.len()
             * settings.concurrency.len()
@@ -383,7 +523,13 @@ fn main() -> anyhow::Result<()> {
             settings.fleets.len() * fleet_systems.len()
         } else {
             0
-        };
+        }
+        + layouts.len()
+            * (usize::from(do_handler_cpu)
+                * settings.cpu_loads.len()
+                * settings.repetitions
+                * handler_systems.len()
+                + usize::from(do_blocking) * blocking_variants.len());
     let bar = ProgressBar::new(planned as u64);
     bar.set_style(
         ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} {msg}")?
@@ -426,6 +572,8 @@ fn main() -> anyhow::Result<()> {
                         repetitions: runs.len(),
                         fleet: None,
                         setup_ms: None,
+                        handler_cpu: None,
+                        blocking: None,
                     });
                 }
             }
@@ -469,6 +617,8 @@ fn main() -> anyhow::Result<()> {
                 cpu_us_per_call: 0.0,
                 fleet: None,
                 setup_ms: None,
+                handler_cpu: None,
+                blocking: None,
             });
         }
         for &system in systems.iter().filter(|_| do_setup) {
@@ -495,6 +645,94 @@ fn main() -> anyhow::Result<()> {
                 repetitions: settings.setup_rounds,
                 fleet: None,
                 setup_ms: Some(ms),
+                handler_cpu: None,
+                blocking: None,
+            });
+            bar.inc(1);
+        }
+        for &load in settings.cpu_loads.iter().filter(|_| do_handler_cpu) {
+            let mut samples: HashMap<System, Vec<(Sample, Option<f64>)>> = HashMap::new();
+            for _ in 0..settings.repetitions {
+                // Interleaved: every system once per repetition.
+                for &system in &handler_systems {
+                    bar.set_message(format!(
+                        "{} handler {} µs, {} callers / {} connections ({})",
+                        system.name(),
+                        load.work_us,
+                        load.callers,
+                        load.connections,
+                        layout.name()
+                    ));
+                    let result = env
+                        .handler_cpu(system, load, &settings)
+                        .with_context(|| format!("{} handler-cpu", system.name()))?;
+                    samples.entry(system).or_default().push(result);
+                    bar.inc(1);
+                }
+            }
+            for &system in &handler_systems {
+                let Some(runs) = samples.remove(&system) else {
+                    continue;
+                };
+                let cores: Vec<f64> = runs.iter().filter_map(|r| r.1).collect();
+                records.push(Record {
+                    system,
+                    system_name: system.name(),
+                    layout: layout.name(),
+                    scenario: "handler-cpu",
+                    payload: 8,
+                    concurrency: load.callers,
+                    rate: median(runs.iter().map(|r| r.0.rate).collect()),
+                    p50_us: median(runs.iter().map(|r| r.0.p50_us).collect()),
+                    p99_us: median(runs.iter().map(|r| r.0.p99_us).collect()),
+                    cpu_us_per_call: 0.0,
+                    repetitions: runs.len(),
+                    fleet: None,
+                    setup_ms: None,
+                    handler_cpu: Some(report::HandlerCpu {
+                        work_us: load.work_us,
+                        callers: load.callers,
+                        connections: load.connections,
+                        server_cores: (!cores.is_empty()).then(|| median(cores)),
+                    }),
+                    blocking: None,
+                });
+            }
+        }
+        for &(system, work, handler) in blocking_variants.iter().filter(|_| do_blocking) {
+            bar.set_message(format!(
+                "{} blocking isolation, {handler} ({})",
+                system.name(),
+                layout.name()
+            ));
+            let (probe, blocked_calls) = env
+                .blocking(system, work, settings.blocking_window)
+                .with_context(|| format!("{} blocking, {handler}", system.name()))?;
+            records.push(Record {
+                system,
+                system_name: system.name(),
+                layout: layout.name(),
+                scenario: "blocking",
+                payload: 32,
+                concurrency: 1,
+                rate: probe.calls as f64 / settings.blocking_window.as_secs_f64(),
+                p50_us: probe.p50_us,
+                p99_us: probe.p99_us,
+                cpu_us_per_call: 0.0,
+                repetitions: 1,
+                fleet: None,
+                setup_ms: None,
+                handler_cpu: None,
+                blocking: Some(report::Blocking {
+                    handler,
+                    block_ms: BLOCK_MS,
+                    interval_ms: PROBE_INTERVAL.as_millis() as u64,
+                    window_s: settings.blocking_window.as_secs_f64(),
+                    probe_calls: probe.calls,
+                    probe_errors: probe.errors,
+                    probe_max_us: probe.max_us,
+                    blocked_calls,
+                }),
             });
             bar.inc(1);
         }
@@ -523,6 +761,8 @@ fn main() -> anyhow::Result<()> {
                         repetitions: 1,
                         fleet: Some(fleet),
                         setup_ms: None,
+                        handler_cpu: None,
+                        blocking: None,
                     });
                     bar.inc(1);
                 }

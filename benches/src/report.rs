@@ -26,6 +26,39 @@ pub(crate) struct Record {
     pub(crate) fleet: Option<Fleet>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) setup_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) handler_cpu: Option<HandlerCpu>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) blocking: Option<Blocking>,
+}
+
+/// The handler-cpu scenario's own figures (rate and latencies are in the [`Record`]).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(crate) struct HandlerCpu {
+    /// CPU each call's handler burns, µs.
+    pub(crate) work_us: u64,
+    pub(crate) callers: usize,
+    pub(crate) connections: usize,
+    /// Server process CPU time ÷ wall time over the measured window (two-process layout only).
+    pub(crate) server_cores: Option<f64>,
+}
+
+/// The blocking scenario's figures: connection B's probe while connection A's handler blocks.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(crate) struct Blocking {
+    /// How A's handler is registered.
+    pub(crate) handler: &'static str,
+    /// How long each of A's calls blocks its handler's thread, ms.
+    pub(crate) block_ms: u64,
+    /// B's call interval, ms.
+    pub(crate) interval_ms: u64,
+    /// B's measured window, seconds.
+    pub(crate) window_s: f64,
+    pub(crate) probe_calls: u64,
+    pub(crate) probe_errors: u64,
+    pub(crate) probe_max_us: f64,
+    /// A's calls completed while B was measured.
+    pub(crate) blocked_calls: u64,
 }
 
 fn k(rate: f64) -> String {
@@ -169,6 +202,8 @@ pub(crate) fn markdown(records: &[Record], machine: &str, settings: &str) -> Str
         }
         md.push('\n');
     }
+    handler_cpu_markdown(&mut md, records);
+    blocking_markdown(&mut md, records);
     let setups: Vec<&Record> = records.iter().filter(|r| r.scenario == "setup").collect();
     if !setups.is_empty() {
         let _ = writeln!(
@@ -186,6 +221,95 @@ pub(crate) fn markdown(records: &[Record], machine: &str, settings: &str) -> Str
         }
     }
     md
+}
+
+fn handler_cpu_markdown(md: &mut String, records: &[Record]) {
+    let rows: Vec<(&Record, HandlerCpu)> = records
+        .iter()
+        .filter(|r| r.scenario == "handler-cpu")
+        .filter_map(|r| r.handler_cpu.map(|h| (r, h)))
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "## Handler CPU: each call's handler burns a fixed CPU time\n\n\
+         Closed loop, callers spread evenly over connections (one client each). Server cores: \
+         server process CPU time ÷ wall time of the measured window (2 processes only). \
+         ÷ tarpc: calls/s ratio to tarpc in the same layout and load (> 1 means faster).\n\n\
+         | layout | system | handler µs | callers / connections | calls/s | p50 µs | p99 µs \
+         | server cores | ÷ tarpc tcp | ÷ tarpc tcp+TLS |\n\
+         |---|---|---|---|---|---|---|---|---|---|"
+    );
+    for &(r, h) in &rows {
+        let ratio = |base: System| {
+            rows.iter()
+                .find(|(o, oh)| {
+                    o.system == base
+                        && o.layout == r.layout
+                        && oh.work_us == h.work_us
+                        && oh.callers == h.callers
+                        && oh.connections == h.connections
+                })
+                .filter(|(o, _)| o.rate > 0.0)
+                .map_or("–".into(), |(o, _)| format!("{:.2}", r.rate / o.rate))
+        };
+        let cores = h.server_cores.map_or("–".into(), |c| format!("{c:.2}"));
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} / {} | **{}** | {:.0} | {:.0} | {cores} | {} | {} |",
+            r.layout,
+            r.system_name,
+            h.work_us,
+            h.callers,
+            h.connections,
+            k(r.rate),
+            r.p50_us,
+            r.p99_us,
+            ratio(System::Tarpc),
+            ratio(System::TarpcTls)
+        );
+    }
+    md.push('\n');
+}
+
+fn blocking_markdown(md: &mut String, records: &[Record]) {
+    let rows: Vec<(&Record, Blocking)> = records
+        .iter()
+        .filter(|r| r.scenario == "blocking")
+        .filter_map(|r| r.blocking.map(|b| (r, b)))
+        .collect();
+    let Some(&(_, first)) = rows.first() else {
+        return;
+    };
+    let _ = writeln!(
+        md,
+        "## Blocking isolation: connection B's latency while connection A's handler blocks\n\n\
+         One caller on connection A calls a handler that blocks its thread {} ms \
+         (`std::thread::sleep`), back to back; connection B starts a trivial call (32 B echo) \
+         every {} ms for {:.0} s, open loop (whether or not earlier calls have returned).\n\n\
+         | layout | system | A's handler | B p50 µs | B p99 µs | B max µs | B calls (errors) \
+         | A calls |\n\
+         |---|---|---|---|---|---|---|---|",
+        first.block_ms, first.interval_ms, first.window_s
+    );
+    for (r, b) in rows {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {:.0} | **{:.0}** | {:.0} | {} ({}) | {} |",
+            r.layout,
+            r.system_name,
+            b.handler,
+            r.p50_us,
+            r.p99_us,
+            b.probe_max_us,
+            b.probe_calls,
+            b.probe_errors,
+            b.blocked_calls
+        );
+    }
+    md.push('\n');
 }
 
 /// Two SVG plots per layout and payload: calls/s and p99 against concurrency.

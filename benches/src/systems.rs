@@ -7,7 +7,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -71,6 +71,31 @@ impl System {
     }
 }
 
+/// Server work done by one call of the handler-cpu and blocking scenarios.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Work {
+    /// The handler (an ordinary async handler) burns this many µs of CPU: a busy loop.
+    Spin(u64),
+    /// The handler (an ordinary async handler) blocks its thread this many ms.
+    Sleep(u64),
+    /// The handler blocks this many ms, registered as a blocking handler (quicx's
+    /// `Service::blocking_method`; the other systems have no such registration).
+    SleepBlocking(u64),
+}
+
+/// Burns CPU for `micros` µs of wall time: what the handler-cpu handlers do.
+pub(crate) fn burn(micros: u64) {
+    let end = Instant::now() + Duration::from_micros(micros);
+    while Instant::now() < end {
+        std::hint::spin_loop();
+    }
+}
+
+/// Blocks the calling thread for `millis` ms: what the blocking handlers do.
+fn block(millis: u64) {
+    std::thread::sleep(Duration::from_millis(millis));
+}
+
 /// What a client needs to reach a server.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct ServerInfo {
@@ -120,6 +145,21 @@ async fn serve_quicx(dev: &DevCertificate) -> anyhow::Result<SocketAddr> {
         Service::new()
             .raw_method("Echo", |_ctx: Context, payload: Bytes| async move {
                 Ok(payload)
+            })
+            // Handler-cpu: an ordinary async handler that burns CPU in its body.
+            .method("Spin", |_ctx: Context, micros: u64| async move {
+                burn(micros);
+                Ok(micros)
+            })
+            // Blocking, variant (a): an ordinary async handler that blocks anyway.
+            .method("Sleep", |_ctx: Context, millis: u64| async move {
+                block(millis);
+                Ok(millis)
+            })
+            // Blocking, variant (b): registered as a blocking handler.
+            .blocking_method("SleepBlocking", |_ctx: Context, millis: u64| {
+                block(millis);
+                Ok(millis)
             })
             .method("Push", |ctx: Context, order: PushOrder| async move {
                 let payload = Bytes::from(vec![7u8; order.size as usize]);
@@ -422,6 +462,24 @@ impl pb::echo_server::Echo for TonicEcho {
         );
         Ok(tonic::Response::new(Box::pin(stream)))
     }
+
+    async fn spin(
+        &self,
+        request: tonic::Request<pb::Work>,
+    ) -> Result<tonic::Response<pb::Work>, tonic::Status> {
+        let work = request.into_inner();
+        burn(work.amount);
+        Ok(tonic::Response::new(work))
+    }
+
+    async fn sleep(
+        &self,
+        request: tonic::Request<pb::Work>,
+    ) -> Result<tonic::Response<pb::Work>, tonic::Status> {
+        let work = request.into_inner();
+        block(work.amount);
+        Ok(tonic::Response::new(work))
+    }
 }
 
 type BoxStream =
@@ -483,6 +541,10 @@ mod tarpc_service {
     #[tarpc::service]
     pub trait Bench {
         async fn echo(data: Vec<u8>) -> Vec<u8>;
+        /// Burns `micros` µs of CPU in the handler (busy loop).
+        async fn spin(micros: u64) -> u64;
+        /// Blocks the handler's thread for `millis` ms.
+        async fn sleep(millis: u64) -> u64;
     }
 }
 use tarpc_service::{Bench, BenchClient};
@@ -493,6 +555,16 @@ struct TarpcBench;
 impl Bench for TarpcBench {
     async fn echo(self, _: tarpc::context::Context, data: Vec<u8>) -> Vec<u8> {
         data
+    }
+
+    async fn spin(self, _: tarpc::context::Context, micros: u64) -> u64 {
+        burn(micros);
+        micros
+    }
+
+    async fn sleep(self, _: tarpc::context::Context, millis: u64) -> u64 {
+        block(millis);
+        millis
     }
 }
 
@@ -645,6 +717,67 @@ pub(crate) async fn echo_caller(
             });
             (caller, Box::new(()))
         }
+    })
+}
+
+/// A caller of `work` on one new connection of the system behind `info` (quicx, tonic or tarpc).
+pub(crate) async fn work_caller(
+    info: &ServerInfo,
+    work: Work,
+) -> anyhow::Result<(Caller, Box<dyn std::any::Any + Send>)> {
+    Ok(match info.system {
+        System::Quicx => {
+            let client = quicx_client(info, None, None).await?;
+            let keep = client.clone();
+            let (method, amount) = match work {
+                Work::Spin(us) => ("Spin", us),
+                Work::Sleep(ms) => ("Sleep", ms),
+                Work::SleepBlocking(ms) => ("SleepBlocking", ms),
+            };
+            let caller: Caller = Arc::new(move || {
+                let client = client.clone();
+                Box::pin(async move {
+                    let reply: u64 = client.call("Bench", method, &amount).await?;
+                    anyhow::ensure!(reply == amount, "wrong reply");
+                    Ok(())
+                }) as BoxFuture<_>
+            });
+            (caller, Box::new(keep))
+        }
+        System::Tonic | System::TonicTls => {
+            let client = tonic_channel(info).await?;
+            let caller: Caller = Arc::new(move || {
+                let mut client = client.clone();
+                Box::pin(async move {
+                    let (reply, amount) = match work {
+                        Work::Spin(a) => (client.spin(pb::Work { amount: a }).await?, a),
+                        Work::Sleep(a) => (client.sleep(pb::Work { amount: a }).await?, a),
+                        Work::SleepBlocking(_) => anyhow::bail!("tonic has no blocking handler"),
+                    };
+                    anyhow::ensure!(reply.into_inner().amount == amount, "wrong reply");
+                    Ok(())
+                }) as BoxFuture<_>
+            });
+            (caller, Box::new(()))
+        }
+        System::Tarpc | System::TarpcTls => {
+            let client = tarpc_client(info).await?;
+            let caller: Caller = Arc::new(move || {
+                let client = client.clone();
+                Box::pin(async move {
+                    let ctx = tarpc::context::current();
+                    let (reply, amount) = match work {
+                        Work::Spin(us) => (client.spin(ctx, us).await?, us),
+                        Work::Sleep(ms) => (client.sleep(ctx, ms).await?, ms),
+                        Work::SleepBlocking(_) => anyhow::bail!("tarpc has no blocking handler"),
+                    };
+                    anyhow::ensure!(reply == amount, "wrong reply");
+                    Ok(())
+                }) as BoxFuture<_>
+            });
+            (caller, Box::new(()))
+        }
+        System::Quinn => anyhow::bail!("raw quinn has no handlers"),
     })
 }
 

@@ -225,6 +225,7 @@ impl ClientBuilder {
                 push: Duration::from_secs(10),
                 call: self.call_timeout,
             },
+            Vec::new(),
         ));
         let session = Session {
             client_id: self.client_id,

@@ -124,6 +124,12 @@ impl ServerBuilder {
         let mut quinn_config = quinn::ServerConfig::with_crypto(Arc::new(tls.quinn_config()?));
         quinn_config.transport_config(self.transport.quinn_transport(false)?);
         let stable_keys = config::StableKeys::derive(tls.private_key_der());
+        let threads = if config::SHARDED_PORTS {
+            self.io_threads.unwrap_or_else(crate::io::cores)
+        } else {
+            1
+        };
+        let io = IoRuntime::for_server(self.placement, threads)?;
         let registry = Arc::new(Registry::new(4096));
         let side = Arc::new(Side::new(
             Role::Server {
@@ -135,13 +141,8 @@ impl ServerBuilder {
                 push: self.push_timeout,
                 call: self.call_timeout,
             },
+            io.clone(),
         ));
-        let threads = if config::SHARDED_PORTS {
-            self.io_threads.unwrap_or_else(crate::io::cores)
-        } else {
-            1
-        };
-        let io = IoRuntime::for_server(self.placement, threads)?;
         Ok(Server {
             inner: Arc::new(ServerInner {
                 side,

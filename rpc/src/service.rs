@@ -23,9 +23,12 @@ pub(crate) type HandlerFn =
 /// One registered method: its erased handler, and where its calls run.
 pub(crate) struct Method {
     run: Box<HandlerFn>,
-    /// Set once a call's handler held its I/O thread longer than the inline budget (or for
-    /// blocking methods from the start): its calls then run on the handler pool.
+    /// Set once a call's handler held its I/O thread longer than the inline budget: its calls
+    /// then run on the handler pool.
     slow: AtomicBool,
+    /// Whether the last timed poll took at least [`HEAVY_POLL`](crate::io::HEAVY_POLL): such
+    /// calls leave an overloaded I/O thread for the pool.
+    heavy: AtomicBool,
 }
 
 impl Method {
@@ -33,6 +36,7 @@ impl Method {
         Self {
             run,
             slow: AtomicBool::new(false),
+            heavy: AtomicBool::new(false),
         }
     }
 
@@ -54,6 +58,19 @@ impl Method {
     /// Moves this method's later calls to the handler pool.
     pub(crate) fn mark_slow(&self) {
         self.slow.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the method's work is heavy enough to be worth moving off a busy I/O thread.
+    pub(crate) fn is_heavy(&self) -> bool {
+        self.heavy.load(Ordering::Relaxed)
+    }
+
+    /// Records how long one poll took.
+    pub(crate) fn record_poll(&self, took: std::time::Duration) {
+        let heavy = took >= crate::io::HEAVY_POLL;
+        if self.heavy.load(Ordering::Relaxed) != heavy {
+            self.heavy.store(heavy, Ordering::Relaxed);
+        }
     }
 }
 
@@ -86,7 +103,7 @@ impl Method {
 /// # Where handlers run, and what an async handler must not do
 /// On a server, a call's handler first runs on the I/O thread that owns the connection (no
 /// hand-over: trivial handlers cost least there). If one poll of a method's handler holds that
-/// thread longer than 50 µs — CPU work, a blocking call — the method is marked slow and its later
+/// thread longer than 1 ms — long CPU work, a blocking call — the method is marked slow and its later
 /// calls run on a work-stealing pool with one worker per core, so other connections go on. The
 /// first such call still holds its I/O thread for as long as it blocks: an async handler must
 /// not block (`std::thread::sleep`, blocking I/O or locks held across long waits). Register

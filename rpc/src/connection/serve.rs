@@ -292,7 +292,8 @@ type HandlerOutcome = Result<Result<Bytes, ServiceError>, Box<dyn Any + Send>>;
 
 /// Runs one call's handler where its method belongs: inline on this I/O thread, timing every
 /// poll (a poll over the inline budget moves the method's later calls to the handler pool), or on
-/// the handler pool for a method that proved slow. Dropping the returned future cancels the
+/// the handler pool for a method that proved slow, or for a heavy one while this I/O thread is
+/// overloaded (connections the kernel put on one thread then use the other cores too). Dropping the returned future cancels the
 /// handler either way.
 fn run_handler(
     method: &Handler,
@@ -300,8 +301,10 @@ fn run_handler(
     codec: Codec,
     payload: Bytes,
 ) -> Pin<Box<dyn Future<Output = HandlerOutcome> + Send>> {
+    let conn = ctx.conn();
+    let shed = method.is_heavy() && conn.io().overloaded_among(&conn.inner.side.io_threads);
     let call = AssertUnwindSafe(method.call(ctx, codec, payload)).catch_unwind();
-    if method.is_slow() {
+    if method.is_slow() || shed {
         if let Ok(pool) = handler_pool() {
             let task = AbortOnDrop(pool.spawn(call));
             return Box::pin(async move {
@@ -332,10 +335,11 @@ impl Future for Timed {
     fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<HandlerOutcome> {
         let started = Instant::now();
         let outcome = self.call.poll_unpin(cx);
-        if started.elapsed() > INLINE_BUDGET && !self.method.is_slow() {
+        let took = started.elapsed();
+        self.method.record_poll(took);
+        if took > INLINE_BUDGET && !self.method.is_slow() {
             tracing::debug!(
-                "a handler held its I/O thread for {:?}: its method moves to the handler pool",
-                started.elapsed()
+                "a handler held its I/O thread for {took:?}: its method moves to the handler pool"
             );
             self.method.mark_slow();
         }

@@ -52,6 +52,8 @@ pub(crate) struct Side {
     /// Cancelled when the side shuts down its handlers for good.
     pub(crate) shutdown: CancellationToken,
     pub(crate) counters: Counters,
+    /// A server's I/O threads (empty on clients), to compare their load.
+    pub(crate) io_threads: Vec<crate::io::IoRuntime>,
 }
 
 /// The timeouts of one side.
@@ -67,6 +69,7 @@ impl Side {
         services: Services,
         transport: &TransportOptions,
         timeouts: SideTimeouts,
+        io_threads: Vec<crate::io::IoRuntime>,
     ) -> Self {
         Self {
             role,
@@ -81,6 +84,7 @@ impl Side {
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),
             counters: Counters::default(),
+            io_threads,
         }
     }
 

@@ -206,6 +206,7 @@ impl XClientBuilder {
                 push: Duration::from_secs(10),
                 call: option.call_timeout,
             },
+            Vec::new(),
         ));
         let session = Session {
             client_id: option.client_id.clone(),

@@ -20,6 +20,15 @@ pub(crate) type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>
 pub(crate) type HandlerFn =
     dyn Fn(Context, Codec, Bytes) -> BoxFuture<Result<Bytes, ServiceError>> + Send + Sync;
 
+/// The message a panic carried (`panic!("...")`), for the caller's `INTERNAL` status.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "handler panicked".to_owned())
+}
+
 /// One registered method: its erased handler, and where its calls run.
 pub(crate) struct Method {
     run: Box<HandlerFn>,
@@ -193,12 +202,7 @@ impl Service {
                 match reply {
                     Ok(reply) => reply,
                     Err(e) if e.is_panic() => {
-                        let panic = e.into_panic();
-                        let message = panic
-                            .downcast_ref::<&str>()
-                            .map(|s| (*s).to_owned())
-                            .or_else(|| panic.downcast_ref::<String>().cloned())
-                            .unwrap_or_else(|| "handler panicked".to_owned());
+                        let message = panic_message(&*e.into_panic());
                         Err(ServiceError::status(status::INTERNAL, message))
                     }
                     Err(e) => Err(ServiceError::status(status::INTERNAL, e.to_string())),

@@ -21,7 +21,7 @@ use crate::{
     Codec, Context, Metadata, PushMessage, PushSender, ServiceError,
     io::{INLINE_BUDGET, handler_pool, within},
     push::Delivery,
-    service::{BoxFuture, Handler, Lookup},
+    service::{BoxFuture, Handler, Lookup, panic_message},
     wire::{
         self, Frame, FrameError, FrameKind, HelloHeader, PushHeader, RawFrame, RequestHeader,
         ResponseHeader, Status, StreamCode, flags, status,
@@ -249,11 +249,7 @@ async fn serve_request(
             Ok(Ok(payload)) => (Status::Ok, payload),
             Ok(Err(e)) => (Status::error(e.code(), e.message()), Bytes::new()),
             Err(panic) => {
-                let message = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "handler panicked".to_owned());
+                let message = panic_message(&*panic);
                 tracing::error!(conn = conn.id(), "handler panicked: {message}");
                 (Status::error(status::INTERNAL, message), Bytes::new())
             }

@@ -46,6 +46,9 @@ struct Cli {
     /// Messages per push run (default 100,000 quick, 1,000,000 full).
     #[arg(long)]
     push_count: Option<u32>,
+    /// Devices per fleet run, repeatable (default 1,000 quick; 1,000 and 10,000 full).
+    #[arg(long)]
+    fleet_size: Vec<usize>,
     /// Only these scenarios (default: all).
     #[arg(long, value_enum)]
     scenario: Vec<Scenario>,
@@ -461,6 +464,9 @@ fn main() -> anyhow::Result<()> {
     let mut settings = Settings::new(cli.quick);
     if let Some(n) = cli.push_count {
         settings.push_count = n;
+    }
+    if !cli.fleet_size.is_empty() {
+        settings.fleets = cli.fleet_size.clone();
     }
     let systems: Vec<System> = if cli.system.is_empty() {
         System::ALL.to_vec()

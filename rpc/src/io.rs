@@ -114,10 +114,10 @@ pub(crate) const HEAVY_POLL: Duration = Duration::from_micros(50);
 
 /// An I/O thread busier than this (thousandths of wall time) sheds heavy handlers to the pool
 /// while a sibling has spare time ...
-const OVERLOADED_PERMILLE: usize = 900;
+const OVERLOADED_PERMILLE: usize = 800;
 
-/// ... that is, is busy less than this.
-const SPARE_PERMILLE: usize = 700;
+/// ... that is, is at least this much less busy.
+const SPARE_MARGIN_PERMILLE: usize = 150;
 
 impl IoRuntime {
     /// Starts a new I/O thread that runs until [`stop`](Self::stop).
@@ -191,16 +191,18 @@ impl IoRuntime {
         Ok(shared[next].clone())
     }
 
-    /// Whether this I/O thread was busy more than 90% of the time lately while one of
-    /// `siblings` was under 70% (never for the caller's runtime): then heavy handlers go to the
+    /// Whether this I/O thread was busy more than 80% of the time lately while one of
+    /// `siblings` was at least 15 points less busy (never for the caller's runtime): then heavy
+    /// handlers go to the
     /// pool instead, so connections that the kernel happened to put on one thread do not leave
     /// other cores idle. Threads equally busy keep their handlers inline (the hand-over costs
     /// more than it saves).
     pub(crate) fn overloaded_among(&self, siblings: &[Self]) -> bool {
-        self.load_permille() > OVERLOADED_PERMILLE
+        let own = self.load_permille();
+        own > OVERLOADED_PERMILLE
             && siblings
                 .iter()
-                .any(|s| s.id() != self.id() && s.load_permille() < SPARE_PERMILLE)
+                .any(|s| s.id() != self.id() && s.load_permille() + SPARE_MARGIN_PERMILLE < own)
     }
 
     /// The share of the last window this thread spent running tasks, in thousandths.

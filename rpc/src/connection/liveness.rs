@@ -77,7 +77,7 @@ async fn probe(weak: std::sync::Weak<ConnInner>, limit: Duration) {
     let mut last_rx = None;
     let mut last_heard = Instant::now();
     let mut idle_ticks = 0;
-    let mut tick = (limit / 6).max(Duration::from_millis(20));
+    let mut tick = (limit / 10).max(Duration::from_millis(20));
     loop {
         tokio::time::sleep(tick).await;
         let Some(inner) = weak.upgrade() else { return };
@@ -99,7 +99,7 @@ async fn probe(weak: std::sync::Weak<ConnInner>, limit: Duration) {
             last_heard = now;
         }
         let limit = limit.max(inner.quic.rtt() * 6);
-        tick = (limit / 6).max(Duration::from_millis(20));
+        tick = (limit / 10).max(Duration::from_millis(20));
         if inner.liveness.waiting.load(Ordering::Acquire) == 0 {
             // Silence counts only while a call waits.
             last_heard = now;

@@ -151,6 +151,16 @@ impl ClientBuilder {
         self
     }
 
+    /// The token this client presents with its hello (and again on every reconnect), for the
+    /// server's [`Authenticator`](crate::Authenticator) to verify its client id. Sent as hello
+    /// metadata [`TOKEN_METADATA_KEY`](crate::TOKEN_METADATA_KEY), inside TLS.
+    #[must_use]
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.hello_metadata
+            .insert(crate::TOKEN_METADATA_KEY, token.into());
+        self
+    }
+
     /// Metadata sent with the hello (only sent when a client id is set or metadata is given).
     #[must_use]
     pub fn hello_metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {

@@ -93,6 +93,15 @@ pub enum Error {
     /// empty client id. The message is the server's.
     #[error("hello refused by the server: {0}")]
     HelloRefused(String),
+    /// The server could not verify the identity this client declared: no credentials, wrong
+    /// ones, or no verified source configured (status code `UNAUTHENTICATED`). The message is
+    /// the server's.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// The credentials are valid but not for the identity claimed, e.g. a certificate for
+    /// another device (status code `PERMISSION_DENIED`). The message is the server's.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
     /// The operation needs the other role: only a server pushes ([`Connection::send_message`]
     /// on a client's connection fails with this at once).
     ///
@@ -253,6 +262,8 @@ impl Error {
             status::PUSH_REJECTED => Self::PushRejected,
             status::UNSUPPORTED_CODEC => ProtocolError::UnsupportedCodec(message).into(),
             status::HELLO_REFUSED => Self::HelloRefused(message),
+            status::UNAUTHENTICATED => Self::Unauthenticated(message),
+            status::PERMISSION_DENIED => Self::PermissionDenied(message),
             _ => Self::Remote { code, message },
         }
     }

@@ -58,6 +58,17 @@ pub enum ServerEvent {
         /// The identity it is now known by.
         client_id: String,
     },
+    /// A connection verified for a client identity took it over from an older connection,
+    /// which the server then closed (close code `TAKEN_OVER`). A `Bound` event for `new`
+    /// precedes it.
+    TakenOver {
+        /// The identity.
+        client_id: String,
+        /// The connection that held it (closed now).
+        old: Connection,
+        /// The connection that holds it now.
+        new: Connection,
+    },
     /// A client's connection ended; it has left the registry.
     Disconnected {
         /// The connection (closed now).

@@ -51,11 +51,21 @@
 //! any time; a client that registers services can be called by it.
 //!
 //! ```
-//! use quicx::{Client, ClientTls, Context, DevCertificate, Metadata, Server, Service, push_channel};
+//! use quicx::{
+//!     Authenticator, Client, ClientTls, Context, DevCertificate, Hello, Metadata, Refusal, Server,
+//!     Service, push_channel,
+//! };
 //!
 //! # #[tokio::main] async fn main() -> quicx::Result<()> {
 //! let dev = DevCertificate::localhost()?;
-//! let server = Server::builder().dev_certificate(&dev).build()?;
+//! // Device ids bind only when verified: here a token per device.
+//! let devices = Authenticator::new(|hello: Hello| async move {
+//!     match hello.token.as_deref() {
+//!         Some("device-7-secret") if hello.client_id == "device-7" => Ok(hello.client_id),
+//!         _ => Err(Refusal::Unauthenticated("unknown device".into())),
+//!     }
+//! });
+//! let server = Server::builder().dev_certificate(&dev).authenticator(devices).build()?;
 //! let addr = server.bind("127.0.0.1:0").await?.to_string();
 //!
 //! let (tx, mut pushes) = push_channel(16);
@@ -63,6 +73,7 @@
 //!     .tls(ClientTls::new().trust(dev.certificate()))
 //!     .server_name("localhost")
 //!     .client_id("device-7")
+//!     .token("device-7-secret")
 //!     .push_channel(tx)
 //!     .register("Device", Service::new().method("Battery", |_ctx: Context, (): ()| async move {
 //!         Ok(87u8)
@@ -188,6 +199,7 @@
 #![warn(missing_docs)]
 #![deny(rustdoc::broken_intra_doc_links)]
 
+mod auth;
 mod client;
 mod codec;
 mod config;
@@ -208,6 +220,7 @@ mod wire;
 mod xclient;
 
 pub use crate::{
+    auth::{Authenticator, Hello, Refusal, TOKEN_METADATA_KEY},
     client::{Client, ClientBuilder, ClientEndpoint},
     codec::Codec,
     config::TransportOptions,

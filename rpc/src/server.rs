@@ -47,6 +47,7 @@ pub struct ServerBuilder {
     max_connections: usize,
     placement: Placement,
     io_threads: Option<usize>,
+    identity: crate::auth::IdentityPolicy,
 }
 
 impl ServerBuilder {
@@ -55,6 +56,26 @@ impl ServerBuilder {
     #[must_use]
     pub fn placement(mut self, placement: Placement) -> Self {
         self.placement = placement;
+        self
+    }
+
+    /// Verifies the identities clients declare in their hello (a token, a signature, a lookup):
+    /// the server binds a hello's id — and lets it take over a connection that holds it — only
+    /// when this returns it (or, under mTLS, when it is the certificate's name). See
+    /// [`Authenticator`](crate::Authenticator).
+    #[must_use]
+    pub fn authenticator(mut self, authenticator: crate::Authenticator) -> Self {
+        self.identity.authenticator = Some(authenticator);
+        self
+    }
+
+    /// **Insecure**: binds whatever identity a hello declares without verifying it, so any
+    /// client that trusts the server's certificate can claim any device id and take over that
+    /// device's pushes and reverse calls. For tests and closed networks only; by default a hello
+    /// id binds only from mTLS or an [`authenticator`](Self::authenticator).
+    #[must_use]
+    pub fn insecure_accept_unverified_client_ids(mut self) -> Self {
+        self.identity.accept_unverified = true;
         self
     }
 
@@ -134,6 +155,7 @@ impl ServerBuilder {
         let side = Arc::new(Side::new(
             Role::Server {
                 registry: registry.clone(),
+                identity: self.identity,
             },
             Services::default(),
             &self.transport,
@@ -239,6 +261,7 @@ impl Server {
             max_connections: 100_000,
             placement: Placement::Auto,
             io_threads: None,
+            identity: crate::auth::IdentityPolicy::default(),
         }
     }
 

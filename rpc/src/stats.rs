@@ -11,6 +11,7 @@ pub(crate) struct Counters {
     pub(crate) pushes_sent: AtomicU64,
     pub(crate) push_errors: AtomicU64,
     pub(crate) connections_accepted: AtomicU64,
+    pub(crate) auth_failures: AtomicU64,
 }
 
 /// A snapshot of a server's or client's counters.
@@ -33,6 +34,8 @@ pub struct Stats {
     pub connections: u64,
     /// Connections open now.
     pub open_connections: u64,
+    /// Hellos refused because their identity could not be verified (servers).
+    pub auth_failures: u64,
 }
 
 impl Counters {
@@ -47,6 +50,7 @@ impl Counters {
             push_errors: get(&self.push_errors),
             connections: get(&self.connections_accepted),
             open_connections,
+            auth_failures: get(&self.auth_failures),
         }
     }
 }

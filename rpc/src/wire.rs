@@ -113,6 +113,9 @@ impl CloseCode {
     /// Closed locally because the peer stopped answering liveness probes while calls waited
     /// (the peer is gone; it rarely sees this code).
     pub const PEER_UNRESPONSIVE: Self = Self(0x04);
+    /// The server closed this connection because another one, verified for the same client
+    /// identity, took it over.
+    pub const TAKEN_OVER: Self = Self(0x05);
 
     /// The number on the wire.
     pub const fn value(self) -> u64 {
@@ -156,6 +159,10 @@ pub mod status {
     pub const PUSH_REJECTED: u32 = 10;
     /// A hello was refused (invalid client id).
     pub const HELLO_REFUSED: u32 = 11;
+    /// The hello's identity could not be verified: no credentials, or wrong ones.
+    pub const UNAUTHENTICATED: u32 = 12;
+    /// The credentials are valid but not for the identity claimed.
+    pub const PERMISSION_DENIED: u32 = 13;
     /// Generic application error: a handler's error converted from a `std::error::Error`.
     pub const APPLICATION: u32 = 1000;
 }

@@ -136,9 +136,15 @@ pub fn arith(observed: Arc<Observed>, logs: mpsc::UnboundedSender<String>) -> Se
 pub async fn start_server_with(tweak: impl FnOnce(ServerBuilder) -> ServerBuilder) -> TestServer {
     init_tracing();
     let dev = Arc::new(DevCertificate::localhost().expect("dev certificate"));
-    let server = tweak(Server::builder().dev_certificate(&dev))
-        .build()
-        .expect("server builds");
+    // Tests of other features declare client ids freely; tests/tests/security.rs covers the
+    // verified default.
+    let server = tweak(
+        Server::builder()
+            .dev_certificate(&dev)
+            .insecure_accept_unverified_client_ids(),
+    )
+    .build()
+    .expect("server builds");
     let observed = Arc::new(Observed::default());
     let (tx, logs) = mpsc::unbounded_channel();
     server.register("Arith", arith(observed.clone(), tx));

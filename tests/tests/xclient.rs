@@ -34,7 +34,11 @@ impl Named {
 /// A server of service `Who`: `Name` answers its name, `Slow` sleeps (`stall_ms`) then answers,
 /// `Fail` returns a handler error.
 async fn named(dev: &DevCertificate, name: &str, stall_ms: u64) -> Named {
-    let server = Server::builder().dev_certificate(dev).build().unwrap();
+    let server = Server::builder()
+        .dev_certificate(dev)
+        .insecure_accept_unverified_client_ids()
+        .build()
+        .unwrap();
     let calls: Arc<HashMap<&'static str, AtomicUsize>> = Arc::new(
         ["Name", "Slow", "Fail"]
             .into_iter()

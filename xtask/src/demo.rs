@@ -7,8 +7,8 @@ use std::{
 
 use anyhow::{Context as _, bail, ensure};
 use quicx::{
-    Client, ClientEvent, ClientTls, Context, DevCertificate, Metadata, PushReceiver, Server,
-    ServerEvent, Service, TransportOptions, push_channel,
+    Authenticator, Client, ClientEvent, ClientTls, Context, DevCertificate, Hello, Metadata,
+    PushReceiver, Refusal, Server, ServerEvent, Service, TransportOptions, push_channel,
 };
 use serde::{Deserialize, Serialize};
 
@@ -47,6 +47,7 @@ impl Device {
             .tls(ClientTls::empty().trust(dev.certificate()))
             .server_name("localhost")
             .client_id(id)
+            .token(device_token(id))
             .push_channel(tx)
             .register(
                 "Device",
@@ -119,13 +120,26 @@ pub(crate) fn run() -> anyhow::Result<()> {
     outcome
 }
 
+/// The token each demo device presents (a real fleet would use per-device secrets or mTLS).
+fn device_token(id: &str) -> String {
+    format!("token-of-{id}")
+}
+
 async fn demo() -> anyhow::Result<()> {
     let started = Instant::now();
     println!("quicx demo: one server, three devices, all on 127.0.0.1\n");
     let dev = DevCertificate::localhost()?;
+    // Devices authenticate: a hello's id binds only with that device's token.
+    let authenticator = Authenticator::new(|hello: Hello| async move {
+        match hello.token {
+            Some(token) if token == device_token(&hello.client_id) => Ok(hello.client_id),
+            _ => Err(Refusal::Unauthenticated("wrong or missing token".into())),
+        }
+    });
     let server = Server::builder()
         .dev_certificate(&dev)
         .transport(TransportOptions::default().idle_timeout(Duration::from_secs(5)))
+        .authenticator(authenticator)
         .build()?;
     server.register(
         "Arith",
@@ -169,7 +183,36 @@ async fn demo() -> anyhow::Result<()> {
     .await;
     steps.report("call", result);
 
-    // 2. A push to one device, found by its id.
+    // 2. A rogue client claims device-2's id with a wrong token: refused; device-2 keeps it.
+    let result = async {
+        let rogue = Client::builder()
+            .tls(ClientTls::empty().trust(dev.certificate()))
+            .server_name("localhost")
+            .client_id("device-2")
+            .token("guessed")
+            .connect(&addr)
+            .await;
+        match rogue {
+            Err(quicx::Error::Unauthenticated(why)) => {
+                let holder = server
+                    .client("device-2")
+                    .context("device-2 lost its binding")?;
+                ensure!(
+                    holder.peer_identity().is_none() && !holder.is_closed(),
+                    "device-2's connection was disturbed"
+                );
+                Ok(format!(
+                    "rogue client claiming device-2 refused ({why}); device-2 keeps its connection"
+                ))
+            }
+            Err(e) => Err(anyhow::anyhow!("unexpected error {e}")),
+            Ok(_) => Err(anyhow::anyhow!("the rogue client was accepted")),
+        }
+    }
+    .await;
+    steps.report("takeover refused", result);
+
+    // 3. A push to one device, found by its id.
     let result = async {
         let t = Instant::now();
         server
@@ -190,7 +233,7 @@ async fn demo() -> anyhow::Result<()> {
     .await;
     steps.report("push to one device by id", result);
 
-    // 3. A broadcast with per-device results.
+    // 4. A broadcast with per-device results.
     let result = async {
         let t = Instant::now();
         let results = server
@@ -232,7 +275,7 @@ async fn demo() -> anyhow::Result<()> {
     .await;
     steps.report("broadcast", result);
 
-    // 4. A reverse call: the server calls a service the device registered.
+    // 5. A reverse call: the server calls a service the device registered.
     let result = async {
         let conn = server
             .client("device-3")
@@ -247,7 +290,7 @@ async fn demo() -> anyhow::Result<()> {
     .await;
     steps.report("reverse call (server calls the device)", result);
 
-    // 5. A device drops out and reconnects; its identity is re-bound and pushes reach it.
+    // 6. A device drops out and reconnects; its identity is re-bound and pushes reach it.
     let result = async {
         let device = &mut devices[0];
         let mut client_events = device.client.events();

@@ -129,14 +129,27 @@ impl Connection {
             .clone()
     }
 
-    /// Binds this connection to an application identity. On a server, the registry then finds
-    /// it by that id ([`Server::client`](crate::Server::client)); an older connection bound to
-    /// the same id is no longer found by it, so pushes reach the newest one; the id this
-    /// connection held before no longer finds it. On a client it only records the id.
+    /// Binds this connection to an application identity: a handler calls it after its own
+    /// login logic (quicx binds hello identities only from a verified source; see
+    /// [`Authenticator`](crate::Authenticator)). On a server, the registry then finds it by that
+    /// id ([`Server::client`](crate::Server::client)); an older connection bound to the same id
+    /// is taken over: closed with `TAKEN_OVER` (event
+    /// [`ServerEvent::TakenOver`](crate::ServerEvent::TakenOver)), so pushes reach the newest
+    /// one; the id this connection held before no longer finds it. On a client it only records
+    /// the id.
     pub fn bind_client_id(&self, id: impl Into<String>) {
         let id = id.into();
         match self.inner.side.registry() {
-            Some(registry) => registry.bind(id, self),
+            Some(registry) => {
+                if let Some(old) = registry.bind(id.clone(), self) {
+                    old.close_with(CloseCode::TAKEN_OVER, b"taken over");
+                    let _ = registry.events.send(crate::ServerEvent::TakenOver {
+                        client_id: id,
+                        old,
+                        new: self.clone(),
+                    });
+                }
+            }
             None => self.set_client_id_local(Some(id)),
         }
     }

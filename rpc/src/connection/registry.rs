@@ -65,14 +65,16 @@ impl Registry {
         });
     }
 
-    /// Binds `conn` to `client_id`: the id now finds `conn` (an older connection holding it
-    /// keeps running but is no longer found by it), and the id `conn` held before, if any, no
-    /// longer finds anything. A connection that already left the registry is not bound.
-    pub(crate) fn bind(&self, client_id: String, conn: &Connection) {
+    /// Binds `conn` to `client_id`: the id now finds `conn`, and the id `conn` held before, if
+    /// any, no longer finds anything. Returns the live connection that held `client_id` before
+    /// (for the caller to close as taken over). A connection that already left the registry is
+    /// not bound.
+    pub(crate) fn bind(&self, client_id: String, conn: &Connection) -> Option<Connection> {
+        let previous;
         {
             let mut inner = self.lock();
             if !inner.conns.contains_key(&conn.id()) {
-                return;
+                return None;
             }
             if let Some(old) = conn.client_id() {
                 if old != client_id && inner.ids.get(&old) == Some(&conn.id()) {
@@ -80,12 +82,17 @@ impl Registry {
                 }
             }
             conn.set_client_id_local(Some(client_id.clone()));
-            inner.ids.insert(client_id.clone(), conn.id());
+            previous = inner
+                .ids
+                .insert(client_id.clone(), conn.id())
+                .filter(|&old| old != conn.id())
+                .and_then(|old| inner.conns.get(&old).cloned());
         }
         let _ = self.events.send(ServerEvent::Bound {
             conn: conn.clone(),
             client_id,
         });
+        previous
     }
 
     pub(crate) fn get(&self, id: u64) -> Option<Connection> {

@@ -352,9 +352,10 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
-/// A hello: binds the declared client id. An empty id is refused with `HELLO_REFUSED`; a hello
-/// without an id, a late hello (after calls) and a second hello are accepted: the newest id
-/// declared wins.
+/// A hello: binds the declared client id once a verified source vouches for it (see
+/// `auth.rs`). An empty id is refused with `HELLO_REFUSED`, an unverified one with
+/// `UNAUTHENTICATED` or `PERMISSION_DENIED`; a hello without an id, a late hello (after calls)
+/// and a second hello are accepted when verified: the newest id declared wins.
 async fn serve_hello(
     conn: &Connection,
     mut send: quinn::SendStream,
@@ -370,14 +371,79 @@ async fn serve_hello(
     }
     let status = match hello.client_id {
         Some(id) if id.is_empty() => Status::error(status::HELLO_REFUSED, "empty client id"),
-        Some(id) => {
-            conn.bind_client_id(id);
-            Status::Ok
-        }
+        Some(id) => match verify_hello(conn, id, hello.metadata).await {
+            Ok(id) => {
+                conn.bind_client_id(id);
+                Status::Ok
+            }
+            Err(refused) => {
+                conn.inner
+                    .side
+                    .counters
+                    .auth_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::info!(conn = conn.id(), remote = %conn.remote_address(), "hello refused: {refused:?}");
+                refused
+            }
+        },
         None => Status::Ok,
     };
     respond(conn, &mut send, status, Metadata::new(), Bytes::new()).await;
     Ok(())
+}
+
+/// Whether `claimed` may bind on `conn`: the verified identity, or the status that refuses it.
+async fn verify_hello(
+    conn: &Connection,
+    claimed: String,
+    metadata: Metadata,
+) -> Result<String, Status> {
+    let Role::Server { identity, .. } = &conn.inner.side.role else {
+        return Err(Status::error(
+            status::HELLO_REFUSED,
+            "only servers take hellos",
+        ));
+    };
+    if let Some(name) = conn.peer_identity().and_then(|p| p.common_name.clone()) {
+        // Under mTLS the certificate is the identity.
+        return if name == claimed {
+            Ok(claimed)
+        } else {
+            Err(Status::error(
+                status::PERMISSION_DENIED,
+                format!("the client certificate is for `{name}`, not `{claimed}`"),
+            ))
+        };
+    }
+    if let Some(authenticator) = &identity.authenticator {
+        let hello = crate::Hello {
+            remote: conn.remote_address(),
+            peer_identity: conn.peer_identity().cloned(),
+            client_id: claimed.clone(),
+            token: metadata.get(crate::TOKEN_METADATA_KEY).map(str::to_owned),
+            metadata,
+        };
+        return match authenticator.verify(hello).await {
+            Ok(verified) if verified == claimed => Ok(claimed),
+            Ok(verified) => Err(Status::error(
+                status::PERMISSION_DENIED,
+                format!("the credentials are for `{verified}`, not `{claimed}`"),
+            )),
+            Err(crate::Refusal::Unauthenticated(m)) => {
+                Err(Status::error(status::UNAUTHENTICATED, m))
+            }
+            Err(crate::Refusal::PermissionDenied(m)) => {
+                Err(Status::error(status::PERMISSION_DENIED, m))
+            }
+        };
+    }
+    if identity.accept_unverified {
+        return Ok(claimed);
+    }
+    Err(Status::error(
+        status::UNAUTHENTICATED,
+        "this server binds client ids only from mTLS or an authenticator",
+    ))
 }
 
 /// A push with receipt: delivered to the channel, answered with the outcome.

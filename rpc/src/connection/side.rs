@@ -20,6 +20,8 @@ pub(crate) enum Role {
     Server {
         /// The clients connected now and their identities.
         registry: Arc<Registry>,
+        /// Which hello identities may bind.
+        identity: crate::auth::IdentityPolicy,
     },
     /// A client: opens one connection per server, receives pushes (if it has a channel) and
     /// pushes with receipt, says hello.
@@ -91,7 +93,7 @@ impl Side {
     /// The server's registry, on a server.
     pub(crate) fn registry(&self) -> Option<&Arc<Registry>> {
         match &self.role {
-            Role::Server { registry } => Some(registry),
+            Role::Server { registry, .. } => Some(registry),
             Role::Client { .. } => None,
         }
     }

@@ -44,6 +44,9 @@ pub struct ClientOption {
     pub group: Option<String>,
     /// The identity this client declares to every server it connects to.
     pub client_id: Option<String>,
+    /// The token it presents with that identity (see
+    /// [`ClientBuilder::token`](crate::ClientBuilder::token)).
+    pub token: Option<String>,
     /// After a transport failure an endpoint is avoided for this long, doubling with each
     /// further failure of the endpoint up to 32×, and reset by the next success (a breaker that
     /// closes again, unlike rpcx's). Failures while the endpoint already cools down (other
@@ -66,6 +69,7 @@ impl Default for ClientOption {
             backup_latency: Duration::from_millis(10),
             group: None,
             client_id: None,
+            token: None,
             endpoint_cooldown: Duration::from_secs(1),
             placement: Placement::Auto,
         }
@@ -210,7 +214,9 @@ impl XClientBuilder {
         ));
         let session = Session {
             client_id: option.client_id.clone(),
-            hello_metadata: Metadata::new(),
+            hello_metadata: option.token.as_ref().map_or_else(Metadata::new, |t| {
+                Metadata::new().with(crate::TOKEN_METADATA_KEY, t.clone())
+            }),
             reconnect: bidirectional,
             max_backoff: Duration::from_secs(2),
             connect_timeout: option.connect_timeout,

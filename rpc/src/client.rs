@@ -169,7 +169,9 @@ impl ClientBuilder {
     }
 
     /// Whether to reconnect after the connection is lost (default `true`), with exponential
-    /// backoff from 50 ms up to `max_backoff` (default 2 s).
+    /// backoff from 50 ms up to `max_backoff` (default 2 s). A client whose identity another
+    /// verified connection took over (close code `TAKEN_OVER`) never reconnects: it has been
+    /// replaced.
     #[must_use]
     pub fn reconnect(mut self, enabled: bool) -> Self {
         self.reconnect = enabled;
@@ -410,10 +412,21 @@ async fn supervise(inner: Arc<ClientInner>, mut conn: Connection) {
         inner.current.send_replace(None);
         let reason = DisconnectReason::from_quinn(&closed);
         tracing::debug!(?reason, "connection lost");
+        // Another connection verified for this identity (a newer instance of this device) took
+        // it over: reconnecting would take it back, and the two would take turns for ever.
+        let taken_over = matches!(
+            &reason,
+            DisconnectReason::ClosedByPeer { code, .. } if *code == CloseCode::TAKEN_OVER.value()
+        );
         let _ = inner.events.send(ClientEvent::Disconnected {
             server: inner.server_addr,
             reason,
         });
+        if taken_over {
+            tracing::info!("identity taken over by another connection: not reconnecting");
+            inner.closed.cancel();
+            return;
+        }
         if !inner.session.reconnect || inner.closed.is_cancelled() {
             return;
         }

@@ -100,7 +100,6 @@ async fn the_real_device_takes_its_identity_over_with_the_right_credentials() {
     let first = client_builder(&dev)
         .client_id("device-9")
         .token("secret-of-device-9")
-        .reconnect(false)
         .connect(&addr)
         .await
         .unwrap();
@@ -141,6 +140,13 @@ async fn the_real_device_takes_its_identity_over_with_the_right_credentials() {
         lost.is_ok(),
         "the taken-over client still thinks it is connected"
     );
+    // Replaced, it stands down instead of taking the identity back.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(server.client("device-9"), Some(new));
+    assert!(matches!(
+        first.connection().await,
+        Err(Error::NotConnected(quicx::NotConnected::Closed))
+    ));
     second.close().await;
 }
 

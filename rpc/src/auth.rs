@@ -15,7 +15,7 @@
 
 use std::{fmt, future::Future, net::SocketAddr, sync::Arc};
 
-use crate::{Metadata, PeerIdentity, service::BoxFuture};
+use crate::{Context, Metadata, PeerIdentity, service::BoxFuture};
 
 /// The hello metadata key that carries a client's token ([`ClientBuilder::token`]).
 ///
@@ -90,10 +90,54 @@ impl fmt::Debug for Authenticator {
     }
 }
 
-/// How a server decides whether a claimed identity may bind.
+type AuthorizeFn = dyn Fn(&Context) -> Result<(), Refusal> + Send + Sync;
+
+/// Decides, before its handler runs, whether a call may go ahead (rpcx's `AuthFunc`): it sees
+/// the call's [`Context`] — the caller's verified identity (`ctx.conn().client_id()`), its
+/// certificate, the service, method and metadata (a per-call token, say). A refusal answers the
+/// call with status `UNAUTHENTICATED` or `PERMISSION_DENIED` without running the handler.
+/// Installed with [`ServerBuilder::authorize_calls`](crate::ServerBuilder::authorize_calls); it
+/// runs on every call, on the connection's I/O thread, so it must be quick (no I/O).
+///
+/// ```
+/// use quicx::{CallAuthorizer, Refusal};
+/// // Only the identity `admin` may call the `Admin` service.
+/// let authorize = CallAuthorizer::new(|ctx| {
+///     if ctx.service_path() == "Admin" && ctx.conn().client_id().as_deref() != Some("admin") {
+///         return Err(Refusal::PermissionDenied("admins only".into()));
+///     }
+///     Ok(())
+/// });
+/// # let _ = authorize;
+/// ```
+#[derive(Clone)]
+pub struct CallAuthorizer(Arc<AuthorizeFn>);
+
+impl CallAuthorizer {
+    /// An authorizer from a function or closure.
+    pub fn new<F>(f: F) -> Self
+    where
+        F: Fn(&Context) -> Result<(), Refusal> + Send + Sync + 'static,
+    {
+        Self(Arc::new(f))
+    }
+
+    pub(crate) fn check(&self, ctx: &Context) -> Result<(), Refusal> {
+        (self.0)(ctx)
+    }
+}
+
+impl fmt::Debug for CallAuthorizer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CallAuthorizer")
+    }
+}
+
+/// How a server decides whether a claimed identity may bind, and whether a call may run.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct IdentityPolicy {
     pub(crate) authenticator: Option<Authenticator>,
     /// The insecure opt-out: unverified hello ids bind (and take over).
     pub(crate) accept_unverified: bool,
+    pub(crate) authorize_calls: Option<CallAuthorizer>,
 }

@@ -220,7 +220,7 @@ mod wire;
 mod xclient;
 
 pub use crate::{
-    auth::{Authenticator, Hello, Refusal, TOKEN_METADATA_KEY},
+    auth::{Authenticator, CallAuthorizer, Hello, Refusal, TOKEN_METADATA_KEY},
     client::{Client, ClientBuilder, ClientEndpoint},
     codec::Codec,
     config::TransportOptions,

@@ -69,6 +69,13 @@ impl ServerBuilder {
         self
     }
 
+    /// Checks every call before its handler runs (see [`CallAuthorizer`](crate::CallAuthorizer)).
+    #[must_use]
+    pub fn authorize_calls(mut self, authorizer: crate::CallAuthorizer) -> Self {
+        self.identity.authorize_calls = Some(authorizer);
+        self
+    }
+
     /// **Insecure**: binds whatever identity a hello declares without verifying it, so any
     /// client that trusts the server's certificate can claim any device id and take over that
     /// device's pushes and reverse calls. For tests and closed networks only; by default a hello

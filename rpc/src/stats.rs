@@ -34,7 +34,8 @@ pub struct Stats {
     pub connections: u64,
     /// Connections open now.
     pub open_connections: u64,
-    /// Hellos refused because their identity could not be verified (servers).
+    /// Hellos refused because their identity could not be verified, and calls refused by the
+    /// call authorizer (servers).
     pub auth_failures: u64,
 }
 

@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use quicx::{
-    Authenticator, ClientTls, DevCertificate, DevCertificateAuthority, Error, Hello, Metadata,
-    Refusal, Server, ServerEvent, ServerTls, push_channel,
+    Authenticator, CallAuthorizer, ClientTls, DevCertificate, DevCertificateAuthority, Error,
+    Hello, Metadata, Refusal, Server, ServerEvent, ServerTls, push_channel,
 };
 use quicx_tests::client_builder;
 
@@ -187,4 +187,69 @@ async fn under_mtls_a_hello_may_only_repeat_the_certificate_name() {
         .unwrap();
     assert!(server.client("device-42").is_some());
     honest.close().await;
+}
+
+#[tokio::test]
+async fn per_call_authorization_denies_one_method_and_allows_another() {
+    let dev = DevCertificate::localhost().unwrap();
+    let server = Server::builder()
+        .dev_certificate(&dev)
+        .authenticator(Authenticator::new(|hello: Hello| async move {
+            match hello.token.as_deref() {
+                Some("s3cret") => Ok(hello.client_id),
+                _ => Err(Refusal::Unauthenticated("wrong token".into())),
+            }
+        }))
+        .authorize_calls(CallAuthorizer::new(|ctx| {
+            match (ctx.service_method(), ctx.conn().client_id().as_deref()) {
+                ("Reset", Some("admin")) | ("Read", Some(_)) => Ok(()),
+                ("Read", None) => Err(Refusal::Unauthenticated("say hello first".into())),
+                _ => Err(Refusal::PermissionDenied("admins only".into())),
+            }
+        }))
+        .build()
+        .unwrap();
+    server.register(
+        "Device",
+        quicx::Service::new()
+            .method(
+                "Read",
+                |_ctx: quicx::Context, (): ()| async move { Ok(7u32) },
+            )
+            .method(
+                "Reset",
+                |_ctx: quicx::Context, (): ()| async move { Ok(()) },
+            ),
+    );
+    let addr = server.bind("127.0.0.1:0").await.unwrap().to_string();
+    let user = client_builder(&dev)
+        .client_id("user-1")
+        .token("s3cret")
+        .connect(&addr)
+        .await
+        .unwrap();
+    let value: u32 = user.call("Device", "Read", &()).await.unwrap();
+    assert_eq!(value, 7);
+    let err = user
+        .call::<_, ()>("Device", "Reset", &())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::PermissionDenied(ref m) if m == "admins only"),
+        "{err:?}"
+    );
+    let admin = client_builder(&dev)
+        .client_id("admin")
+        .token("s3cret")
+        .connect(&addr)
+        .await
+        .unwrap();
+    let () = admin.call("Device", "Reset", &()).await.unwrap();
+    let anonymous = client_builder(&dev).connect(&addr).await.unwrap();
+    let err = anonymous
+        .call::<_, u32>("Device", "Read", &())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Unauthenticated(_)), "{err:?}");
+    assert_eq!(server.stats().auth_failures, 2);
 }

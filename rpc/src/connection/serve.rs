@@ -223,6 +223,27 @@ async fn serve_request(
         cancel.clone(),
     );
     let side = &conn.inner.side;
+    if let Role::Server {
+        identity:
+            crate::auth::IdentityPolicy {
+                authorize_calls: Some(authorizer),
+                ..
+            },
+        ..
+    } = &side.role
+    {
+        if let Err(refusal) = authorizer.check(&ctx) {
+            side.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
+            let status = match refusal {
+                crate::Refusal::Unauthenticated(m) => Status::error(status::UNAUTHENTICATED, m),
+                crate::Refusal::PermissionDenied(m) => Status::error(status::PERMISSION_DENIED, m),
+            };
+            if !oneway {
+                respond(conn, &mut send, status, Metadata::new(), Bytes::new()).await;
+            }
+            return Ok(());
+        }
+    }
     let handler = run_handler(&handler, ctx.clone(), codec, raw.payload).instrument(span);
     side.counters.calls_served.fetch_add(1, Ordering::Relaxed);
     if oneway {

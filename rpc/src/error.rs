@@ -102,6 +102,10 @@ pub enum Error {
     /// another device (status code `PERMISSION_DENIED`). The message is the server's.
     #[error("permission denied: {0}")]
     PermissionDenied(String),
+    /// The server refused the call because the caller is over a call rate (per connection or
+    /// per identity; status code `RATE_LIMITED`). The handler did not run; retry later.
+    #[error("rate limited: {0}")]
+    RateLimited(String),
     /// The operation needs the other role: only a server pushes ([`Connection::send_message`]
     /// on a client's connection fails with this at once).
     ///
@@ -264,6 +268,7 @@ impl Error {
             status::HELLO_REFUSED => Self::HelloRefused(message),
             status::UNAUTHENTICATED => Self::Unauthenticated(message),
             status::PERMISSION_DENIED => Self::PermissionDenied(message),
+            status::RATE_LIMITED => Self::RateLimited(message),
             _ => Self::Remote { code, message },
         }
     }

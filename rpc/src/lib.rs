@@ -209,6 +209,7 @@ mod error;
 mod events;
 mod failmode;
 mod io;
+mod limits;
 mod metadata;
 mod push;
 mod selector;
@@ -230,6 +231,7 @@ pub use crate::{
     events::{ClientEvent, DisconnectReason, ServerEvent},
     failmode::FailMode,
     io::Placement,
+    limits::AbuseLimits,
     metadata::Metadata,
     push::{FullPolicy, PushMessage, PushReceiver, PushSender, push_channel, push_channel_with},
     selector::{

@@ -48,9 +48,18 @@ pub struct ServerBuilder {
     placement: Placement,
     io_threads: Option<usize>,
     identity: crate::auth::IdentityPolicy,
+    abuse: crate::AbuseLimits,
 }
 
 impl ServerBuilder {
+    /// Limits against abusive clients: call rates per connection and per identity, connections
+    /// per source address (all off by default; see [`AbuseLimits`](crate::AbuseLimits)).
+    #[must_use]
+    pub fn abuse_limits(mut self, limits: crate::AbuseLimits) -> Self {
+        self.abuse = limits;
+        self
+    }
+
     /// Where the endpoints, connections and handlers run (default [`Placement::Auto`]:
     /// dedicated I/O threads, one per core).
     #[must_use]
@@ -159,10 +168,12 @@ impl ServerBuilder {
         };
         let io = IoRuntime::for_server(self.placement, threads)?;
         let registry = Arc::new(Registry::new(4096));
+        let limiters = Arc::new(crate::limits::Limiters::new(&self.abuse));
         let side = Arc::new(Side::new(
             Role::Server {
                 registry: registry.clone(),
                 identity: self.identity,
+                limiters: limiters.clone(),
             },
             Services::default(),
             &self.transport,
@@ -175,6 +186,7 @@ impl ServerBuilder {
         Ok(Server {
             inner: Arc::new(ServerInner {
                 side,
+                limiters,
                 registry,
                 quinn_config,
                 stable_keys,
@@ -213,6 +225,7 @@ pub struct Server {
 
 struct ServerInner {
     side: Arc<Side>,
+    limiters: Arc<crate::limits::Limiters>,
     registry: Arc<Registry>,
     quinn_config: quinn::ServerConfig,
     /// Stable across restarts with the same key: see [`config::StableKeys`].
@@ -269,6 +282,7 @@ impl Server {
             placement: Placement::Auto,
             io_threads: None,
             identity: crate::auth::IdentityPolicy::default(),
+            abuse: crate::AbuseLimits::default(),
         }
     }
 
@@ -359,12 +373,19 @@ impl Server {
                 incoming.refuse();
                 continue;
             }
+            let ip = incoming.remote_address().ip();
+            if !self.inner.limiters.admit(ip) {
+                tracing::warn!("connections-per-address limit reached: refusing {ip}");
+                incoming.refuse();
+                continue;
+            }
             self.inner.admitted.fetch_add(1, Ordering::AcqRel);
             let server = self.clone();
             let io = io.clone();
             tokio::spawn(async move {
                 server.clone().handle_incoming(incoming, local, io).await;
                 server.inner.admitted.fetch_sub(1, Ordering::AcqRel);
+                server.inner.limiters.release(ip);
             });
         }
         // Shutting down: refuse whatever still arrives until the endpoint closes.

@@ -163,6 +163,8 @@ pub mod status {
     pub const UNAUTHENTICATED: u32 = 12;
     /// The credentials are valid but not for the identity claimed.
     pub const PERMISSION_DENIED: u32 = 13;
+    /// The caller is over a call rate the server set; the handler did not run.
+    pub const RATE_LIMITED: u32 = 14;
     /// Generic application error: a handler's error converted from a `std::error::Error`.
     pub const APPLICATION: u32 = 1000;
 }

@@ -60,6 +60,8 @@ struct ConnInner {
     call_limit_raised: AtomicBool,
     /// Calls (and pushes with receipt) this side waits on, and the probe that runs meanwhile.
     liveness: Liveness,
+    /// The peer's call rate, when the server limits it per connection.
+    call_limiter: Option<governor::DefaultDirectRateLimiter>,
 }
 
 impl fmt::Debug for Connection {
@@ -88,6 +90,10 @@ impl Connection {
         io: IoRuntime,
     ) -> Self {
         let peer_identity = PeerIdentity::from_connection(&quic);
+        let call_limiter = match &side.role {
+            side::Role::Server { limiters, .. } => limiters.connection_limiter(),
+            side::Role::Client { .. } => None,
+        };
         Self {
             inner: Arc::new(ConnInner {
                 id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
@@ -100,6 +106,7 @@ impl Connection {
                 calls_in_flight: AtomicU32::new(0),
                 call_limit_raised: AtomicBool::new(false),
                 liveness: Liveness::default(),
+                call_limiter,
             }),
         }
     }

@@ -223,6 +223,13 @@ async fn serve_request(
         cancel.clone(),
     );
     let side = &conn.inner.side;
+    if let Err(message) = within_rates(conn) {
+        if !oneway {
+            let status = Status::error(status::RATE_LIMITED, message);
+            respond(conn, &mut send, status, Metadata::new(), Bytes::new()).await;
+        }
+        return Ok(());
+    }
     if let Role::Server {
         identity:
             crate::auth::IdentityPolicy {
@@ -300,6 +307,21 @@ async fn serve_request(
         // Draining: stay tracked until the client has the reply, so closing the connection
         // afterwards cannot discard it.
         let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+    }
+    Ok(())
+}
+
+/// Whether a call may start under the server's call rates; the refusal message if not.
+fn within_rates(conn: &Connection) -> Result<(), &'static str> {
+    if let Some(limiter) = &conn.inner.call_limiter {
+        if limiter.check().is_err() {
+            return Err("over this connection's call rate");
+        }
+    }
+    if let Role::Server { limiters, .. } = &conn.inner.side.role {
+        if !limiters.allow_identity(conn.client_id()) {
+            return Err("over this identity's call rate");
+        }
     }
     Ok(())
 }

@@ -22,6 +22,8 @@ pub(crate) enum Role {
         registry: Arc<Registry>,
         /// Which hello identities may bind.
         identity: crate::auth::IdentityPolicy,
+        /// Call rates and connections per address.
+        limiters: Arc<crate::limits::Limiters>,
     },
     /// A client: opens one connection per server, receives pushes (if it has a channel) and
     /// pushes with receipt, says hello.

@@ -1,0 +1,115 @@
+//! Limits against abuse: call rates per connection and per identity (GCRA, the `governor`
+//! crate), connections per source address.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    num::NonZeroU32,
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota};
+
+/// Limits a server applies against abusive clients. All off by default (the defaults of
+/// [`TransportOptions`](crate::TransportOptions) and [`Limits`](crate::Limits) already bound
+/// concurrent calls, streams and frame sizes); turn on what a deployment needs.
+///
+/// A call over a rate is answered with status `RATE_LIMITED` without running its handler; the
+/// caller gets [`Error::RateLimited`](crate::Error::RateLimited) and other clients are not
+/// affected. Rates allow bursts of up to one second's worth of calls.
+///
+/// ```
+/// use std::num::NonZeroU32;
+/// let limits = quicx::AbuseLimits {
+///     calls_per_second_per_connection: NonZeroU32::new(1_000),
+///     calls_per_second_per_identity: NonZeroU32::new(2_000),
+///     connections_per_ip: Some(64),
+/// };
+/// let builder = quicx::Server::builder().abuse_limits(limits);
+/// # let _ = builder;
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct AbuseLimits {
+    /// Calls one connection may start per second.
+    pub calls_per_second_per_connection: Option<NonZeroU32>,
+    /// Calls all connections of one verified client identity may start per second.
+    pub calls_per_second_per_identity: Option<NonZeroU32>,
+    /// Connections (handshakes included) from one source IP address at once; more are refused
+    /// at the handshake.
+    pub connections_per_ip: Option<usize>,
+}
+
+/// The limiters of one server.
+#[derive(Debug)]
+pub(crate) struct Limiters {
+    per_connection: Option<Quota>,
+    per_identity: Option<DefaultKeyedRateLimiter<String>>,
+    checks: AtomicU64,
+    connections_per_ip: Option<usize>,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl Limiters {
+    pub(crate) fn new(limits: &AbuseLimits) -> Self {
+        Self {
+            per_connection: limits
+                .calls_per_second_per_connection
+                .map(Quota::per_second),
+            per_identity: limits
+                .calls_per_second_per_identity
+                .map(|n| DefaultKeyedRateLimiter::keyed(Quota::per_second(n))),
+            checks: AtomicU64::new(0),
+            connections_per_ip: limits.connections_per_ip,
+            per_ip: Mutex::default(),
+        }
+    }
+
+    /// A new connection's own call limiter, if calls are limited per connection.
+    pub(crate) fn connection_limiter(&self) -> Option<DefaultDirectRateLimiter> {
+        self.per_connection.map(DefaultDirectRateLimiter::direct)
+    }
+
+    /// Whether a call of `identity` may start now (per-identity rate).
+    pub(crate) fn allow_identity(&self, identity: Option<String>) -> bool {
+        let (Some(limiter), Some(identity)) = (&self.per_identity, identity) else {
+            return true;
+        };
+        // Forget identities idle long enough to be full again, now and then, so the map stays
+        // as large as the set of recently active identities.
+        if self.checks.fetch_add(1, Ordering::Relaxed) % 65_536 == 65_535 {
+            limiter.retain_recent();
+        }
+        limiter.check_key(&identity).is_ok()
+    }
+
+    /// Counts a connection from `ip`; `false` (and nothing counted) past the limit.
+    pub(crate) fn admit(&self, ip: IpAddr) -> bool {
+        let Some(max) = self.connections_per_ip else {
+            return true;
+        };
+        let mut per_ip = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        let count = per_ip.entry(ip).or_insert(0);
+        if *count >= max {
+            return false;
+        }
+        *count += 1;
+        true
+    }
+
+    /// A connection from `ip` that [`admit`](Self::admit) counted has ended.
+    pub(crate) fn release(&self, ip: IpAddr) {
+        if self.connections_per_ip.is_none() {
+            return;
+        }
+        let mut per_ip = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = per_ip.get_mut(&ip) {
+            *count -= 1;
+            if *count == 0 {
+                per_ip.remove(&ip);
+            }
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! Limits against abuse: a client over its call rate gets a typed error while others go on;
+//! connections per source address are capped.
+
+use std::{num::NonZeroU32, time::Duration};
+
+use quicx::{AbuseLimits, Error};
+use quicx_tests::{Args, Reply, start_server_with};
+
+/// Calls `Arith.Mul` `n` times as fast as it can; returns (ok, rate limited).
+async fn hammer(client: &quicx::Client, n: usize) -> (usize, usize) {
+    let (mut ok, mut limited) = (0, 0);
+    for _ in 0..n {
+        match client
+            .call::<_, Reply>("Arith", "Mul", &Args { a: 2, b: 3 })
+            .await
+        {
+            Ok(r) => {
+                assert_eq!(r.c, 6);
+                ok += 1;
+            }
+            Err(Error::RateLimited(_)) => limited += 1,
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+    (ok, limited)
+}
+
+#[tokio::test]
+async fn a_client_over_its_call_rate_is_refused_and_others_go_on() {
+    let t = start_server_with(|b| {
+        b.abuse_limits(AbuseLimits {
+            calls_per_second_per_connection: NonZeroU32::new(20),
+            ..AbuseLimits::default()
+        })
+    })
+    .await;
+    let greedy = t.client().connect(&t.address()).await.unwrap();
+    let (ok, limited) = hammer(&greedy, 200).await;
+    assert!(limited > 0, "200 calls at full speed never hit 20/s");
+    assert!((20..=100).contains(&ok), "{ok} calls allowed");
+    // Another connection has its own budget.
+    let polite = t.client().connect(&t.address()).await.unwrap();
+    assert_eq!(hammer(&polite, 10).await, (10, 0));
+}
+
+#[tokio::test]
+async fn an_identity_keeps_its_call_rate_across_connections() {
+    let t = start_server_with(|b| {
+        b.abuse_limits(AbuseLimits {
+            calls_per_second_per_identity: NonZeroU32::new(20),
+            ..AbuseLimits::default()
+        })
+    })
+    .await;
+    let a = t
+        .client()
+        .client_id("sensor-a")
+        .connect(&t.address())
+        .await
+        .unwrap();
+    let (ok, limited) = hammer(&a, 100).await;
+    assert!(limited > 0 && ok < 90, "{ok} ok, {limited} limited");
+    // Another identity is not affected.
+    let b = t
+        .client()
+        .client_id("sensor-b")
+        .connect(&t.address())
+        .await
+        .unwrap();
+    assert_eq!(hammer(&b, 15).await, (15, 0));
+    // A new connection of the same identity does not get a fresh budget.
+    a.close().await;
+    let again = t
+        .client()
+        .client_id("sensor-a")
+        .connect(&t.address())
+        .await
+        .unwrap();
+    let (_, limited) = hammer(&again, 30).await;
+    assert!(limited > 0, "a reconnect reset sensor-a's budget");
+}
+
+#[tokio::test]
+async fn connections_per_address_are_capped() {
+    let t = start_server_with(|b| {
+        b.abuse_limits(AbuseLimits {
+            connections_per_ip: Some(2),
+            ..AbuseLimits::default()
+        })
+    })
+    .await;
+    let first = t.client().connect(&t.address()).await.unwrap();
+    let _second = t.client().connect(&t.address()).await.unwrap();
+    let third = t
+        .client()
+        .connect_timeout(Duration::from_secs(2))
+        .connect(&t.address())
+        .await;
+    assert!(
+        matches!(third, Err(Error::Handshake(_) | Error::ConnectTimeout(_))),
+        "{third:?}"
+    );
+    first.close().await;
+    // The slot frees once the server has seen the close.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match t.client().connect(&t.address()).await {
+            Ok(_) => break,
+            Err(e) if std::time::Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("no slot after a close: {e:?}"),
+        }
+    }
+}

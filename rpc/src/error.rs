@@ -102,6 +102,11 @@ pub enum Error {
     /// another device (status code `PERMISSION_DENIED`). The message is the server's.
     #[error("permission denied: {0}")]
     PermissionDenied(String),
+    /// The peer refused the stream because it holds too many request bytes that wait to be read
+    /// (its memory budget, per connection or in all; reset code `BUSY`). Nothing ran; retry
+    /// later or elsewhere.
+    #[error("the peer is over its memory budget for buffered requests")]
+    Overloaded,
     /// The server refused the call because the caller is over a call rate (per connection or
     /// per identity; status code `RATE_LIMITED`). The handler did not run; retry later.
     #[error("rate limited: {0}")]
@@ -237,6 +242,7 @@ impl Error {
                 | Self::NotConnected(_)
                 | Self::Handshake(_)
                 | Self::ShuttingDown
+                | Self::Overloaded
                 | Self::Cancelled
                 | Self::Io(_)
         )
@@ -290,6 +296,7 @@ impl Error {
             StreamCode::UNEXPECTED_STREAM => ProtocolError::UnexpectedStream.into(),
             StreamCode::PUSH_REJECTED => Self::PushRejected,
             StreamCode::INTERNAL => Self::Internal("stream reset by the peer".into()),
+            StreamCode::BUSY => Self::Overloaded,
             other => ProtocolError::UnknownStreamCode(other.value()).into(),
         }
     }
@@ -308,6 +315,7 @@ impl From<FrameError> for Error {
                 limit,
             },
             FrameError::Encode(m) => Self::Encode(m),
+            FrameError::OverBudget => Self::Overloaded,
             FrameError::Read(e) => e.into(),
         }
     }

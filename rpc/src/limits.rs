@@ -13,9 +13,13 @@ use std::{
 
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota};
 
-/// Limits a server applies against abusive clients. All off by default (the defaults of
-/// [`TransportOptions`](crate::TransportOptions) and [`Limits`](crate::Limits) already bound
-/// concurrent calls, streams and frame sizes); turn on what a deployment needs.
+use crate::wire::Budget;
+
+/// Limits a server applies against abusive clients. The memory budgets are on by default; the
+/// rates and the per-address cap are off (a fleet behind one carrier NAT shares an address, and
+/// a backend connection may carry 100k+ calls/s); turn on what a deployment needs. The defaults
+/// of [`TransportOptions`](crate::TransportOptions) and [`Limits`](crate::Limits) also bound
+/// concurrent calls, streams and frame sizes.
 ///
 /// A call over a rate is answered with status `RATE_LIMITED` without running its handler; the
 /// caller gets [`Error::RateLimited`](crate::Error::RateLimited) and other clients are not
@@ -27,11 +31,12 @@ use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota};
 ///     calls_per_second_per_connection: NonZeroU32::new(1_000),
 ///     calls_per_second_per_identity: NonZeroU32::new(2_000),
 ///     connections_per_ip: Some(64),
+///     ..quicx::AbuseLimits::default()
 /// };
 /// let builder = quicx::Server::builder().abuse_limits(limits);
 /// # let _ = builder;
 /// ```
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct AbuseLimits {
     /// Calls one connection may start per second.
     pub calls_per_second_per_connection: Option<NonZeroU32>,
@@ -40,6 +45,25 @@ pub struct AbuseLimits {
     /// Connections (handshakes included) from one source IP address at once; more are refused
     /// at the handshake.
     pub connections_per_ip: Option<usize>,
+    /// Request bytes one connection may have buffered before their handlers run (frames still
+    /// arriving, including streams that stall unfinished). Past it, new data is refused: the
+    /// stream is reset with `BUSY` and the caller gets [`Error::Overloaded`](crate::Error::Overloaded).
+    /// Default 64 MiB.
+    pub buffered_bytes_per_connection: usize,
+    /// The same budget over all connections of the server. Default 512 MiB.
+    pub buffered_bytes_total: usize,
+}
+
+impl Default for AbuseLimits {
+    fn default() -> Self {
+        Self {
+            calls_per_second_per_connection: None,
+            calls_per_second_per_identity: None,
+            connections_per_ip: None,
+            buffered_bytes_per_connection: 64 * 1024 * 1024,
+            buffered_bytes_total: 512 * 1024 * 1024,
+        }
+    }
 }
 
 /// The limiters of one server.
@@ -50,6 +74,9 @@ pub(crate) struct Limiters {
     checks: AtomicU64,
     connections_per_ip: Option<usize>,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
+    /// Request bytes buffered by all connections.
+    pub(crate) buffered: Budget,
+    buffered_per_connection: usize,
 }
 
 impl Limiters {
@@ -64,7 +91,14 @@ impl Limiters {
             checks: AtomicU64::new(0),
             connections_per_ip: limits.connections_per_ip,
             per_ip: Mutex::default(),
+            buffered: Budget::new(limits.buffered_bytes_total),
+            buffered_per_connection: limits.buffered_bytes_per_connection,
         }
+    }
+
+    /// A new connection's own budget of buffered request bytes.
+    pub(crate) fn connection_budget(&self) -> Budget {
+        Budget::new(self.buffered_per_connection)
     }
 
     /// A new connection's own call limiter, if calls are limited per connection.

@@ -441,12 +441,15 @@ impl Server {
         self.inner.registry.events.subscribe()
     }
 
-    /// Counters: calls served, pushes sent, connections.
+    /// Counters: calls served, pushes sent, connections, refusals, buffered request bytes.
     pub fn stats(&self) -> Stats {
-        self.inner
+        let mut stats = self
+            .inner
             .side
             .counters
-            .snapshot(self.inner.registry.len() as u64)
+            .snapshot(self.inner.registry.len() as u64);
+        stats.buffered_request_bytes = self.inner.limiters.buffered.used() as u64;
+        stats
     }
 
     /// Pushes a message to one client (rpcx's `SendMessage(conn, servicePath, serviceMethod,

@@ -37,6 +37,9 @@ pub struct Stats {
     /// Hellos refused because their identity could not be verified, and calls refused by the
     /// call authorizer (servers).
     pub auth_failures: u64,
+    /// Request bytes buffered now before their handlers run, over all connections (servers;
+    /// bounded by [`AbuseLimits::buffered_bytes_total`](crate::AbuseLimits::buffered_bytes_total)).
+    pub buffered_request_bytes: u64,
 }
 
 impl Counters {
@@ -52,6 +55,7 @@ impl Counters {
             connections: get(&self.connections_accepted),
             open_connections,
             auth_failures: get(&self.auth_failures),
+            buffered_request_bytes: 0,
         }
     }
 }

@@ -78,6 +78,9 @@ impl StreamCode {
     pub const PUSH_REJECTED: Self = Self(0x07);
     /// The receiver failed while handling the stream.
     pub const INTERNAL: Self = Self(0x08);
+    /// The receiver is over its budget of request bytes buffered before handlers run (per
+    /// connection or in all); retry later.
+    pub const BUSY: Self = Self(0x09);
 
     /// The number on the wire.
     pub const fn value(self) -> u64 {
@@ -268,6 +271,8 @@ pub(crate) enum FrameError {
     PayloadTooLarge { limit: Option<u64> },
     /// A header could not be encoded.
     Encode(String),
+    /// Buffering the frame would exceed a byte budget.
+    OverBudget,
     /// The stream or connection failed underneath.
     Read(quinn::ReadError),
 }
@@ -279,6 +284,7 @@ impl FrameError {
             Self::Malformed(_) => Some(StreamCode::MALFORMED_FRAME),
             Self::HeaderTooLarge { .. } => Some(StreamCode::HEADER_TOO_LARGE),
             Self::PayloadTooLarge { .. } => Some(StreamCode::PAYLOAD_TOO_LARGE),
+            Self::OverBudget => Some(StreamCode::BUSY),
             Self::Encode(_) | Self::Read(_) => None,
         }
     }
@@ -437,6 +443,71 @@ pub(crate) fn parse_prefix(
     Ok((frame_kind, header_len as usize))
 }
 
+/// A budget of bytes buffered at once (frames being read), shared by the readers that draw on
+/// it.
+#[derive(Debug)]
+pub(crate) struct Budget {
+    used: std::sync::atomic::AtomicUsize,
+    max: usize,
+}
+
+impl Budget {
+    pub(crate) fn new(max: usize) -> Self {
+        Self {
+            used: std::sync::atomic::AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    /// Bytes held now.
+    pub(crate) fn used(&self) -> usize {
+        self.used.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn reserve(&self, n: usize) -> bool {
+        use std::sync::atomic::Ordering;
+        let before = self.used.fetch_add(n, Ordering::AcqRel);
+        if before + n > self.max {
+            self.used.fetch_sub(n, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    fn release(&self, n: usize) {
+        self.used.fetch_sub(n, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// Bytes reserved in budgets while a frame is read; given back when reading ends.
+struct Reserved<'a> {
+    budgets: &'a [&'a Budget],
+    bytes: usize,
+}
+
+impl Reserved<'_> {
+    fn take(&mut self, n: usize) -> Result<(), FrameError> {
+        for (i, budget) in self.budgets.iter().enumerate() {
+            if !budget.reserve(n) {
+                for earlier in &self.budgets[..i] {
+                    earlier.release(n);
+                }
+                return Err(FrameError::OverBudget);
+            }
+        }
+        self.bytes += n;
+        Ok(())
+    }
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        for budget in self.budgets {
+            budget.release(self.bytes);
+        }
+    }
+}
+
 /// Reads one whole frame: everything up to the end of the stream.
 ///
 /// The limit is enforced as bytes arrive: never more than `5 + max_header_size + max_payload_size`
@@ -446,6 +517,18 @@ pub(crate) async fn read_frame(
     recv: &mut quinn::RecvStream,
     limits: &Limits,
 ) -> Result<RawFrame, FrameError> {
+    read_frame_within(recv, limits, &[]).await
+}
+
+/// [`read_frame`], holding the bytes buffered meanwhile against `budgets`: past any of them the
+/// read fails with [`FrameError::OverBudget`]. The bytes are given back when it returns (the
+/// budgets bound what waits to be read, not what handlers hold).
+pub(crate) async fn read_frame_within(
+    recv: &mut quinn::RecvStream,
+    limits: &Limits,
+    budgets: &[&Budget],
+) -> Result<RawFrame, FrameError> {
+    let mut reserved = Reserved { budgets, bytes: 0 };
     let mut first: Option<Bytes> = None;
     let mut buf = BytesMut::new();
     let mut header_len: Option<usize> = None;
@@ -456,6 +539,7 @@ pub(crate) async fn read_frame(
             .await
             .map_err(FrameError::Read)?;
         let Some(chunk) = chunk else { break };
+        reserved.take(chunk.bytes.len())?;
         total += chunk.bytes.len();
         if first.is_none() && buf.is_empty() {
             first = Some(chunk.bytes);

@@ -114,3 +114,72 @@ async fn connections_per_address_are_capped() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_requests_stay_within_the_memory_budget() {
+    const BUDGET: usize = 16 * 1024 * 1024;
+    let t = start_server_with(|b| {
+        b.abuse_limits(AbuseLimits {
+            buffered_bytes_per_connection: BUDGET,
+            ..AbuseLimits::default()
+        })
+    })
+    .await;
+    let raw = quicx_tests::raw_connection(t.addr, &t.dev, quicx::ALPN)
+        .await
+        .unwrap();
+    // 500 requests of 1 MiB each, never finished: without a budget the server would hold them
+    // all until the frame timeout.
+    let writers: Vec<_> = (0..500)
+        .map(|_| {
+            let raw = raw.clone();
+            tokio::spawn(async move {
+                let (mut send, recv) = raw.open_bi().await?;
+                let mut frame = vec![0x01, 0, 0, 0, 0];
+                frame.resize(1024 * 1024, 0);
+                // Accepted into the local send buffer, or refused at once.
+                let refused = match send.write_all(&frame).await {
+                    Err(quinn::WriteError::Stopped(code)) => Some(code.into_inner()),
+                    _ => {
+                        // Held open, unfinished: the server either buffers it or stops it.
+                        match tokio::time::timeout(Duration::from_secs(2), send.stopped()).await {
+                            Ok(Ok(Some(code))) => Some(code.into_inner()),
+                            _ => None,
+                        }
+                    }
+                };
+                drop(recv);
+                Ok::<_, quinn::ConnectionError>(refused)
+            })
+        })
+        .collect();
+    let sampler = {
+        let server = t.server.clone();
+        tokio::spawn(async move {
+            let mut max = 0;
+            for _ in 0..150 {
+                max = max.max(server.stats().buffered_request_bytes);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            max
+        })
+    };
+    // A normal client is served meanwhile.
+    let client = t.client().connect(&t.address()).await.unwrap();
+    let reply: Reply = client
+        .call("Arith", "Mul", &Args { a: 6, b: 7 })
+        .await
+        .unwrap();
+    assert_eq!(reply.c, 42);
+    let mut refused = 0;
+    for writer in writers {
+        if let Ok(Ok(Some(code))) = writer.await {
+            assert_eq!(code, quicx::StreamCode::BUSY.value());
+            refused += 1;
+        }
+    }
+    let max = sampler.await.unwrap();
+    assert!(max as usize <= BUDGET, "buffered {max} bytes");
+    assert!(max > 0, "nothing was ever buffered");
+    assert!(refused > 400, "only {refused} of 500 refused");
+}

@@ -62,6 +62,8 @@ struct ConnInner {
     liveness: Liveness,
     /// The peer's call rate, when the server limits it per connection.
     call_limiter: Option<governor::DefaultDirectRateLimiter>,
+    /// Request bytes this connection may have buffered (servers).
+    buffered: Option<crate::wire::Budget>,
 }
 
 impl fmt::Debug for Connection {
@@ -90,9 +92,12 @@ impl Connection {
         io: IoRuntime,
     ) -> Self {
         let peer_identity = PeerIdentity::from_connection(&quic);
-        let call_limiter = match &side.role {
-            side::Role::Server { limiters, .. } => limiters.connection_limiter(),
-            side::Role::Client { .. } => None,
+        let (call_limiter, buffered) = match &side.role {
+            side::Role::Server { limiters, .. } => (
+                limiters.connection_limiter(),
+                Some(limiters.connection_budget()),
+            ),
+            side::Role::Client { .. } => (None, None),
         };
         Self {
             inner: Arc::new(ConnInner {
@@ -107,6 +112,7 @@ impl Connection {
                 call_limit_raised: AtomicBool::new(false),
                 liveness: Liveness::default(),
                 call_limiter,
+                buffered,
             }),
         }
     }

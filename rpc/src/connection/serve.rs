@@ -77,7 +77,12 @@ async fn read_incoming(
     recv: &mut quinn::RecvStream,
 ) -> Option<RawFrame> {
     let side = &conn.inner.side;
-    match within(side.frame_timeout, wire::read_frame(recv, &side.limits)).await {
+    let budgets: Vec<&wire::Budget> = match (&side.role, &conn.inner.buffered) {
+        (Role::Server { limiters, .. }, Some(own)) => vec![own, &limiters.buffered],
+        _ => Vec::new(),
+    };
+    let read = wire::read_frame_within(recv, &side.limits, &budgets);
+    match within(side.frame_timeout, read).await {
         Ok(Ok(raw)) => Some(raw),
         Ok(Err(e)) => {
             tracing::debug!(conn = conn.id(), "bad incoming frame: {e:?}");

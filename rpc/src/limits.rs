@@ -45,6 +45,9 @@ pub struct AbuseLimits {
     /// Connections (handshakes included) from one source IP address at once; more are refused
     /// at the handshake.
     pub connections_per_ip: Option<usize>,
+    /// New connections one source IP address may start per second (bursts up to one second's
+    /// worth); more are refused at the handshake, before any cryptography is spent on them.
+    pub handshakes_per_second_per_ip: Option<NonZeroU32>,
     /// Request bytes one connection may have buffered before their handlers run (frames still
     /// arriving, including streams that stall unfinished). Past it, new data is refused: the
     /// stream is reset with `BUSY` and the caller gets [`Error::Overloaded`](crate::Error::Overloaded).
@@ -60,6 +63,7 @@ impl Default for AbuseLimits {
             calls_per_second_per_connection: None,
             calls_per_second_per_identity: None,
             connections_per_ip: None,
+            handshakes_per_second_per_ip: None,
             buffered_bytes_per_connection: 64 * 1024 * 1024,
             buffered_bytes_total: 512 * 1024 * 1024,
         }
@@ -74,6 +78,7 @@ pub(crate) struct Limiters {
     checks: AtomicU64,
     connections_per_ip: Option<usize>,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
+    handshakes: Option<DefaultKeyedRateLimiter<IpAddr>>,
     /// Request bytes buffered by all connections.
     pub(crate) buffered: Budget,
     buffered_per_connection: usize,
@@ -91,6 +96,9 @@ impl Limiters {
             checks: AtomicU64::new(0),
             connections_per_ip: limits.connections_per_ip,
             per_ip: Mutex::default(),
+            handshakes: limits
+                .handshakes_per_second_per_ip
+                .map(|n| DefaultKeyedRateLimiter::keyed(Quota::per_second(n))),
             buffered: Budget::new(limits.buffered_bytes_total),
             buffered_per_connection: limits.buffered_bytes_per_connection,
         }
@@ -119,8 +127,17 @@ impl Limiters {
         limiter.check_key(&identity).is_ok()
     }
 
-    /// Counts a connection from `ip`; `false` (and nothing counted) past the limit.
+    /// Counts a connection from `ip`; `false` (and nothing counted) past the handshake rate or
+    /// the connection cap of its address.
     pub(crate) fn admit(&self, ip: IpAddr) -> bool {
+        if let Some(handshakes) = &self.handshakes {
+            if self.checks.fetch_add(1, Ordering::Relaxed) % 65_536 == 65_535 {
+                handshakes.retain_recent();
+            }
+            if handshakes.check_key(&ip).is_err() {
+                return false;
+            }
+        }
         let Some(max) = self.connections_per_ip else {
             return true;
         };

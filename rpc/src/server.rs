@@ -375,7 +375,7 @@ impl Server {
             }
             let ip = incoming.remote_address().ip();
             if !self.inner.limiters.admit(ip) {
-                tracing::warn!("connections-per-address limit reached: refusing {ip}");
+                tracing::warn!("connection or handshake limit of {ip} reached: refusing");
                 incoming.refuse();
                 continue;
             }

@@ -183,3 +183,29 @@ async fn unfinished_requests_stay_within_the_memory_budget() {
     assert!(max > 0, "nothing was ever buffered");
     assert!(refused > 400, "only {refused} of 500 refused");
 }
+
+#[tokio::test]
+async fn handshakes_per_address_are_rate_limited() {
+    let t = start_server_with(|b| {
+        b.abuse_limits(AbuseLimits {
+            handshakes_per_second_per_ip: NonZeroU32::new(3),
+            ..AbuseLimits::default()
+        })
+    })
+    .await;
+    let mut outcomes = Vec::new();
+    for _ in 0..6 {
+        let c = t
+            .client()
+            .reconnect(false)
+            .connect_timeout(Duration::from_secs(2))
+            .connect(&t.address())
+            .await;
+        outcomes.push(c.is_ok());
+    }
+    let accepted = outcomes.iter().filter(|ok| **ok).count();
+    assert!((3..=4).contains(&accepted), "{outcomes:?}");
+    // A second later the address may connect again.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(t.client().connect(&t.address()).await.is_ok());
+}

@@ -32,6 +32,9 @@ pub(crate) mod pb {
 pub(crate) enum System {
     /// quicx with default settings.
     Quicx,
+    /// quicx with an authenticator (token), a per-call authorizer and per-connection and
+    /// per-identity call rates installed (set too high to refuse): their per-call cost.
+    QuicxSecured,
     /// quinn, stream per call, same transport settings as quicx.
     Quinn,
     /// tonic unary gRPC over HTTP/2, plaintext.
@@ -45,8 +48,9 @@ pub(crate) enum System {
 }
 
 impl System {
-    pub(crate) const ALL: [Self; 6] = [
+    pub(crate) const ALL: [Self; 7] = [
         Self::Quicx,
+        Self::QuicxSecured,
         Self::Quinn,
         Self::Tonic,
         Self::TonicTls,
@@ -57,6 +61,7 @@ impl System {
     pub(crate) fn name(self) -> &'static str {
         match self {
             Self::Quicx => "quicx",
+            Self::QuicxSecured => "quicx + auth, authorizer, rate limits",
             Self::Quinn => "raw quinn",
             Self::Tonic => "tonic h2",
             Self::TonicTls => "tonic h2+TLS",
@@ -115,7 +120,8 @@ const BUFFER: usize = 4 * 1024 * 1024;
 pub(crate) async fn serve(system: System) -> anyhow::Result<ServerInfo> {
     let dev = dev();
     let addr = match system {
-        System::Quicx => serve_quicx(&dev).await?,
+        System::Quicx => serve_quicx(&dev, false).await?,
+        System::QuicxSecured => serve_quicx(&dev, true).await?,
         System::Quinn => serve_quinn(&dev)?,
         System::Tonic | System::TonicTls => serve_tonic(&dev, system == System::TonicTls).await?,
         System::Tarpc | System::TarpcTls => serve_tarpc(&dev, system == System::TarpcTls).await?,
@@ -137,8 +143,34 @@ struct PushOrder {
     pushers: u32,
 }
 
-async fn serve_quicx(dev: &DevCertificate) -> anyhow::Result<SocketAddr> {
-    let server = Server::builder().dev_certificate(dev).build()?;
+/// The token of the bench client of the secured quicx server.
+const BENCH_TOKEN: &str = "bench-token";
+
+async fn serve_quicx(dev: &DevCertificate, secured: bool) -> anyhow::Result<SocketAddr> {
+    let mut builder = Server::builder().dev_certificate(dev);
+    if secured {
+        let rate = std::num::NonZeroU32::new(100_000_000);
+        builder = builder
+            .authenticator(quicx::Authenticator::new(|hello: quicx::Hello| async move {
+                match hello.token.as_deref() {
+                    Some(BENCH_TOKEN) => Ok(hello.client_id),
+                    _ => Err(quicx::Refusal::Unauthenticated("bad token".into())),
+                }
+            }))
+            .authorize_calls(quicx::CallAuthorizer::new(|ctx| {
+                if ctx.conn().client_id().is_some() {
+                    Ok(())
+                } else {
+                    Err(quicx::Refusal::Unauthenticated("say hello".into()))
+                }
+            }))
+            .abuse_limits(quicx::AbuseLimits {
+                calls_per_second_per_connection: rate,
+                calls_per_second_per_identity: rate,
+                ..quicx::AbuseLimits::default()
+            });
+    }
+    let server = builder.build()?;
     let broadcaster = server.clone();
     server.register(
         "Bench",
@@ -210,6 +242,13 @@ pub(crate) async fn quicx_client(
     let mut builder = quicx::Client::builder()
         .tls(quicx::ClientTls::empty().trust(info.cert_der.clone().into()))
         .server_name("localhost");
+    if info.system == System::QuicxSecured {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        builder = builder
+            .client_id(format!("bench-{n}"))
+            .token(BENCH_TOKEN);
+    }
     if let Some(endpoint) = endpoint {
         builder = builder.endpoint(endpoint);
     }
@@ -659,7 +698,7 @@ pub(crate) async fn echo_caller(
 ) -> anyhow::Result<(Caller, Box<dyn std::any::Any + Send>)> {
     let payload = Bytes::from(vec![1u8; payload_size]);
     Ok(match info.system {
-        System::Quicx => {
+        System::Quicx | System::QuicxSecured => {
             let client = quicx_client(info, None, None).await?;
             let keep = client.clone();
             let options = CallOptions::new();
@@ -726,7 +765,7 @@ pub(crate) async fn work_caller(
     work: Work,
 ) -> anyhow::Result<(Caller, Box<dyn std::any::Any + Send>)> {
     Ok(match info.system {
-        System::Quicx => {
+        System::Quicx | System::QuicxSecured => {
             let client = quicx_client(info, None, None).await?;
             let keep = client.clone();
             let (method, amount) = match work {
@@ -844,6 +883,7 @@ pub(crate) async fn push_rate(
             );
         }
         System::Tarpc | System::TarpcTls => anyhow::bail!("tarpc has no server push"),
+        System::QuicxSecured => anyhow::bail!("the secured quicx variant measures calls only"),
     }
     Ok(f64::from(count) / started.elapsed().as_secs_f64())
 }

@@ -151,12 +151,14 @@ async fn serve_quicx(dev: &DevCertificate, secured: bool) -> anyhow::Result<Sock
     if secured {
         let rate = std::num::NonZeroU32::new(100_000_000);
         builder = builder
-            .authenticator(quicx::Authenticator::new(|hello: quicx::Hello| async move {
-                match hello.token.as_deref() {
-                    Some(BENCH_TOKEN) => Ok(hello.client_id),
-                    _ => Err(quicx::Refusal::Unauthenticated("bad token".into())),
-                }
-            }))
+            .authenticator(quicx::Authenticator::new(
+                |hello: quicx::Hello| async move {
+                    match hello.token.as_deref() {
+                        Some(BENCH_TOKEN) => Ok(hello.client_id),
+                        _ => Err(quicx::Refusal::Unauthenticated("bad token".into())),
+                    }
+                },
+            ))
             .authorize_calls(quicx::CallAuthorizer::new(|ctx| {
                 if ctx.conn().client_id().is_some() {
                     Ok(())
@@ -245,9 +247,7 @@ pub(crate) async fn quicx_client(
     if info.system == System::QuicxSecured {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        builder = builder
-            .client_id(format!("bench-{n}"))
-            .token(BENCH_TOKEN);
+        builder = builder.client_id(format!("bench-{n}")).token(BENCH_TOKEN);
     }
     if let Some(endpoint) = endpoint {
         builder = builder.endpoint(endpoint);

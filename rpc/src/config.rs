@@ -50,6 +50,12 @@ pub struct TransportOptions {
     /// round trips), so calls fail over in about a second instead of waiting for the idle
     /// timeout or their deadline. `None` turns the probes off. Default 1.5 s.
     pub unresponsive_timeout: Option<Duration>,
+    /// How long the peer may take to send one whole frame (a request, a push) once it opened
+    /// its stream. A stream still unfinished then is reset with `CANCELLED` and everything it
+    /// buffered is released: a peer that sends 3 bytes and stalls holds nothing past this.
+    /// Default 60 s (an 8 MiB request over a 1 Mbit/s link needs about 70 s: raise it for slow
+    /// links with large payloads).
+    pub frame_timeout: Duration,
 }
 
 impl Default for TransportOptions {
@@ -63,6 +69,7 @@ impl Default for TransportOptions {
             socket_buffer_size: 4 * 1024 * 1024,
             limits: Limits::default(),
             unresponsive_timeout: Some(Duration::from_millis(1500)),
+            frame_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -101,6 +108,13 @@ impl TransportOptions {
     #[must_use]
     pub fn unresponsive_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.unresponsive_timeout = timeout;
+        self
+    }
+
+    /// How long the peer may take to send one whole frame (default 60 s).
+    #[must_use]
+    pub fn frame_timeout(mut self, timeout: Duration) -> Self {
+        self.frame_timeout = timeout;
         self
     }
 

@@ -209,3 +209,42 @@ async fn handshakes_per_address_are_rate_limited() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert!(t.client().connect(&t.address()).await.is_ok());
 }
+
+#[tokio::test]
+async fn a_stalled_request_holds_nothing_past_the_frame_timeout() {
+    let t = start_server_with(|b| {
+        b.transport(quicx::TransportOptions::default().frame_timeout(Duration::from_millis(300)))
+    })
+    .await;
+    let raw = quicx_tests::raw_connection(t.addr, &t.dev, quicx::ALPN)
+        .await
+        .unwrap();
+    // 50 streams that send 3 bytes and stall.
+    let mut streams = Vec::new();
+    for _ in 0..50 {
+        let (mut send, recv) = raw.open_bi().await.unwrap();
+        send.write_all(&[0x01, 0x00, 0x00]).await.unwrap();
+        streams.push((send, recv));
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(t.server.stats().buffered_request_bytes > 0);
+    // After the frame timeout each is reset and the server holds nothing for them.
+    for (send, _recv) in &mut streams {
+        let stopped = tokio::time::timeout(Duration::from_secs(5), send.stopped())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            stopped.map(quinn::VarInt::into_inner),
+            Some(quicx::StreamCode::CANCELLED.value())
+        );
+    }
+    assert_eq!(t.server.stats().buffered_request_bytes, 0);
+    // The connection itself goes on.
+    let client = t.client().connect(&t.address()).await.unwrap();
+    let reply: Reply = client
+        .call("Arith", "Mul", &Args { a: 3, b: 3 })
+        .await
+        .unwrap();
+    assert_eq!(reply.c, 9);
+}

@@ -81,7 +81,7 @@ impl Side {
             limits: transport.limits,
             push_timeout: timeouts.push,
             call_timeout: timeouts.call,
-            frame_timeout: Duration::from_secs(60),
+            frame_timeout: transport.frame_timeout,
             unresponsive_timeout: transport.unresponsive_timeout,
             call_limits: (transport.starting_calls(), transport.max_concurrent_calls),
             shutting_down: AtomicBool::new(false),

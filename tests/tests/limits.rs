@@ -248,3 +248,51 @@ async fn a_stalled_request_holds_nothing_past_the_frame_timeout() {
         .unwrap();
     assert_eq!(reply.c, 9);
 }
+
+/// p99 of `n` sequential calls.
+async fn p99_of_calls(client: &quicx::Client, n: usize) -> Duration {
+    let mut latencies = Vec::with_capacity(n);
+    for _ in 0..n {
+        let started = std::time::Instant::now();
+        let _: Reply = client
+            .call("Arith", "Mul", &Args { a: 1, b: 2 })
+            .await
+            .unwrap();
+        latencies.push(started.elapsed());
+    }
+    latencies.sort();
+    latencies[n * 99 / 100]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_stalled_streams_do_not_slow_other_clients() {
+    let t = start_server_with(|b| b).await;
+    let client = t.client().connect(&t.address()).await.unwrap();
+    let idle = p99_of_calls(&client, 200).await;
+    // 2,000 streams over two connections (up to 1,024 concurrent calls each), each sending 3
+    // bytes of a request and stalling.
+    let mut connections = Vec::new();
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let raw = quicx_tests::raw_connection(t.addr, &t.dev, quicx::ALPN)
+            .await
+            .unwrap();
+        for _ in 0..1_000 {
+            let (mut send, recv) = raw.open_bi().await.unwrap();
+            send.write_all(&[0x01, 0x00, 0x00]).await.unwrap();
+            held.push((send, recv));
+        }
+        connections.push(raw);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stalled = p99_of_calls(&client, 200).await;
+    // Within 2x of the idle server's p99 (with a floor for this VM's scheduling noise).
+    let bound = (idle * 2).max(Duration::from_millis(20));
+    assert!(
+        stalled <= bound,
+        "p99 idle {idle:?}, with 2,000 stalled streams {stalled:?}"
+    );
+    // What the stalled streams hold is 3 bytes each, not their announced frames.
+    assert!(t.server.stats().buffered_request_bytes <= 2_000 * 3);
+    drop(held);
+}

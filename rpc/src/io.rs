@@ -321,6 +321,11 @@ pub(crate) async fn within<F: Future>(limit: Duration, fut: F) -> Result<F::Outp
 /// worker per core, shared by every server of the process, started on first use.
 pub(crate) fn handler_pool() -> Result<tokio::runtime::Handle> {
     static POOL: std::sync::Mutex<Option<tokio::runtime::Runtime>> = std::sync::Mutex::new(None);
+    static HANDLE: std::sync::OnceLock<tokio::runtime::Handle> = std::sync::OnceLock::new();
+    // Every pooled call asks: no lock once the pool runs.
+    if let Some(handle) = HANDLE.get() {
+        return Ok(handle.clone());
+    }
     let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(runtime) = pool.as_ref() {
         return Ok(runtime.handle().clone());
@@ -332,6 +337,7 @@ pub(crate) fn handler_pool() -> Result<tokio::runtime::Handle> {
         .build()?;
     let handle = runtime.handle().clone();
     *pool = Some(runtime);
+    let _ = HANDLE.set(handle.clone());
     Ok(handle)
 }
 

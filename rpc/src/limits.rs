@@ -114,9 +114,13 @@ impl Limiters {
         self.per_connection.map(DefaultDirectRateLimiter::direct)
     }
 
-    /// Whether a call of `identity` may start now (per-identity rate).
-    pub(crate) fn allow_identity(&self, identity: Option<String>) -> bool {
-        let (Some(limiter), Some(identity)) = (&self.per_identity, identity) else {
+    /// Whether a call of the identity `identity()` gives may start now (per-identity rate).
+    /// `identity` is asked only when identities are limited: no lock or copy otherwise.
+    pub(crate) fn allow_identity(&self, identity: impl FnOnce() -> Option<String>) -> bool {
+        let Some(limiter) = &self.per_identity else {
+            return true;
+        };
+        let Some(identity) = identity() else {
             return true;
         };
         // Forget identities idle long enough to be full again, now and then, so the map stays

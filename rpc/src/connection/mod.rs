@@ -92,13 +92,9 @@ impl Connection {
         io: IoRuntime,
     ) -> Self {
         let peer_identity = PeerIdentity::from_connection(&quic);
-        let (call_limiter, buffered) = match &side.role {
-            side::Role::Server { limiters, .. } => (
-                limiters.connection_limiter(),
-                Some(limiters.connection_budget()),
-            ),
-            side::Role::Client { .. } => (None, None),
-        };
+        let limiters = side.limiters();
+        let call_limiter = limiters.and_then(crate::limits::Limiters::connection_limiter);
+        let buffered = limiters.map(crate::limits::Limiters::connection_budget);
         Self {
             inner: Arc::new(ConnInner {
                 id: NEXT_ID.fetch_add(1, Ordering::Relaxed),

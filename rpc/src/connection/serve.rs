@@ -77,11 +77,15 @@ async fn read_incoming(
     recv: &mut quinn::RecvStream,
 ) -> Option<RawFrame> {
     let side = &conn.inner.side;
-    let budgets: Vec<&wire::Budget> = match (&side.role, &conn.inner.buffered) {
-        (Role::Server { limiters, .. }, Some(own)) => vec![own, &limiters.buffered],
-        _ => Vec::new(),
+    let both;
+    let budgets: &[&wire::Budget] = match (side.limiters(), &conn.inner.buffered) {
+        (Some(limiters), Some(own)) => {
+            both = [own, &limiters.buffered];
+            &both
+        }
+        _ => &[],
     };
-    let read = wire::read_frame_within(recv, &side.limits, &budgets);
+    let read = wire::read_frame_within(recv, &side.limits, budgets);
     match within(side.frame_timeout, read).await {
         Ok(Ok(raw)) => Some(raw),
         Ok(Err(e)) => {
@@ -152,30 +156,45 @@ struct Dispatched {
     handler: Handler,
 }
 
-/// Decodes a request header and finds its handler. `Err` is the answer to send instead: a
-/// stream code (malformed header) or an error status.
-fn dispatch(conn: &Connection, raw: &RawFrame) -> Result<Dispatched, Result<Status, StreamCode>> {
-    let header = raw.request_header().map_err(|e| match e {
-        FrameError::Malformed(_) => Err(StreamCode::MALFORMED_FRAME),
-        other => Err(other.stream_code().unwrap_or(StreamCode::INTERNAL)),
-    })?;
+/// Why a request is not dispatched, and how it is answered.
+enum Undispatched {
+    /// With an error status (unknown service, method or codec).
+    Answer(Status),
+    /// By resetting the stream (a malformed header).
+    Reset(StreamCode),
+}
+
+/// Decodes a request header and finds its handler.
+fn dispatch(conn: &Connection, raw: &RawFrame) -> Result<Dispatched, Undispatched> {
+    let header = raw
+        .request_header()
+        .map_err(|e| Undispatched::Reset(e.stream_code().unwrap_or(StreamCode::INTERNAL)))?;
     let Some(codec) = Codec::from_wire(header.codec) else {
         let message = format!("unsupported codec {}", header.codec);
-        return Err(Ok(Status::error(status::UNSUPPORTED_CODEC, message)));
+        return Err(Undispatched::Answer(Status::error(
+            status::UNSUPPORTED_CODEC,
+            message,
+        )));
     };
     let services = &conn.inner.side.services;
     let handler = match services.lookup(&header.service_path, &header.service_method) {
         Lookup::Found(h) => h,
         Lookup::UnknownService => {
             let message = format!("unknown service `{}`", header.service_path);
-            return Err(Ok(Status::error(status::UNKNOWN_SERVICE, message)));
+            return Err(Undispatched::Answer(Status::error(
+                status::UNKNOWN_SERVICE,
+                message,
+            )));
         }
         Lookup::UnknownMethod => {
             let message = format!(
                 "unknown method `{}` on service `{}`",
                 header.service_method, header.service_path
             );
-            return Err(Ok(Status::error(status::UNKNOWN_METHOD, message)));
+            return Err(Undispatched::Answer(Status::error(
+                status::UNKNOWN_METHOD,
+                message,
+            )));
         }
     };
     Ok(Dispatched {
@@ -196,11 +215,11 @@ async fn serve_request(
         handler,
     } = match dispatch(conn, &raw) {
         Ok(d) => d,
-        Err(Ok(status)) => {
+        Err(Undispatched::Answer(status)) => {
             respond(conn, &mut send, status, Metadata::new(), Bytes::new()).await;
             return Ok(());
         }
-        Err(Err(code)) => {
+        Err(Undispatched::Reset(code)) => {
             let _ = send.reset(code.into());
             return Err(code);
         }
@@ -235,26 +254,13 @@ async fn serve_request(
         }
         return Ok(());
     }
-    if let Role::Server {
-        identity:
-            crate::auth::IdentityPolicy {
-                authorize_calls: Some(authorizer),
-                ..
-            },
-        ..
-    } = &side.role
-    {
-        if let Err(refusal) = authorizer.check(&ctx) {
-            side.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
-            let status = match refusal {
-                crate::Refusal::Unauthenticated(m) => Status::error(status::UNAUTHENTICATED, m),
-                crate::Refusal::PermissionDenied(m) => Status::error(status::PERMISSION_DENIED, m),
-            };
-            if !oneway {
-                respond(conn, &mut send, status, Metadata::new(), Bytes::new()).await;
-            }
-            return Ok(());
+    if let Some(Err(refusal)) = side.call_authorizer().map(|a| a.check(&ctx)) {
+        side.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
+        if !oneway {
+            let status = refusal_status(refusal);
+            respond(conn, &mut send, status, Metadata::new(), Bytes::new()).await;
         }
+        return Ok(());
     }
     let handler = run_handler(&handler, ctx.clone(), codec, raw.payload).instrument(span);
     side.counters.calls_served.fetch_add(1, Ordering::Relaxed);
@@ -323,12 +329,19 @@ fn within_rates(conn: &Connection) -> Result<(), &'static str> {
             return Err("over this connection's call rate");
         }
     }
-    if let Role::Server { limiters, .. } = &conn.inner.side.role {
-        if !limiters.allow_identity(conn.client_id()) {
-            return Err("over this identity's call rate");
-        }
+    let limiters = conn.inner.side.limiters();
+    if limiters.is_some_and(|l| !l.allow_identity(|| conn.client_id())) {
+        return Err("over this identity's call rate");
     }
     Ok(())
+}
+
+/// The status that answers a refusal of the authenticator or the call authorizer.
+fn refusal_status(refusal: crate::Refusal) -> Status {
+    match refusal {
+        crate::Refusal::Unauthenticated(m) => Status::error(status::UNAUTHENTICATED, m),
+        crate::Refusal::PermissionDenied(m) => Status::error(status::PERMISSION_DENIED, m),
+    }
 }
 
 /// What a handler's run gives: its result, or the panic it raised.
@@ -337,34 +350,42 @@ type HandlerOutcome = Result<Result<Bytes, ServiceError>, Box<dyn Any + Send>>;
 /// Runs one call's handler where its method belongs: inline on this I/O thread, timing every
 /// poll (a poll over the inline budget moves the method's later calls to the handler pool), or on
 /// the handler pool for a method that proved slow, or for a heavy one while this I/O thread is
-/// overloaded (connections the kernel put on one thread then use the other cores too). Dropping the returned future cancels the
-/// handler either way.
-fn run_handler(
-    method: &Handler,
-    ctx: Context,
-    codec: Codec,
-    payload: Bytes,
-) -> Pin<Box<dyn Future<Output = HandlerOutcome> + Send>> {
+/// overloaded (connections the kernel put on one thread then use the other cores too). Dropping
+/// the returned future cancels the handler either way.
+fn run_handler(method: &Handler, ctx: Context, codec: Codec, payload: Bytes) -> HandlerRun {
     let conn = ctx.conn();
     let shed = method.is_heavy() && conn.io().overloaded_among(&conn.inner.side.io_threads);
     let call = AssertUnwindSafe(method.call(ctx, codec, payload)).catch_unwind();
     if method.is_slow() || shed {
         if let Ok(pool) = handler_pool() {
-            let task = AbortOnDrop(pool.spawn(call));
-            return Box::pin(async move {
-                let mut task = task;
-                match (&mut task.0).await {
-                    Ok(outcome) => outcome,
-                    Err(e) if e.is_panic() => Err(e.into_panic()),
-                    Err(_) => Err(Box::new("handler task cancelled") as Box<dyn Any + Send>),
-                }
-            });
+            return HandlerRun::Pooled(AbortOnDrop(pool.spawn(call)));
         }
     }
-    Box::pin(Timed {
+    HandlerRun::Inline(Timed {
         call,
         method: method.clone(),
     })
+}
+
+/// A handler's run, inline or on the pool (no allocation beyond the handler's own future).
+enum HandlerRun {
+    Inline(Timed),
+    Pooled(AbortOnDrop<HandlerOutcome>),
+}
+
+impl Future for HandlerRun {
+    type Output = HandlerOutcome;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<HandlerOutcome> {
+        match self.get_mut() {
+            Self::Inline(timed) => Pin::new(timed).poll(cx),
+            Self::Pooled(task) => Pin::new(&mut task.0).poll(cx).map(|joined| match joined {
+                Ok(outcome) => outcome,
+                Err(e) if e.is_panic() => Err(e.into_panic()),
+                Err(_) => Err(Box::new("handler task cancelled") as Box<dyn Any + Send>),
+            }),
+        }
+    }
 }
 
 /// A handler polled inline, each poll timed against the inline budget.
@@ -477,12 +498,7 @@ async fn verify_hello(
                 status::PERMISSION_DENIED,
                 format!("the credentials are for `{verified}`, not `{claimed}`"),
             )),
-            Err(crate::Refusal::Unauthenticated(m)) => {
-                Err(Status::error(status::UNAUTHENTICATED, m))
-            }
-            Err(crate::Refusal::PermissionDenied(m)) => {
-                Err(Status::error(status::PERMISSION_DENIED, m))
-            }
+            Err(refusal) => Err(refusal_status(refusal)),
         };
     }
     if identity.accept_unverified {

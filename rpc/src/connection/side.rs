@@ -92,6 +92,22 @@ impl Side {
         }
     }
 
+    /// The server's limiters, on a server.
+    pub(crate) fn limiters(&self) -> Option<&crate::limits::Limiters> {
+        match &self.role {
+            Role::Server { limiters, .. } => Some(limiters),
+            Role::Client { .. } => None,
+        }
+    }
+
+    /// The server's per-call authorizer, if one is installed.
+    pub(crate) fn call_authorizer(&self) -> Option<&crate::CallAuthorizer> {
+        match &self.role {
+            Role::Server { identity, .. } => identity.authorize_calls.as_ref(),
+            Role::Client { .. } => None,
+        }
+    }
+
     /// The server's registry, on a server.
     pub(crate) fn registry(&self) -> Option<&Arc<Registry>> {
         match &self.role {

@@ -117,7 +117,7 @@ impl Policy {
     }
 }
 
-/// Whether `pick` found nothing to avoid `tried` with: a helper for pickers.
+/// The error a picker returns when no endpoint is left to pick.
 pub(crate) fn no_endpoint(service_path: &str) -> Error {
     Error::NoEndpoints(service_path.to_owned())
 }

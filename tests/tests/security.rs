@@ -253,3 +253,41 @@ async fn per_call_authorization_denies_one_method_and_allows_another() {
     assert!(matches!(err, Error::Unauthenticated(_)), "{err:?}");
     assert_eq!(server.stats().auth_failures, 2);
 }
+
+#[tokio::test]
+async fn a_reconnect_with_the_right_credentials_re_binds() {
+    let (server, addr, dev) = token_server().await;
+    let (tx, mut pushes) = push_channel(8);
+    let device = client_builder(&dev)
+        .client_id("device-3")
+        .token("secret-of-device-3")
+        .push_channel(tx)
+        .connect(&addr)
+        .await
+        .unwrap();
+    let first = server.client("device-3").unwrap();
+    // The server drops the connection; the client reconnects and presents its token again.
+    first.close();
+    let rebound = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match server.client("device-3") {
+                Some(conn) if conn != first => break conn,
+                _ => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    })
+    .await
+    .expect("device-3 re-bound after its reconnect");
+    assert!(!rebound.is_closed());
+    server
+        .send_to_client("device-3", "Cmd", "Again", Metadata::new(), b"back")
+        .await
+        .unwrap();
+    let msg = tokio::time::timeout(Duration::from_secs(5), pushes.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&msg.payload[..], b"back");
+    assert_eq!(server.stats().auth_failures, 0);
+    device.close().await;
+}

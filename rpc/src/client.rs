@@ -18,7 +18,7 @@ use crate::{
     RawReply, Result, Service, Stats, TransportOptions, config,
     connection::{
         self,
-        side::{Role, Side, SideTimeouts},
+        side::{Hooks, Role, Side, SideTimeouts},
     },
     error::NotConnected,
     io::{IoRuntime, Placement},
@@ -43,6 +43,7 @@ pub struct ClientBuilder {
     events: broadcast::Sender<ClientEvent>,
     endpoint: Option<ClientEndpoint>,
     placement: Placement,
+    hooks: Hooks,
 }
 
 /// A client-side UDP socket that many clients can share: a fleet simulator or a gateway with
@@ -143,6 +144,39 @@ impl ClientBuilder {
         self
     }
 
+    /// Adds an interceptor around every call this client makes (see
+    /// [`CallInterceptor`](crate::CallInterceptor)); they run in the order added, after the
+    /// built-in metrics.
+    #[must_use]
+    pub fn call_interceptor(mut self, interceptor: impl crate::CallInterceptor) -> Self {
+        self.hooks.call_interceptors.push(Arc::new(interceptor));
+        self
+    }
+
+    /// Adds an interceptor around every reverse call this client serves (see
+    /// [`Interceptor`](crate::Interceptor); its connection hooks do not run on clients).
+    #[must_use]
+    pub fn interceptor(mut self, interceptor: impl crate::Interceptor) -> Self {
+        self.hooks.interceptors.push(Arc::new(interceptor));
+        self
+    }
+
+    /// Whether this client records [metrics](crate::metrics) (default on).
+    #[must_use]
+    pub fn metrics(mut self, enabled: bool) -> Self {
+        self.hooks.metrics = enabled;
+        self
+    }
+
+    /// Starts a new W3C trace for each call made outside a trace scope, so every call carries a
+    /// `traceparent` (default off: calls carry one only inside
+    /// [`trace::scope`](crate::trace::scope) or a traced handler). See [`trace`](crate::trace).
+    #[must_use]
+    pub fn trace_calls(mut self, enabled: bool) -> Self {
+        self.hooks.trace_calls = enabled;
+        self
+    }
+
     /// Declares this client's identity (a device id) when connecting, and again after every
     /// reconnect: the server's registry then finds this client by it.
     #[must_use]
@@ -238,6 +272,7 @@ impl ClientBuilder {
                 call: self.call_timeout,
             },
             Vec::new(),
+            self.hooks,
         ));
         let session = Session {
             client_id: self.client_id,
@@ -358,6 +393,21 @@ impl ClientInner {
     /// Opens a connection, starts serving what the server opens on it, and says hello, all
     /// within `timeout` ([`Error::ConnectTimeout`] past it).
     async fn establish(&self, timeout: Duration) -> Result<Connection> {
+        let result = self.establish_within(timeout).await;
+        let side = &self.side;
+        side.record(crate::metrics::Event::ClientHandshake(if result.is_ok() {
+            "ok"
+        } else {
+            "failed"
+        }));
+        if result.is_ok() {
+            side.record(crate::metrics::Event::ClientConnected);
+        }
+        result
+    }
+
+    /// [`establish`](Self::establish) without the metrics.
+    async fn establish_within(&self, timeout: Duration) -> Result<Connection> {
         let deadline = tokio::time::Instant::now() + timeout;
         let connecting = self.link.endpoint.connect_with(
             self.link.client_config.clone(),
@@ -407,9 +457,13 @@ async fn supervise(inner: Arc<ClientInner>, mut conn: Connection) {
     loop {
         let closed = tokio::select! {
             e = conn.quic().closed() => e,
-            () = inner.closed.cancelled() => return,
+            () = inner.closed.cancelled() => {
+                inner.side.record(crate::metrics::Event::ClientDisconnected);
+                return;
+            }
         };
         inner.current.send_replace(None);
+        inner.side.record(crate::metrics::Event::ClientDisconnected);
         let reason = DisconnectReason::from_quinn(&closed);
         tracing::debug!(?reason, "connection lost");
         // Another connection verified for this identity (a newer instance of this device) took
@@ -517,6 +571,7 @@ impl Client {
             events: broadcast::channel(256).0,
             endpoint: None,
             placement: Placement::Auto,
+            hooks: Hooks::default(),
         }
     }
 

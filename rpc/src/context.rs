@@ -7,7 +7,7 @@ use std::{
 
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
-use crate::{Connection, Metadata};
+use crate::{Connection, Metadata, trace::TraceContext};
 
 /// The context of one call, handed to every handler (rpcx's `ctx`).
 ///
@@ -26,6 +26,7 @@ struct CallInfo {
     metadata: Metadata,
     deadline: Option<Instant>,
     cancel: CancellationToken,
+    trace: Option<TraceContext>,
     reply_metadata: Mutex<Metadata>,
 }
 
@@ -37,6 +38,7 @@ impl Context {
         metadata: Metadata,
         deadline: Option<Instant>,
         cancel: CancellationToken,
+        trace: Option<TraceContext>,
     ) -> Self {
         Self {
             inner: Arc::new(CallInfo {
@@ -46,9 +48,18 @@ impl Context {
                 metadata,
                 deadline,
                 cancel,
+                trace,
                 reply_metadata: Mutex::new(Metadata::new()),
             }),
         }
+    }
+
+    /// This call's place in a trace, when the caller sent a W3C `traceparent`: the server's
+    /// own span, a child of the caller's (see [`trace`](crate::trace)). Async handlers run inside
+    /// it, so calls they make continue the trace; a blocking handler passes it on with
+    /// [`trace::scope`](crate::trace::scope) if it makes calls from an async block.
+    pub fn trace(&self) -> Option<TraceContext> {
+        self.inner.trace
     }
 
     /// The connection the call arrived on (rpcx's `server.RemoteConnContextKey`). Keep a clone to

@@ -248,6 +248,43 @@ impl Error {
         )
     }
 
+    /// A short, stable, snake_case name of the error's kind (`"unauthenticated"`,
+    /// `"deadline_exceeded"`, `"remote"`, ...): for metric labels and one-line reports.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::UnknownService { .. } => "unknown_service",
+            Self::UnknownMethod { .. } => "unknown_method",
+            Self::Decode(_) => "decode_error",
+            Self::Encode(_) => "encode_error",
+            Self::TooLarge { .. } => "too_large",
+            Self::DeadlineExceeded { .. } => "deadline_exceeded",
+            Self::ConnectTimeout(_) => "connect_timeout",
+            Self::PushTimeout(_) => "push_timeout",
+            Self::PeerUnresponsive(_) => "peer_unresponsive",
+            Self::Cancelled => "cancelled",
+            Self::Remote { .. } => "remote",
+            Self::Internal(_) => "internal",
+            Self::ShuttingDown => "shutting_down",
+            Self::PushDropped => "push_dropped",
+            Self::PushRejected => "push_rejected",
+            Self::HelloRefused(_) => "hello_refused",
+            Self::Unauthenticated(_) => "unauthenticated",
+            Self::PermissionDenied(_) => "permission_denied",
+            Self::Overloaded => "overloaded",
+            Self::RateLimited(_) => "rate_limited",
+            Self::WrongSide(_) => "wrong_side",
+            Self::Protocol(_) => "protocol",
+            Self::ConnectionLost(_) => "connection_lost",
+            Self::NotConnected(_) => "not_connected",
+            Self::Handshake(_) => "handshake",
+            Self::Tls(_) => "tls",
+            Self::Config(_) => "config",
+            Self::NoEndpoints(_) => "no_endpoints",
+            Self::Discovery(_) => "discovery",
+            Self::Io(_) => "io",
+        }
+    }
+
     /// Builds the error that matches a status code and message from a response frame.
     pub(crate) fn from_status(
         code: u32,
@@ -418,6 +455,14 @@ impl ServiceError {
     /// The message.
     pub fn message(&self) -> &str {
         &self.message
+    }
+
+    /// The status that answers a refusal of the authenticator or the call authorizer.
+    pub(crate) fn from_refusal(refusal: crate::Refusal) -> Self {
+        match refusal {
+            crate::Refusal::Unauthenticated(m) => Self::new(status::UNAUTHENTICATED, m),
+            crate::Refusal::PermissionDenied(m) => Self::new(status::PERMISSION_DENIED, m),
+        }
     }
 
     pub(crate) fn status(code: u32, message: impl Into<String>) -> Self {

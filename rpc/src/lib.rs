@@ -208,15 +208,18 @@ mod context;
 mod error;
 mod events;
 mod failmode;
+mod intercept;
 mod io;
 mod limits;
 mod metadata;
+pub mod metrics;
 mod push;
 mod selector;
 mod server;
 mod service;
 mod stats;
 mod tls;
+pub mod trace;
 mod wire;
 mod xclient;
 
@@ -230,6 +233,7 @@ pub use crate::{
     error::{Error, FramePart, HandshakeError, NotConnected, ProtocolError, Result, ServiceError},
     events::{ClientEvent, DisconnectReason, ServerEvent},
     failmode::FailMode,
+    intercept::{CallInterceptor, CallOutcome, Interceptor, OutgoingCall},
     io::Placement,
     limits::AbuseLimits,
     metadata::Metadata,

@@ -110,6 +110,11 @@ impl Limiters {
     }
 
     /// A new connection's own call limiter, if calls are limited per connection.
+    /// Whether any call rate is set (per connection or per identity).
+    pub(crate) fn limits_calls(&self) -> bool {
+        self.per_connection.is_some() || self.per_identity.is_some()
+    }
+
     pub(crate) fn connection_limiter(&self) -> Option<DefaultDirectRateLimiter> {
         self.per_connection.map(DefaultDirectRateLimiter::direct)
     }

@@ -168,8 +168,36 @@ pub mod status {
     pub const PERMISSION_DENIED: u32 = 13;
     /// The caller is over a call rate the server set; the handler did not run.
     pub const RATE_LIMITED: u32 = 14;
+    /// Never sent: the caller abandoned the call (its stream was reset). Interceptors and
+    /// metrics report such calls with this code.
+    pub const CANCELLED: u32 = 15;
     /// Generic application error: a handler's error converted from a `std::error::Error`.
     pub const APPLICATION: u32 = 1000;
+
+    /// A short snake_case name of a status code (`0` is `"ok"`; codes of 1000 and above are
+    /// `"application"`): the `status` label of call metrics.
+    pub const fn name(code: u32) -> &'static str {
+        match code {
+            0 => "ok",
+            UNKNOWN_SERVICE => "unknown_service",
+            UNKNOWN_METHOD => "unknown_method",
+            DECODE_ERROR => "decode_error",
+            ENCODE_ERROR => "encode_error",
+            DEADLINE_EXCEEDED => "deadline_exceeded",
+            INTERNAL => "internal",
+            UNSUPPORTED_CODEC => "unsupported_codec",
+            SHUTTING_DOWN => "shutting_down",
+            PUSH_DROPPED => "push_dropped",
+            PUSH_REJECTED => "push_rejected",
+            HELLO_REFUSED => "hello_refused",
+            UNAUTHENTICATED => "unauthenticated",
+            PERMISSION_DENIED => "permission_denied",
+            RATE_LIMITED => "rate_limited",
+            CANCELLED => "cancelled",
+            APPLICATION.. => "application",
+            _ => "unknown",
+        }
+    }
 }
 
 /// Header of a request frame (kind `0x01`).

@@ -1,7 +1,11 @@
 //! Outgoing calls: forward calls from a client, reverse calls from a server, and the client's
 //! hello. Each is one bidirectional stream: request frame out, response frame back.
 
-use std::{sync::atomic::Ordering, time::Duration};
+use std::{
+    borrow::Cow,
+    sync::atomic::Ordering,
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
 use serde::{Serialize, de::DeserializeOwned};
@@ -9,9 +13,10 @@ use tracing::Instrument;
 
 use super::Connection;
 use crate::{
-    Codec, Error, Metadata, Result,
+    Codec, Error, Metadata, OutgoingCall, Result,
     error::ProtocolError,
     io::within,
+    trace::{self, TraceContext},
     wire::{
         self, Frame, FrameKind, HelloHeader, RequestHeaderRef, ResponseHeader, Status, StreamCode,
         flags,
@@ -139,15 +144,10 @@ impl Connection {
         A: Serialize + ?Sized,
         R: DeserializeOwned,
     {
-        let frame =
+        let (frame, call) =
             self.typed_request(service_path, service_method, args, options, Reply::Wanted)?;
         let reply = self
-            .round_trip(
-                frame,
-                (service_path, service_method),
-                options.timeout,
-                Reply::Wanted,
-            )
+            .round_trip(frame, call, options.timeout, Reply::Wanted)
             .await?;
         options.codec.decode(&reply.payload)
     }
@@ -167,9 +167,9 @@ impl Connection {
         A: Serialize + ?Sized,
     {
         let options = CallOptions::default();
-        let frame =
+        let (frame, call) =
             self.typed_request(service_path, service_method, args, &options, Reply::None)?;
-        self.round_trip(frame, (service_path, service_method), None, Reply::None)
+        self.round_trip(frame, call, None, Reply::None)
             .await
             .map(drop)
     }
@@ -204,52 +204,113 @@ impl Connection {
         options: &CallOptions,
         reply: Reply,
     ) -> Result<RawReply> {
-        let header = self.request_header(service_path, service_method, options, reply);
+        let (metadata, call) = self.outgoing(service_path, service_method, options)?;
+        let header = self.request_header(service_path, service_method, &metadata, options, reply);
         let frame = Frame::encode(
             FrameKind::Request,
             &header,
             payload,
             &self.inner.side.limits,
-        )?;
-        self.round_trip(
-            frame,
-            (service_path, service_method),
-            options.timeout,
-            reply,
-        )
-        .await
+        );
+        let frame = self.refused_locally(frame.map_err(Error::from), &call)?;
+        self.round_trip(frame, call, options.timeout, reply).await
     }
 
-    fn typed_request<A: Serialize + ?Sized>(
+    /// The metadata a call carries once the trace context and the call interceptors had their
+    /// say (borrowed as given when they add nothing), and what the round trip needs to know.
+    /// An interceptor's refusal is the call's error.
+    fn outgoing<'a>(
         &self,
-        service_path: &str,
-        service_method: &str,
+        service_path: &'a str,
+        service_method: &'a str,
+        options: &'a CallOptions,
+    ) -> Result<(Cow<'a, Metadata>, Call<'a>)> {
+        let side = &self.inner.side;
+        let mut metadata = Cow::Borrowed(&options.metadata);
+        let trace = match options.metadata.get(trace::TRACEPARENT) {
+            Some(given) => TraceContext::parse(given),
+            None => {
+                let trace = trace::outgoing(side.trace_calls);
+                if let Some(t) = &trace {
+                    metadata.to_mut().insert(trace::TRACEPARENT, t.to_string());
+                }
+                trace
+            }
+        };
+        let call = Call {
+            service_path,
+            service_method,
+            trace,
+            intercepted: !side.call_interceptors.is_empty(),
+        };
+        if call.intercepted {
+            let mut outgoing = OutgoingCall::new(
+                service_path,
+                service_method,
+                self.remote_address(),
+                metadata,
+            );
+            let refused = side.call_interceptors.before_call(&mut outgoing);
+            metadata = outgoing.into_metadata();
+            if let Err(e) = refused {
+                // Counted like any failed call, and seen by every `after_call`.
+                self.finish_call(&call, Err(&e), Duration::ZERO);
+                return Err(e);
+            }
+        }
+        Ok((metadata, call))
+    }
+
+    /// Passes an encoding error on as the call's result, for the interceptors to see.
+    fn refused_locally<T>(&self, result: Result<T>, call: &Call<'_>) -> Result<T> {
+        result.inspect_err(|e| self.finish_call(call, Err(e), Duration::ZERO))
+    }
+
+    /// Tells the call interceptors how a call ended.
+    fn finish_call(&self, call: &Call<'_>, result: Result<(), &Error>, elapsed: Duration) {
+        if call.intercepted {
+            self.inner.side.call_interceptors.after_call(
+                call.service_path,
+                call.service_method,
+                result,
+                elapsed,
+            );
+        }
+    }
+
+    fn typed_request<'a, A: Serialize + ?Sized>(
+        &self,
+        service_path: &'a str,
+        service_method: &'a str,
         args: &A,
-        options: &CallOptions,
+        options: &'a CallOptions,
         reply: Reply,
-    ) -> Result<Frame> {
-        let header = self.request_header(service_path, service_method, options, reply);
-        wire::encode_frame_with(
+    ) -> Result<(Frame, Call<'a>)> {
+        let (metadata, call) = self.outgoing(service_path, service_method, options)?;
+        let header = self.request_header(service_path, service_method, &metadata, options, reply);
+        let frame = wire::encode_frame_with(
             FrameKind::Request,
             &header,
             &self.inner.side.limits,
             |buf| options.codec.encode_into(args, buf),
         )
-        .map(Frame::whole)
+        .map(Frame::whole);
+        Ok((self.refused_locally(frame, &call)?, call))
     }
 
     fn request_header<'a>(
         &self,
         service_path: &'a str,
         service_method: &'a str,
-        options: &'a CallOptions,
+        metadata: &'a Metadata,
+        options: &CallOptions,
         reply: Reply,
     ) -> RequestHeaderRef<'a> {
         let timeout = options.timeout.or(self.inner.side.call_timeout);
         RequestHeaderRef {
             service_path,
             service_method,
-            metadata: &options.metadata,
+            metadata,
             timeout_ms: timeout.map_or(0, |t| t.as_millis().clamp(1, u64::MAX as u128) as u64),
             flags: if reply == Reply::None {
                 flags::ONEWAY
@@ -262,26 +323,50 @@ impl Connection {
 
     /// Sends one frame on a new bidirectional stream and reads the response, within `timeout`
     /// (the side's default if `None`): inline where the connection is driven, else handed to
-    /// its I/O runtime. Counted in the side's call counters.
+    /// its I/O runtime. Counted in the side's call counters; a call's interceptors see how it
+    /// ended.
     pub(crate) async fn round_trip(
         &self,
         frame: Frame,
-        (service_path, service_method): (&str, &str),
+        call: Call<'_>,
         timeout: Option<Duration>,
         reply: Reply,
     ) -> Result<RawReply> {
+        let started = call.intercepted.then(Instant::now);
         let timeout = timeout.or(self.inner.side.call_timeout);
+        let span = tracing::debug_span!(
+            "call",
+            service = %call.service_path,
+            method = %call.service_method,
+            conn = self.inner.id,
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty,
+        );
+        if let Some(t) = call.trace.as_ref().filter(|_| !span.is_disabled()) {
+            span.record("trace_id", t.trace_id());
+            span.record("span_id", t.span_id());
+        }
         let io = &self.inner.io;
         let result = if io.is_current() {
-            self.round_trip_here(frame, service_path, service_method, timeout, reply)
-                .await
+            self.round_trip_here(
+                frame,
+                call.service_path,
+                call.service_method,
+                timeout,
+                reply,
+            )
+            .instrument(span)
+            .await
         } else {
             let conn = self.clone();
-            let (path, method) = (service_path.to_owned(), service_method.to_owned());
-            io.run(async move {
-                conn.round_trip_here(frame, &path, &method, timeout, reply)
-                    .await
-            })
+            let (path, method) = (call.service_path.to_owned(), call.service_method.to_owned());
+            io.run(
+                async move {
+                    conn.round_trip_here(frame, &path, &method, timeout, reply)
+                        .await
+                }
+                .instrument(span),
+            )
             .await
             .and_then(|r| r)
         };
@@ -289,6 +374,9 @@ impl Connection {
         counters.calls_sent.fetch_add(1, Ordering::Relaxed);
         if result.is_err() {
             counters.call_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        if let Some(started) = started {
+            self.finish_call(&call, result.as_ref().map(drop), started.elapsed());
         }
         result
     }
@@ -302,16 +390,8 @@ impl Connection {
         timeout: Option<Duration>,
         reply: Reply,
     ) -> Result<RawReply> {
-        let span = tracing::debug_span!(
-            "call",
-            service = %service_path,
-            method = %service_method,
-            conn = self.inner.id
-        );
         let _waiting = (reply == Reply::Wanted).then(|| self.waiting());
-        let fut = self
-            .exchange(frame, service_path, service_method, reply)
-            .instrument(span);
+        let fut = self.exchange(frame, service_path, service_method, reply);
         let result = match timeout {
             Some(t) => within(t, fut)
                 .await
@@ -372,6 +452,29 @@ impl Connection {
     }
 }
 
+/// What a round trip carries, for its span and interceptors.
+#[derive(Debug)]
+pub(crate) struct Call<'a> {
+    pub(crate) service_path: &'a str,
+    pub(crate) service_method: &'a str,
+    /// The trace context the request carries.
+    pub(crate) trace: Option<TraceContext>,
+    /// Whether the call interceptors see it (calls do; hellos and pushes with receipt do not).
+    pub(crate) intercepted: bool,
+}
+
+impl<'a> Call<'a> {
+    /// An exchange that is not a call (a hello, a push with receipt): no interceptors, no trace.
+    pub(crate) fn plain(service_path: &'a str, service_method: &'a str) -> Self {
+        Self {
+            service_path,
+            service_method,
+            trace: None,
+            intercepted: false,
+        }
+    }
+}
+
 /// The two halves of a call's stream; resets both with `CANCELLED` if dropped while armed.
 struct CallStreams {
     send: quinn::SendStream,
@@ -406,8 +509,13 @@ pub(crate) async fn hello(
         &[],
         &conn.inner.side.limits,
     )?);
-    conn.round_trip(frame, ("", "hello"), Some(timeout), Reply::Wanted)
-        .await?;
+    conn.round_trip(
+        frame,
+        Call::plain("", "hello"),
+        Some(timeout),
+        Reply::Wanted,
+    )
+    .await?;
     conn.set_client_id_local(client_id);
     Ok(())
 }

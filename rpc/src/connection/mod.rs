@@ -85,6 +85,20 @@ impl PartialEq for Connection {
 impl Eq for Connection {}
 
 impl Connection {
+    /// Whether a call may start under the server's call rates; the refusal message if not.
+    pub(crate) fn within_call_rates(&self) -> std::result::Result<(), &'static str> {
+        if let Some(limiter) = &self.inner.call_limiter {
+            if limiter.check().is_err() {
+                return Err("over this connection's call rate");
+            }
+        }
+        let limiters = self.inner.side.limiters();
+        if limiters.is_some_and(|l| !l.allow_identity(|| self.client_id())) {
+            return Err("over this identity's call rate");
+        }
+        Ok(())
+    }
+
     pub(crate) fn new(
         quic: quinn::Connection,
         side: Arc<Side>,

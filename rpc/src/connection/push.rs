@@ -79,14 +79,21 @@ impl Connection {
     ) -> Result<()> {
         let frame =
             Frame::whole(self.push_frame(service_path, service_method, metadata, data.as_ref())?);
-        self.round_trip(
-            frame,
-            (service_path, service_method),
-            Some(self.inner.side.push_timeout),
-            Reply::Wanted,
-        )
-        .await
-        .map(drop)
+        let result = self
+            .round_trip(
+                frame,
+                super::call::Call::plain(service_path, service_method),
+                Some(self.inner.side.push_timeout),
+                Reply::Wanted,
+            )
+            .await
+            .map(drop);
+        let side = &self.inner.side;
+        side.record(crate::metrics::Event::Push { ok: result.is_ok() });
+        if matches!(result, Err(Error::PushDropped)) {
+            side.record(crate::metrics::Event::PushDropped);
+        }
+        result
     }
 
     /// Encodes a push frame; [`Error::WrongSide`] on a client's connection.
@@ -150,6 +157,9 @@ impl Connection {
             Ok(()) => counters.pushes_sent.fetch_add(1, Ordering::Relaxed),
             Err(_) => counters.push_errors.fetch_add(1, Ordering::Relaxed),
         };
+        self.inner
+            .side
+            .record(crate::metrics::Event::Push { ok: result.is_ok() });
         result
     }
 }

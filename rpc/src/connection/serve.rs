@@ -164,6 +164,17 @@ enum Undispatched {
     Reset(StreamCode),
 }
 
+/// Hands a push to the application's channel, counting it in the client's metrics.
+async fn deliver(conn: &Connection, sink: &PushSender, msg: PushMessage) -> Delivery {
+    let delivery = sink.deliver(msg).await;
+    let side = &conn.inner.side;
+    side.record(crate::metrics::Event::ClientPushReceived);
+    if delivery == Delivery::Dropped {
+        side.record(crate::metrics::Event::ClientPushDropped);
+    }
+    delivery
+}
+
 /// Decodes a request header and finds its handler.
 fn dispatch(conn: &Connection, raw: &RawFrame) -> Result<Dispatched, Undispatched> {
     let header = raw
@@ -225,19 +236,37 @@ async fn serve_request(
         }
     };
     let oneway = header.flags & flags::ONEWAY != 0;
+    let started = Instant::now();
     let deadline =
-        (header.timeout_ms > 0).then(|| Instant::now() + Duration::from_millis(header.timeout_ms));
+        (header.timeout_ms > 0).then(|| started + Duration::from_millis(header.timeout_ms));
     // The call's own token (no registration with a shared parent, which would lock on every
     // call): cancelled when this task ends early — caller gone, deadline, shutdown (all
     // selected in `run_handler`) — or is dropped.
     let cancel = CancellationToken::new();
     let _cancel_on_exit = cancel.clone().drop_guard();
+    let trace = if header.metadata.is_empty() {
+        None
+    } else {
+        crate::trace::served(&header.metadata)
+    };
     let span = tracing::debug_span!(
         "serve",
         service = %header.service_path,
         method = %header.service_method,
-        conn = conn.id()
+        conn = conn.id(),
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
+        parent_id = tracing::field::Empty,
     );
+    if let Some(t) = &trace {
+        if !span.is_disabled() {
+            span.record("trace_id", t.trace_id());
+            span.record("span_id", t.span_id());
+            if let Some(parent) = header.metadata.get(crate::trace::TRACEPARENT) {
+                span.record("parent_id", parent.get(36..52).unwrap_or_default());
+            }
+        }
+    }
     let ctx = Context::new(
         conn.clone(),
         header.service_path,
@@ -245,32 +274,47 @@ async fn serve_request(
         header.metadata,
         deadline,
         cancel.clone(),
+        trace,
     );
     let side = &conn.inner.side;
-    if let Err(message) = within_rates(conn) {
+    let interceptors = &side.interceptors;
+    let finish = |status: &Status, asked: usize| {
+        if asked > 0 {
+            let outcome = crate::CallOutcome {
+                status: match status {
+                    Status::Ok => 0,
+                    Status::Error { code, .. } => *code,
+                },
+                elapsed: started.elapsed(),
+            };
+            interceptors.after_call(asked, &ctx, &outcome);
+        }
+    };
+    if let Err((refusal, asked)) = interceptors.before_call(&ctx) {
+        if matches!(
+            refusal.code(),
+            status::UNAUTHENTICATED | status::PERMISSION_DENIED
+        ) {
+            side.auth_failure();
+        }
+        let status = Status::error(refusal.code(), refusal.message());
+        finish(&status, asked);
         if !oneway {
-            let status = Status::error(status::RATE_LIMITED, message);
             respond(conn, &mut send, status, Metadata::new(), Bytes::new()).await;
         }
         return Ok(());
     }
-    if let Some(Err(refusal)) = side.call_authorizer().map(|a| a.check(&ctx)) {
-        side.counters.auth_failures.fetch_add(1, Ordering::Relaxed);
-        if !oneway {
-            let status = refusal_status(refusal);
-            respond(conn, &mut send, status, Metadata::new(), Bytes::new()).await;
-        }
-        return Ok(());
-    }
+    let asked = interceptors.len();
     let handler = run_handler(&handler, ctx.clone(), codec, raw.payload).instrument(span);
     side.counters.calls_served.fetch_add(1, Ordering::Relaxed);
     if oneway {
         let _ = send.finish();
         drop(send);
-        tokio::select! {
-            _ = handler => {}
-            () = side.shutdown.cancelled() => {}
-        }
+        let status = tokio::select! {
+            result = handler => handler_status(conn, result).0,
+            () = side.shutdown.cancelled() => Status::error(status::SHUTTING_DOWN, "shutting down"),
+        };
+        finish(&status, asked);
         return Ok(());
     }
     let stopped = send.stopped();
@@ -284,15 +328,7 @@ async fn serve_request(
     // timer or registers for the stream's stop notification.
     let (status, payload) = tokio::select! {
         biased;
-        result = handler => match result {
-            Ok(Ok(payload)) => (Status::Ok, payload),
-            Ok(Err(e)) => (Status::error(e.code(), e.message()), Bytes::new()),
-            Err(panic) => {
-                let message = panic_message(&*panic);
-                tracing::error!(conn = conn.id(), "handler panicked: {message}");
-                (Status::error(status::INTERNAL, message), Bytes::new())
-            }
-        },
+        result = handler => handler_status(conn, result),
         () = deadline_passed => {
             cancel.cancel();
             (Status::error(status::DEADLINE_EXCEEDED, "deadline exceeded"), Bytes::new())
@@ -301,10 +337,12 @@ async fn serve_request(
             // The caller gave up (timeout, dropped future) or the connection is gone.
             cancel.cancel();
             let _ = send.reset(StreamCode::CANCELLED.into());
+            finish(&Status::error(status::CANCELLED, "cancelled"), asked);
             return Ok(());
         }
         () = side.shutdown.cancelled() => {
             let _ = send.reset(StreamCode::SHUTTING_DOWN.into());
+            finish(&Status::error(status::SHUTTING_DOWN, "shutting down"), asked);
             return Ok(());
         }
     };
@@ -313,6 +351,7 @@ async fn serve_request(
             .call_handler_errors
             .fetch_add(1, Ordering::Relaxed);
     }
+    finish(&status, asked);
     respond(conn, &mut send, status, ctx.take_reply_metadata(), payload).await;
     if side.shutting_down.load(Ordering::Acquire) {
         // Draining: stay tracked until the client has the reply, so closing the connection
@@ -322,25 +361,16 @@ async fn serve_request(
     Ok(())
 }
 
-/// Whether a call may start under the server's call rates; the refusal message if not.
-fn within_rates(conn: &Connection) -> Result<(), &'static str> {
-    if let Some(limiter) = &conn.inner.call_limiter {
-        if limiter.check().is_err() {
-            return Err("over this connection's call rate");
+/// The status and payload a handler's outcome answers with.
+fn handler_status(conn: &Connection, result: HandlerOutcome) -> (Status, Bytes) {
+    match result {
+        Ok(Ok(payload)) => (Status::Ok, payload),
+        Ok(Err(e)) => (Status::error(e.code(), e.message()), Bytes::new()),
+        Err(panic) => {
+            let message = panic_message(&*panic);
+            tracing::error!(conn = conn.id(), "handler panicked: {message}");
+            (Status::error(status::INTERNAL, message), Bytes::new())
         }
-    }
-    let limiters = conn.inner.side.limiters();
-    if limiters.is_some_and(|l| !l.allow_identity(|| conn.client_id())) {
-        return Err("over this identity's call rate");
-    }
-    Ok(())
-}
-
-/// The status that answers a refusal of the authenticator or the call authorizer.
-fn refusal_status(refusal: crate::Refusal) -> Status {
-    match refusal {
-        crate::Refusal::Unauthenticated(m) => Status::error(status::UNAUTHENTICATED, m),
-        crate::Refusal::PermissionDenied(m) => Status::error(status::PERMISSION_DENIED, m),
     }
 }
 
@@ -355,7 +385,13 @@ type HandlerOutcome = Result<Result<Bytes, ServiceError>, Box<dyn Any + Send>>;
 fn run_handler(method: &Handler, ctx: Context, codec: Codec, payload: Bytes) -> HandlerRun {
     let conn = ctx.conn();
     let shed = method.is_heavy() && conn.io().overloaded_among(&conn.inner.side.io_threads);
-    let call = AssertUnwindSafe(method.call(ctx, codec, payload)).catch_unwind();
+    let trace = ctx.trace();
+    let mut fut = method.call(ctx, codec, payload);
+    if let Some(trace) = trace {
+        // Calls the handler makes continue the caller's trace.
+        fut = Box::pin(crate::trace::scope(trace, fut));
+    }
+    let call = AssertUnwindSafe(fut).catch_unwind();
     if method.is_slow() || shed {
         if let Ok(pool) = handler_pool() {
             return HandlerRun::Pooled(AbortOnDrop(pool.spawn(call)));
@@ -446,11 +482,7 @@ async fn serve_hello(
                 Status::Ok
             }
             Err(refused) => {
-                conn.inner
-                    .side
-                    .counters
-                    .auth_failures
-                    .fetch_add(1, Ordering::Relaxed);
+                conn.inner.side.auth_failure();
                 tracing::info!(conn = conn.id(), remote = %conn.remote_address(), "hello refused: {refused:?}");
                 refused
             }
@@ -498,7 +530,10 @@ async fn verify_hello(
                 status::PERMISSION_DENIED,
                 format!("the credentials are for `{verified}`, not `{claimed}`"),
             )),
-            Err(refusal) => Err(refusal_status(refusal)),
+            Err(refusal) => {
+                let e = ServiceError::from_refusal(refusal);
+                Err(Status::error(e.code(), e.message()))
+            }
         };
     }
     if identity.accept_unverified {
@@ -523,7 +558,7 @@ async fn serve_receipt_push(
     };
     let status = match sink {
         None => Status::error(status::PUSH_REJECTED, "this client receives no pushes"),
-        Some(sink) => match sink.deliver(msg).await {
+        Some(sink) => match deliver(conn, sink, msg).await {
             Delivery::Delivered => Status::Ok,
             Delivery::Dropped => Status::error(status::PUSH_DROPPED, "push channel full"),
             Delivery::Closed => Status::error(status::PUSH_REJECTED, "push channel closed"),
@@ -561,7 +596,7 @@ async fn accept_pushes(conn: &Connection, sink: Option<&PushSender>) {
         }
         match push_message(conn, raw) {
             Ok(msg) => {
-                if sink.deliver(msg).await == Delivery::Dropped {
+                if deliver(conn, sink, msg).await == Delivery::Dropped {
                     tracing::debug!(conn = conn.id(), "push dropped: channel full");
                 }
             }

@@ -9,7 +9,13 @@ use std::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::registry::Registry;
-use crate::{PushSender, TransportOptions, service::Services, stats::Counters, wire::Limits};
+use crate::{
+    PushSender, TransportOptions,
+    intercept::{CallInterceptor, CallInterceptors, Interceptor, Interceptors},
+    service::Services,
+    stats::Counters,
+    wire::Limits,
+};
 
 /// The role a side plays. Matched once where behaviour differs; nothing is inferred from which
 /// options happen to be set.
@@ -58,6 +64,76 @@ pub(crate) struct Side {
     pub(crate) counters: Counters,
     /// A server's I/O threads (empty on clients), to compare their load.
     pub(crate) io_threads: Vec<crate::io::IoRuntime>,
+    /// Around the calls this side serves and its connections (servers).
+    pub(crate) interceptors: Interceptors,
+    /// Around the calls this side makes.
+    pub(crate) call_interceptors: CallInterceptors,
+    /// Whether connection, handshake and push events are recorded as metrics.
+    pub(crate) metrics: bool,
+    /// Whether calls made outside a trace scope start a new trace.
+    pub(crate) trace_calls: bool,
+}
+
+/// What a side runs around its calls and connections.
+#[derive(Clone)]
+pub(crate) struct Hooks {
+    /// The application's interceptors of served calls, in installation order.
+    pub(crate) interceptors: Vec<Arc<dyn Interceptor>>,
+    /// The application's interceptors of calls made.
+    pub(crate) call_interceptors: Vec<Arc<dyn CallInterceptor>>,
+    /// Record metrics (calls, connections, handshakes, pushes).
+    pub(crate) metrics: bool,
+    /// Start a trace for calls made outside any trace scope.
+    pub(crate) trace_calls: bool,
+}
+
+impl std::fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hooks")
+            .field("interceptors", &self.interceptors.len())
+            .field("call_interceptors", &self.call_interceptors.len())
+            .field("metrics", &self.metrics)
+            .field("trace_calls", &self.trace_calls)
+            .finish()
+    }
+}
+
+impl Default for Hooks {
+    fn default() -> Self {
+        Self {
+            interceptors: Vec::new(),
+            call_interceptors: Vec::new(),
+            metrics: true,
+            trace_calls: false,
+        }
+    }
+}
+
+impl Hooks {
+    /// The chains this side runs: metrics first (so it sees refused calls too), then the
+    /// built-in checks the role brings, then the application's.
+    fn chains(self, role: &Role) -> (Interceptors, CallInterceptors) {
+        let mut served: Vec<Arc<dyn Interceptor>> = Vec::new();
+        let mut made: Vec<Arc<dyn CallInterceptor>> = Vec::new();
+        if self.metrics {
+            served.push(Arc::new(crate::metrics::ServerCallMetrics::new()));
+            made.push(Arc::new(crate::metrics::ClientCallMetrics::new()));
+        }
+        if let Role::Server {
+            identity, limiters, ..
+        } = role
+        {
+            if limiters.limits_calls() {
+                served.push(Arc::new(crate::intercept::CallRates));
+            }
+            if let Some(authorizer) = &identity.authorize_calls {
+                served.push(Arc::new(authorizer.clone()));
+            }
+        }
+        served.extend(self.interceptors);
+        made.extend(self.call_interceptors);
+        (Interceptors::new(served), CallInterceptors::new(made))
+    }
 }
 
 /// The timeouts of one side.
@@ -74,7 +150,10 @@ impl Side {
         transport: &TransportOptions,
         timeouts: SideTimeouts,
         io_threads: Vec<crate::io::IoRuntime>,
+        hooks: Hooks,
     ) -> Self {
+        let (metrics, trace_calls) = (hooks.metrics, hooks.trace_calls);
+        let (interceptors, call_interceptors) = hooks.chains(&role);
         Self {
             role,
             services,
@@ -89,6 +168,25 @@ impl Side {
             shutdown: CancellationToken::new(),
             counters: Counters::default(),
             io_threads,
+            interceptors,
+            call_interceptors,
+            metrics,
+            trace_calls,
+        }
+    }
+
+    /// Counts a refused hello or call (unauthenticated or denied).
+    pub(crate) fn auth_failure(&self) {
+        self.counters
+            .auth_failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.record(crate::metrics::Event::AuthFailure);
+    }
+
+    /// Records a metrics event if this side records metrics.
+    pub(crate) fn record(&self, event: crate::metrics::Event) {
+        if self.metrics {
+            crate::metrics::record(event);
         }
     }
 
@@ -96,14 +194,6 @@ impl Side {
     pub(crate) fn limiters(&self) -> Option<&crate::limits::Limiters> {
         match &self.role {
             Role::Server { limiters, .. } => Some(limiters),
-            Role::Client { .. } => None,
-        }
-    }
-
-    /// The server's per-call authorizer, if one is installed.
-    pub(crate) fn call_authorizer(&self) -> Option<&crate::CallAuthorizer> {
-        match &self.role {
-            Role::Server { identity, .. } => identity.authorize_calls.as_ref(),
             Role::Client { .. } => None,
         }
     }

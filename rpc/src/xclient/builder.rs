@@ -10,7 +10,7 @@ use crate::{
     ClientTls, FailMode, Metadata, Placement, PushSender, Result, SelectMode, Service,
     TransportOptions,
     client::{Link, Session, client_endpoint},
-    connection::side::{Role, Side, SideTimeouts},
+    connection::side::{Hooks, Role, Side, SideTimeouts},
     discovery::Discovery,
     failmode::Policy,
     io::IoRuntime,
@@ -105,6 +105,7 @@ pub struct XClientBuilder {
     pub(super) option: ClientOption,
     pub(super) push: Option<PushSender>,
     pub(super) services: Services,
+    pub(super) hooks: Hooks,
 }
 
 /// [`Discovery`] as a trait object, so that `XClient` is one type whatever the backend (the
@@ -172,6 +173,29 @@ impl XClientBuilder {
         self
     }
 
+    /// Adds an interceptor around every call attempt this XClient makes (see
+    /// [`CallInterceptor`](crate::CallInterceptor)); a retried call passes it once per attempt.
+    #[must_use]
+    pub fn call_interceptor(mut self, interceptor: impl crate::CallInterceptor) -> Self {
+        self.hooks.call_interceptors.push(Arc::new(interceptor));
+        self
+    }
+
+    /// Whether this XClient records [metrics](crate::metrics) (default on).
+    #[must_use]
+    pub fn metrics(mut self, enabled: bool) -> Self {
+        self.hooks.metrics = enabled;
+        self
+    }
+
+    /// Starts a new W3C trace for each call made outside a trace scope (see
+    /// [`ClientBuilder::trace_calls`](crate::ClientBuilder::trace_calls)).
+    #[must_use]
+    pub fn trace_calls(mut self, enabled: bool) -> Self {
+        self.hooks.trace_calls = enabled;
+        self
+    }
+
     /// Registers a service every server can call on this client (reverse calls).
     #[must_use]
     pub fn register(self, service_path: impl Into<String>, service: Service) -> Self {
@@ -211,6 +235,7 @@ impl XClientBuilder {
                 call: option.call_timeout,
             },
             Vec::new(),
+            self.hooks,
         ));
         let session = Session {
             client_id: option.client_id.clone(),

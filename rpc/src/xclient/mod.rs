@@ -241,6 +241,7 @@ impl XClient {
             option: ClientOption::default(),
             push: None,
             services: Services::default(),
+            hooks: crate::connection::side::Hooks::default(),
         }
     }
 

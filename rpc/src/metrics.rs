@@ -1,0 +1,340 @@
+//! Metrics through the [`metrics`](https://docs.rs/metrics) facade.
+//!
+//! quicx records these series into whatever recorder the application installed (none: they cost
+//! a few nanoseconds and go nowhere). **Install the recorder before building servers and
+//! clients**: each caches its series handles when it first uses them.
+//!
+//! | series | kind | labels |
+//! |---|---|---|
+//! | `quicx_server_calls_total` | counter | `service`, `method`, `status` |
+//! | `quicx_server_call_duration_seconds` | histogram | `service`, `method` |
+//! | `quicx_server_connections` | gauge | |
+//! | `quicx_handshakes_total` | counter | `result` = `ok`, `failed`, `refused` |
+//! | `quicx_auth_failures_total` | counter | |
+//! | `quicx_pushes_total` | counter | `result` = `ok`, `error` |
+//! | `quicx_push_dropped_total` | counter | (pushes a client's full channel dropped, as receipts report) |
+//! | `quicx_client_calls_total` | counter | `service`, `method`, `status` |
+//! | `quicx_client_call_duration_seconds` | histogram | `service`, `method` |
+//! | `quicx_client_connections` | gauge | |
+//! | `quicx_client_handshakes_total` | counter | `result` = `ok`, `failed` |
+//! | `quicx_client_pushes_received_total` | counter | |
+//! | `quicx_client_push_dropped_total` | counter | (dropped by this client's full push channel) |
+//!
+//! `status` is [`status::name`](crate::status::name) of the reply's code (`ok`,
+//! `unknown_method`, `rate_limited`, `application`, ...) on servers, and
+//! [`Error::kind`](crate::Error::kind) (or `ok`) on clients. Only registered methods get series
+//! (an unknown method name from a peer cannot grow them). Turn them off with
+//! [`ServerBuilder::metrics`](crate::ServerBuilder::metrics) /
+//! [`ClientBuilder::metrics`](crate::ClientBuilder::metrics).
+//!
+//! With the `prometheus` feature, [`install_prometheus`] installs
+//! `metrics-exporter-prometheus` and serves the text format on `http://ADDR/metrics`.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, OnceLock, RwLock},
+    time::Duration,
+};
+
+use metrics::{Counter, Histogram};
+
+use crate::{CallOutcome, Context, Error, Interceptor, intercept::CallInterceptor};
+
+/// Names of the series (see the module docs).
+pub mod names {
+    /// Calls served, by service, method and status.
+    pub const SERVER_CALLS: &str = "quicx_server_calls_total";
+    /// Time to serve a call, by service and method.
+    pub const SERVER_CALL_DURATION: &str = "quicx_server_call_duration_seconds";
+    /// Connections open on servers.
+    pub const SERVER_CONNECTIONS: &str = "quicx_server_connections";
+    /// Server handshakes by result.
+    pub const HANDSHAKES: &str = "quicx_handshakes_total";
+    /// Refused hellos and calls refused as unauthenticated or denied.
+    pub const AUTH_FAILURES: &str = "quicx_auth_failures_total";
+    /// Pushes sent, by result.
+    pub const PUSHES: &str = "quicx_pushes_total";
+    /// Pushes with receipt that the client's full channel dropped.
+    pub const PUSH_DROPPED: &str = "quicx_push_dropped_total";
+    /// Calls made by clients, by service, method and status.
+    pub const CLIENT_CALLS: &str = "quicx_client_calls_total";
+    /// Time of a call made by a client, by service and method.
+    pub const CLIENT_CALL_DURATION: &str = "quicx_client_call_duration_seconds";
+    /// Connections open on clients.
+    pub const CLIENT_CONNECTIONS: &str = "quicx_client_connections";
+    /// Client handshakes by result.
+    pub const CLIENT_HANDSHAKES: &str = "quicx_client_handshakes_total";
+    /// Pushes a client received.
+    pub const CLIENT_PUSHES_RECEIVED: &str = "quicx_client_pushes_received_total";
+    /// Pushes a client's full channel dropped.
+    pub const CLIENT_PUSH_DROPPED: &str = "quicx_client_push_dropped_total";
+}
+
+/// One series family per (service, method): a counter per status, one histogram.
+struct MethodSeries {
+    service: String,
+    method: String,
+    calls_name: &'static str,
+    /// Status names are a small fixed set, so the counters are created on first use.
+    calls: RwLock<HashMap<&'static str, Counter>>,
+    duration: Histogram,
+}
+
+impl MethodSeries {
+    fn new(names: (&'static str, &'static str), service: &str, method: &str) -> Self {
+        let (calls_name, duration_name) = names;
+        Self {
+            service: service.to_owned(),
+            method: method.to_owned(),
+            calls_name,
+            calls: RwLock::default(),
+            duration: metrics::histogram!(
+                duration_name,
+                "service" => service.to_owned(),
+                "method" => method.to_owned()
+            ),
+        }
+    }
+
+    fn record(&self, status: &'static str, elapsed: Duration) {
+        self.duration.record(elapsed.as_secs_f64());
+        if let Some(c) = read(&self.calls).get(status) {
+            c.increment(1);
+            return;
+        }
+        let counter = metrics::counter!(
+            self.calls_name,
+            "service" => self.service.clone(),
+            "method" => self.method.clone(),
+            "status" => status
+        );
+        counter.increment(1);
+        write(&self.calls).insert(status, counter);
+    }
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The series of every (service, method) seen, created on first use.
+struct SeriesCache {
+    names: (&'static str, &'static str),
+    by_service: RwLock<HashMap<String, HashMap<String, Arc<MethodSeries>>>>,
+}
+
+impl SeriesCache {
+    fn new(names: (&'static str, &'static str)) -> Self {
+        Self {
+            names,
+            by_service: RwLock::default(),
+        }
+    }
+
+    /// Records one call in the series of (service, method), creating them on first use.
+    fn record(&self, service: &str, method: &str, status: &'static str, elapsed: Duration) {
+        if let Some(s) = read(&self.by_service)
+            .get(service)
+            .and_then(|m| m.get(method))
+        {
+            return s.record(status, elapsed);
+        }
+        let series = write(&self.by_service)
+            .entry(service.to_owned())
+            .or_default()
+            .entry(method.to_owned())
+            .or_insert_with(|| Arc::new(MethodSeries::new(self.names, service, method)))
+            .clone();
+        series.record(status, elapsed);
+    }
+}
+
+/// Calls served by a side: `quicx_server_calls_total` and its duration histogram.
+pub(crate) struct ServerCallMetrics(SeriesCache);
+
+impl ServerCallMetrics {
+    pub(crate) fn new() -> Self {
+        describe();
+        Self(SeriesCache::new((
+            names::SERVER_CALLS,
+            names::SERVER_CALL_DURATION,
+        )))
+    }
+}
+
+impl Interceptor for ServerCallMetrics {
+    fn after_call(&self, ctx: &Context, outcome: &CallOutcome) {
+        self.0.record(
+            ctx.service_path(),
+            ctx.service_method(),
+            crate::status::name(outcome.status),
+            outcome.elapsed,
+        );
+    }
+
+    fn on_connect(&self, _conn: &crate::Connection) -> Result<(), crate::Refusal> {
+        metrics::gauge!(names::SERVER_CONNECTIONS).increment(1.0);
+        Ok(())
+    }
+
+    fn on_disconnect(&self, _conn: &crate::Connection) {
+        metrics::gauge!(names::SERVER_CONNECTIONS).decrement(1.0);
+    }
+}
+
+/// Calls made by a side: `quicx_client_calls_total` and its duration histogram.
+pub(crate) struct ClientCallMetrics(SeriesCache);
+
+impl ClientCallMetrics {
+    pub(crate) fn new() -> Self {
+        describe();
+        Self(SeriesCache::new((
+            names::CLIENT_CALLS,
+            names::CLIENT_CALL_DURATION,
+        )))
+    }
+}
+
+impl CallInterceptor for ClientCallMetrics {
+    fn after_call(
+        &self,
+        service_path: &str,
+        service_method: &str,
+        result: Result<(), &Error>,
+        elapsed: Duration,
+    ) {
+        let status = result.map_or_else(Error::kind, |()| "ok");
+        self.0.record(service_path, service_method, status, elapsed);
+    }
+}
+
+/// Events counted outside calls (connections, handshakes, pushes), when a side has metrics on.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Event {
+    Handshake(&'static str),
+    ClientHandshake(&'static str),
+    ClientConnected,
+    ClientDisconnected,
+    AuthFailure,
+    Push { ok: bool },
+    PushDropped,
+    ClientPushReceived,
+    ClientPushDropped,
+}
+
+pub(crate) fn record(event: Event) {
+    match event {
+        Event::Handshake(result) => {
+            metrics::counter!(names::HANDSHAKES, "result" => result).increment(1)
+        }
+        Event::ClientHandshake(result) => {
+            metrics::counter!(names::CLIENT_HANDSHAKES, "result" => result).increment(1);
+        }
+        Event::ClientConnected => metrics::gauge!(names::CLIENT_CONNECTIONS).increment(1.0),
+        Event::ClientDisconnected => metrics::gauge!(names::CLIENT_CONNECTIONS).decrement(1.0),
+        Event::AuthFailure => metrics::counter!(names::AUTH_FAILURES).increment(1),
+        Event::Push { ok } => {
+            let result = if ok { "ok" } else { "error" };
+            metrics::counter!(names::PUSHES, "result" => result).increment(1);
+        }
+        Event::PushDropped => metrics::counter!(names::PUSH_DROPPED).increment(1),
+        Event::ClientPushReceived => metrics::counter!(names::CLIENT_PUSHES_RECEIVED).increment(1),
+        Event::ClientPushDropped => metrics::counter!(names::CLIENT_PUSH_DROPPED).increment(1),
+    }
+}
+
+/// Describes every series once (units and help text) to the installed recorder.
+fn describe() {
+    static DESCRIBED: OnceLock<()> = OnceLock::new();
+    DESCRIBED.get_or_init(|| {
+        use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+        describe_counter!(
+            names::SERVER_CALLS,
+            "Calls served, by service, method and status"
+        );
+        describe_histogram!(
+            names::SERVER_CALL_DURATION,
+            Unit::Seconds,
+            "Time from reading a request to its reply"
+        );
+        describe_gauge!(names::SERVER_CONNECTIONS, "Connections open on servers");
+        describe_counter!(names::HANDSHAKES, "Server handshakes by result");
+        describe_counter!(
+            names::AUTH_FAILURES,
+            "Hellos and calls refused as unauthenticated or denied"
+        );
+        describe_counter!(names::PUSHES, "Pushes sent by result");
+        describe_counter!(
+            names::PUSH_DROPPED,
+            "Pushes with receipt dropped by the client's full channel"
+        );
+        describe_counter!(
+            names::CLIENT_CALLS,
+            "Calls made, by service, method and status"
+        );
+        describe_histogram!(
+            names::CLIENT_CALL_DURATION,
+            Unit::Seconds,
+            "Time of a call made, from encoding to reply"
+        );
+        describe_gauge!(names::CLIENT_CONNECTIONS, "Connections open on clients");
+        describe_counter!(names::CLIENT_HANDSHAKES, "Client handshakes by result");
+        describe_counter!(names::CLIENT_PUSHES_RECEIVED, "Pushes received by clients");
+        describe_counter!(
+            names::CLIENT_PUSH_DROPPED,
+            "Pushes dropped by a client's full push channel"
+        );
+    });
+}
+
+/// Installs the Prometheus exporter as the global `metrics` recorder and serves the text format
+/// on `http://addr/metrics` (any path answers). Call it before building servers and clients.
+///
+/// Duration histograms get buckets from 50 µs to 10 s. Returns the handle (its `render()` gives
+/// the same text) once the listener is bound; an error if a recorder is already installed or the
+/// address cannot be bound. The listener runs on the current Tokio runtime (or a thread of its
+/// own outside one) until the process exits.
+#[cfg(feature = "prometheus")]
+pub fn install_prometheus(
+    addr: std::net::SocketAddr,
+) -> crate::Result<metrics_exporter_prometheus::PrometheusHandle> {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    const BUCKETS: &[f64] = &[
+        0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+        0.5, 1.0, 2.5, 5.0, 10.0,
+    ];
+    let config = |e: metrics_exporter_prometheus::BuildError| Error::Config(e.to_string());
+    let builder = PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), BUCKETS)
+        .map_err(config)?;
+    // `build` binds the listener and spawns the recorder's upkeep task on the current runtime.
+    let install = move || {
+        let (recorder, exporter) = builder.build().map_err(config)?;
+        let handle = recorder.handle();
+        metrics::set_global_recorder(recorder).map_err(|e| Error::Config(e.to_string()))?;
+        Ok::<_, Error>((handle, exporter))
+    };
+    let handle = match tokio::runtime::Handle::try_current() {
+        Ok(rt) => {
+            let (handle, exporter) = install()?;
+            rt.spawn(exporter);
+            handle
+        }
+        Err(_) => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let (handle, exporter) = runtime.block_on(async { install() })?;
+            std::thread::Builder::new()
+                .name("quicx-prometheus".into())
+                .spawn(move || runtime.block_on(exporter))?;
+            handle
+        }
+    };
+    Ok(handle)
+}

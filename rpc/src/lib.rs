@@ -162,6 +162,8 @@
 //! ([`ServerTls::from_pem_files`], [`ClientTls::trust_pem_file`]). Client certificates (mTLS)
 //! are verified against a CA and the certificate's common name becomes the client identity. The
 //! only way to skip verification is [`ClientTls::insecure_skip_server_verification`].
+//! [`Server::enable_admin`] serves the admin service (connected clients, pushes, counters; what
+//! the `quicx` command-line tool calls) to the identities it names, and to no one else.
 //!
 //! ## Non-goals
 //!
@@ -199,6 +201,7 @@
 #![warn(missing_docs)]
 #![deny(rustdoc::broken_intra_doc_links)]
 
+mod admin;
 mod auth;
 mod client;
 mod codec;
@@ -224,6 +227,7 @@ mod wire;
 mod xclient;
 
 pub use crate::{
+    admin::ADMIN_SERVICE,
     auth::{Authenticator, CallAuthorizer, Hello, Refusal, TOKEN_METADATA_KEY},
     client::{Client, ClientBuilder, ClientEndpoint},
     codec::Codec,

@@ -702,3 +702,23 @@ impl Server {
         drained
     }
 }
+
+/// A handle that does not keep the server alive. Services registered on the server that need
+/// the server itself (the admin service) hold one, so server → services → handler → server is
+/// no reference cycle.
+#[derive(Clone)]
+pub(crate) struct WeakServer(std::sync::Weak<ServerInner>);
+
+impl WeakServer {
+    /// The server, unless every handle to it is gone.
+    pub(crate) fn upgrade(&self) -> Option<Server> {
+        self.0.upgrade().map(|inner| Server { inner })
+    }
+}
+
+impl Server {
+    /// A handle that does not keep this server alive.
+    pub(crate) fn downgrade(&self) -> WeakServer {
+        WeakServer(Arc::downgrade(&self.inner))
+    }
+}

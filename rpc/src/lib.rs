@@ -246,7 +246,7 @@ pub use crate::{
         Candidate, ConsistentHash, LatencyBased, RandomSelect, RoundRobin, SelectInfo, SelectMode,
         Selector, WeightedRoundRobin,
     },
-    server::{PushResult, Server, ServerBuilder},
+    server::{PushResult, Server, ServerBuilder, WeakServer},
     service::Service,
     stats::Stats,
     tls::{

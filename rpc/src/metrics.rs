@@ -27,8 +27,8 @@
 //! [`ServerBuilder::metrics`](crate::ServerBuilder::metrics) /
 //! [`ClientBuilder::metrics`](crate::ClientBuilder::metrics).
 //!
-//! With the `prometheus` feature, [`install_prometheus`] installs
-//! `metrics-exporter-prometheus` and serves the text format on `http://ADDR/metrics`.
+//! With the `prometheus` feature, `install_prometheus` installs `metrics-exporter-prometheus`
+//! and serves the text format on `http://ADDR/metrics`.
 
 use std::{
     collections::HashMap,

@@ -703,22 +703,28 @@ impl Server {
     }
 }
 
-/// A handle that does not keep the server alive. Services registered on the server that need
-/// the server itself (the admin service) hold one, so server → services → handler → server is
-/// no reference cycle.
+/// A handle that does not keep the server alive ([`Server::downgrade`]). Services registered on
+/// the server that need the server itself (the admin service, a cluster's routing service) hold
+/// one, so server → services → handler → server is no reference cycle.
 #[derive(Clone)]
-pub(crate) struct WeakServer(std::sync::Weak<ServerInner>);
+pub struct WeakServer(std::sync::Weak<ServerInner>);
+
+impl fmt::Debug for WeakServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("WeakServer")
+    }
+}
 
 impl WeakServer {
-    /// The server, unless every handle to it is gone.
-    pub(crate) fn upgrade(&self) -> Option<Server> {
+    /// The server, unless every [`Server`] handle to it is gone (then `None`).
+    pub fn upgrade(&self) -> Option<Server> {
         self.0.upgrade().map(|inner| Server { inner })
     }
 }
 
 impl Server {
     /// A handle that does not keep this server alive.
-    pub(crate) fn downgrade(&self) -> WeakServer {
+    pub fn downgrade(&self) -> WeakServer {
         WeakServer(Arc::downgrade(&self.inner))
     }
 }

@@ -293,6 +293,20 @@ impl Default for ClientTls {
     }
 }
 
+impl Clone for ClientTls {
+    fn clone(&self) -> Self {
+        Self {
+            roots: self.roots.clone(),
+            client_cert: self
+                .client_cert
+                .as_ref()
+                .map(|(chain, key)| (chain.clone(), key.clone_key())),
+            skip_verification: self.skip_verification,
+            alpn: self.alpn.clone(),
+        }
+    }
+}
+
 impl ClientTls {
     /// Trusts the Mozilla root set.
     pub fn new() -> Self {

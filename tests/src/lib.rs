@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod child;
+pub mod etcd;
 pub mod relay;
 
 use std::{

@@ -79,7 +79,11 @@ impl CallInterceptor for AddTenant {
 fn echo_tenant() -> Service {
     Service::new()
         .method("Tenant", |ctx: Context, (): ()| async move {
-            Ok(ctx.metadata().get("x-tenant").unwrap_or_default().to_owned())
+            Ok(ctx
+                .metadata()
+                .get("x-tenant")
+                .unwrap_or_default()
+                .to_owned())
         })
         .method("Fail", |_ctx: Context, (): ()| async move {
             Err::<(), _>(ServiceError::new(1002, "no"))
@@ -100,7 +104,10 @@ async fn server_and_client_interceptors_see_refuse_and_tag_calls() {
 
     // Without the client interceptor the server's interceptor refuses, with its code.
     let bare = client_builder(&dev).connect(&addr).await.unwrap();
-    let err = bare.call::<_, String>("T", "Tenant", &()).await.unwrap_err();
+    let err = bare
+        .call::<_, String>("T", "Tenant", &())
+        .await
+        .unwrap_err();
     assert!(
         matches!(&err, Error::Remote { code: 1001, message } if message == "x-tenant missing"),
         "{err:?}"
@@ -173,7 +180,10 @@ async fn an_interceptor_can_refuse_a_connection() {
         .connect(&addr)
         .await
         .unwrap();
-    let err = client.call::<_, String>("T", "Tenant", &()).await.unwrap_err();
+    let err = client
+        .call::<_, String>("T", "Tenant", &())
+        .await
+        .unwrap_err();
     assert!(err.is_transport(), "{err:?}");
     assert!(server.connections().is_empty());
 }
@@ -243,17 +253,22 @@ async fn a_trace_joins_a_call_and_the_reverse_call_its_handler_makes() {
     assert_eq!(sent.trace_id(), root.trace_id(), "the call joins the trace");
     assert_ne!(sent.span_id(), root.span_id(), "as a child span");
     assert_eq!(server_span.trace_id(), root.trace_id());
-    assert_ne!(server_span.span_id(), sent.span_id(), "the server has its own span");
+    assert_ne!(
+        server_span.span_id(),
+        sent.span_id(),
+        "the server has its own span"
+    );
     let (device_span, sent_back) = seen.reverse.expect("reverse call seen");
     let sent_back = TraceContext::parse(&sent_back).unwrap();
-    assert_eq!(sent_back.trace_id(), root.trace_id(), "the reverse call too");
+    assert_eq!(
+        sent_back.trace_id(),
+        root.trace_id(),
+        "the reverse call too"
+    );
     assert_eq!(device_span.trace_id(), root.trace_id());
 
     // Outside any scope a call carries no trace unless the client starts one per call.
-    let echo = Server::builder()
-        .dev_certificate(&dev)
-        .build()
-        .unwrap();
+    let echo = Server::builder().dev_certificate(&dev).build().unwrap();
     echo.register(
         "Echo",
         Service::new().method("Parent", |ctx: Context, (): ()| async move {

@@ -74,10 +74,16 @@ async fn the_metrics_endpoint_serves_the_named_series_with_matching_values() {
         assert_eq!(c, i * 2);
     }
     for _ in 0..2 {
-        let err = device.call::<_, ()>("Arith", "Fail", &()).await.unwrap_err();
+        let err = device
+            .call::<_, ()>("Arith", "Fail", &())
+            .await
+            .unwrap_err();
         assert!(matches!(err, Error::Remote { code: 1000, .. }));
     }
-    let err = device.call::<_, ()>("Arith", "Nope", &()).await.unwrap_err();
+    let err = device
+        .call::<_, ()>("Arith", "Nope", &())
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::UnknownMethod { .. }));
     for _ in 0..3 {
         server

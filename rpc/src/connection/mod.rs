@@ -206,6 +206,14 @@ impl Connection {
         self.close_with(CloseCode::NORMAL, b"closed");
     }
 
+    /// Closes the connection now with an application close `code` ([`CloseCode`]) and a reason
+    /// the peer sees. A client closed with [`CloseCode::TAKEN_OVER`] does not reconnect (its
+    /// identity is held elsewhere); with any other code it reconnects as after a loss. Calls in
+    /// flight on either side fail with [`Error::ConnectionLost`](crate::Error::ConnectionLost).
+    pub fn close_with_code(&self, code: CloseCode, reason: &str) {
+        self.close_with(code, reason.as_bytes());
+    }
+
     pub(crate) fn close_with(&self, code: CloseCode, reason: &[u8]) {
         self.inner.quic.close(code.into(), reason);
     }

@@ -1,0 +1,434 @@
+//! The etcd side: connecting, a lease that holds a node's keys (kept alive, re-granted and the
+//! keys put again after a loss), and following a prefix with a watch.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, PutOptions,
+    Txn, TxnOp, WatchOptions,
+};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::ClusterError;
+
+/// Where etcd is and how a node uses it.
+///
+/// ```
+/// use std::time::Duration;
+/// let etcd = quicx_cluster::EtcdOptions::new(["http://127.0.0.1:2379"])
+///     .prefix("/fleet")
+///     .lease_ttl(Duration::from_secs(3));
+/// # let _ = etcd;
+/// ```
+#[derive(Debug, Clone)]
+pub struct EtcdOptions {
+    pub(crate) endpoints: Vec<String>,
+    pub(crate) prefix: String,
+    pub(crate) lease_ttl: Duration,
+    pub(crate) request_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
+}
+
+impl EtcdOptions {
+    /// etcd's client URLs (`http://host:2379`). Defaults: prefix `/quicx`, lease TTL 3 s,
+    /// requests time out after 2 s, connects after 1 s.
+    pub fn new<S: Into<String>>(endpoints: impl IntoIterator<Item = S>) -> Self {
+        Self {
+            endpoints: endpoints.into_iter().map(Into::into).collect(),
+            prefix: "/quicx".into(),
+            lease_ttl: Duration::from_secs(3),
+            request_timeout: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(1),
+        }
+    }
+
+    /// The key prefix every quicx key lives under (default `/quicx`), so one etcd can hold
+    /// several clusters.
+    #[must_use]
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into().trim_end_matches('/').to_owned();
+        self
+    }
+
+    /// The TTL of a node's lease (default 3 s, at least 1 s): how long after a node dies (or
+    /// loses etcd) its services and devices stay listed. The lease is renewed every third of it.
+    #[must_use]
+    pub fn lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl = ttl.max(Duration::from_secs(1));
+        self
+    }
+
+    /// How long one etcd request may take (default 2 s). A hung etcd then fails requests
+    /// instead of holding them.
+    #[must_use]
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    pub(crate) fn lease_secs(&self) -> i64 {
+        self.lease_ttl.as_secs().max(1) as i64
+    }
+
+    /// Connects (lazily: etcd is dialled on the first request) with timeouts and HTTP/2
+    /// keep-alives, so a dead or hung etcd fails requests and breaks streams within seconds.
+    pub(crate) async fn connect(&self) -> Result<Client, ClusterError> {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(self.connect_timeout)
+            .with_timeout(self.request_timeout)
+            .with_keep_alive(Duration::from_secs(1), Duration::from_secs(1))
+            .with_keep_alive_while_idle(true);
+        Client::connect(&self.endpoints, Some(options))
+            .await
+            .map_err(ClusterError::etcd)
+    }
+}
+
+/// How long to wait before retrying etcd after a failure: 100 ms doubling to 1 s.
+#[derive(Debug)]
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Self {
+        Self(Duration::from_millis(100))
+    }
+
+    async fn wait(&mut self, stop: &CancellationToken) -> bool {
+        let wait = self.0;
+        self.0 = (self.0 * 2).min(Duration::from_secs(1));
+        tokio::select! {
+            () = stop.cancelled() => false,
+            () = tokio::time::sleep(wait) => true,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.0 = Duration::from_millis(100);
+    }
+}
+
+/// A node's keys under one lease: what it wants in etcd (`desired`) is put again whenever the
+/// lease is re-granted or the connection to etcd comes back, so an etcd outage or a lost lease
+/// heals by itself.
+pub(crate) struct Session {
+    client: Client,
+    options: EtcdOptions,
+    desired: Mutex<BTreeMap<String, String>>,
+    /// The lease the keys are under now; `None` while there is none.
+    lease: watch::Sender<Option<i64>>,
+    stop: CancellationToken,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("lease", &*self.lease.borrow())
+            .field("keys", &self.desired().len())
+            .finish()
+    }
+}
+
+impl Session {
+    pub(crate) fn new(client: Client, options: EtcdOptions) -> Arc<Self> {
+        Arc::new(Self {
+            client,
+            options,
+            desired: Mutex::default(),
+            lease: watch::Sender::new(None),
+            stop: CancellationToken::new(),
+        })
+    }
+
+    fn desired(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, String>> {
+        self.desired.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until the keys are in etcd under a lease, up to `timeout`.
+    pub(crate) async fn registered(&self, timeout: Duration) -> bool {
+        let mut lease = self.lease.subscribe();
+        tokio::time::timeout(timeout, lease.wait_for(Option::is_some))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Wants `key` = `value` in etcd under the lease. Returns the revision of the put, or
+    /// `None` if etcd could not take it now (it is put again when etcd is back).
+    pub(crate) async fn put(&self, key: String, value: String) -> Option<i64> {
+        self.desired().insert(key.clone(), value.clone());
+        let lease = (*self.lease.borrow())?;
+        let mut client = self.client.clone();
+        match client
+            .put(key, value, Some(PutOptions::new().with_lease(lease)))
+            .await
+        {
+            Ok(r) => r.header().map(|h| h.revision()),
+            Err(e) => {
+                tracing::debug!("etcd put failed (put again when etcd is back): {e}");
+                None
+            }
+        }
+    }
+
+    /// Stops wanting `key`; deletes it from etcd only while it still holds `value` (another
+    /// node may have written it since).
+    pub(crate) async fn remove_if(&self, key: &str, value: &str) {
+        {
+            let mut desired = self.desired();
+            if desired.get(key).is_some_and(|v| v == value) {
+                desired.remove(key);
+            }
+        }
+        let txn = Txn::new()
+            .when([Compare::value(key, CompareOp::Equal, value)])
+            .and_then([TxnOp::delete(key, None)]);
+        if let Err(e) = self.client.clone().txn(txn).await {
+            tracing::debug!("etcd delete of {key} failed: {e}");
+        }
+    }
+
+    /// Stops wanting `key` without touching etcd (its lease still holds it until re-granted).
+    pub(crate) fn forget(&self, key: &str) {
+        self.desired().remove(key);
+    }
+
+    /// Revokes the lease: every key of this node is gone from etcd at once.
+    pub(crate) async fn revoke(&self) {
+        self.stop.cancel();
+        if let Some(lease) = self.lease.send_replace(None) {
+            if let Err(e) = self.client.clone().lease_revoke(lease).await {
+                tracing::warn!("revoking the node's etcd lease failed (it expires by itself): {e}");
+            }
+        }
+    }
+
+    async fn put_all(&self, client: &mut Client, lease: i64) -> Result<(), etcd_client::Error> {
+        let desired: Vec<(String, String)> = self
+            .desired()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        // One transaction per batch: etcd 3.4 takes up to 128 operations in one.
+        for batch in desired.chunks(128) {
+            let ops: Vec<TxnOp> = batch
+                .iter()
+                .map(|(k, v)| {
+                    TxnOp::put(
+                        k.as_str(),
+                        v.as_str(),
+                        Some(PutOptions::new().with_lease(lease)),
+                    )
+                })
+                .collect();
+            client.txn(Txn::new().and_then(ops)).await?;
+        }
+        Ok(())
+    }
+
+    /// Keeps the lease alive until stopped: grants one, puts every desired key under it, renews
+    /// it every third of its TTL; re-grants and puts everything again when it is lost, and puts
+    /// everything again when etcd comes back. Never gives up; logs what fails.
+    pub(crate) async fn run(self: Arc<Self>) {
+        let mut client = self.client.clone();
+        let mut backoff = Backoff::new();
+        let tick = self.options.lease_ttl / 3;
+        'grant: while !self.stop.is_cancelled() {
+            let lease = match client.lease_grant(self.options.lease_secs(), None).await {
+                Ok(r) => r.id(),
+                Err(e) => {
+                    tracing::warn!("etcd lease grant failed: {e}");
+                    if !backoff.wait(&self.stop).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let mut heal = true;
+            loop {
+                if heal {
+                    if let Err(e) = self.put_all(&mut client, lease).await {
+                        tracing::warn!("etcd registration failed: {e}");
+                        if !backoff.wait(&self.stop).await {
+                            return;
+                        }
+                        continue;
+                    }
+                    self.lease.send_replace(Some(lease));
+                }
+                let (mut keeper, mut stream) = match client.lease_keep_alive(lease).await {
+                    Ok(k) => k,
+                    Err(e) => {
+                        if is_lease_lost(&e) {
+                            tracing::warn!("the node's etcd lease was lost: granting a new one");
+                            self.lease.send_replace(None);
+                            continue 'grant;
+                        }
+                        tracing::warn!("etcd unreachable: {e}");
+                        if !backoff.wait(&self.stop).await {
+                            return;
+                        }
+                        // Keys put while etcd was away are missing: put everything again.
+                        heal = true;
+                        continue;
+                    }
+                };
+                backoff.reset();
+                loop {
+                    tokio::select! {
+                        () = self.stop.cancelled() => return,
+                        () = tokio::time::sleep(tick) => {}
+                    }
+                    if keeper.keep_alive().await.is_err() {
+                        break;
+                    }
+                    match tokio::time::timeout(self.options.lease_ttl, stream.message()).await {
+                        Ok(Ok(Some(r))) if r.ttl() > 0 => {}
+                        Ok(Ok(Some(_))) => {
+                            tracing::warn!("the node's etcd lease expired: granting a new one");
+                            self.lease.send_replace(None);
+                            continue 'grant;
+                        }
+                        _ => break,
+                    }
+                }
+                heal = true;
+            }
+        }
+    }
+}
+
+fn is_lease_lost(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::LeaseKeepAliveError(m) if m.contains("not found"))
+        || matches!(e, etcd_client::Error::GRpcStatus(s) if s.message().contains("lease not found"))
+}
+
+/// A change under a followed prefix.
+#[derive(Debug)]
+pub(crate) enum Change {
+    /// Everything under the prefix now (after a (re)sync).
+    Reset(Vec<(String, String)>),
+    /// A key was written.
+    Put { key: String, value: String },
+    /// A key was deleted; its last value if etcd still had it.
+    Delete { key: String, prev: Option<String> },
+}
+
+/// Follows every key under `prefix` until `stop`: a snapshot, then the changes, in revision
+/// order. While etcd is unreachable nothing is reported (the last known state stands); when it
+/// comes back the watch resumes from the last revision seen (or resyncs with a new snapshot if
+/// that revision was compacted). `first` is told once the first snapshot was applied.
+pub(crate) async fn follow(
+    client: Client,
+    prefix: String,
+    stop: CancellationToken,
+    mut apply: impl FnMut(Change) + Send,
+    first: Option<tokio::sync::oneshot::Sender<()>>,
+) {
+    let mut client = client;
+    let mut first = first;
+    let mut backoff = Backoff::new();
+    let mut next: Option<i64> = None;
+    while !stop.is_cancelled() {
+        let start = match next {
+            Some(rev) => rev,
+            None => match client
+                .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+                .await
+            {
+                Ok(r) => {
+                    let rev = r.header().map_or(0, |h| h.revision());
+                    let kvs = r
+                        .kvs()
+                        .iter()
+                        .filter_map(|kv| {
+                            Some((
+                                kv.key_str().ok()?.to_owned(),
+                                kv.value_str().ok()?.to_owned(),
+                            ))
+                        })
+                        .collect();
+                    apply(Change::Reset(kvs));
+                    if let Some(first) = first.take() {
+                        let _ = first.send(());
+                    }
+                    rev + 1
+                }
+                Err(e) => {
+                    tracing::debug!("etcd get {prefix} failed: {e}");
+                    if !backoff.wait(&stop).await {
+                        return;
+                    }
+                    continue;
+                }
+            },
+        };
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_prev_key()
+            .with_start_revision(start);
+        let mut stream = match client.watch(prefix.as_str(), Some(options)).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!("etcd watch {prefix} failed: {e}");
+                next = Some(start);
+                if !backoff.wait(&stop).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        backoff.reset();
+        next = Some(start);
+        loop {
+            let message = tokio::select! {
+                () = stop.cancelled() => return,
+                m = stream.message() => m,
+            };
+            match message {
+                Ok(Some(r)) => {
+                    if r.canceled() {
+                        // Compacted past what we saw: start over with a snapshot.
+                        next = None;
+                        break;
+                    }
+                    for event in r.events() {
+                        let Some(kv) = event.kv() else { continue };
+                        next = Some(kv.mod_revision() + 1);
+                        let Ok(key) = kv.key_str() else { continue };
+                        let key = key.to_owned();
+                        match event.event_type() {
+                            EventType::Put => {
+                                let value = kv.value_str().unwrap_or_default().to_owned();
+                                apply(Change::Put { key, value });
+                            }
+                            EventType::Delete => {
+                                let prev = event
+                                    .prev_kv()
+                                    .and_then(|p| p.value_str().ok())
+                                    .map(str::to_owned);
+                                apply(Change::Delete { key, prev });
+                            }
+                        }
+                    }
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        if !backoff.wait(&stop).await {
+            return;
+        }
+    }
+}
+
+/// Deletes every key under `prefix` (tests and tools).
+pub(crate) async fn delete_prefix(client: &mut Client, prefix: &str) -> Result<(), ClusterError> {
+    client
+        .delete(prefix, Some(DeleteOptions::new().with_prefix()))
+        .await
+        .map(drop)
+        .map_err(ClusterError::etcd)
+}

@@ -1,0 +1,884 @@
+//! A cluster node: one quicx server registered in etcd, recording which devices it holds and
+//! reaching devices held by other nodes.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+    sync::{Arc, Mutex, RwLock},
+    time::Duration,
+};
+
+use futures_util::future::join_all;
+use quicx::{
+    Bytes, CallOptions, Client, ClientTls, CloseCode, Codec, Metadata, Server, ServerEvent,
+};
+use serde::{Serialize, de::DeserializeOwned};
+use tokio::sync::broadcast;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use crate::{
+    ClusterError, ClusterEvent, EtcdOptions,
+    etcd::{Change, Session, follow},
+    keys::{self, NodeRecord, PresenceRecord, ServiceRecord, to_json},
+    routing::{
+        self, BroadcastRequest, CallRequest, DeviceFailure, PushRequest, ROUTING_SERVICE, Routed,
+        SECRET_METADATA_KEY,
+    },
+};
+
+/// One service a node registers for XClients to discover ([`EtcdDiscovery`](crate::EtcdDiscovery)).
+#[derive(Debug, Clone)]
+pub struct ServiceEntry {
+    name: String,
+    weight: u32,
+    group: Option<String>,
+    metadata: BTreeMap<String, String>,
+}
+
+impl ServiceEntry {
+    /// The service `name` with weight 1, no group, no metadata.
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            weight: 1,
+            group: None,
+            metadata: BTreeMap::new(),
+        }
+    }
+
+    /// The weight weighted selection gives this node.
+    #[must_use]
+    pub fn weight(mut self, weight: u32) -> Self {
+        self.weight = weight;
+        self
+    }
+
+    /// The group (clients may select one group only).
+    #[must_use]
+    pub fn group(mut self, group: impl Into<String>) -> Self {
+        self.group = Some(group.into());
+        self
+    }
+
+    /// A metadata pair XClients see on the endpoint.
+    #[must_use]
+    pub fn metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.metadata.insert(key.into(), value.into());
+        self
+    }
+}
+
+/// How a node joins the cluster.
+///
+/// ```
+/// use quicx_cluster::{ClusterOptions, EtcdOptions, ServiceEntry};
+/// let options = ClusterOptions::new(
+///     "node-1",
+///     EtcdOptions::new(["http://127.0.0.1:2379"]),
+///     quicx::ClientTls::new(),
+///     "a-long-random-cluster-secret",
+/// )
+/// .service(ServiceEntry::new("Arith").weight(2));
+/// # let _ = options;
+/// ```
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    name: String,
+    etcd: EtcdOptions,
+    tls: ClientTls,
+    secret: Arc<str>,
+    advertise: Option<SocketAddr>,
+    server_name: String,
+    services: Vec<ServiceEntry>,
+    route_timeout: Duration,
+}
+
+impl ClusterOptions {
+    /// A node named `name` (unique in the cluster, no `/`), on `etcd`, reaching other nodes with
+    /// `tls` (which must trust their certificates), authenticating routing requests with
+    /// `secret` (the same on every node; keep it as secret as a private key: it lets its holder
+    /// push to any device).
+    pub fn new(
+        name: impl Into<String>,
+        etcd: EtcdOptions,
+        tls: ClientTls,
+        secret: impl Into<String>,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            etcd,
+            tls,
+            secret: secret.into().into(),
+            advertise: None,
+            server_name: "localhost".into(),
+            services: Vec::new(),
+            route_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// The address other nodes and XClients reach this node at (default: the server's bound
+    /// address, which is right on loopback and wrong behind NAT or on `0.0.0.0`).
+    #[must_use]
+    pub fn advertise(mut self, addr: SocketAddr) -> Self {
+        self.advertise = Some(addr);
+        self
+    }
+
+    /// The name this node's certificate carries (default `localhost`).
+    #[must_use]
+    pub fn server_name(mut self, name: impl Into<String>) -> Self {
+        self.server_name = name.into();
+        self
+    }
+
+    /// Registers a service for XClients to discover.
+    #[must_use]
+    pub fn service(mut self, service: ServiceEntry) -> Self {
+        self.services.push(service);
+        self
+    }
+
+    /// How long a routed push or call may take end to end, unless the call's own options say
+    /// otherwise (default 5 s).
+    #[must_use]
+    pub fn route_timeout(mut self, timeout: Duration) -> Self {
+        self.route_timeout = timeout;
+        self
+    }
+}
+
+/// A quicx server as one node of a cluster on etcd.
+///
+/// - **Registry**: the node's services (for [`EtcdDiscovery`](crate::EtcdDiscovery)) and its
+///   routing address are put under the node's lease, kept alive every third of its TTL. A lost
+///   lease is re-granted and everything put again; keys written while etcd was away are put
+///   again when it is back.
+/// - **Presence**: every identity bound on the server is recorded (`identity → node`) under the
+///   lease. A device that connects to another node moves there; this node then closes its
+///   stale connection (close code `TAKEN_OVER`, so the old instance does not reconnect).
+/// - **Routing**: [`send_to_client`](Self::send_to_client), [`call_client`](Self::call_client)
+///   and [`broadcast`](Self::broadcast) reach devices on any node: local ones directly, others
+///   through the node that holds them (one quicx connection per node, the cluster secret on
+///   every request). Lookups come from a cache the etcd watch keeps current: no etcd request
+///   per push.
+///
+/// Dropping the node stops its background tasks; [`shutdown`](Self::shutdown) deregisters
+/// first.
+#[derive(Clone, Debug)]
+pub struct ClusterNode {
+    inner: Arc<NodeInner>,
+}
+
+#[derive(Debug)]
+struct NodeInner {
+    name: String,
+    server: quicx::WeakServer,
+    prefix: String,
+    session: Arc<Session>,
+    secret: Arc<str>,
+    tls: ClientTls,
+    route_timeout: Duration,
+    state: Arc<Shared>,
+    peers: tokio::sync::Mutex<HashMap<String, (String, Client)>>,
+    stop: CancellationToken,
+    _stop_on_drop: DropGuard,
+}
+
+/// What the watch keeps current and the event tasks read.
+#[derive(Debug)]
+struct Shared {
+    name: String,
+    prefix: String,
+    session: Arc<Session>,
+    /// Device → the node that holds it (every node, this one included).
+    presence: RwLock<HashMap<String, PresenceRecord>>,
+    /// Node → where it takes routed requests.
+    nodes: RwLock<HashMap<String, NodeRecord>>,
+    /// Devices this node recorded, with the etcd revision of its record (`None` while the put
+    /// is on its way): a record of another node with a later revision moves the device away.
+    mine: Mutex<HashMap<String, Option<i64>>>,
+    events: broadcast::Sender<ClusterEvent>,
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|e| e.into_inner())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl ClusterNode {
+    /// Joins the cluster with `server`, which must already be bound ([`Server::bind`]): it
+    /// registers only once it accepts connections.
+    ///
+    /// Registers the routing service on the server, records the identities already bound, and
+    /// starts following etcd.
+    ///
+    /// # When it returns
+    /// Once the node's keys are in etcd and the cluster's presence and nodes were read; or with
+    /// [`ClusterError::EtcdUnreachable`] if etcd did not answer within its request timeout (the
+    /// node is then not started), [`ClusterError::Config`] if the server is not bound.
+    pub async fn start(server: &Server, options: ClusterOptions) -> Result<Self, ClusterError> {
+        let bound = server.local_addr().ok_or_else(|| {
+            ClusterError::Config("bind the server before starting its node".into())
+        })?;
+        if options.name.is_empty() || options.name.contains('/') {
+            return Err(ClusterError::Config(format!(
+                "node name `{}` must be non-empty, without `/`",
+                options.name
+            )));
+        }
+        let advertise = options.advertise.unwrap_or(bound);
+        let prefix = options.etcd.prefix.clone();
+        let client = options.etcd.connect().await?;
+        let session = Session::new(client.clone(), options.etcd.clone());
+        let node_record = NodeRecord {
+            address: advertise.to_string(),
+            server_name: options.server_name.clone(),
+        };
+        session
+            .put(keys::node(&prefix, &options.name), to_json(&node_record))
+            .await;
+        for s in &options.services {
+            let record = ServiceRecord {
+                address: advertise.to_string(),
+                server_name: options.server_name.clone(),
+                weight: s.weight,
+                group: s.group.clone(),
+                metadata: s.metadata.clone(),
+                node: options.name.clone(),
+            };
+            session
+                .put(
+                    keys::service(&prefix, &s.name, &options.name),
+                    to_json(&record),
+                )
+                .await;
+        }
+        server.register(
+            ROUTING_SERVICE,
+            routing::service(server, options.secret.clone()),
+        );
+        let stop = CancellationToken::new();
+        let state = Arc::new(Shared {
+            name: options.name.clone(),
+            prefix: prefix.clone(),
+            session: session.clone(),
+            presence: RwLock::default(),
+            nodes: RwLock::default(),
+            mine: Mutex::default(),
+            events: broadcast::Sender::new(4096),
+        });
+        // Follow the server's identities before reading the ones bound already, so none is
+        // missed in between.
+        let server_events = server.events();
+        for conn in server.connections() {
+            if let Some(id) = conn.client_id() {
+                record_presence(&session, &state, &prefix, &id, conn.id()).await;
+            }
+        }
+        tokio::spawn(session.clone().run());
+        if !session.registered(options.etcd.request_timeout * 2).await {
+            session.revoke().await;
+            stop.cancel();
+            return Err(ClusterError::EtcdUnreachable(format!(
+                "could not register in {:?} within {:?}",
+                options.etcd.endpoints,
+                options.etcd.request_timeout * 2
+            )));
+        }
+        let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(follow(
+            client,
+            format!("{prefix}/"),
+            stop.clone(),
+            {
+                let state = state.clone();
+                let server = server.downgrade();
+                let prefix = prefix.clone();
+                move |change| state.apply(&prefix, change, &server)
+            },
+            Some(first_tx),
+        ));
+        tokio::spawn(track_identities(
+            server_events,
+            server.downgrade(),
+            session.clone(),
+            state.clone(),
+            prefix.clone(),
+            stop.clone(),
+        ));
+        if tokio::time::timeout(options.etcd.request_timeout, first_rx)
+            .await
+            .is_err()
+        {
+            session.revoke().await;
+            stop.cancel();
+            return Err(ClusterError::EtcdUnreachable(
+                "could not read the cluster's presence".into(),
+            ));
+        }
+        tracing::info!(node = %options.name, %advertise, "joined the cluster");
+        Ok(Self {
+            inner: Arc::new(NodeInner {
+                name: options.name,
+                server: server.downgrade(),
+                prefix,
+                session,
+                secret: options.secret,
+                tls: options.tls,
+                route_timeout: options.route_timeout,
+                state,
+                peers: tokio::sync::Mutex::default(),
+                stop: stop.clone(),
+                _stop_on_drop: stop.drop_guard(),
+            }),
+        })
+    }
+
+    /// This node's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The node that holds `client_id` now, as this node's cache knows it (no etcd request).
+    pub fn locate(&self, client_id: &str) -> Option<String> {
+        if self.server().and_then(|s| s.client(client_id)).is_some() {
+            return Some(self.inner.name.clone());
+        }
+        read(&self.inner.state.presence)
+            .get(client_id)
+            .map(|p| p.node.clone())
+    }
+
+    /// The nodes in the cluster now (this one included).
+    pub fn nodes(&self) -> Vec<String> {
+        let mut nodes: Vec<String> = read(&self.inner.state.nodes).keys().cloned().collect();
+        nodes.sort();
+        nodes
+    }
+
+    /// Devices connecting, leaving and moving anywhere in the cluster, and nodes joining and
+    /// leaving, as this node's etcd watch sees them. A subscriber more than 4,096 events behind
+    /// gets `RecvError::Lagged`.
+    pub fn events(&self) -> broadcast::Receiver<ClusterEvent> {
+        self.inner.state.events.subscribe()
+    }
+
+    fn server(&self) -> Option<Server> {
+        self.inner.server.upgrade()
+    }
+
+    /// Pushes to `client_id` wherever it is connected (see [`Connection::send_message`]
+    /// for what "sent" means): directly if here, else through its node.
+    ///
+    /// # Errors
+    /// [`ClusterError::Offline`] if no node holds it, [`ClusterError::NodeUnreachable`] if its
+    /// node cannot be reached, [`ClusterError::Device`] if the device (or its connection)
+    /// failed.
+    ///
+    /// [`Connection::send_message`]: quicx::Connection::send_message
+    pub async fn send_to_client(
+        &self,
+        client_id: &str,
+        service_path: &str,
+        service_method: &str,
+        metadata: Metadata,
+        data: impl AsRef<[u8]>,
+    ) -> Result<(), ClusterError> {
+        self.push(
+            client_id,
+            service_path,
+            service_method,
+            metadata,
+            data.as_ref(),
+            false,
+        )
+        .await
+    }
+
+    /// [`send_to_client`](Self::send_to_client) that returns once the device's application
+    /// received the push (see [`Connection::send_message_with_receipt`](quicx::Connection::send_message_with_receipt)).
+    pub async fn send_to_client_with_receipt(
+        &self,
+        client_id: &str,
+        service_path: &str,
+        service_method: &str,
+        metadata: Metadata,
+        data: impl AsRef<[u8]>,
+    ) -> Result<(), ClusterError> {
+        self.push(
+            client_id,
+            service_path,
+            service_method,
+            metadata,
+            data.as_ref(),
+            true,
+        )
+        .await
+    }
+
+    async fn push(
+        &self,
+        client_id: &str,
+        service_path: &str,
+        service_method: &str,
+        metadata: Metadata,
+        data: &[u8],
+        receipt: bool,
+    ) -> Result<(), ClusterError> {
+        let request = PushRequest {
+            client_id: client_id.to_owned(),
+            service_path: service_path.to_owned(),
+            service_method: service_method.to_owned(),
+            metadata,
+            data: data.to_vec(),
+            receipt,
+        };
+        if let Some(server) = self.local(client_id) {
+            return routing::push_here(&server, request)
+                .await
+                .map_err(|f| self.device_error(client_id, &self.inner.name, f));
+        }
+        let node = self.owner(client_id)?;
+        let routed: Routed<()> = self.route(&node, "Push", &request, None).await?;
+        routed.map_err(|f| self.device_error(client_id, &node, f))
+    }
+
+    /// Calls `service_path.service_method` on the device `client_id` wherever it is connected (a
+    /// reverse call), with postcard-encoded `args`.
+    ///
+    /// # Errors
+    /// As [`send_to_client`](Self::send_to_client); a handler error of the device is
+    /// [`ClusterError::Device`] with its code.
+    pub async fn call_client<A, R>(
+        &self,
+        client_id: &str,
+        service_path: &str,
+        service_method: &str,
+        args: &A,
+    ) -> Result<R, ClusterError>
+    where
+        A: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        let payload = Codec::Postcard.encode(args)?;
+        let reply = self
+            .call_client_raw(
+                client_id,
+                service_path,
+                service_method,
+                &payload,
+                &CallOptions::new(),
+            )
+            .await?;
+        Ok(routing::decode(&reply)?)
+    }
+
+    /// [`call_client`](Self::call_client) with payload bytes encoded in `options.codec`, and the
+    /// reply's bytes. `options.timeout` bounds the whole routed call (default: the route
+    /// timeout).
+    pub async fn call_client_raw(
+        &self,
+        client_id: &str,
+        service_path: &str,
+        service_method: &str,
+        payload: &[u8],
+        options: &CallOptions,
+    ) -> Result<Bytes, ClusterError> {
+        let timeout = options.timeout.unwrap_or(self.inner.route_timeout);
+        let request = CallRequest {
+            client_id: client_id.to_owned(),
+            service_path: service_path.to_owned(),
+            service_method: service_method.to_owned(),
+            metadata: options.metadata.clone(),
+            payload: payload.to_vec(),
+            codec: options.codec.to_wire(),
+            timeout_ms: timeout.as_millis() as u64,
+        };
+        if let Some(server) = self.local(client_id) {
+            return routing::call_here(&server, request)
+                .await
+                .map(Bytes::from)
+                .map_err(|f| self.device_error(client_id, &self.inner.name, f));
+        }
+        let node = self.owner(client_id)?;
+        // The hop gets a little longer than the device call, so the device's own deadline
+        // answers first.
+        let hop = timeout + Duration::from_millis(250);
+        let routed: Routed<Vec<u8>> = self.route(&node, "Call", &request, Some(hop)).await?;
+        routed
+            .map(Bytes::from)
+            .map_err(|f| self.device_error(client_id, &node, f))
+    }
+
+    /// Pushes one message to every device of the cluster: this node's directly, every other
+    /// node's through it, all at once. Returns one result per device (in no particular order);
+    /// the devices of a node that cannot be reached get [`ClusterError::NodeUnreachable`].
+    /// Each push is bounded by `timeout`; the whole broadcast takes about that long at most.
+    pub async fn broadcast(
+        &self,
+        service_path: &str,
+        service_method: &str,
+        metadata: Metadata,
+        data: impl AsRef<[u8]>,
+        timeout: Duration,
+    ) -> Vec<(String, Result<(), ClusterError>)> {
+        let request = BroadcastRequest {
+            service_path: service_path.to_owned(),
+            service_method: service_method.to_owned(),
+            metadata,
+            data: data.as_ref().to_vec(),
+            timeout_ms: timeout.as_millis() as u64,
+        };
+        let others: Vec<String> = read(&self.inner.state.nodes)
+            .keys()
+            .filter(|n| **n != self.inner.name)
+            .cloned()
+            .collect();
+        let local = async {
+            match self.server() {
+                Some(server) => routing::broadcast_here(&server, clone_broadcast(&request))
+                    .await
+                    .into_iter()
+                    .map(|(id, r)| {
+                        (
+                            id.clone(),
+                            r.map_err(|f| self.device_error(&id, &self.inner.name, f)),
+                        )
+                    })
+                    .collect(),
+                None => Vec::new(),
+            }
+        };
+        let remote = join_all(others.iter().map(|node| {
+            let request = &request;
+            async move {
+                let routed: Result<Vec<(String, Routed<()>)>, ClusterError> = self
+                    .route(
+                        node,
+                        "Broadcast",
+                        request,
+                        Some(timeout + Duration::from_secs(1)),
+                    )
+                    .await;
+                match routed {
+                    Ok(results) => results
+                        .into_iter()
+                        .map(|(id, r)| (id.clone(), r.map_err(|f| self.device_error(&id, node, f))))
+                        .collect::<Vec<_>>(),
+                    Err(e) => self
+                        .devices_on(node)
+                        .into_iter()
+                        .map(|id| (id, Err(e.clone())))
+                        .collect(),
+                }
+            }
+        }));
+        let (mut results, remote): (Vec<_>, Vec<_>) = tokio::join!(local, remote);
+        results.extend(remote.into_iter().flatten());
+        results
+    }
+
+    /// The devices the presence cache places on `node`.
+    fn devices_on(&self, node: &str) -> Vec<String> {
+        read(&self.inner.state.presence)
+            .iter()
+            .filter(|(_, p)| p.node == node)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    fn local(&self, client_id: &str) -> Option<Server> {
+        let server = self.server()?;
+        server.client(client_id).is_some().then_some(server)
+    }
+
+    /// The node that holds `client_id`, other than this one.
+    fn owner(&self, client_id: &str) -> Result<String, ClusterError> {
+        match read(&self.inner.state.presence).get(client_id) {
+            Some(p) if p.node != self.inner.name => Ok(p.node.clone()),
+            _ => Err(ClusterError::Offline {
+                client_id: client_id.to_owned(),
+            }),
+        }
+    }
+
+    fn device_error(&self, client_id: &str, node: &str, f: DeviceFailure) -> ClusterError {
+        if f.offline {
+            return ClusterError::Offline {
+                client_id: client_id.to_owned(),
+            };
+        }
+        ClusterError::Device {
+            client_id: client_id.to_owned(),
+            node: node.to_owned(),
+            kind: f.kind,
+            code: f.code,
+            message: f.message,
+        }
+    }
+
+    /// Calls the routing service of `node`.
+    async fn route<Q: Serialize, R: DeserializeOwned>(
+        &self,
+        node: &str,
+        method: &str,
+        request: &Q,
+        timeout: Option<Duration>,
+    ) -> Result<R, ClusterError> {
+        let unreachable = |source: quicx::Error| ClusterError::NodeUnreachable {
+            node: node.to_owned(),
+            source: Arc::new(source),
+        };
+        let client = self.peer(node).await.map_err(unreachable)?;
+        let options = CallOptions::new()
+            .metadata(SECRET_METADATA_KEY, &*self.inner.secret)
+            .timeout(timeout.unwrap_or(self.inner.route_timeout));
+        client
+            .call_with(ROUTING_SERVICE, method, request, &options)
+            .await
+            .map_err(unreachable)
+    }
+
+    /// The connection to `node`, opened on first use and kept (it reconnects by itself).
+    async fn peer(&self, node: &str) -> Result<Client, quicx::Error> {
+        let record = read(&self.inner.state.nodes)
+            .get(node)
+            .cloned()
+            .ok_or_else(|| {
+                quicx::Error::NoEndpoints(format!("node `{node}` is not in the cluster"))
+            })?;
+        let mut peers = self.inner.peers.lock().await;
+        if let Some((address, client)) = peers.get(node) {
+            if *address == record.address {
+                return Ok(client.clone());
+            }
+        }
+        let addr: SocketAddr = record.address.parse().map_err(|_| {
+            quicx::Error::Config(format!(
+                "node `{node}` has a bad address {}",
+                record.address
+            ))
+        })?;
+        let client = Client::builder()
+            .tls(self.inner.tls.clone())
+            .connect_timeout(Duration::from_secs(2))
+            .connect_addr(addr, &record.server_name)
+            .await?;
+        peers.insert(node.to_owned(), (record.address, client.clone()));
+        Ok(client)
+    }
+
+    /// Leaves the cluster, then shuts the server down: revokes the node's lease first (its
+    /// services and devices disappear from etcd at once, so XClients and other nodes stop
+    /// using it), then [`Server::shutdown`] with `drain`. Returns what that returns.
+    pub async fn shutdown(&self, drain: Duration) -> bool {
+        self.inner.session.revoke().await;
+        self.inner.stop.cancel();
+        for (_, (_, client)) in self.inner.peers.lock().await.drain() {
+            client.close().await;
+        }
+        match self.server() {
+            Some(server) => server.shutdown(drain).await,
+            None => true,
+        }
+    }
+
+    /// The key prefix this node lives under.
+    pub fn prefix(&self) -> &str {
+        &self.inner.prefix
+    }
+}
+
+fn clone_broadcast(r: &BroadcastRequest) -> BroadcastRequest {
+    BroadcastRequest {
+        service_path: r.service_path.clone(),
+        service_method: r.service_method.clone(),
+        metadata: r.metadata.clone(),
+        data: r.data.clone(),
+        timeout_ms: r.timeout_ms,
+    }
+}
+
+/// Records that `client_id` is bound here on connection `conn`.
+async fn record_presence(
+    session: &Session,
+    state: &Shared,
+    prefix: &str,
+    client_id: &str,
+    conn: u64,
+) {
+    lock(&state.mine).insert(client_id.to_owned(), None);
+    let record = PresenceRecord {
+        node: state.name.clone(),
+        conn,
+    };
+    let revision = session
+        .put(keys::presence(prefix, client_id), to_json(&record))
+        .await;
+    if let Some(entry) = lock(&state.mine).get_mut(client_id) {
+        *entry = revision.or(Some(0));
+    }
+}
+
+/// Keeps this node's presence records in step with the identities its server binds and loses.
+async fn track_identities(
+    mut events: broadcast::Receiver<ServerEvent>,
+    server: quicx::WeakServer,
+    session: Arc<Session>,
+    state: Arc<Shared>,
+    prefix: String,
+    stop: CancellationToken,
+) {
+    loop {
+        let event = tokio::select! {
+            () = stop.cancelled() => return,
+            e = events.recv() => e,
+        };
+        match event {
+            Ok(ServerEvent::Bound { conn, client_id }) => {
+                if client_id.starts_with(routing::NODE_ID_PREFIX) {
+                    continue;
+                }
+                record_presence(&session, &state, &prefix, &client_id, conn.id()).await;
+            }
+            Ok(ServerEvent::Disconnected { conn, .. }) => {
+                let Some(id) = conn.client_id() else { continue };
+                let Some(server) = server.upgrade() else {
+                    return;
+                };
+                if server.client(&id).is_some() {
+                    // Another connection holds the identity here now.
+                    continue;
+                }
+                lock(&state.mine).remove(&id);
+                let record = PresenceRecord {
+                    node: state.name.clone(),
+                    conn: conn.id(),
+                };
+                session
+                    .remove_if(&keys::presence(&prefix, &id), &to_json(&record))
+                    .await;
+            }
+            Ok(_) => {}
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                // Missed binds or departures: record every identity bound now.
+                tracing::warn!("cluster node missed {missed} server events: resyncing presence");
+                let Some(server) = server.upgrade() else {
+                    return;
+                };
+                for conn in server.connections() {
+                    if let Some(id) = conn.client_id() {
+                        record_presence(&session, &state, &prefix, &id, conn.id()).await;
+                    }
+                }
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+impl Shared {
+    /// Applies a change under the cluster prefix to the caches; emits events; closes a local
+    /// connection whose device moved to another node.
+    fn apply(&self, prefix: &str, change: Change, server: &quicx::WeakServer) {
+        let presence_prefix = keys::presences(prefix);
+        let nodes_prefix = keys::nodes(prefix);
+        match change {
+            Change::Reset(kvs) => {
+                let mut presence = HashMap::new();
+                let mut nodes = HashMap::new();
+                for (k, v) in kvs {
+                    if let Some(id) = k.strip_prefix(&presence_prefix) {
+                        if let Ok(p) = serde_json::from_str::<PresenceRecord>(&v) {
+                            presence.insert(id.to_owned(), p);
+                        }
+                    } else if let Some(node) = k.strip_prefix(&nodes_prefix) {
+                        if let Ok(n) = serde_json::from_str::<NodeRecord>(&v) {
+                            nodes.insert(node.to_owned(), n);
+                        }
+                    }
+                }
+                *write(&self.presence) = presence;
+                *write(&self.nodes) = nodes;
+            }
+            Change::Put { key, value } => {
+                if let Some(id) = key.strip_prefix(&presence_prefix) {
+                    let Ok(p) = serde_json::from_str::<PresenceRecord>(&value) else {
+                        return;
+                    };
+                    let before = write(&self.presence).insert(id.to_owned(), p.clone());
+                    let event = match before {
+                        Some(b) if b.node != p.node => Some(ClusterEvent::DeviceMoved {
+                            client_id: id.to_owned(),
+                            from: b.node,
+                            to: p.node.clone(),
+                        }),
+                        Some(_) => None,
+                        None => Some(ClusterEvent::DeviceConnected {
+                            client_id: id.to_owned(),
+                            node: p.node.clone(),
+                        }),
+                    };
+                    if let Some(e) = event {
+                        let _ = self.events.send(e);
+                    }
+                    if p.node != self.name {
+                        self.moved_away(id, &p.node, server);
+                    }
+                } else if let Some(node) = key.strip_prefix(&nodes_prefix) {
+                    if let Ok(n) = serde_json::from_str::<NodeRecord>(&value) {
+                        if write(&self.nodes).insert(node.to_owned(), n).is_none() {
+                            let _ = self.events.send(ClusterEvent::NodeUp {
+                                node: node.to_owned(),
+                            });
+                        }
+                    }
+                }
+            }
+            Change::Delete { key, prev } => {
+                if let Some(id) = key.strip_prefix(&presence_prefix) {
+                    let before = write(&self.presence).remove(id);
+                    let node = before.map(|b| b.node).or_else(|| {
+                        prev.and_then(|v| serde_json::from_str::<PresenceRecord>(&v).ok())
+                            .map(|p| p.node)
+                    });
+                    let _ = self.events.send(ClusterEvent::DeviceDisconnected {
+                        client_id: id.to_owned(),
+                        node: node.unwrap_or_default(),
+                    });
+                } else if let Some(node) = key.strip_prefix(&nodes_prefix) {
+                    write(&self.nodes).remove(node);
+                    let _ = self.events.send(ClusterEvent::NodeDown {
+                        node: node.to_owned(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Another node recorded `client_id`: if this node holds an older connection of it, close
+    /// that one (the newer record wins; a record of ours still on its way is newer).
+    fn moved_away(&self, client_id: &str, to: &str, server: &quicx::WeakServer) {
+        let mut mine = lock(&self.mine);
+        match mine.get(client_id) {
+            Some(None) | None => return,
+            Some(Some(_)) => {}
+        }
+        mine.remove(client_id);
+        drop(mine);
+        // Never put our old record back when the lease heals.
+        self.session
+            .forget(&keys::presence(&self.prefix, client_id));
+        if let Some(conn) = server.upgrade().and_then(|s| s.client(client_id)) {
+            tracing::info!(%client_id, to, "device moved to another node: closing its old connection");
+            conn.close_with_code(CloseCode::TAKEN_OVER, &format!("moved to node {to}"));
+        }
+    }
+}

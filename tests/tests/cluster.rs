@@ -1,0 +1,500 @@
+//! A cluster of quicx nodes on a real etcd (started by each test on loopback, with a temporary
+//! data dir; the tests skip loudly where etcd is not installed): pushes and reverse calls that
+//! cross nodes, devices that move, a node killed with SIGKILL, etcd restarted.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use quicx::{
+    ClientTls, Context, DevCertificate, Error, Metadata, PushReceiver, Server, Service,
+    ServiceError, push_channel,
+};
+use quicx_cluster::{
+    ClusterError, ClusterEvent, ClusterNode, ClusterOptions, EtcdDiscovery, EtcdOptions,
+    ServiceEntry,
+};
+use quicx_tests::{
+    child::PemFiles,
+    etcd::{EtcdHarnessError, EtcdServer},
+};
+
+const SECRET: &str = "test-cluster-secret";
+
+/// Starts etcd, or prints why the test is skipped and returns `None`.
+fn etcd_or_skip() -> Option<EtcdServer> {
+    match EtcdServer::start() {
+        Ok(e) => Some(e),
+        Err(e @ EtcdHarnessError::NotInstalled { .. }) => {
+            eprintln!("SKIPPED: {e}");
+            None
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn etcd_options(etcd: &EtcdServer, ttl: Duration) -> EtcdOptions {
+    EtcdOptions::new([etcd.endpoint()])
+        .prefix("/quicx-test")
+        .lease_ttl(ttl)
+}
+
+/// A node in this process: a server with `Who.Name` and the node on top.
+async fn node(dev: &DevCertificate, etcd: &EtcdOptions, name: &str) -> (Server, ClusterNode) {
+    let server = Server::builder()
+        .dev_certificate(dev)
+        .insecure_accept_unverified_client_ids()
+        .build()
+        .unwrap();
+    let n = name.to_owned();
+    server.register(
+        "Who",
+        Service::new().method("Name", move |_ctx: Context, (): ()| {
+            let n = n.clone();
+            async move { Ok(n) }
+        }),
+    );
+    server.bind("127.0.0.1:0").await.unwrap();
+    let options = ClusterOptions::new(
+        name,
+        etcd.clone(),
+        ClientTls::new().trust(dev.certificate()),
+        SECRET,
+    )
+    .service(ServiceEntry::new("Who"));
+    let node = ClusterNode::start(&server, options).await.unwrap();
+    (server, node)
+}
+
+/// A device connected to `addr` as `id`: receives pushes, answers `Device.Ping` with its id.
+async fn device(dev: &DevCertificate, addr: SocketAddr, id: &str) -> (quicx::Client, PushReceiver) {
+    let (tx, rx) = push_channel(64);
+    let who = id.to_owned();
+    let client = quicx::Client::builder()
+        .tls(ClientTls::new().trust(dev.certificate()))
+        .server_name("localhost")
+        .client_id(id)
+        .push_channel(tx)
+        .register(
+            "Device",
+            Service::new()
+                .method("Ping", move |_ctx: Context, n: u32| {
+                    let who = who.clone();
+                    async move { Ok(format!("{who} pong {n}")) }
+                })
+                .method("Fail", |_ctx: Context, (): ()| async move {
+                    Err::<(), _>(ServiceError::new(1042, "device says no"))
+                }),
+        )
+        .connect_addr(addr, "localhost")
+        .await
+        .unwrap();
+    (client, rx)
+}
+
+/// Waits (at most `limit`) until `check` holds; how long it took.
+async fn until(limit: Duration, mut check: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if check() {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    None
+}
+
+async fn next_push(rx: &mut PushReceiver) -> quicx::PushMessage {
+    tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("a push within 5 s")
+        .expect("channel open")
+}
+
+#[tokio::test]
+async fn pushes_calls_and_broadcasts_reach_devices_on_other_nodes() {
+    let Some(etcd) = etcd_or_skip() else { return };
+    let dev = DevCertificate::localhost().unwrap();
+    let options = etcd_options(&etcd, Duration::from_secs(3));
+    let (sa, a) = node(&dev, &options, "a").await;
+    let (sb, b) = node(&dev, &options, "b").await;
+    let (sc, c) = node(&dev, &options, "c").await;
+    let mut events = a.events();
+    let (_d1, mut p1) = device(&dev, sb.local_addr().unwrap(), "device-1").await;
+    let (_d2, mut p2) = device(&dev, sc.local_addr().unwrap(), "device-2").await;
+    let (_d3, mut p3) = device(&dev, sa.local_addr().unwrap(), "device-3").await;
+    let seen = until(Duration::from_secs(5), || {
+        [&a, &b, &c].iter().all(|n| {
+            n.locate("device-1").as_deref() == Some("b")
+                && n.locate("device-2").as_deref() == Some("c")
+                && n.locate("device-3").as_deref() == Some("a")
+        })
+    })
+    .await;
+    assert!(seen.is_some(), "every node learns where the devices are");
+    assert_eq!(a.nodes(), vec!["a", "b", "c"]);
+
+    // A push from node a to a device on node b, and one with receipt to node c.
+    a.send_to_client(
+        "device-1",
+        "Device",
+        "Blink",
+        Metadata::new().with("k", "v"),
+        b"on",
+    )
+    .await
+    .unwrap();
+    let msg = next_push(&mut p1).await;
+    assert_eq!(
+        (msg.service_method.as_str(), &msg.payload[..]),
+        ("Blink", &b"on"[..])
+    );
+    assert_eq!(msg.metadata.get("k"), Some("v"));
+    a.send_to_client_with_receipt("device-2", "Device", "Blink", Metadata::new(), b"2")
+        .await
+        .unwrap();
+    assert_eq!(&next_push(&mut p2).await.payload[..], b"2");
+
+    // A reverse call across nodes, and the device's own error, typed.
+    let pong: String = a
+        .call_client("device-1", "Device", "Ping", &7u32)
+        .await
+        .unwrap();
+    assert_eq!(pong, "device-1 pong 7");
+    let pong: String = c
+        .call_client("device-3", "Device", "Ping", &8u32)
+        .await
+        .unwrap();
+    assert_eq!(pong, "device-3 pong 8");
+    match a
+        .call_client::<_, ()>("device-2", "Device", "Fail", &())
+        .await
+    {
+        Err(ClusterError::Device {
+            node, code, kind, ..
+        }) => {
+            assert_eq!(
+                (node.as_str(), code, kind.as_str()),
+                ("c", Some(1042), "remote")
+            );
+        }
+        other => panic!("expected a device error, got {other:?}"),
+    }
+    // A device nobody holds.
+    match a
+        .send_to_client("device-404", "Device", "Blink", Metadata::new(), b"")
+        .await
+    {
+        Err(ClusterError::Offline { client_id }) => assert_eq!(client_id, "device-404"),
+        other => panic!("expected offline, got {other:?}"),
+    }
+
+    // A cluster-wide broadcast: one result per device, across nodes.
+    let mut results = b
+        .broadcast(
+            "Device",
+            "All",
+            Metadata::new(),
+            b"all",
+            Duration::from_secs(2),
+        )
+        .await;
+    results.sort_by(|x, y| x.0.cmp(&y.0));
+    let ids: Vec<&str> = results.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(ids, vec!["device-1", "device-2", "device-3"]);
+    assert!(results.iter().all(|(_, r)| r.is_ok()), "{results:?}");
+    for rx in [&mut p1, &mut p2, &mut p3] {
+        assert_eq!(&next_push(rx).await.payload[..], b"all");
+    }
+
+    // The application sees devices connect anywhere.
+    let mut connected = Vec::new();
+    while let Ok(Ok(e)) = tokio::time::timeout(Duration::from_millis(200), events.recv()).await {
+        if let ClusterEvent::DeviceConnected { client_id, node } = e {
+            connected.push((client_id, node));
+        }
+    }
+    connected.sort();
+    assert_eq!(
+        connected,
+        vec![
+            ("device-1".to_owned(), "b".to_owned()),
+            ("device-2".to_owned(), "c".to_owned()),
+            ("device-3".to_owned(), "a".to_owned()),
+        ]
+    );
+
+    // Nodes take routing requests only with the cluster secret.
+    let intruder = quicx::Client::builder()
+        .tls(ClientTls::new().trust(dev.certificate()))
+        .connect_addr(sb.local_addr().unwrap(), "localhost")
+        .await
+        .unwrap();
+    let err = intruder
+        .call_raw(
+            quicx_cluster::ROUTING_SERVICE,
+            "Push",
+            b"",
+            &quicx::CallOptions::new(),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Unauthenticated(_)), "{err:?}");
+    drop((sc, c));
+}
+
+#[tokio::test]
+async fn a_device_that_moves_is_reached_on_its_new_node() {
+    let Some(etcd) = etcd_or_skip() else { return };
+    let dev = DevCertificate::localhost().unwrap();
+    let options = etcd_options(&etcd, Duration::from_secs(3));
+    let (_sa, a) = node(&dev, &options, "a").await;
+    let (sb, _b) = node(&dev, &options, "b").await;
+    let (sc, _c) = node(&dev, &options, "c").await;
+    let mut events = a.events();
+    let (old, _p_old) = device(&dev, sb.local_addr().unwrap(), "device-7").await;
+    assert!(
+        until(Duration::from_secs(5), || a.locate("device-7").as_deref()
+            == Some("b"))
+        .await
+        .is_some()
+    );
+
+    // The device comes back through node c (say its network changed).
+    let hello = Instant::now();
+    let (_new, mut p_new) = device(&dev, sc.local_addr().unwrap(), "device-7").await;
+    let moved = until(Duration::from_secs(5), || {
+        a.locate("device-7").as_deref() == Some("c")
+    })
+    .await
+    .expect("node a sees the move");
+    eprintln!(
+        "presence converged {:?} after the hello returned ({:?} after it started)",
+        moved,
+        hello.elapsed()
+    );
+    a.send_to_client("device-7", "Device", "Blink", Metadata::new(), b"here")
+        .await
+        .unwrap();
+    assert_eq!(&next_push(&mut p_new).await.payload[..], b"here");
+    // Node b closed its stale connection as taken over: the old instance does not come back.
+    assert!(
+        until(Duration::from_secs(5), || sb.client("device-7").is_none())
+            .await
+            .is_some(),
+        "node b dropped the stale connection"
+    );
+    assert!(
+        until(Duration::from_secs(5), || !old.is_connected())
+            .await
+            .is_some()
+    );
+    let mut moved_event = None;
+    while let Ok(Ok(e)) = tokio::time::timeout(Duration::from_millis(300), events.recv()).await {
+        if let ClusterEvent::DeviceMoved { .. } = e {
+            moved_event = Some(e);
+        }
+    }
+    assert_eq!(
+        moved_event,
+        Some(ClusterEvent::DeviceMoved {
+            client_id: "device-7".into(),
+            from: "b".into(),
+            to: "c".into()
+        })
+    );
+    // Node b's departure record did not erase node c's.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(a.locate("device-7").as_deref(), Some("c"));
+}
+
+/// A `quicx-cluster-node` child process, killed on drop.
+struct ChildNode {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl ChildNode {
+    fn start(pem: &PemFiles, etcd: &EtcdServer, name: &str, ttl_s: u64) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_quicx-cluster-node"))
+            .arg(&pem.cert)
+            .arg(&pem.key)
+            .arg(etcd.endpoint())
+            .arg("/quicx-test")
+            .arg(name)
+            .arg(ttl_s.to_string())
+            .arg(SECRET)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .strip_prefix("READY ")
+            .unwrap_or_else(|| panic!("child node said {line:?}"))
+            .trim()
+            .parse()
+            .unwrap();
+        Self { child, addr }
+    }
+}
+
+impl Drop for ChildNode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn a_killed_node_goes_offline_within_its_lease_and_xclients_stop_using_it() {
+    let Some(etcd) = etcd_or_skip() else { return };
+    let dev = DevCertificate::localhost().unwrap();
+    let pem = PemFiles::write(&dev).unwrap();
+    let ttl = Duration::from_secs(2);
+    let options = etcd_options(&etcd, ttl);
+    let (_sa, a) = node(&dev, &options, "a").await;
+    let mut doomed = ChildNode::start(&pem, &etcd, "doomed", ttl.as_secs());
+    let (_d, _p) = device(&dev, doomed.addr, "device-9").await;
+    assert!(
+        until(Duration::from_secs(5), || a.locate("device-9").as_deref()
+            == Some("doomed"))
+        .await
+        .is_some()
+    );
+
+    let discovery = EtcdDiscovery::connect(&options, "Who").await.unwrap();
+    let mut endpoints = quicx_discovery::Discovery::watch(&discovery);
+    assert_eq!(endpoints.borrow_and_update().len(), 2);
+    let xclient = quicx::XClient::builder("Who", discovery)
+        .option(quicx::ClientOption::with_tls(
+            ClientTls::new().trust(dev.certificate()),
+        ))
+        .build()
+        .unwrap();
+    let mut names = std::collections::BTreeSet::new();
+    for _ in 0..40 {
+        names.insert(xclient.call::<_, String>("Name", &()).await.unwrap());
+    }
+    assert_eq!(names.into_iter().collect::<Vec<_>>(), vec!["a", "doomed"]);
+
+    doomed.child.kill().unwrap();
+    doomed.child.wait().unwrap();
+    let killed = Instant::now();
+    let offline = until(ttl + Duration::from_secs(3), || {
+        a.locate("device-9").is_none()
+    })
+    .await
+    .expect("the dead node's device goes offline");
+    eprintln!("device offline {offline:?} after SIGKILL (lease TTL {ttl:?})");
+    assert!(
+        offline <= ttl + Duration::from_secs(1),
+        "offline after {offline:?}"
+    );
+    match a
+        .send_to_client("device-9", "Device", "Blink", Metadata::new(), b"")
+        .await
+    {
+        Err(ClusterError::Offline { .. }) => {}
+        other => panic!("expected offline, got {other:?}"),
+    }
+    assert!(
+        until(Duration::from_secs(2), || endpoints.borrow().len() == 1)
+            .await
+            .is_some()
+    );
+    eprintln!("endpoint gone {:?} after SIGKILL", killed.elapsed());
+    for _ in 0..20 {
+        let name: String = xclient.call("Name", &()).await.unwrap();
+        assert_eq!(name, "a", "the XClient stopped using the dead node");
+    }
+}
+
+#[tokio::test]
+async fn after_an_etcd_restart_nodes_register_again_and_routing_resumes() {
+    let Some(mut etcd) = etcd_or_skip() else {
+        return;
+    };
+    let dev = DevCertificate::localhost().unwrap();
+    let options = etcd_options(&etcd, Duration::from_secs(2));
+    let (sa, a) = node(&dev, &options, "a").await;
+    let (sb, b) = node(&dev, &options, "b").await;
+    let (_d1, mut p1) = device(&dev, sb.local_addr().unwrap(), "device-1").await;
+    assert!(
+        until(Duration::from_secs(5), || a.locate("device-1").is_some())
+            .await
+            .is_some()
+    );
+    let discovery = EtcdDiscovery::connect(&options, "Who").await.unwrap();
+    let endpoints = quicx_discovery::Discovery::watch(&discovery);
+    assert_eq!(endpoints.borrow().len(), 2);
+
+    etcd.stop();
+    // Without etcd, the caches keep routing: pushes reach the known device.
+    a.send_to_client("device-1", "Device", "Blink", Metadata::new(), b"during")
+        .await
+        .unwrap();
+    assert_eq!(&next_push(&mut p1).await.payload[..], b"during");
+    // A device that connects while etcd is down is recorded once it is back.
+    let (_d2, mut p2) = device(&dev, sa.local_addr().unwrap(), "device-2").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        endpoints.borrow().len(),
+        2,
+        "the discovery keeps the last known list"
+    );
+    etcd.restart().unwrap();
+
+    let known = until(Duration::from_secs(10), || {
+        b.locate("device-2").as_deref() == Some("a")
+    })
+    .await
+    .expect("the device bound during the outage is recorded after it");
+    eprintln!("presence healed {known:?} after etcd was back");
+    b.send_to_client("device-2", "Device", "Blink", Metadata::new(), b"after")
+        .await
+        .unwrap();
+    assert_eq!(&next_push(&mut p2).await.payload[..], b"after");
+    a.send_to_client("device-1", "Device", "Blink", Metadata::new(), b"after")
+        .await
+        .unwrap();
+    assert_eq!(&next_push(&mut p1).await.payload[..], b"after");
+    // Registrations survived (or were put again): the discovery still lists both nodes.
+    assert!(
+        until(Duration::from_secs(5), || endpoints.borrow().len() == 2)
+            .await
+            .is_some()
+    );
+}
+
+#[tokio::test]
+async fn a_graceful_shutdown_deregisters_first() {
+    let Some(etcd) = etcd_or_skip() else { return };
+    let dev = DevCertificate::localhost().unwrap();
+    let options = etcd_options(&etcd, Duration::from_secs(30));
+    let (_sa, a) = node(&dev, &options, "a").await;
+    let (sb, b) = node(&dev, &options, "b").await;
+    let (_d, _p) = device(&dev, sb.local_addr().unwrap(), "device-1").await;
+    let discovery = EtcdDiscovery::connect(&options, "Who").await.unwrap();
+    let endpoints = quicx_discovery::Discovery::watch(&discovery);
+    assert!(
+        until(Duration::from_secs(5), || a.locate("device-1").is_some())
+            .await
+            .is_some()
+    );
+    assert_eq!(endpoints.borrow().len(), 2);
+    b.shutdown(Duration::from_secs(1)).await;
+    // Gone at once, not after the (30 s) lease.
+    let gone = until(Duration::from_secs(2), || {
+        endpoints.borrow().len() == 1 && a.locate("device-1").is_none()
+    })
+    .await;
+    assert!(gone.is_some(), "deregistered on shutdown");
+    assert!(!a.nodes().contains(&"b".to_owned()));
+}

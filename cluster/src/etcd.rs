@@ -196,6 +196,12 @@ impl Session {
         self.desired().remove(key);
     }
 
+    /// Stops keeping the lease alive without revoking it: the keys go when it expires (what a
+    /// crash looks like to the cluster).
+    pub(crate) fn halt(&self) {
+        self.stop.cancel();
+    }
+
     /// Revokes the lease: every key of this node is gone from etcd at once.
     pub(crate) async fn revoke(&self) {
         self.stop.cancel();

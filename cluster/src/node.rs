@@ -4,7 +4,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::SocketAddr,
-    sync::{Arc, Mutex, RwLock},
+    sync::{Arc, Mutex, RwLock, Weak},
     time::Duration,
 };
 
@@ -13,7 +13,7 @@ use quicx::{
     Bytes, CallOptions, Client, ClientTls, CloseCode, Codec, Metadata, Server, ServerEvent,
 };
 use serde::{Serialize, de::DeserializeOwned};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::{
@@ -162,8 +162,9 @@ impl ClusterOptions {
 ///   every request). Lookups come from a cache the etcd watch keeps current: no etcd request
 ///   per push.
 ///
-/// Dropping the node stops its background tasks; [`shutdown`](Self::shutdown) deregisters
-/// first.
+/// Dropping the last handle stops its background tasks and stops renewing its lease: its keys
+/// disappear within the TTL, as if it had crashed. [`shutdown`](Self::shutdown) deregisters at
+/// once.
 #[derive(Clone, Debug)]
 pub struct ClusterNode {
     inner: Arc<NodeInner>,
@@ -180,8 +181,17 @@ struct NodeInner {
     route_timeout: Duration,
     state: Arc<Shared>,
     peers: tokio::sync::Mutex<HashMap<String, (String, Client)>>,
+    /// Per peer node, the queue of pushes its batcher sends.
+    batchers: Mutex<HashMap<String, mpsc::Sender<QueuedPush>>>,
     stop: CancellationToken,
     _stop_on_drop: DropGuard,
+}
+
+impl Drop for NodeInner {
+    fn drop(&mut self) {
+        // The last handle is gone: stop renewing the lease (its keys expire with it).
+        self.session.halt();
+    }
 }
 
 /// What the watch keeps current and the event tasks read.
@@ -335,6 +345,7 @@ impl ClusterNode {
                 route_timeout: options.route_timeout,
                 state,
                 peers: tokio::sync::Mutex::default(),
+                batchers: Mutex::default(),
                 stop: stop.clone(),
                 _stop_on_drop: stop.drop_guard(),
             }),
@@ -446,8 +457,40 @@ impl ClusterNode {
                 .map_err(|f| self.device_error(client_id, &self.inner.name, f));
         }
         let node = self.owner(client_id)?;
-        let routed: Routed<()> = self.route(&node, "Push", &request, None).await?;
+        let routed = self.batched_push(&node, request).await?;
         routed.map_err(|f| self.device_error(client_id, &node, f))
+    }
+
+    /// Routes a push through `node`'s batcher: pushes that wait together go in one request
+    /// (`PushBatch`); a push alone goes at once, so batching adds no latency.
+    async fn batched_push(
+        &self,
+        node: &str,
+        request: PushRequest,
+    ) -> Result<Routed<()>, ClusterError> {
+        let queue = {
+            let mut batchers = lock(&self.inner.batchers);
+            match batchers.get(node) {
+                Some(q) if !q.is_closed() => q.clone(),
+                _ => {
+                    let (tx, rx) = mpsc::channel(4096);
+                    tokio::spawn(run_batcher(
+                        Arc::downgrade(&self.inner),
+                        node.to_owned(),
+                        rx,
+                    ));
+                    batchers.insert(node.to_owned(), tx.clone());
+                    tx
+                }
+            }
+        };
+        let (tx, rx) = oneshot::channel();
+        queue
+            .send((request, tx))
+            .await
+            .map_err(|_| ClusterError::Config("node stopped".into()))?;
+        rx.await
+            .unwrap_or_else(|_| Err(ClusterError::Config("node stopped".into())))
     }
 
     /// Calls `service_path.service_method` on the device `client_id` wherever it is connected (a
@@ -693,6 +736,59 @@ impl ClusterNode {
     /// The key prefix this node lives under.
     pub fn prefix(&self) -> &str {
         &self.inner.prefix
+    }
+}
+
+/// A push waiting for its node's batcher, and where its result goes.
+type QueuedPush = (
+    PushRequest,
+    oneshot::Sender<Result<Routed<()>, ClusterError>>,
+);
+
+/// Most pushes in one routed batch, and batches in flight to one node.
+const MAX_BATCH: usize = 256;
+const BATCHES_IN_FLIGHT: usize = 8;
+
+/// Sends the pushes queued for `node` in batches until the node handle is gone.
+async fn run_batcher(node: Weak<NodeInner>, name: String, mut rx: mpsc::Receiver<QueuedPush>) {
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(inner) = node.upgrade() else { return };
+        let name = name.clone();
+        tokio::spawn(async move {
+            let node = ClusterNode { inner };
+            let (requests, replies): (Vec<PushRequest>, Vec<_>) = batch.into_iter().unzip();
+            let routed: Result<Vec<Routed<()>>, ClusterError> =
+                node.route(&name, "PushBatch", &requests, None).await;
+            match routed {
+                Ok(results) if results.len() == replies.len() => {
+                    for (reply, result) in replies.into_iter().zip(results) {
+                        let _ = reply.send(Ok(result));
+                    }
+                }
+                Ok(_) => {
+                    let e =
+                        ClusterError::Config("a node answered a batch with the wrong count".into());
+                    replies
+                        .into_iter()
+                        .for_each(|r| drop(r.send(Err(e.clone()))));
+                }
+                Err(e) => replies
+                    .into_iter()
+                    .for_each(|r| drop(r.send(Err(e.clone())))),
+            }
+            drop(permit);
+        });
     }
 }
 

@@ -110,6 +110,19 @@ pub(crate) fn service(server: &Server, secret: std::sync::Arc<str>) -> Service {
         &secret,
         |server, req: CallRequest| async move { call_here(&server, req).await },
     );
+    let service = routed(
+        service,
+        "PushBatch",
+        server,
+        &secret,
+        |server, reqs: Vec<PushRequest>| async move {
+            futures_util::future::join_all(reqs.into_iter().map(|req| {
+                let server = server.clone();
+                async move { push_here(&server, req).await }
+            }))
+            .await
+        },
+    );
     routed(
         service,
         "Broadcast",

@@ -1,11 +1,14 @@
-//! Project tasks, in plain Rust: `cargo xtask demo | ci`.
+//! Project tasks, in plain Rust: `cargo xtask demo [--cluster] | ci | fuzz | bench`.
 #![forbid(unsafe_code)]
 
 use std::process::{Command, ExitCode};
 
 use clap::{Parser, Subcommand};
 
+mod cluster_demo;
+mod cluster_node;
 mod demo;
+mod etcd;
 mod fuzz;
 
 #[derive(Parser)]
@@ -18,8 +21,14 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// A server and three devices on loopback: call, push by id, broadcast, reverse call,
-    /// reconnect. Exits non-zero if any step fails.
-    Demo,
+    /// reconnect; with --cluster, three nodes on etcd. Exits non-zero if any step fails.
+    Demo {
+        /// Instead: etcd and three nodes on loopback, devices spread over them, a push and a
+        /// reverse call that cross nodes, a node killed with SIGKILL and its devices reconnecting
+        /// to the others (needs etcd: `apt-get install etcd-server`).
+        #[arg(long)]
+        cluster: bool,
+    },
     /// What CI runs: fmt check, clippy -D warnings, build everything (benches included), tests.
     Ci,
     /// Mutation-fuzz every wire-protocol decoder (stable toolchain).
@@ -41,6 +50,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// One node of `demo --cluster` (the demo runs it as a child process).
+    #[command(hide = true)]
+    ClusterNode(cluster_node::NodeArgs),
 }
 
 fn cargo(args: &[&str]) -> anyhow::Result<()> {
@@ -71,7 +83,9 @@ fn ci() -> anyhow::Result<()> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.task {
-        Task::Demo => demo::run(),
+        Task::Demo { cluster: false } => demo::run(),
+        Task::Demo { cluster: true } => cluster_demo::run(),
+        Task::ClusterNode(args) => cluster_node::run(args),
         Task::Ci => ci(),
         Task::Fuzz { seconds, seed } => fuzz::run(seconds, seed),
         Task::Bench { quick, args } => {

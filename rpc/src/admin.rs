@@ -241,6 +241,11 @@ fn stats_object(server: &Server) -> serde_json::Value {
         "open_connections": s.open_connections,
         "auth_failures": s.auth_failures,
         "buffered_request_bytes": s.buffered_request_bytes,
+        "durable_pending": s.durable_pending,
+        "durable_delivered": s.durable_delivered,
+        "durable_redelivered": s.durable_redelivered,
+        "durable_expired": s.durable_expired,
+        "durable_overflowed": s.durable_overflowed,
     })
 }
 

@@ -44,6 +44,7 @@ pub struct ClientBuilder {
     endpoint: Option<ClientEndpoint>,
     placement: Placement,
     hooks: Hooks,
+    manual_ack: bool,
 }
 
 /// A client-side UDP socket that many clients can share: a fleet simulator or a gateway with
@@ -161,6 +162,17 @@ impl ClientBuilder {
         self
     }
 
+    /// Durable messages ([`Server::send_durable`](crate::Server::send_durable)) are acknowledged
+    /// by the application with [`PushMessage::ack`](crate::PushMessage::ack) once it processed
+    /// them, not when they enter the push channel (the default). A device that crashes before
+    /// acking gets the message again when it reconnects. Later durable messages wait in order
+    /// behind one not yet acknowledged only as far as the server's window (32) allows.
+    #[must_use]
+    pub fn manual_ack(mut self, enabled: bool) -> Self {
+        self.manual_ack = enabled;
+        self
+    }
+
     /// Whether this client records [metrics](crate::metrics) (default on).
     #[must_use]
     pub fn metrics(mut self, enabled: bool) -> Self {
@@ -264,6 +276,8 @@ impl ClientBuilder {
         let side = Arc::new(Side::new(
             Role::Client {
                 push_sink: self.push,
+                inbox: Arc::default(),
+                manual_ack: self.manual_ack,
             },
             self.services,
             &self.transport,
@@ -572,6 +586,7 @@ impl Client {
             endpoint: None,
             placement: Placement::Auto,
             hooks: Hooks::default(),
+            manual_ack: false,
         }
     }
 

@@ -145,6 +145,14 @@ pub enum Error {
     /// An I/O error (binding a socket, reading a file).
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    /// The durable store failed: it could not be opened (not a store, or damaged beyond what the
+    /// database repairs), or a write could not be committed.
+    #[error("durable store: {0}")]
+    Store(String),
+    /// A durable message was refused: it would exceed a bound of the store
+    /// ([`DurableLimits`](crate::DurableLimits)) under [`Overflow::Refuse`](crate::Overflow::Refuse).
+    #[error("durable store full: {0}")]
+    StoreFull(String),
 }
 
 /// Which part of a frame went past a limit ([`Error::TooLarge`]).
@@ -282,6 +290,8 @@ impl Error {
             Self::NoEndpoints(_) => "no_endpoints",
             Self::Discovery(_) => "discovery",
             Self::Io(_) => "io",
+            Self::Store(_) => "store",
+            Self::StoreFull(_) => "store_full",
         }
     }
 

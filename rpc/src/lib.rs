@@ -208,6 +208,7 @@ mod codec;
 mod config;
 mod connection;
 mod context;
+mod durable;
 mod error;
 mod events;
 mod failmode;
@@ -234,6 +235,9 @@ pub use crate::{
     config::TransportOptions,
     connection::{CallOptions, Connection, RawReply},
     context::Context,
+    durable::{
+        DurableLimits, MSG_ID_KEY, MSG_PREV_KEY, MSG_REDELIVERED_KEY, Overflow, PendingMessage,
+    },
     error::{Error, FramePart, HandshakeError, NotConnected, ProtocolError, Result, ServiceError},
     events::{ClientEvent, DisconnectReason, ServerEvent},
     failmode::FailMode,

@@ -19,6 +19,8 @@
 //! | `quicx_client_handshakes_total` | counter | `result` = `ok`, `failed` |
 //! | `quicx_client_pushes_received_total` | counter | |
 //! | `quicx_client_push_dropped_total` | counter | (dropped by this client's full push channel) |
+//! | `quicx_durable_pending` | gauge | (durable messages in a server's store) |
+//! | `quicx_durable_delivered_total`, `_redelivered_total`, `_expired_total`, `_overflowed_total` | counter | |
 //!
 //! `status` is [`status::name`](crate::status::name) of the reply's code (`ok`,
 //! `unknown_method`, `rate_limited`, `application`, ...) on servers, and
@@ -68,6 +70,16 @@ pub mod names {
     pub const CLIENT_PUSHES_RECEIVED: &str = "quicx_client_pushes_received_total";
     /// Pushes a client's full channel dropped.
     pub const CLIENT_PUSH_DROPPED: &str = "quicx_client_push_dropped_total";
+    /// Durable messages pending in a server's store.
+    pub const DURABLE_PENDING: &str = "quicx_durable_pending";
+    /// Durable messages acknowledged by their devices.
+    pub const DURABLE_DELIVERED: &str = "quicx_durable_delivered_total";
+    /// Durable messages acknowledged after more than one delivery.
+    pub const DURABLE_REDELIVERED: &str = "quicx_durable_redelivered_total";
+    /// Durable messages dropped when their TTL passed.
+    pub const DURABLE_EXPIRED: &str = "quicx_durable_expired_total";
+    /// Durable messages dropped to make room.
+    pub const DURABLE_OVERFLOWED: &str = "quicx_durable_overflowed_total";
 }
 
 /// One series family per (service, method): a counter per status, one histogram.

@@ -16,6 +16,7 @@ use crate::{Codec, Metadata, Result};
 
 /// One message the server pushed (rpcx's `protocol.Message` on the client's channel).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PushMessage {
     /// Service path the server named (`"test_service_path"`).
     pub service_path: String,
@@ -27,6 +28,8 @@ pub struct PushMessage {
     pub payload: Bytes,
     /// The server the message came from (its address as dialled).
     pub server: SocketAddr,
+    /// In manual-ack mode, the acknowledgement of a durable message.
+    pub(crate) acker: Option<crate::durable::Acker>,
 }
 
 impl PushMessage {
@@ -35,6 +38,29 @@ impl PushMessage {
     /// [`Connection::send_message_typed`]: crate::Connection::send_message_typed
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T> {
         Codec::Postcard.decode(&self.payload)
+    }
+
+    /// The id of a durable message ([`Server::send_durable`](crate::Server::send_durable)),
+    /// `None` for an ordinary push.
+    pub fn durable_id(&self) -> Option<u64> {
+        self.metadata.get(crate::durable::MSG_ID_KEY)?.parse().ok()
+    }
+
+    /// Whether the server sent this durable message before without getting its
+    /// acknowledgement (the client may have seen it: in manual-ack mode a message not yet
+    /// acknowledged comes again after a reconnect).
+    pub fn is_redelivered(&self) -> bool {
+        self.metadata.get(crate::durable::MSG_REDELIVERED_KEY) == Some("1")
+    }
+
+    /// Acknowledges a durable message received in manual-ack mode
+    /// ([`ClientBuilder::manual_ack`](crate::ClientBuilder::manual_ack)): the server removes it
+    /// from its store. Returns whether this call acknowledged it (false for an ordinary push, in
+    /// automatic mode, for a second call, or when the connection it came on is gone — it then
+    /// comes again after the reconnect). Dropping every clone of the message without acking
+    /// refuses it; the server sends it again later.
+    pub fn ack(&self) -> bool {
+        self.acker.as_ref().is_some_and(crate::durable::Acker::ack)
     }
 }
 
@@ -183,6 +209,7 @@ mod tests {
             metadata: Metadata::new(),
             payload: Bytes::from_static(b"x"),
             server: "127.0.0.1:1".parse().unwrap(),
+            acker: None,
         }
     }
 

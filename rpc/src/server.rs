@@ -50,6 +50,7 @@ pub struct ServerBuilder {
     identity: crate::auth::IdentityPolicy,
     abuse: crate::AbuseLimits,
     hooks: Hooks,
+    durable: Option<(std::path::PathBuf, crate::DurableLimits)>,
 }
 
 impl ServerBuilder {
@@ -75,6 +76,20 @@ impl ServerBuilder {
     #[must_use]
     pub fn metrics(mut self, enabled: bool) -> Self {
         self.hooks.metrics = enabled;
+        self
+    }
+
+    /// Keeps durable messages ([`Server::send_durable`]) in an embedded, crash-safe database
+    /// (redb) at `path`, created if missing, within `limits`. A server restarted on the same
+    /// file delivers what was pending. [`build`](Self::build) fails with [`Error::Store`] if the
+    /// file is not a store or is damaged beyond what the database repairs.
+    #[must_use]
+    pub fn durable_store(
+        mut self,
+        path: impl Into<std::path::PathBuf>,
+        limits: crate::DurableLimits,
+    ) -> Self {
+        self.durable = Some((path.into(), limits));
         self
     }
 
@@ -195,11 +210,16 @@ impl ServerBuilder {
         let io = IoRuntime::for_server(self.placement, threads)?;
         let registry = Arc::new(Registry::new(4096));
         let limiters = Arc::new(crate::limits::Limiters::new(&self.abuse));
+        let durable = match &self.durable {
+            Some((path, limits)) => Some(crate::durable::Durable::open(path, *limits, &registry)?),
+            None => None,
+        };
         let side = Arc::new(Side::new(
             Role::Server {
                 registry: registry.clone(),
                 identity: self.identity,
                 limiters: limiters.clone(),
+                durable,
             },
             Services::default(),
             &self.transport,
@@ -311,6 +331,7 @@ impl Server {
             identity: crate::auth::IdentityPolicy::default(),
             abuse: crate::AbuseLimits::default(),
             hooks: Hooks::default(),
+            durable: None,
         }
     }
 
@@ -498,6 +519,15 @@ impl Server {
             .counters
             .snapshot(self.inner.registry.len() as u64);
         stats.buffered_request_bytes = self.inner.limiters.buffered.used() as u64;
+        if let Some(d) = self.inner.side.durable() {
+            let c = &d.store.counters;
+            let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+            stats.durable_pending = d.store.pending_total();
+            stats.durable_delivered = get(&c.delivered);
+            stats.durable_redelivered = get(&c.redelivered);
+            stats.durable_expired = get(&c.expired);
+            stats.durable_overflowed = get(&c.overflowed);
+        }
         stats
     }
 
@@ -530,6 +560,56 @@ impl Server {
             .ok_or_else(|| Error::NotConnected(NotConnected::NoClient(client_id.to_owned())))?;
         conn.send_message(service_path, service_method, metadata, data)
             .await
+    }
+
+    /// Stores a durable message for the client identity `client_id` and delivers it whenever
+    /// that identity is bound: at once if it is connected now, else when it next says hello
+    /// (to this server, or to a server restarted on the same store). Messages of one identity
+    /// arrive in the order they were sent, each once (the client drops what it already
+    /// acknowledged); a message is removed when the client acknowledges it. It expires after
+    /// `ttl` if still pending.
+    ///
+    /// # When it returns
+    /// Once the message is committed to disk (crash-safe), not when it is delivered; with its
+    /// id. [`Error::StoreFull`] if it would exceed a bound under [`Overflow::Refuse`](crate::Overflow::Refuse),
+    /// [`Error::Store`] if the commit failed, [`Error::Config`] if the server has no
+    /// [`durable_store`](ServerBuilder::durable_store).
+    pub async fn send_durable(
+        &self,
+        client_id: &str,
+        service_path: &str,
+        service_method: &str,
+        metadata: Metadata,
+        data: impl AsRef<[u8]>,
+        ttl: Duration,
+    ) -> Result<u64> {
+        self.durable()?
+            .send(
+                client_id,
+                service_path,
+                service_method,
+                metadata,
+                data.as_ref(),
+                ttl,
+            )
+            .await
+    }
+
+    /// The durable messages pending for `client_id`, oldest first (expired ones excluded).
+    pub async fn durable_pending(&self, client_id: &str) -> Result<Vec<crate::PendingMessage>> {
+        self.durable()?.pending(client_id).await
+    }
+
+    /// Cancels a pending durable message; whether it was still pending (a message on its way
+    /// to the device may still arrive).
+    pub async fn cancel_durable(&self, client_id: &str, id: u64) -> Result<bool> {
+        self.durable()?.cancel(client_id, id).await
+    }
+
+    fn durable(&self) -> Result<&Arc<crate::durable::Durable>> {
+        self.inner.side.durable().ok_or_else(|| {
+            Error::Config("this server has no durable store (ServerBuilder::durable_store)".into())
+        })
     }
 
     /// Pushes one message to every connected client. See [`broadcast_to`](Self::broadcast_to).

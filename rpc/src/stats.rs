@@ -40,6 +40,16 @@ pub struct Stats {
     /// Request bytes buffered now before their handlers run, over all connections (servers;
     /// bounded by [`AbuseLimits::buffered_bytes_total`](crate::AbuseLimits::buffered_bytes_total)).
     pub buffered_request_bytes: u64,
+    /// Durable messages pending in the store, over all identities (servers with a store).
+    pub durable_pending: u64,
+    /// Durable messages acknowledged by their devices (and removed).
+    pub durable_delivered: u64,
+    /// Of those, messages sent more than once before their acknowledgement.
+    pub durable_redelivered: u64,
+    /// Durable messages dropped because their TTL passed.
+    pub durable_expired: u64,
+    /// Durable messages dropped to make room ([`Overflow::DropOldest`](crate::Overflow::DropOldest)).
+    pub durable_overflowed: u64,
 }
 
 impl Counters {
@@ -56,6 +66,11 @@ impl Counters {
             open_connections,
             auth_failures: get(&self.auth_failures),
             buffered_request_bytes: 0,
+            durable_pending: 0,
+            durable_delivered: 0,
+            durable_redelivered: 0,
+            durable_expired: 0,
+            durable_overflowed: 0,
         }
     }
 }

@@ -96,6 +96,27 @@ impl Connection {
         result
     }
 
+    /// [`send_message_with_receipt`](Self::send_message_with_receipt) within `timeout` instead
+    /// of the push timeout (durable messages wait for the device's acknowledgement).
+    pub(crate) async fn push_with_receipt_within(
+        &self,
+        service_path: &str,
+        service_method: &str,
+        metadata: Metadata,
+        data: &[u8],
+        timeout: Duration,
+    ) -> Result<()> {
+        let frame = Frame::whole(self.push_frame(service_path, service_method, metadata, data)?);
+        self.round_trip(
+            frame,
+            super::call::Call::plain(service_path, service_method),
+            Some(timeout),
+            Reply::Wanted,
+        )
+        .await
+        .map(drop)
+    }
+
     /// Encodes a push frame; [`Error::WrongSide`] on a client's connection.
     pub(crate) fn push_frame(
         &self,

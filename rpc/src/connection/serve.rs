@@ -34,7 +34,7 @@ use crate::{
 pub(crate) async fn serve(conn: Connection) {
     let side = conn.inner.side.clone();
     let pushes = async {
-        if let Role::Client { push_sink } = &side.role {
+        if let Role::Client { push_sink, .. } = &side.role {
             accept_pushes(&conn, push_sink.as_ref()).await;
         }
     };
@@ -113,9 +113,14 @@ async fn serve_bi(conn: &Connection, mut send: quinn::SendStream, mut recv: quin
     let outcome = match (raw.kind, &side.role) {
         (FrameKind::Request, _) => serve_request(conn, send, raw).await,
         (FrameKind::Hello, Role::Server { .. }) => serve_hello(conn, send, raw).await,
-        (FrameKind::Push, Role::Client { push_sink }) => {
-            serve_receipt_push(conn, send, raw, push_sink.as_ref()).await
-        }
+        (
+            FrameKind::Push,
+            Role::Client {
+                push_sink,
+                inbox,
+                manual_ack,
+            },
+        ) => serve_receipt_push(conn, send, raw, push_sink.as_ref(), (inbox, *manual_ack)).await,
         _ => return reject(Some(&mut send), &mut recv, StreamCode::UNEXPECTED_STREAM),
     };
     if let Err(code) = outcome {
@@ -551,11 +556,17 @@ async fn serve_receipt_push(
     mut send: quinn::SendStream,
     raw: RawFrame,
     sink: Option<&PushSender>,
+    (inbox, manual_ack): (&crate::durable::Inbox, bool),
 ) -> Result<(), StreamCode> {
     let Ok(msg) = push_message(conn, raw) else {
         let _ = send.reset(StreamCode::MALFORMED_FRAME.into());
         return Err(StreamCode::MALFORMED_FRAME);
     };
+    if let (Some(id), Some(sink)) = (msg.durable_id(), sink) {
+        let status = durable_push(conn, msg, id, sink, inbox, manual_ack, &mut send).await;
+        respond(conn, &mut send, status, Metadata::new(), Bytes::new()).await;
+        return Ok(());
+    }
     let status = match sink {
         None => Status::error(status::PUSH_REJECTED, "this client receives no pushes"),
         Some(sink) => match deliver(conn, sink, msg).await {
@@ -568,6 +579,67 @@ async fn serve_receipt_push(
     Ok(())
 }
 
+/// A durable message: delivered in its `prev` order, once per acknowledged id; answered once the
+/// application has it (automatic ack) or acknowledged it (manual ack).
+async fn durable_push(
+    conn: &Connection,
+    mut msg: PushMessage,
+    id: u64,
+    sink: &PushSender,
+    inbox: &crate::durable::Inbox,
+    manual_ack: bool,
+    send: &mut quinn::SendStream,
+) -> Status {
+    use crate::durable::{Acker, Admission, MSG_PREV_KEY};
+    let server = conn.server_addr();
+    let prev = msg
+        .metadata
+        .get(MSG_PREV_KEY)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    // The message before it is on its way on another stream: wait for it (bounded).
+    match inbox
+        .admit(server, conn.id(), id, prev, Duration::from_secs(10))
+        .await
+    {
+        Some(Admission::Duplicate) => return Status::Ok,
+        Some(Admission::Deliver) => {}
+        None => {
+            return Status::error(
+                status::PUSH_REJECTED,
+                "the durable message before this one never arrived",
+            );
+        }
+    }
+    let ack = if manual_ack {
+        let (acker, acked) = Acker::new();
+        msg.acker = Some(acker);
+        Some(acked)
+    } else {
+        None
+    };
+    let delivery = deliver(conn, sink, msg).await;
+    if delivery != Delivery::Delivered {
+        return match delivery {
+            Delivery::Dropped => Status::error(status::PUSH_DROPPED, "push channel full"),
+            _ => Status::error(status::PUSH_REJECTED, "push channel closed"),
+        };
+    }
+    inbox.delivered(server, conn.id(), id);
+    if let Some(acked) = ack {
+        // Until the application acknowledges (or drops the message, or the server gives up).
+        let stopped = send.stopped();
+        tokio::select! {
+            r = acked => if r.is_err() {
+                return Status::error(status::PUSH_REJECTED, "dropped without an ack");
+            },
+            _ = stopped => return Status::error(status::PUSH_REJECTED, "server gave up"),
+        }
+    }
+    inbox.acked(server, id);
+    Status::Ok
+}
+
 fn push_message(conn: &Connection, raw: RawFrame) -> Result<PushMessage, FrameError> {
     let header: PushHeader = raw.header()?;
     Ok(PushMessage {
@@ -576,6 +648,7 @@ fn push_message(conn: &Connection, raw: RawFrame) -> Result<PushMessage, FrameEr
         metadata: header.metadata,
         payload: raw.payload,
         server: conn.server_addr(),
+        acker: None,
     })
 }
 

@@ -30,12 +30,18 @@ pub(crate) enum Role {
         identity: crate::auth::IdentityPolicy,
         /// Call rates and connections per address.
         limiters: Arc<crate::limits::Limiters>,
+        /// Durable messages, when the server has a store.
+        durable: Option<Arc<crate::durable::Durable>>,
     },
     /// A client: opens one connection per server, receives pushes (if it has a channel) and
     /// pushes with receipt, says hello.
     Client {
         /// Where pushes go; `None` refuses them with `PUSH_REJECTED`.
         push_sink: Option<PushSender>,
+        /// Order and duplicates of durable messages.
+        inbox: Arc<crate::durable::Inbox>,
+        /// Whether the application acknowledges durable messages itself.
+        manual_ack: bool,
     },
 }
 
@@ -194,6 +200,14 @@ impl Side {
     pub(crate) fn limiters(&self) -> Option<&crate::limits::Limiters> {
         match &self.role {
             Role::Server { limiters, .. } => Some(limiters),
+            Role::Client { .. } => None,
+        }
+    }
+
+    /// The server's durable store, if it has one.
+    pub(crate) fn durable(&self) -> Option<&Arc<crate::durable::Durable>> {
+        match &self.role {
+            Role::Server { durable, .. } => durable.as_ref(),
             Role::Client { .. } => None,
         }
     }

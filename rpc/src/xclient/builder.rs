@@ -227,6 +227,8 @@ impl XClientBuilder {
         let side = Arc::new(Side::new(
             Role::Client {
                 push_sink: self.push,
+                inbox: Arc::default(),
+                manual_ack: false,
             },
             self.services,
             &option.transport,

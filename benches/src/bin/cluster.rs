@@ -1,0 +1,361 @@
+//! Cluster benchmark (`cargo run -p quicx-benches --release --bin quicx-cluster-bench`): three
+//! nodes on a real etcd (started here on loopback with a temporary data dir), devices spread
+//! over them, then, in one run:
+//!
+//! - push latency to a device on the same node vs on another node (p50/p99, pushes with
+//!   receipt, one at a time), next to one loopback quicx round trip;
+//! - pushes/s to local devices vs routed to devices on other nodes (64 in flight);
+//! - etcd requests per push in steady state (etcd's own gRPC counters before and after);
+//! - presence convergence after a device moves (until every node routes to its new node);
+//! - presence convergence after a node dies (its lease expires; until no node lists its
+//!   devices).
+//!
+//! Every loop is bounded in count and time. All nodes share this process (and its 2 cores).
+#![forbid(unsafe_code)]
+
+use std::{
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+use futures_util::{StreamExt, stream};
+use quicx::{
+    ClientEndpoint, ClientTls, Context, DevCertificate, Metadata, Server, Service, push_channel,
+};
+use quicx_cluster::{ClusterNode, ClusterOptions, EtcdOptions};
+use quicx_tests::etcd::EtcdServer;
+
+#[derive(Debug, Parser)]
+struct Cli {
+    /// Devices over the three nodes.
+    #[arg(long, default_value_t = 10_000)]
+    devices: usize,
+    /// Pushes per latency measurement.
+    #[arg(long, default_value_t = 2_000)]
+    latency_pushes: usize,
+    /// Pushes per throughput measurement (each also bounded to 10 s).
+    #[arg(long, default_value_t = 30_000)]
+    rate_pushes: usize,
+    /// Device moves to time.
+    #[arg(long, default_value_t = 30)]
+    moves: usize,
+    /// Lease TTL of the nodes, seconds.
+    #[arg(long, default_value_t = 2)]
+    ttl: u64,
+}
+
+const SECRET: &str = "bench-secret";
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+async fn start_node(
+    dev: &DevCertificate,
+    etcd: &EtcdOptions,
+    name: &str,
+) -> anyhow::Result<(Server, ClusterNode)> {
+    let server = Server::builder()
+        .dev_certificate(dev)
+        .insecure_accept_unverified_client_ids()
+        .build()?;
+    server.register(
+        "Echo",
+        Service::new().method("Ping", |_ctx: Context, (): ()| async move { Ok(()) }),
+    );
+    server.bind("127.0.0.1:0").await?;
+    let node = ClusterNode::start(
+        &server,
+        ClusterOptions::new(
+            name,
+            etcd.clone(),
+            ClientTls::new().trust(dev.certificate()),
+            SECRET,
+        ),
+    )
+    .await?;
+    Ok((server, node))
+}
+
+/// The sum of etcd's handled unary gRPC requests (KV, lease grants), from its `/metrics`.
+fn etcd_requests(addr: SocketAddr) -> anyhow::Result<f64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    Ok(text
+        .lines()
+        .filter(|l| {
+            l.starts_with("grpc_server_handled_total{") && l.contains("grpc_type=\"unary\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
+/// Latency of pushes with receipt from `node` to `device`, one at a time.
+async fn push_latency(node: &ClusterNode, device: &str, n: usize) -> anyhow::Result<Vec<Duration>> {
+    let mut samples = Vec::with_capacity(n);
+    let limit = Instant::now() + Duration::from_secs(20);
+    for _ in 0..n {
+        if Instant::now() > limit {
+            break;
+        }
+        let t = Instant::now();
+        node.send_to_client_with_receipt(device, "Bench", "Tick", Metadata::new(), b"x")
+            .await?;
+        samples.push(t.elapsed());
+    }
+    samples.sort();
+    Ok(samples)
+}
+
+/// Pushes/s from `node` to `targets` (round robin), 64 in flight, `n` pushes or 10 s.
+async fn push_rate(node: &ClusterNode, targets: &[String], n: usize) -> anyhow::Result<f64> {
+    let start = Instant::now();
+    let limit = start + Duration::from_secs(10);
+    let done = stream::iter(0..n)
+        .take_while(|_| std::future::ready(Instant::now() < limit))
+        .map(|i| {
+            let target = &targets[i % targets.len()];
+            async move {
+                node.send_to_client(
+                    target,
+                    "Bench",
+                    "Tick",
+                    Metadata::new(),
+                    b"0123456789abcdef",
+                )
+                .await
+            }
+        })
+        .buffer_unordered(64)
+        .fold(Ok(0usize), |acc, r| async move {
+            match (acc, r) {
+                (Ok(n), Ok(())) => Ok(n + 1),
+                (Err(e), _) => Err(e),
+                (_, Err(e)) => Err(e),
+            }
+        })
+        .await?;
+    Ok(done as f64 / start.elapsed().as_secs_f64())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let etcd_server = match EtcdServer::start() {
+        Ok(e) => e,
+        Err(e) => bail!("cannot run the cluster benchmark: {e}"),
+    };
+    let ttl = Duration::from_secs(cli.ttl);
+    let etcd = EtcdOptions::new([etcd_server.endpoint()])
+        .prefix("/quicx-bench")
+        .lease_ttl(ttl);
+    let dev = DevCertificate::localhost()?;
+    let mut nodes = Vec::new();
+    for name in ["a", "b", "c"] {
+        nodes.push(start_node(&dev, &etcd, name).await?);
+    }
+    let addrs: Vec<SocketAddr> = nodes
+        .iter()
+        .map(|(s, _)| s.local_addr().context("bound"))
+        .collect::<anyhow::Result<_>>()?;
+
+    // The fleet: devices spread round robin over the nodes, through a few shared sockets.
+    let sockets: Vec<ClientEndpoint> = (0..4)
+        .map(|_| ClientEndpoint::bind("127.0.0.1:0".parse().expect("addr")))
+        .collect::<quicx::Result<_>>()?;
+    let (tx, mut rx) = push_channel(1 << 16);
+    let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
+    let started = Instant::now();
+    let devices: Vec<quicx::Client> = stream::iter(0..cli.devices)
+        .map(|i| {
+            let (tls, tx, endpoint) = (
+                ClientTls::new().trust(dev.certificate()),
+                tx.clone(),
+                sockets[i % sockets.len()].clone(),
+            );
+            let addr = addrs[i % 3];
+            async move {
+                quicx::Client::builder()
+                    .tls(tls)
+                    .endpoint(&endpoint)
+                    .client_id(format!("device-{i}"))
+                    .push_channel(tx)
+                    .connect_addr(addr, "localhost")
+                    .await
+            }
+        })
+        .buffer_unordered(64)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<quicx::Result<_>>()?;
+    let a = nodes[0].1.clone();
+    let seen = Instant::now();
+    while (0..cli.devices).any(|i| i % 50 == 0 && a.locate(&format!("device-{i}")).is_none()) {
+        if seen.elapsed() > Duration::from_secs(60) {
+            bail!("presence did not converge");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "{} devices on 3 nodes, connected and recorded in {:.1} s",
+        devices.len(),
+        started.elapsed().as_secs_f64()
+    );
+
+    // One loopback round trip, for reference.
+    let probe = quicx::Client::builder()
+        .tls(ClientTls::new().trust(dev.certificate()))
+        .connect_addr(addrs[1], "localhost")
+        .await?;
+    let mut rtts = Vec::new();
+    for _ in 0..cli.latency_pushes {
+        let t = Instant::now();
+        probe.call::<_, ()>("Echo", "Ping", &()).await?;
+        rtts.push(t.elapsed());
+    }
+    rtts.sort();
+
+    // device-0 is on node a, device-1 on node b.
+    let local = push_latency(&a, "device-0", cli.latency_pushes).await?;
+    let remote = push_latency(&a, "device-1", cli.latency_pushes).await?;
+    let local_again = push_latency(&a, "device-3", cli.latency_pushes).await?;
+    println!(
+        "push with receipt, p50/p99 ms: local {:.3}/{:.3} (again {:.3}/{:.3}), cross-node {:.3}/{:.3}; one quicx round trip {:.3}/{:.3}",
+        ms(percentile(&local, 0.5)),
+        ms(percentile(&local, 0.99)),
+        ms(percentile(&local_again, 0.5)),
+        ms(percentile(&local_again, 0.99)),
+        ms(percentile(&remote, 0.5)),
+        ms(percentile(&remote, 0.99)),
+        ms(percentile(&rtts, 0.5)),
+        ms(percentile(&rtts, 0.99)),
+    );
+    println!(
+        "cross-node p50 - local p50 = {:.3} ms (target: <= one round trip, {:.3} ms)",
+        ms(percentile(&remote, 0.5).saturating_sub(percentile(&local, 0.5))),
+        ms(percentile(&rtts, 0.5))
+    );
+
+    // Throughput: node a to its own devices, then to the devices of b and c.
+    let on_a: Vec<String> = (0..cli.devices)
+        .filter(|i| i % 3 == 0)
+        .map(|i| format!("device-{i}"))
+        .collect();
+    let elsewhere: Vec<String> = (0..cli.devices)
+        .filter(|i| i % 3 != 0)
+        .map(|i| format!("device-{i}"))
+        .collect();
+    let metrics_addr = etcd_server.client_addr();
+    let local_rate = push_rate(&a, &on_a, cli.rate_pushes).await?;
+    let before = etcd_requests(metrics_addr)?;
+    let routed_start = Instant::now();
+    let routed_rate = push_rate(&a, &elsewhere, cli.rate_pushes).await?;
+    let routed_secs = routed_start.elapsed().as_secs_f64();
+    let after = etcd_requests(metrics_addr)?;
+    let routed_pushes = routed_rate * routed_secs;
+    println!(
+        "pushes/s: local {local_rate:.0}, routed {routed_rate:.0} ({:.2}x local)",
+        routed_rate / local_rate
+    );
+    println!(
+        "etcd unary requests during {routed_pushes:.0} routed pushes ({routed_secs:.1} s): {:.0} ({:.5} per push; lease keep-alives are a stream, not counted)",
+        after - before,
+        (after - before) / routed_pushes.max(1.0)
+    );
+
+    // A device moves: it connects to another node; time until every node routes to it there.
+    let mut moves = Vec::new();
+    let move_limit = Instant::now() + Duration::from_secs(60);
+    for m in 0..cli.moves {
+        if Instant::now() > move_limit {
+            break;
+        }
+        let id = format!("mover-{m}");
+        let first = quicx::Client::builder()
+            .tls(ClientTls::new().trust(dev.certificate()))
+            .client_id(id.clone())
+            .connect_addr(addrs[0], "localhost")
+            .await?;
+        while nodes
+            .iter()
+            .any(|(_, n)| n.locate(&id).as_deref() != Some("a"))
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let second = quicx::Client::builder()
+            .tls(ClientTls::new().trust(dev.certificate()))
+            .client_id(id.clone())
+            .connect_addr(addrs[2], "localhost")
+            .await?;
+        let hello = Instant::now();
+        while nodes
+            .iter()
+            .any(|(_, n)| n.locate(&id).as_deref() != Some("c"))
+        {
+            if hello.elapsed() > Duration::from_secs(5) {
+                bail!("move of {id} did not converge");
+            }
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        moves.push(hello.elapsed());
+        drop((first, second));
+    }
+    moves.sort();
+    println!(
+        "presence after a move (hello done -> every node routes to the new node), ms: p50 {:.2}, max {:.2} over {} moves",
+        ms(percentile(&moves, 0.5)),
+        ms(moves.last().copied().unwrap_or_default()),
+        moves.len()
+    );
+
+    // Node c dies: it stops renewing its lease and drops its connections without saying so.
+    let (server_c, node_c) = nodes.pop().expect("three nodes");
+    let victims: Vec<String> = (0..cli.devices)
+        .filter(|i| i % 3 == 2)
+        .map(|i| format!("device-{i}"))
+        .collect();
+    drop(node_c);
+    let killed = Instant::now();
+    server_c.shutdown(Duration::ZERO).await;
+    let survivors: Vec<ClusterNode> = nodes.iter().map(|(_, n)| n.clone()).collect();
+    loop {
+        let listed = victims
+            .iter()
+            .filter(|id| {
+                survivors
+                    .iter()
+                    .any(|n| n.locate(id).as_deref() == Some("c"))
+            })
+            .count();
+        if listed == 0 {
+            break;
+        }
+        if killed.elapsed() > ttl + Duration::from_secs(10) {
+            bail!("{listed} devices of the dead node still listed");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    println!(
+        "node c died with {} devices: offline on every node after {:.2} s (lease TTL {:.0} s)",
+        victims.len(),
+        killed.elapsed().as_secs_f64(),
+        ttl.as_secs_f64()
+    );
+    drop(devices);
+    drain.abort();
+    Ok(())
+}

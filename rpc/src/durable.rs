@@ -1,0 +1,921 @@
+//! Durable pushes: messages for an identity kept in an embedded, crash-safe store (redb) until
+//! the device acknowledges them, delivered in send order whenever the identity is bound.
+//!
+//! On the wire a durable message is a push with receipt whose metadata carries
+//! `quicx-msg-id` (its id, increasing per store) and `quicx-msg-prev` (the id sent before it to
+//! the same device in the same delivery run, `0` for the first); the receipt is the
+//! acknowledgement. Clients deliver them in `prev` order and drop ids they already acknowledged
+//! (see `docs/PROTOCOL.md`). Old clients see ordinary pushes with receipt: no ALPN change.
+
+use std::{
+    collections::{HashMap, HashSet},
+    path::Path,
+    sync::{
+        Arc, Mutex, Weak,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use futures_util::{StreamExt, stream};
+use redb::{Database, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, oneshot};
+
+use crate::{Connection, Error, Metadata, Result, connection::registry::Registry};
+
+/// Metadata key: a durable message's id.
+pub const MSG_ID_KEY: &str = "quicx-msg-id";
+/// Metadata key: the id of the durable message sent before this one in the same run (`0`: none).
+pub const MSG_PREV_KEY: &str = "quicx-msg-prev";
+/// Metadata key, present (`1`) when the message was sent before and not acknowledged.
+pub const MSG_REDELIVERED_KEY: &str = "quicx-msg-redelivered";
+
+const MESSAGES: TableDefinition<'_, (&str, u64), &[u8]> = TableDefinition::new("messages");
+const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
+
+/// Messages sent at once to one device before their acknowledgements come back.
+const WINDOW: usize = 32;
+/// Messages read from the store at a time.
+const BATCH: usize = 256;
+
+/// What a server does when a durable message would exceed a bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Overflow {
+    /// Refuse the new message: [`Error::StoreFull`]. The default.
+    #[default]
+    Refuse,
+    /// Drop the identity's oldest messages until the new one fits, and count them
+    /// ([`Stats::durable_overflowed`](crate::Stats::durable_overflowed)). A message larger than
+    /// the per-identity byte bound is still refused.
+    DropOldest,
+}
+
+/// Bounds of the durable store.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct DurableLimits {
+    /// Pending messages per identity (default 10,000).
+    pub per_identity_messages: u64,
+    /// Pending payload and header bytes per identity (default 16 MiB).
+    pub per_identity_bytes: u64,
+    /// Pending messages in all (default 1,000,000).
+    pub total_messages: u64,
+    /// Pending bytes in all (default 1 GiB).
+    pub total_bytes: u64,
+    /// What a message over a bound does (default [`Overflow::Refuse`]).
+    pub overflow: Overflow,
+    /// How long a server waits for a device's acknowledgement before it tries again later
+    /// (default 60 s; in manual-ack mode this is how long the device application may take).
+    pub ack_timeout: Duration,
+}
+
+impl Default for DurableLimits {
+    fn default() -> Self {
+        Self {
+            per_identity_messages: 10_000,
+            per_identity_bytes: 16 << 20,
+            total_messages: 1_000_000,
+            total_bytes: 1 << 30,
+            overflow: Overflow::Refuse,
+            ack_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl DurableLimits {
+    /// Sets the overflow policy.
+    #[must_use]
+    pub fn overflow(mut self, overflow: Overflow) -> Self {
+        self.overflow = overflow;
+        self
+    }
+
+    /// Sets the per-identity bounds.
+    #[must_use]
+    pub fn per_identity(mut self, messages: u64, bytes: u64) -> Self {
+        self.per_identity_messages = messages;
+        self.per_identity_bytes = bytes;
+        self
+    }
+
+    /// Sets the bounds over all identities.
+    #[must_use]
+    pub fn total(mut self, messages: u64, bytes: u64) -> Self {
+        self.total_messages = messages;
+        self.total_bytes = bytes;
+        self
+    }
+
+    /// Sets the acknowledgement timeout.
+    #[must_use]
+    pub fn ack_timeout(mut self, timeout: Duration) -> Self {
+        self.ack_timeout = timeout;
+        self
+    }
+}
+
+/// A message waiting in the store for its device ([`Server::durable_pending`](crate::Server::durable_pending)).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PendingMessage {
+    /// Its id (what the device sees under `quicx-msg-id`).
+    pub id: u64,
+    /// The service path it is pushed to.
+    pub service_path: String,
+    /// The method.
+    pub service_method: String,
+    /// Payload bytes.
+    pub size: usize,
+    /// When it expires (it is then dropped, never delivered).
+    pub expires_at: SystemTime,
+}
+
+/// A message as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Stored {
+    service_path: String,
+    service_method: String,
+    metadata: Metadata,
+    payload: Vec<u8>,
+    /// Unix milliseconds.
+    expires_ms: u64,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn store_error(e: impl std::fmt::Display) -> Error {
+    Error::Store(e.to_string())
+}
+
+/// Counts of one identity's pending messages.
+#[derive(Debug, Default, Clone, Copy)]
+struct Size {
+    messages: u64,
+    bytes: u64,
+}
+
+#[derive(Debug, Default)]
+struct Sizes {
+    by_identity: HashMap<String, Size>,
+    total: Size,
+}
+
+impl Sizes {
+    fn add(&mut self, identity: &str, bytes: u64) {
+        let s = self.by_identity.entry(identity.to_owned()).or_default();
+        s.messages += 1;
+        s.bytes += bytes;
+        self.total.messages += 1;
+        self.total.bytes += bytes;
+    }
+
+    fn sub(&mut self, identity: &str, bytes: u64) {
+        if let Some(s) = self.by_identity.get_mut(identity) {
+            s.messages = s.messages.saturating_sub(1);
+            s.bytes = s.bytes.saturating_sub(bytes);
+            if s.messages == 0 {
+                self.by_identity.remove(identity);
+            }
+        }
+        self.total.messages = self.total.messages.saturating_sub(1);
+        self.total.bytes = self.total.bytes.saturating_sub(bytes);
+    }
+}
+
+/// Counters of the durable store.
+#[derive(Debug, Default)]
+pub(crate) struct DurableCounters {
+    pub(crate) delivered: AtomicU64,
+    pub(crate) redelivered: AtomicU64,
+    pub(crate) expired: AtomicU64,
+    pub(crate) overflowed: AtomicU64,
+}
+
+/// A change to make in one write transaction.
+enum Op {
+    Append {
+        identity: String,
+        message: Stored,
+        reply: oneshot::Sender<Result<u64>>,
+    },
+    Remove {
+        identity: String,
+        ids: Vec<u64>,
+        reply: oneshot::Sender<Result<u64>>,
+    },
+}
+
+/// The store: redb on disk, one writer thread that commits whatever is waiting in one
+/// transaction (group commit: each append waits for a durable commit, concurrent appends share
+/// it), and the sizes kept in memory for the bounds.
+pub(crate) struct Store {
+    db: Arc<Database>,
+    writer: std::sync::mpsc::Sender<Op>,
+    sizes: Arc<Mutex<Sizes>>,
+    pub(crate) counters: Arc<DurableCounters>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("pending", &self.pending_total())
+            .finish()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Store {
+    /// Opens (or creates) the store at `path`. A file that is not a redb database, or one redb
+    /// cannot repair, is [`Error::Store`] with redb's reason; never a panic.
+    pub(crate) fn open(path: &Path, limits: DurableLimits) -> Result<Self> {
+        // redb 2.6 asserts (panics) on some damaged files, a truncated one among them, instead of
+        // returning an error: turn that into the error it should be.
+        let opened =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Database::create(path)));
+        let db = match opened {
+            Ok(Ok(db)) => db,
+            Ok(Err(e)) => {
+                return Err(Error::Store(format!("cannot open {}: {e}", path.display())));
+            }
+            Err(panic) => {
+                return Err(Error::Store(format!(
+                    "cannot open {}: the file is damaged (truncated or overwritten?): {}",
+                    path.display(),
+                    crate::service::panic_message(&*panic)
+                )));
+            }
+        };
+        let mut sizes = Sizes::default();
+        {
+            let txn = db.begin_write().map_err(store_error)?;
+            {
+                let table = txn.open_table(MESSAGES).map_err(store_error)?;
+                txn.open_table(META).map_err(store_error)?;
+                for entry in table.iter().map_err(store_error)? {
+                    let (k, v) = entry.map_err(store_error)?;
+                    sizes.add(k.value().0, v.value().len() as u64);
+                }
+            }
+            txn.commit().map_err(store_error)?;
+        }
+        let db = Arc::new(db);
+        let sizes = Arc::new(Mutex::new(sizes));
+        let counters = Arc::new(DurableCounters::default());
+        let (writer, ops) = std::sync::mpsc::channel();
+        {
+            let (db, sizes, counters) = (db.clone(), sizes.clone(), counters.clone());
+            std::thread::Builder::new()
+                .name("quicx-durable".into())
+                .spawn(move || write_loop(&db, &ops, &sizes, &counters, limits))?;
+        }
+        Ok(Self {
+            db,
+            writer,
+            sizes,
+            counters,
+        })
+    }
+
+    async fn op(&self, make: impl FnOnce(oneshot::Sender<Result<u64>>) -> Op) -> Result<u64> {
+        let (tx, rx) = oneshot::channel();
+        self.writer
+            .send(make(tx))
+            .map_err(|_| Error::Store("the store's writer stopped".into()))?;
+        rx.await
+            .unwrap_or_else(|_| Err(Error::Store("the store's writer stopped".into())))
+    }
+
+    /// Stores a message; returns its id once the commit is durable.
+    async fn append(&self, identity: &str, message: Stored) -> Result<u64> {
+        let identity = identity.to_owned();
+        self.op(|reply| Op::Append {
+            identity,
+            message,
+            reply,
+        })
+        .await
+    }
+
+    /// Removes messages; returns how many were there.
+    async fn remove(&self, identity: &str, ids: Vec<u64>) -> Result<u64> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let identity = identity.to_owned();
+        self.op(|reply| Op::Remove {
+            identity,
+            ids,
+            reply,
+        })
+        .await
+    }
+
+    /// Up to `limit` messages of `identity` with ids above `after`, in id order.
+    fn read_after(&self, identity: &str, after: u64, limit: usize) -> Result<Vec<(u64, Stored)>> {
+        let txn = self.db.begin_read().map_err(store_error)?;
+        let table = txn.open_table(MESSAGES).map_err(store_error)?;
+        let mut out = Vec::new();
+        let start = after.saturating_add(1);
+        for entry in table
+            .range((identity, start)..=(identity, u64::MAX))
+            .map_err(store_error)?
+        {
+            let (k, v) = entry.map_err(store_error)?;
+            match postcard::from_bytes::<Stored>(v.value()) {
+                Ok(m) => out.push((k.value().1, m)),
+                Err(e) => tracing::error!("durable message {} is corrupt: {e}", k.value().1),
+            }
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    async fn read_after_async(
+        self: &Arc<Self>,
+        identity: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Stored)>> {
+        let (store, identity) = (self.clone(), identity.to_owned());
+        tokio::task::spawn_blocking(move || store.read_after(&identity, after, limit))
+            .await
+            .map_err(store_error)?
+    }
+
+    pub(crate) fn pending_total(&self) -> u64 {
+        lock(&self.sizes).total.messages
+    }
+
+    pub(crate) fn pending_of(&self, identity: &str) -> u64 {
+        lock(&self.sizes)
+            .by_identity
+            .get(identity)
+            .map_or(0, |s| s.messages)
+    }
+}
+
+/// The writer thread: commits every operation waiting, in one transaction at a time.
+fn write_loop(
+    db: &Database,
+    ops: &std::sync::mpsc::Receiver<Op>,
+    sizes: &Mutex<Sizes>,
+    counters: &DurableCounters,
+    limits: DurableLimits,
+) {
+    while let Ok(first) = ops.recv() {
+        let mut batch = vec![first];
+        while batch.len() < 1024 {
+            match ops.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let mut replies = Vec::with_capacity(batch.len());
+        let outcome = (|| -> Result<()> {
+            let txn = db.begin_write().map_err(store_error)?;
+            {
+                let mut table = txn.open_table(MESSAGES).map_err(store_error)?;
+                let mut meta = txn.open_table(META).map_err(store_error)?;
+                let mut next = meta
+                    .get("next_id")
+                    .map_err(store_error)?
+                    .map_or(1, |v| v.value());
+                let mut sizes = lock(sizes);
+                for op in batch {
+                    match op {
+                        Op::Append {
+                            identity,
+                            message,
+                            reply,
+                        } => {
+                            let bytes = postcard::to_allocvec(&message).map_err(store_error)?;
+                            let result = admit(
+                                &mut table,
+                                &mut sizes,
+                                counters,
+                                &limits,
+                                &identity,
+                                bytes.len() as u64,
+                            )
+                            .and_then(|()| {
+                                table
+                                    .insert((identity.as_str(), next), bytes.as_slice())
+                                    .map_err(store_error)?;
+                                sizes.add(&identity, bytes.len() as u64);
+                                next += 1;
+                                Ok(next - 1)
+                            });
+                            replies.push((reply, result));
+                        }
+                        Op::Remove {
+                            identity,
+                            ids,
+                            reply,
+                        } => {
+                            let mut removed = 0;
+                            for id in ids {
+                                if let Some(v) =
+                                    table.remove((identity.as_str(), id)).map_err(store_error)?
+                                {
+                                    sizes.sub(&identity, v.value().len() as u64);
+                                    removed += 1;
+                                }
+                            }
+                            replies.push((reply, Ok(removed)));
+                        }
+                    }
+                }
+                meta.insert("next_id", next).map_err(store_error)?;
+            }
+            txn.commit().map_err(store_error)
+        })();
+        match outcome {
+            Ok(()) => {
+                metrics::gauge!(crate::metrics::names::DURABLE_PENDING)
+                    .set(lock(sizes).total.messages as f64);
+                for (reply, result) in replies {
+                    let _ = reply.send(result);
+                }
+            }
+            Err(e) => {
+                tracing::error!("durable store commit failed: {e}");
+                // What this transaction changed in memory is now wrong: count again.
+                if let Ok(fresh) = recount(db) {
+                    *lock(sizes) = fresh;
+                }
+                for (reply, _) in replies {
+                    let _ = reply.send(Err(Error::Store(e.to_string())));
+                }
+            }
+        }
+    }
+}
+
+fn recount(db: &Database) -> Result<Sizes> {
+    let mut sizes = Sizes::default();
+    let txn = db.begin_read().map_err(store_error)?;
+    let table = txn.open_table(MESSAGES).map_err(store_error)?;
+    for entry in table.iter().map_err(store_error)? {
+        let (k, v) = entry.map_err(store_error)?;
+        sizes.add(k.value().0, v.value().len() as u64);
+    }
+    Ok(sizes)
+}
+
+/// Makes room for a message of `bytes` for `identity` under the bounds, or refuses it.
+fn admit(
+    table: &mut redb::Table<'_, (&'static str, u64), &'static [u8]>,
+    sizes: &mut Sizes,
+    counters: &DurableCounters,
+    limits: &DurableLimits,
+    identity: &str,
+    bytes: u64,
+) -> Result<()> {
+    let fits = |sizes: &Sizes| {
+        let mine = sizes.by_identity.get(identity).copied().unwrap_or_default();
+        mine.messages < limits.per_identity_messages
+            && mine.bytes + bytes <= limits.per_identity_bytes
+            && sizes.total.messages < limits.total_messages
+            && sizes.total.bytes + bytes <= limits.total_bytes
+    };
+    if fits(sizes) {
+        return Ok(());
+    }
+    let full = |sizes: &Sizes| {
+        let mine = sizes.by_identity.get(identity).copied().unwrap_or_default();
+        Error::StoreFull(format!(
+            "`{identity}` has {} pending messages ({} bytes); the store holds {} ({} bytes)",
+            mine.messages, mine.bytes, sizes.total.messages, sizes.total.bytes,
+        ))
+    };
+    if limits.overflow == Overflow::Refuse || bytes > limits.per_identity_bytes {
+        return Err(full(sizes));
+    }
+    // Drop this identity's oldest until it fits (other identities' messages are theirs).
+    while !fits(sizes) {
+        let oldest = table
+            .range((identity, 0)..=(identity, u64::MAX))
+            .map_err(store_error)?
+            .next()
+            .transpose()
+            .map_err(store_error)?
+            .map(|(k, _)| k.value().1);
+        let Some(id) = oldest else {
+            return Err(full(sizes));
+        };
+        if let Some(v) = table.remove((identity, id)).map_err(store_error)? {
+            sizes.sub(identity, v.value().len() as u64);
+            counters.overflowed.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(crate::metrics::names::DURABLE_OVERFLOWED).increment(1);
+        }
+    }
+    Ok(())
+}
+
+/// The server's durable delivery: the store, and one delivery run per bound identity.
+pub(crate) struct Durable {
+    pub(crate) store: Arc<Store>,
+    registry: Weak<Registry>,
+    /// Identities with a run going, and whether more arrived since it read the store.
+    running: Mutex<HashMap<String, bool>>,
+    /// Messages sent once and not acknowledged (for the redelivered mark and count).
+    attempted: Mutex<HashSet<u64>>,
+    limits: DurableLimits,
+    /// Whether the sweeper of expired messages runs (started with the first delivery).
+    sweeping: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for Durable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Durable")
+            .field("store", &self.store)
+            .finish()
+    }
+}
+
+/// How a delivery run ended.
+#[derive(Debug, PartialEq, Eq)]
+enum RunEnd {
+    /// Nothing left to send.
+    Done,
+    /// The device is gone, or did not acknowledge: try again on its next hello (or soon).
+    Stopped,
+}
+
+impl Durable {
+    pub(crate) fn open(
+        path: &Path,
+        limits: DurableLimits,
+        registry: &Arc<Registry>,
+    ) -> Result<Arc<Self>> {
+        let store = Arc::new(Store::open(path, limits)?);
+        let durable = Arc::new(Self {
+            store,
+            registry: Arc::downgrade(registry),
+            running: Mutex::default(),
+            attempted: Mutex::default(),
+            limits,
+            sweeping: std::sync::atomic::AtomicBool::new(false),
+        });
+        Ok(durable)
+    }
+
+    /// Stores a message for `identity` (crash-safe once this returns), then delivers it at once
+    /// if the identity is bound.
+    pub(crate) async fn send(
+        self: &Arc<Self>,
+        identity: &str,
+        service_path: &str,
+        service_method: &str,
+        metadata: Metadata,
+        payload: &[u8],
+        ttl: Duration,
+    ) -> Result<u64> {
+        let message = Stored {
+            service_path: service_path.to_owned(),
+            service_method: service_method.to_owned(),
+            metadata,
+            payload: payload.to_vec(),
+            expires_ms: now_ms().saturating_add(ttl.as_millis() as u64),
+        };
+        let id = self.store.append(identity, message).await?;
+        self.kick(identity);
+        Ok(id)
+    }
+
+    /// Starts a delivery run for `identity` (if it is bound), or tells the one going that more
+    /// arrived.
+    pub(crate) fn kick(self: &Arc<Self>, identity: &str) {
+        if !self.sweeping.swap(true, Ordering::Relaxed) {
+            tokio::spawn(sweep(Arc::downgrade(self)));
+        }
+        if self.store.pending_of(identity) == 0 {
+            return;
+        }
+        let mut running = lock(&self.running);
+        match running.get_mut(identity) {
+            Some(more) => *more = true,
+            None => {
+                running.insert(identity.to_owned(), false);
+                tokio::spawn(self.clone().run(identity.to_owned()));
+            }
+        }
+    }
+
+    async fn run(self: Arc<Self>, identity: String) {
+        loop {
+            let end = self.deliver(&identity).await;
+            {
+                let mut running = lock(&self.running);
+                let more = running.get(&identity).copied().unwrap_or(false);
+                if end == RunEnd::Done && more {
+                    running.insert(identity.clone(), false);
+                    continue;
+                }
+                running.remove(&identity);
+            }
+            if end == RunEnd::Stopped {
+                // Still bound (the device refused or was slow)? Try again in a second.
+                let durable = Arc::downgrade(&self);
+                let identity = identity.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    if let Some(d) = durable.upgrade() {
+                        if d.connection(&identity).is_some() {
+                            d.kick(&identity);
+                        }
+                    }
+                });
+            }
+            return;
+        }
+    }
+
+    fn connection(&self, identity: &str) -> Option<Connection> {
+        self.registry
+            .upgrade()?
+            .by_client_id(identity)
+            .filter(|c| !c.is_closed())
+    }
+
+    /// Sends everything pending for `identity`, in id order, `WINDOW` at a time, removing each
+    /// message its acknowledgement came back for.
+    async fn deliver(&self, identity: &str) -> RunEnd {
+        let Some(conn) = self.connection(identity) else {
+            return RunEnd::Stopped;
+        };
+        let (mut after, mut prev) = (0u64, 0u64);
+        loop {
+            let batch = match self.store.read_after_async(identity, after, BATCH).await {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!("reading durable messages of {identity} failed: {e}");
+                    return RunEnd::Stopped;
+                }
+            };
+            if batch.is_empty() {
+                return RunEnd::Done;
+            }
+            let now = now_ms();
+            let mut expired = Vec::new();
+            let mut sends = Vec::with_capacity(batch.len());
+            for (id, message) in batch {
+                after = id;
+                if message.expires_ms <= now {
+                    expired.push(id);
+                    continue;
+                }
+                let redelivered = !lock(&self.attempted).insert(id);
+                let mut metadata = message.metadata;
+                metadata.insert(MSG_ID_KEY, id.to_string());
+                metadata.insert(MSG_PREV_KEY, prev.to_string());
+                if redelivered {
+                    metadata.insert(MSG_REDELIVERED_KEY, "1");
+                }
+                prev = id;
+                sends.push((
+                    id,
+                    redelivered,
+                    message.service_path,
+                    message.service_method,
+                    metadata,
+                    message.payload,
+                ));
+            }
+            if !expired.is_empty() {
+                let n = self.store.remove(identity, expired).await.unwrap_or(0);
+                self.store.counters.expired.fetch_add(n, Ordering::Relaxed);
+                metrics::counter!(crate::metrics::names::DURABLE_EXPIRED).increment(n);
+            }
+            let timeout = self.limits.ack_timeout;
+            let results: Vec<(u64, bool, Result<()>)> = stream::iter(sends)
+                .map(|(id, redelivered, path, method, metadata, payload)| {
+                    let conn = conn.clone();
+                    async move {
+                        let r = conn
+                            .push_with_receipt_within(&path, &method, metadata, &payload, timeout)
+                            .await;
+                        (id, redelivered, r)
+                    }
+                })
+                .buffered(WINDOW)
+                .collect()
+                .await;
+            let mut acked = Vec::new();
+            let mut failed = None;
+            for (id, redelivered, r) in results {
+                match r {
+                    Ok(()) if failed.is_none() => {
+                        acked.push(id);
+                        let c = &self.store.counters;
+                        c.delivered.fetch_add(1, Ordering::Relaxed);
+                        metrics::counter!(crate::metrics::names::DURABLE_DELIVERED).increment(1);
+                        if redelivered {
+                            c.redelivered.fetch_add(1, Ordering::Relaxed);
+                            metrics::counter!(crate::metrics::names::DURABLE_REDELIVERED)
+                                .increment(1);
+                        }
+                    }
+                    Ok(()) => {}
+                    Err(e) => {
+                        failed.get_or_insert(e);
+                    }
+                }
+            }
+            {
+                let mut attempted = lock(&self.attempted);
+                for id in &acked {
+                    attempted.remove(id);
+                }
+            }
+            if let Err(e) = self.store.remove(identity, acked).await {
+                tracing::error!("removing acknowledged messages of {identity} failed: {e}");
+                return RunEnd::Stopped;
+            }
+            if let Some(e) = failed {
+                tracing::debug!("durable delivery to {identity} stopped: {e}");
+                return RunEnd::Stopped;
+            }
+        }
+    }
+
+    /// The messages pending for `identity`, oldest first.
+    pub(crate) async fn pending(self: &Arc<Self>, identity: &str) -> Result<Vec<PendingMessage>> {
+        let all = self.store.read_after_async(identity, 0, usize::MAX).await?;
+        let now = now_ms();
+        Ok(all
+            .into_iter()
+            .filter(|(_, m)| m.expires_ms > now)
+            .map(|(id, m)| PendingMessage {
+                id,
+                service_path: m.service_path,
+                service_method: m.service_method,
+                size: m.payload.len(),
+                expires_at: UNIX_EPOCH + Duration::from_millis(m.expires_ms),
+            })
+            .collect())
+    }
+
+    /// Cancels a pending message; whether it was pending.
+    pub(crate) async fn cancel(&self, identity: &str, id: u64) -> Result<bool> {
+        Ok(self.store.remove(identity, vec![id]).await? > 0)
+    }
+
+    /// Drops every expired message.
+    async fn sweep_once(self: &Arc<Self>) -> Result<()> {
+        let store = self.store.clone();
+        let now = now_ms();
+        let expired: Vec<(String, u64)> = tokio::task::spawn_blocking(move || {
+            let txn = store.db.begin_read().map_err(store_error)?;
+            let table = txn.open_table(MESSAGES).map_err(store_error)?;
+            let mut out = Vec::new();
+            for entry in table.iter().map_err(store_error)? {
+                let (k, v) = entry.map_err(store_error)?;
+                if postcard::from_bytes::<Stored>(v.value()).is_ok_and(|m| m.expires_ms <= now) {
+                    let (identity, id) = k.value();
+                    out.push((identity.to_owned(), id));
+                }
+            }
+            Ok::<_, Error>(out)
+        })
+        .await
+        .map_err(store_error)??;
+        let mut by_identity: HashMap<String, Vec<u64>> = HashMap::new();
+        for (identity, id) in expired {
+            by_identity.entry(identity).or_default().push(id);
+        }
+        for (identity, ids) in by_identity {
+            let n = self.store.remove(&identity, ids).await?;
+            self.store.counters.expired.fetch_add(n, Ordering::Relaxed);
+            metrics::counter!(crate::metrics::names::DURABLE_EXPIRED).increment(n);
+        }
+        Ok(())
+    }
+}
+
+/// Drops expired messages every few seconds, while the server lives.
+async fn sweep(durable: Weak<Durable>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let Some(d) = durable.upgrade() else { return };
+        if let Err(e) = d.sweep_once().await {
+            tracing::warn!("sweeping expired durable messages failed: {e}");
+        }
+    }
+}
+
+/// A client's view of the durable messages of one server: what it delivered (in order) and
+/// acknowledged, to deliver in order and drop duplicates.
+#[derive(Debug, Default)]
+pub(crate) struct Inbox {
+    state: Mutex<HashMap<std::net::SocketAddr, InboxState>>,
+    changed: Notify,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct InboxState {
+    /// The connection `delivered` is about.
+    conn: u64,
+    /// The last id handed to the application on that connection (in order).
+    delivered: u64,
+    /// The highest id acknowledged to this server (any connection).
+    acked: u64,
+}
+
+/// What a client does with a durable message.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Admission {
+    /// Already acknowledged: acknowledge again, do not deliver.
+    Duplicate,
+    /// Its turn: deliver it.
+    Deliver,
+}
+
+impl Inbox {
+    /// Waits (at most `limit`) until the message `id` that follows `prev` may be delivered on
+    /// connection `conn` to `server`.
+    pub(crate) async fn admit(
+        &self,
+        server: std::net::SocketAddr,
+        conn: u64,
+        id: u64,
+        prev: u64,
+        limit: Duration,
+    ) -> Option<Admission> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let notified = self.changed.notified();
+            {
+                let mut state = lock(&self.state);
+                let s = state.entry(server).or_default();
+                if s.conn != conn {
+                    *s = InboxState {
+                        conn,
+                        delivered: s.acked,
+                        acked: s.acked,
+                    };
+                }
+                if id <= s.acked {
+                    return Some(Admission::Duplicate);
+                }
+                if prev == 0 || prev <= s.delivered {
+                    return Some(Admission::Deliver);
+                }
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// `id` was handed to the application on `conn`.
+    pub(crate) fn delivered(&self, server: std::net::SocketAddr, conn: u64, id: u64) {
+        let mut state = lock(&self.state);
+        let s = state.entry(server).or_default();
+        if s.conn == conn {
+            s.delivered = s.delivered.max(id);
+        }
+        drop(state);
+        self.changed.notify_waiters();
+    }
+
+    /// `id` was acknowledged.
+    pub(crate) fn acked(&self, server: std::net::SocketAddr, id: u64) {
+        let mut state = lock(&self.state);
+        let s = state.entry(server).or_default();
+        s.acked = s.acked.max(id);
+    }
+}
+
+/// Acknowledges a durable message in manual-ack mode ([`PushMessage::ack`](crate::PushMessage::ack)).
+#[derive(Debug, Clone)]
+pub(crate) struct Acker(Arc<Mutex<Option<oneshot::Sender<()>>>>);
+
+impl PartialEq for Acker {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Acker {}
+
+impl Acker {
+    pub(crate) fn new() -> (Self, oneshot::Receiver<()>) {
+        let (tx, rx) = oneshot::channel();
+        (Self(Arc::new(Mutex::new(Some(tx)))), rx)
+    }
+
+    pub(crate) fn ack(&self) -> bool {
+        lock(&self.0).take().is_some_and(|tx| tx.send(()).is_ok())
+    }
+}

@@ -1,0 +1,519 @@
+//! Durable pushes: stored crash-safe, delivered in order once the device is bound, each seen
+//! once by the application, across a SIGKILL of the server, a connection lost before the
+//! acknowledgement, and a device that crashes before acking in manual mode.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicUsize, Ordering},
+    time::{Duration, Instant},
+};
+
+use quicx::{
+    ClientEvent, ClientTls, DevCertificate, DurableLimits, Error, Metadata, Overflow, PushMessage,
+    PushReceiver, Server, push_channel,
+};
+use quicx_tests::{
+    child::PemFiles,
+    relay::{Direction, Impairment, Relay},
+};
+
+/// A fresh path for a store, removed on drop.
+struct TempStore(PathBuf);
+
+impl TempStore {
+    fn new() -> Self {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "quicx-durable-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    fn file(&self) -> PathBuf {
+        self.0.join("store.redb")
+    }
+}
+
+impl Drop for TempStore {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+async fn server(dev: &DevCertificate, store: &TempStore, limits: DurableLimits) -> Server {
+    let server = Server::builder()
+        .dev_certificate(dev)
+        .insecure_accept_unverified_client_ids()
+        .durable_store(store.file(), limits)
+        .build()
+        .unwrap();
+    server.bind("127.0.0.1:0").await.unwrap();
+    server
+}
+
+async fn device(
+    dev: &DevCertificate,
+    addr: SocketAddr,
+    id: &str,
+    manual_ack: bool,
+) -> (quicx::Client, PushReceiver) {
+    let (tx, rx) = push_channel(4096);
+    let client = quicx::Client::builder()
+        .tls(ClientTls::new().trust(dev.certificate()))
+        .client_id(id)
+        .push_channel(tx)
+        .manual_ack(manual_ack)
+        .connect_addr(addr, "localhost")
+        .await
+        .unwrap();
+    (client, rx)
+}
+
+async fn next(rx: &mut PushReceiver) -> PushMessage {
+    tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("a push within 10 s")
+        .expect("channel open")
+}
+
+/// Nothing more arrives within `wait`.
+async fn quiet(rx: &mut PushReceiver, wait: Duration) {
+    if let Ok(Some(m)) = tokio::time::timeout(wait, rx.recv()).await {
+        panic!("unexpected push {m:?}");
+    }
+}
+
+async fn until(limit: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn an_online_device_receives_a_durable_message_at_once() {
+    let dev = DevCertificate::localhost().unwrap();
+    let store = TempStore::new();
+    let server = server(&dev, &store, DurableLimits::default()).await;
+    let (_d, mut rx) = device(&dev, server.local_addr().unwrap(), "device-1", false).await;
+    let id = server
+        .send_durable(
+            "device-1",
+            "Device",
+            "Open",
+            Metadata::new().with("k", "v"),
+            b"now",
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    let msg = next(&mut rx).await;
+    assert_eq!(&msg.payload[..], b"now");
+    assert_eq!(msg.durable_id(), Some(id));
+    assert_eq!(msg.metadata.get("k"), Some("v"));
+    assert!(!msg.is_redelivered());
+    assert!(
+        until(Duration::from_secs(5), async || server
+            .stats()
+            .durable_pending
+            == 0)
+        .await
+    );
+    assert_eq!(server.stats().durable_delivered, 1);
+    assert!(server.durable_pending("device-1").await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn messages_for_an_offline_device_arrive_in_order_once_it_connects() {
+    let dev = DevCertificate::localhost().unwrap();
+    let store = TempStore::new();
+    let server = server(&dev, &store, DurableLimits::default()).await;
+    for i in 0..300u32 {
+        server
+            .send_durable(
+                "device-2",
+                "Device",
+                "Cmd",
+                Metadata::new(),
+                i.to_string(),
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+    }
+    assert_eq!(server.durable_pending("device-2").await.unwrap().len(), 300);
+    let (_d, mut rx) = device(&dev, server.local_addr().unwrap(), "device-2", false).await;
+    for i in 0..300u32 {
+        let msg = next(&mut rx).await;
+        assert_eq!(std::str::from_utf8(&msg.payload).unwrap(), i.to_string());
+    }
+    quiet(&mut rx, Duration::from_millis(300)).await;
+    assert!(
+        until(Duration::from_secs(5), async || server
+            .stats()
+            .durable_pending
+            == 0)
+        .await
+    );
+}
+
+/// A `quicx-durable-server` child process, killed on drop.
+struct ChildServer {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl ChildServer {
+    fn start(pem: &PemFiles, listen: &str, store: &TempStore) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_quicx-durable-server"))
+            .arg(&pem.cert)
+            .arg(&pem.key)
+            .arg(listen)
+            .arg(store.file())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .strip_prefix("READY ")
+            .unwrap_or_else(|| panic!("child said {line:?}"))
+            .trim()
+            .parse()
+            .unwrap();
+        Self { child, addr }
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn a_thousand_messages_survive_a_sigkill_and_arrive_once_in_order() {
+    let dev = DevCertificate::localhost().unwrap();
+    let pem = PemFiles::write(&dev).unwrap();
+    let store = TempStore::new();
+    let mut first = ChildServer::start(&pem, "127.0.0.1:0", &store);
+    let ops = quicx::Client::builder()
+        .tls(ClientTls::new().trust(dev.certificate()))
+        .reconnect(false)
+        .connect_addr(first.addr, "localhost")
+        .await
+        .unwrap();
+    ops.call::<_, ()>("Ops", "Send", &("device-7", 1000u32))
+        .await
+        .unwrap();
+    ops.close().await;
+    // Stored means committed: kill the server at once, without any chance to flush.
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    let restarted = ChildServer::start(&pem, &first.addr.to_string(), &store);
+    let (_d, mut rx) = device(&dev, restarted.addr, "device-7", false).await;
+    for i in 0..1000u32 {
+        let msg = next(&mut rx).await;
+        assert_eq!(
+            std::str::from_utf8(&msg.payload).unwrap(),
+            i.to_string(),
+            "message {i} in order"
+        );
+    }
+    quiet(&mut rx, Duration::from_millis(500)).await;
+}
+
+#[tokio::test]
+async fn a_message_whose_ack_was_lost_is_redelivered_and_seen_once() {
+    let dev = DevCertificate::localhost().unwrap();
+    let store = TempStore::new();
+    let server = server(
+        &dev,
+        &store,
+        DurableLimits::default().ack_timeout(Duration::from_secs(30)),
+    )
+    .await;
+    let relay = Relay::start(server.local_addr().unwrap(), Impairment::default())
+        .await
+        .unwrap();
+    let (tx, mut rx) = push_channel(64);
+    let client = quicx::Client::builder()
+        .tls(ClientTls::new().trust(dev.certificate()))
+        .client_id("device-3")
+        .push_channel(tx)
+        .max_backoff(Duration::from_millis(200))
+        .connect_addr(relay.addr(), "localhost")
+        .await
+        .unwrap();
+    let mut events = client.events();
+    // From now on nothing from the device reaches the server: the push arrives, its ack does
+    // not, and the server closes the silent connection.
+    let sent = relay.stats();
+    relay
+        .set_impairment(Impairment::default().with_drops(
+            Direction::ToServer,
+            sent.to_server.received..sent.to_server.received + 1_000_000,
+        ))
+        .unwrap();
+    server
+        .send_durable(
+            "device-3",
+            "Device",
+            "Once",
+            Metadata::new(),
+            b"only-once",
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    let msg = next(&mut rx).await;
+    assert_eq!(&msg.payload[..], b"only-once");
+    let lost = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if let Ok(ClientEvent::Disconnected { .. }) = events.recv().await {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(lost.is_ok(), "the connection died");
+    assert_eq!(
+        server.durable_pending("device-3").await.unwrap().len(),
+        1,
+        "not acked"
+    );
+    relay.set_impairment(Impairment::default()).unwrap();
+    // The device reconnects, the server sends it again, the client acks it without delivering.
+    assert!(
+        until(Duration::from_secs(20), async || server
+            .stats()
+            .durable_pending
+            == 0)
+        .await,
+        "acknowledged after the reconnect"
+    );
+    assert_eq!(server.stats().durable_redelivered, 1);
+    quiet(&mut rx, Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn in_manual_mode_a_device_that_crashes_before_acking_gets_the_message_again() {
+    let dev = DevCertificate::localhost().unwrap();
+    let store = TempStore::new();
+    let server = server(&dev, &store, DurableLimits::default()).await;
+    let addr = server.local_addr().unwrap();
+    server
+        .send_durable(
+            "device-4",
+            "Device",
+            "Update",
+            Metadata::new(),
+            b"v2",
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    let (crashing, mut rx) = device(&dev, addr, "device-4", true).await;
+    let msg = next(&mut rx).await;
+    assert_eq!(&msg.payload[..], b"v2");
+    // The application "crashes" mid-processing: no ack, the process (its client) goes.
+    drop(crashing);
+    drop(rx);
+    drop(msg);
+    let (_again, mut rx) = device(&dev, addr, "device-4", true).await;
+    let msg = next(&mut rx).await;
+    assert_eq!(&msg.payload[..], b"v2");
+    assert!(msg.is_redelivered());
+    assert_eq!(server.durable_pending("device-4").await.unwrap().len(), 1);
+    assert!(msg.ack());
+    assert!(!msg.ack(), "a second ack does nothing");
+    assert!(
+        until(Duration::from_secs(5), async || server
+            .stats()
+            .durable_pending
+            == 0)
+        .await
+    );
+}
+
+#[tokio::test]
+async fn expired_messages_are_dropped_not_delivered() {
+    let dev = DevCertificate::localhost().unwrap();
+    let store = TempStore::new();
+    let server = server(&dev, &store, DurableLimits::default()).await;
+    server
+        .send_durable(
+            "device-5",
+            "Device",
+            "Old",
+            Metadata::new(),
+            b"old",
+            Duration::from_millis(100),
+        )
+        .await
+        .unwrap();
+    server
+        .send_durable(
+            "device-5",
+            "Device",
+            "New",
+            Metadata::new(),
+            b"new",
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pending = server.durable_pending("device-5").await.unwrap();
+    assert_eq!(pending.len(), 1, "the expired one is not pending");
+    assert_eq!(pending[0].service_method, "New");
+    let (_d, mut rx) = device(&dev, server.local_addr().unwrap(), "device-5", false).await;
+    assert_eq!(&next(&mut rx).await.payload[..], b"new");
+    quiet(&mut rx, Duration::from_millis(300)).await;
+    assert!(
+        until(Duration::from_secs(5), async || server
+            .stats()
+            .durable_expired
+            == 1)
+        .await
+    );
+}
+
+#[tokio::test]
+async fn overflow_refuses_or_drops_the_oldest_and_cancel_removes() {
+    let dev = DevCertificate::localhost().unwrap();
+    let ttl = Duration::from_secs(60);
+    // Refuse.
+    let store = TempStore::new();
+    let refusing = server(
+        &dev,
+        &store,
+        DurableLimits::default().per_identity(3, 1 << 20),
+    )
+    .await;
+    for i in 0..3 {
+        refusing
+            .send_durable("d", "Device", "M", Metadata::new(), format!("{i}"), ttl)
+            .await
+            .unwrap();
+    }
+    let err = refusing
+        .send_durable("d", "Device", "M", Metadata::new(), "3", ttl)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::StoreFull(_)), "{err:?}");
+    // Another identity still has room.
+    refusing
+        .send_durable("e", "Device", "M", Metadata::new(), "x", ttl)
+        .await
+        .unwrap();
+
+    // Drop the oldest.
+    let store = TempStore::new();
+    let dropping = server(
+        &dev,
+        &store,
+        DurableLimits::default()
+            .per_identity(3, 1 << 20)
+            .overflow(Overflow::DropOldest),
+    )
+    .await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(
+            dropping
+                .send_durable("d", "Device", "M", Metadata::new(), format!("{i}"), ttl)
+                .await
+                .unwrap(),
+        );
+    }
+    let pending: Vec<u64> = dropping
+        .durable_pending("d")
+        .await
+        .unwrap()
+        .iter()
+        .map(|p| p.id)
+        .collect();
+    assert_eq!(pending, ids[2..].to_vec());
+    assert_eq!(dropping.stats().durable_overflowed, 2);
+
+    // Cancel one; the device gets the others.
+    assert!(dropping.cancel_durable("d", ids[3]).await.unwrap());
+    assert!(!dropping.cancel_durable("d", ids[3]).await.unwrap());
+    let (_d, mut rx) = device(&dev, dropping.local_addr().unwrap(), "d", false).await;
+    assert_eq!(&next(&mut rx).await.payload[..], b"2");
+    assert_eq!(&next(&mut rx).await.payload[..], b"4");
+    quiet(&mut rx, Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn a_corrupt_or_truncated_store_is_a_clear_error_or_recovered() {
+    let dev = DevCertificate::localhost().unwrap();
+    // Not a store at all.
+    let store = TempStore::new();
+    std::fs::write(store.file(), vec![0x5a; 64 * 1024]).unwrap();
+    let err = Server::builder()
+        .dev_certificate(&dev)
+        .durable_store(store.file(), DurableLimits::default())
+        .build()
+        .unwrap_err();
+    assert!(matches!(err, Error::Store(_)), "{err:?}");
+    assert!(err.to_string().contains("store.redb"), "{err}");
+
+    // A real store cut in half.
+    let store = TempStore::new();
+    {
+        let server = server(&dev, &store, DurableLimits::default()).await;
+        for i in 0..200 {
+            server
+                .send_durable(
+                    "d",
+                    "Device",
+                    "M",
+                    Metadata::new(),
+                    vec![i as u8; 512],
+                    Duration::from_secs(60),
+                )
+                .await
+                .unwrap();
+        }
+        server.shutdown(Duration::ZERO).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let len = std::fs::metadata(store.file()).unwrap().len();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(store.file())
+        .unwrap();
+    file.set_len(len / 2).unwrap();
+    drop(file);
+    match Server::builder()
+        .dev_certificate(&dev)
+        .durable_store(store.file(), DurableLimits::default())
+        .build()
+    {
+        Ok(recovered) => {
+            // The database repaired what it could; whatever it lists can be read.
+            let pending = recovered.durable_pending("d").await.unwrap();
+            eprintln!("truncated store recovered with {} messages", pending.len());
+        }
+        Err(e) => {
+            assert!(matches!(e, Error::Store(_)), "{e:?}");
+            eprintln!("truncated store refused: {e}");
+        }
+    }
+}

@@ -34,6 +34,7 @@
 #![deny(rustdoc::broken_intra_doc_links)]
 
 mod discovery;
+mod durable;
 mod etcd;
 mod keys;
 mod node;
@@ -43,6 +44,7 @@ use std::sync::Arc;
 
 pub use crate::{
     discovery::EtcdDiscovery,
+    durable::{MAX_DURABLE_PAYLOAD, MAX_DURABLE_PER_DEVICE},
     etcd::EtcdOptions,
     node::{ClusterNode, ClusterOptions, ServiceEntry},
     routing::{ROUTING_SERVICE, SECRET_METADATA_KEY},
@@ -89,6 +91,9 @@ pub enum ClusterError {
     /// A local quicx error (encoding, decoding).
     #[error(transparent)]
     Quicx(Arc<quicx::Error>),
+    /// A durable message was refused: too large, or too many pending for the device.
+    #[error("durable message refused: {0}")]
+    DurableFull(String),
     /// The node was configured wrongly.
     #[error("cluster configuration: {0}")]
     Config(String),

@@ -18,6 +18,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::{
     ClusterError, ClusterEvent, EtcdOptions,
+    durable::ClusterDurable,
     etcd::{Change, Session, follow},
     keys::{self, NodeRecord, PresenceRecord, ServiceRecord, to_json},
     routing::{
@@ -195,11 +196,12 @@ impl Drop for NodeInner {
 }
 
 /// What the watch keeps current and the event tasks read.
-#[derive(Debug)]
 struct Shared {
     name: String,
     prefix: String,
     session: Arc<Session>,
+    durable: Arc<ClusterDurable>,
+    etcd: etcd_client::Client,
     /// Device → the node that holds it (every node, this one included).
     presence: RwLock<HashMap<String, PresenceRecord>>,
     /// Node → where it takes routed requests.
@@ -208,6 +210,16 @@ struct Shared {
     /// is on its way): a record of another node with a later revision moves the device away.
     mine: Mutex<HashMap<String, Option<i64>>>,
     events: broadcast::Sender<ClusterEvent>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("name", &self.name)
+            .field("devices", &read(&self.presence).len())
+            .field("nodes", &read(&self.nodes).len())
+            .finish()
+    }
 }
 
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -279,6 +291,8 @@ impl ClusterNode {
             name: options.name.clone(),
             prefix: prefix.clone(),
             session: session.clone(),
+            durable: Arc::new(ClusterDurable::new(&prefix, &options.name)),
+            etcd: client.clone(),
             presence: RwLock::default(),
             nodes: RwLock::default(),
             mine: Mutex::default(),
@@ -290,6 +304,7 @@ impl ClusterNode {
         for conn in server.connections() {
             if let Some(id) = conn.client_id() {
                 record_presence(&session, &state, &prefix, &id, conn.id()).await;
+                state.durable.kick(&state.etcd, &server.downgrade(), &id);
             }
         }
         tokio::spawn(session.clone().run());
@@ -456,7 +471,7 @@ impl ClusterNode {
                 .await
                 .map_err(|f| self.device_error(client_id, &self.inner.name, f));
         }
-        let node = self.owner(client_id)?;
+        let node = self.owner(client_id).await?;
         let routed = self.batched_push(&node, request).await?;
         routed.map_err(|f| self.device_error(client_id, &node, f))
     }
@@ -550,7 +565,7 @@ impl ClusterNode {
                 .map(Bytes::from)
                 .map_err(|f| self.device_error(client_id, &self.inner.name, f));
         }
-        let node = self.owner(client_id)?;
+        let node = self.owner(client_id).await?;
         // The hop gets a little longer than the device call, so the device's own deadline
         // answers first.
         let hop = timeout + Duration::from_millis(250);
@@ -643,9 +658,23 @@ impl ClusterNode {
     }
 
     /// The node that holds `client_id`, other than this one.
-    fn owner(&self, client_id: &str) -> Result<String, ClusterError> {
-        match read(&self.inner.state.presence).get(client_id) {
-            Some(p) if p.node != self.inner.name => Ok(p.node.clone()),
+    async fn owner(&self, client_id: &str) -> Result<String, ClusterError> {
+        if let Some(p) = read(&self.inner.state.presence).get(client_id) {
+            if p.node != self.inner.name {
+                return Ok(p.node.clone());
+            }
+        }
+        // Not in the cache (or the cache still says here): the watch may lag a record written
+        // a moment ago, so ask etcd once before answering offline. Only this path costs an
+        // etcd request; a known device never does.
+        let key = keys::presence(&self.inner.prefix, client_id);
+        let fresh = self.inner.state.etcd.clone().get(key, None).await;
+        let record = fresh
+            .ok()
+            .and_then(|r| r.kvs().first().map(|kv| kv.value().to_vec()))
+            .and_then(|v| serde_json::from_slice::<PresenceRecord>(&v).ok());
+        match record {
+            Some(p) if p.node != self.inner.name => Ok(p.node),
             _ => Err(ClusterError::Offline {
                 client_id: client_id.to_owned(),
             }),
@@ -731,6 +760,53 @@ impl ClusterNode {
             Some(server) => server.shutdown(drain).await,
             None => true,
         }
+    }
+
+    /// Stores a durable message for `client_id` in etcd, where it survives the loss of this
+    /// node, and delivers it through whichever node holds the device (at once if one does; else
+    /// when it next connects to any node). In order per device, each once (see
+    /// [`Server::send_durable`](quicx::Server::send_durable) for the guarantees); at most
+    /// [`MAX_DURABLE_PAYLOAD`](crate::MAX_DURABLE_PAYLOAD) bytes and
+    /// [`MAX_DURABLE_PER_DEVICE`](crate::MAX_DURABLE_PER_DEVICE) pending per device.
+    ///
+    /// # When it returns
+    /// Once etcd committed it, with its id; [`ClusterError::DurableFull`] over the bounds,
+    /// [`ClusterError::EtcdUnreachable`] if etcd did not take it.
+    pub async fn send_durable(
+        &self,
+        client_id: &str,
+        service_path: &str,
+        service_method: &str,
+        metadata: Metadata,
+        data: impl AsRef<[u8]>,
+        ttl: Duration,
+    ) -> Result<i64, ClusterError> {
+        let state = &self.inner.state;
+        let mut etcd = state.etcd.clone();
+        let id = state
+            .durable
+            .store(
+                &mut etcd,
+                client_id,
+                (service_path, service_method),
+                metadata,
+                data.as_ref(),
+                ttl,
+            )
+            .await?;
+        if self.server().and_then(|s| s.client(client_id)).is_some() {
+            state.durable.kick(&etcd, &self.inner.server, client_id);
+        }
+        Ok(id)
+    }
+
+    /// How many durable messages wait in etcd for `client_id`.
+    pub async fn durable_pending(&self, client_id: &str) -> Result<i64, ClusterError> {
+        let state = &self.inner.state;
+        state
+            .durable
+            .pending(&mut state.etcd.clone(), client_id)
+            .await
     }
 
     /// The key prefix this node lives under.
@@ -843,6 +919,7 @@ async fn track_identities(
                     continue;
                 }
                 record_presence(&session, &state, &prefix, &client_id, conn.id()).await;
+                state.durable.kick(&state.etcd, &server, &client_id);
             }
             Ok(ServerEvent::Disconnected { conn, .. }) => {
                 let Some(id) = conn.client_id() else { continue };
@@ -903,9 +980,20 @@ impl Shared {
                 }
                 *write(&self.presence) = presence;
                 *write(&self.nodes) = nodes;
+                if let Some(server) = server.upgrade() {
+                    for conn in server.connections() {
+                        if let Some(id) = conn.client_id() {
+                            self.durable.kick(&self.etcd, &server.downgrade(), &id);
+                        }
+                    }
+                }
             }
             Change::Put { key, value } => {
-                if let Some(id) = key.strip_prefix(&presence_prefix) {
+                if let Some(device) = self.durable.device_of(&key) {
+                    if server.upgrade().and_then(|s| s.client(&device)).is_some() {
+                        self.durable.kick(&self.etcd, server, &device);
+                    }
+                } else if let Some(id) = key.strip_prefix(&presence_prefix) {
                     let Ok(p) = serde_json::from_str::<PresenceRecord>(&value) else {
                         return;
                     };

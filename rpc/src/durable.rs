@@ -28,6 +28,10 @@ use crate::{Connection, Error, Metadata, Result, connection::registry::Registry}
 pub const MSG_ID_KEY: &str = "quicx-msg-id";
 /// Metadata key: the id of the durable message sent before this one in the same run (`0`: none).
 pub const MSG_PREV_KEY: &str = "quicx-msg-prev";
+/// Metadata key: the id space of a durable message, when its ids are not those of the one
+/// server that sends it (a cluster's messages, whichever node delivers them). A client keeps
+/// order and duplicates per space (per server address without one).
+pub const MSG_SPACE_KEY: &str = "quicx-msg-space";
 /// Metadata key, present (`1`) when the message was sent before and not acknowledged.
 pub const MSG_REDELIVERED_KEY: &str = "quicx-msg-redelivered";
 
@@ -814,11 +818,11 @@ async fn sweep(durable: Weak<Durable>) {
     }
 }
 
-/// A client's view of the durable messages of one server: what it delivered (in order) and
-/// acknowledged, to deliver in order and drop duplicates.
+/// A client's view of the durable messages of one id space (a server, or a cluster): what it
+/// delivered (in order) and acknowledged, to deliver in order and drop duplicates.
 #[derive(Debug, Default)]
 pub(crate) struct Inbox {
-    state: Mutex<HashMap<std::net::SocketAddr, InboxState>>,
+    state: Mutex<HashMap<String, InboxState>>,
     changed: Notify,
 }
 
@@ -846,7 +850,7 @@ impl Inbox {
     /// connection `conn` to `server`.
     pub(crate) async fn admit(
         &self,
-        server: std::net::SocketAddr,
+        server: &str,
         conn: u64,
         id: u64,
         prev: u64,
@@ -857,7 +861,7 @@ impl Inbox {
             let notified = self.changed.notified();
             {
                 let mut state = lock(&self.state);
-                let s = state.entry(server).or_default();
+                let s = state.entry(server.to_owned()).or_default();
                 if s.conn != conn {
                     *s = InboxState {
                         conn,
@@ -879,9 +883,9 @@ impl Inbox {
     }
 
     /// `id` was handed to the application on `conn`.
-    pub(crate) fn delivered(&self, server: std::net::SocketAddr, conn: u64, id: u64) {
+    pub(crate) fn delivered(&self, server: &str, conn: u64, id: u64) {
         let mut state = lock(&self.state);
-        let s = state.entry(server).or_default();
+        let s = state.entry(server.to_owned()).or_default();
         if s.conn == conn {
             s.delivered = s.delivered.max(id);
         }
@@ -890,9 +894,9 @@ impl Inbox {
     }
 
     /// `id` was acknowledged.
-    pub(crate) fn acked(&self, server: std::net::SocketAddr, id: u64) {
+    pub(crate) fn acked(&self, server: &str, id: u64) {
         let mut state = lock(&self.state);
-        let s = state.entry(server).or_default();
+        let s = state.entry(server.to_owned()).or_default();
         s.acked = s.acked.max(id);
     }
 }

@@ -498,3 +498,67 @@ async fn a_graceful_shutdown_deregisters_first() {
     assert!(gone.is_some(), "deregistered on shutdown");
     assert!(!a.nodes().contains(&"b".to_owned()));
 }
+
+#[tokio::test]
+async fn a_durable_message_survives_the_node_that_accepted_it() {
+    let Some(etcd) = etcd_or_skip() else { return };
+    let dev = DevCertificate::localhost().unwrap();
+    let options = etcd_options(&etcd, Duration::from_secs(2));
+    let (sa, a) = node(&dev, &options, "a").await;
+    let (sb, b) = node(&dev, &options, "b").await;
+    // The device is offline; node a accepts three commands for it.
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(
+            a.send_durable(
+                "device-8",
+                "Device",
+                "Cmd",
+                Metadata::new(),
+                format!("cmd-{i}"),
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids grow: {ids:?}");
+    assert_eq!(b.durable_pending("device-8").await.unwrap(), 3);
+    // Node a dies (its lease and connections go without a word).
+    drop(a);
+    sa.shutdown(Duration::ZERO).await;
+    // The device connects to node b and gets the commands, in order, once.
+    let (_d, mut rx) = device(&dev, sb.local_addr().unwrap(), "device-8").await;
+    for i in 0..3 {
+        let msg = next_push(&mut rx).await;
+        assert_eq!(msg.payload, format!("cmd-{i}").as_bytes());
+        assert_eq!(msg.durable_id(), Some(ids[i] as u64));
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), rx.recv())
+            .await
+            .is_err(),
+        "nothing more"
+    );
+    let mut left = 3;
+    for _ in 0..100 {
+        left = b.durable_pending("device-8").await.unwrap();
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(left, 0, "acknowledged messages leave etcd");
+    // Sent while the device is online on b, from b: delivered at once.
+    b.send_durable(
+        "device-8",
+        "Device",
+        "Cmd",
+        Metadata::new(),
+        "live",
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+    assert_eq!(&next_push(&mut rx).await.payload[..], b"live");
+}

@@ -591,7 +591,11 @@ async fn durable_push(
     send: &mut quinn::SendStream,
 ) -> Status {
     use crate::durable::{Acker, Admission, MSG_PREV_KEY};
-    let server = conn.server_addr();
+    let space = match msg.metadata.get(crate::durable::MSG_SPACE_KEY) {
+        Some(space) => format!("space:{space}"),
+        None => conn.server_addr().to_string(),
+    };
+    let server = space.as_str();
     let prev = msg
         .metadata
         .get(MSG_PREV_KEY)

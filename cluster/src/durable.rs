@@ -1,0 +1,267 @@
+//! Durable messages of a cluster, kept in etcd so they survive the loss of the node that
+//! accepted them: any node the device connects to delivers them.
+//!
+//! Key: `{prefix}/durable/{hex(client_id)}/{node}-{counter}`; value: postcard of [`Stored`].
+//! Not under any lease: a message stays until acknowledged, cancelled or expired. Its id (what
+//! the device sees under `quicx-msg-id`) is the key's etcd create revision, so ids grow across
+//! the whole cluster and a device drops a message it already acknowledged whichever node sends
+//! it again (the messages carry `quicx-msg-space`).
+
+use std::{
+    collections::HashSet,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use etcd_client::{Client, GetOptions, SortOrder, SortTarget};
+use quicx::{MSG_ID_KEY, MSG_PREV_KEY, MSG_SPACE_KEY, Metadata};
+use serde::{Deserialize, Serialize};
+
+use crate::ClusterError;
+
+/// Largest payload of a cluster durable message (etcd values are small by design).
+pub const MAX_DURABLE_PAYLOAD: usize = 64 * 1024;
+/// Most messages pending per device in a cluster.
+pub const MAX_DURABLE_PER_DEVICE: i64 = 1_000;
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Stored {
+    service_path: String,
+    service_method: String,
+    metadata: Metadata,
+    payload: Vec<u8>,
+    expires_ms: u64,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn hex(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<String> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect();
+    String::from_utf8(bytes?).ok()
+}
+
+/// The durable messages of one node's cluster.
+#[derive(Debug)]
+pub(crate) struct ClusterDurable {
+    prefix: String,
+    node: String,
+    counter: AtomicU64,
+    /// Devices being delivered to by this node now, and whether more arrived meanwhile.
+    running: Mutex<std::collections::HashMap<String, bool>>,
+    space: String,
+}
+
+impl ClusterDurable {
+    pub(crate) fn new(prefix: &str, node: &str) -> Self {
+        let start = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        Self {
+            prefix: prefix.to_owned(),
+            node: node.to_owned(),
+            counter: AtomicU64::new(start),
+            running: Mutex::default(),
+            space: format!("cluster{prefix}"),
+        }
+    }
+
+    fn device_prefix(&self, client_id: &str) -> String {
+        format!("{}/durable/{}/", self.prefix, hex(client_id))
+    }
+
+    /// The device a durable key is for.
+    pub(crate) fn device_of(&self, key: &str) -> Option<String> {
+        let rest = key.strip_prefix(&format!("{}/durable/", self.prefix))?;
+        unhex(rest.split('/').next()?)
+    }
+
+    /// Stores a message in etcd; its id once committed (etcd commits are durable on a
+    /// quorum).
+    pub(crate) async fn store(
+        &self,
+        client: &mut Client,
+        client_id: &str,
+        (service_path, service_method): (&str, &str),
+        metadata: Metadata,
+        payload: &[u8],
+        ttl: Duration,
+    ) -> Result<i64, ClusterError> {
+        if payload.len() > MAX_DURABLE_PAYLOAD {
+            return Err(ClusterError::DurableFull(format!(
+                "a cluster durable message holds at most {MAX_DURABLE_PAYLOAD} bytes, not {}",
+                payload.len()
+            )));
+        }
+        let prefix = self.device_prefix(client_id);
+        let pending = client
+            .get(
+                prefix.as_str(),
+                Some(GetOptions::new().with_prefix().with_count_only()),
+            )
+            .await
+            .map_err(ClusterError::etcd)?
+            .count();
+        if pending >= MAX_DURABLE_PER_DEVICE {
+            return Err(ClusterError::DurableFull(format!(
+                "`{client_id}` has {pending} pending messages (at most {MAX_DURABLE_PER_DEVICE})"
+            )));
+        }
+        let stored = Stored {
+            service_path: service_path.to_owned(),
+            service_method: service_method.to_owned(),
+            metadata,
+            payload: payload.to_vec(),
+            expires_ms: now_ms().saturating_add(ttl.as_millis() as u64),
+        };
+        let value =
+            postcard::to_allocvec(&stored).map_err(|e| ClusterError::Config(e.to_string()))?;
+        let key = format!(
+            "{prefix}{}-{:020}",
+            self.node,
+            self.counter.fetch_add(1, Ordering::Relaxed)
+        );
+        let put = client
+            .put(key, value, None)
+            .await
+            .map_err(ClusterError::etcd)?;
+        Ok(put.header().map_or(0, |h| h.revision()))
+    }
+
+    /// Delivers what is pending for `client_id` if this node holds it, in id order, one at a
+    /// time, deleting each message its acknowledgement came back for. Single-flight per device.
+    pub(crate) fn kick(
+        self: &Arc<Self>,
+        client: &Client,
+        server: &quicx::WeakServer,
+        client_id: &str,
+    ) {
+        {
+            let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+            match running.get_mut(client_id) {
+                Some(more) => {
+                    *more = true;
+                    return;
+                }
+                None => {
+                    running.insert(client_id.to_owned(), false);
+                }
+            }
+        }
+        let (me, client, server, id) = (
+            self.clone(),
+            client.clone(),
+            server.clone(),
+            client_id.to_owned(),
+        );
+        tokio::spawn(async move {
+            loop {
+                me.deliver(client.clone(), &server, &id).await;
+                let mut running = me.running.lock().unwrap_or_else(|e| e.into_inner());
+                if running.get(&id).copied().unwrap_or(false) {
+                    running.insert(id.clone(), false);
+                    continue;
+                }
+                running.remove(&id);
+                return;
+            }
+        });
+    }
+
+    async fn deliver(&self, mut client: Client, server: &quicx::WeakServer, client_id: &str) {
+        let Some(conn) = server.upgrade().and_then(|s| s.client(client_id)) else {
+            return;
+        };
+        let options = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Create, SortOrder::Ascend)
+            .with_limit(256);
+        let mut prev = 0i64;
+        let mut seen = HashSet::new();
+        loop {
+            let found = match client
+                .get(self.device_prefix(client_id), Some(options.clone()))
+                .await
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!("reading durable messages of {client_id} from etcd: {e}");
+                    return;
+                }
+            };
+            let batch: Vec<_> = found
+                .kvs()
+                .iter()
+                .filter(|kv| !seen.contains(kv.key()))
+                .map(|kv| (kv.key().to_vec(), kv.create_revision(), kv.value().to_vec()))
+                .collect();
+            if batch.is_empty() {
+                return;
+            }
+            for (key, id, value) in batch {
+                seen.insert(key.clone());
+                let Ok(stored) = postcard::from_bytes::<Stored>(&value) else {
+                    tracing::error!("a durable message of {client_id} in etcd is corrupt: dropped");
+                    let _ = client.delete(key, None).await;
+                    continue;
+                };
+                if stored.expires_ms <= now_ms() {
+                    let _ = client.delete(key, None).await;
+                    continue;
+                }
+                let mut metadata = stored.metadata;
+                metadata.insert(MSG_ID_KEY, id.to_string());
+                metadata.insert(MSG_PREV_KEY, prev.to_string());
+                metadata.insert(MSG_SPACE_KEY, self.space.clone());
+                let sent = conn
+                    .send_message_with_receipt(
+                        &stored.service_path,
+                        &stored.service_method,
+                        metadata,
+                        &stored.payload,
+                    )
+                    .await;
+                if let Err(e) = sent {
+                    tracing::debug!("cluster durable delivery to {client_id} stopped: {e}");
+                    return;
+                }
+                prev = id;
+                if let Err(e) = client.delete(key, None).await {
+                    tracing::warn!("deleting an acknowledged durable message from etcd: {e}");
+                }
+            }
+        }
+    }
+
+    /// How many messages are pending for `client_id`.
+    pub(crate) async fn pending(
+        &self,
+        client: &mut Client,
+        client_id: &str,
+    ) -> Result<i64, ClusterError> {
+        Ok(client
+            .get(
+                self.device_prefix(client_id),
+                Some(GetOptions::new().with_prefix().with_count_only()),
+            )
+            .await
+            .map_err(ClusterError::etcd)?
+            .count())
+    }
+}

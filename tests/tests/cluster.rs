@@ -529,10 +529,10 @@ async fn a_durable_message_survives_the_node_that_accepted_it() {
     sa.shutdown(Duration::ZERO).await;
     // The device connects to node b and gets the commands, in order, once.
     let (_d, mut rx) = device(&dev, sb.local_addr().unwrap(), "device-8").await;
-    for i in 0..3 {
+    for (i, id) in ids.iter().enumerate() {
         let msg = next_push(&mut rx).await;
         assert_eq!(msg.payload, format!("cmd-{i}").as_bytes());
-        assert_eq!(msg.durable_id(), Some(ids[i] as u64));
+        assert_eq!(msg.durable_id(), Some(*id as u64));
     }
     assert!(
         tokio::time::timeout(Duration::from_millis(300), rx.recv())

@@ -68,12 +68,20 @@ impl ChildServer {
         name: &str,
         stall_ms: u64,
     ) -> std::io::Result<Self> {
-        let mut child = Command::new(exe)
-            .arg(&pem.cert)
-            .arg(&pem.key)
-            .arg(listen)
-            .arg(name)
-            .arg(stall_ms.to_string())
+        Self::spawn(
+            Command::new(exe)
+                .arg(&pem.cert)
+                .arg(&pem.key)
+                .arg(listen)
+                .arg(name)
+                .arg(stall_ms.to_string()),
+        )
+    }
+
+    /// Starts any server binary that prints `READY <addr>` on its first stdout line once it
+    /// accepts connections; returns then (at most 20 s). Its stderr goes to the test's.
+    pub fn spawn(command: &mut Command) -> std::io::Result<Self> {
+        let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()?;
@@ -84,9 +92,10 @@ impl ChildServer {
             let _ = BufReader::new(stdout).read_line(&mut line);
             let _ = tx.send(line);
         });
-        let line = rx
-            .recv_timeout(Duration::from_secs(20))
-            .map_err(|_| std::io::Error::other("the child server did not start"))?;
+        let Ok(line) = rx.recv_timeout(Duration::from_secs(20)) else {
+            let _ = child.kill();
+            return Err(std::io::Error::other("the child server did not start"));
+        };
         let addr = line
             .trim()
             .strip_prefix("READY ")

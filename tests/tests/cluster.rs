@@ -3,9 +3,8 @@
 //! cross nodes, devices that move, a node killed with SIGKILL, etcd restarted.
 
 use std::{
-    io::{BufRead, BufReader},
     net::SocketAddr,
-    process::{Child, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -18,7 +17,7 @@ use quicx_cluster::{
     ServiceEntry,
 };
 use quicx_tests::{
-    child::PemFiles,
+    child::{ChildServer, PemFiles},
     etcd::{EtcdHarnessError, EtcdServer},
 };
 
@@ -311,45 +310,19 @@ async fn a_device_that_moves_is_reached_on_its_new_node() {
     assert_eq!(a.locate("device-7").as_deref(), Some("c"));
 }
 
-/// A `quicx-cluster-node` child process, killed on drop.
-struct ChildNode {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl ChildNode {
-    fn start(pem: &PemFiles, etcd: &EtcdServer, name: &str, ttl_s: u64) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_quicx-cluster-node"))
+/// A `quicx-cluster-node` child process (killed on drop).
+fn child_node(pem: &PemFiles, etcd: &EtcdServer, name: &str, ttl_s: u64) -> ChildServer {
+    ChildServer::spawn(
+        Command::new(env!("CARGO_BIN_EXE_quicx-cluster-node"))
             .arg(&pem.cert)
             .arg(&pem.key)
             .arg(etcd.endpoint())
             .arg("/quicx-test")
             .arg(name)
             .arg(ttl_s.to_string())
-            .arg(SECRET)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .strip_prefix("READY ")
-            .unwrap_or_else(|| panic!("child node said {line:?}"))
-            .trim()
-            .parse()
-            .unwrap();
-        Self { child, addr }
-    }
-}
-
-impl Drop for ChildNode {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+            .arg(SECRET),
+    )
+    .unwrap()
 }
 
 #[tokio::test]
@@ -360,7 +333,7 @@ async fn a_killed_node_goes_offline_within_its_lease_and_xclients_stop_using_it(
     let ttl = Duration::from_secs(2);
     let options = etcd_options(&etcd, ttl);
     let (_sa, a) = node(&dev, &options, "a").await;
-    let mut doomed = ChildNode::start(&pem, &etcd, "doomed", ttl.as_secs());
+    let mut doomed = child_node(&pem, &etcd, "doomed", ttl.as_secs());
     let (_d, _p) = device(&dev, doomed.addr, "device-9").await;
     assert!(
         until(Duration::from_secs(5), || a.locate("device-9").as_deref()
@@ -384,8 +357,7 @@ async fn a_killed_node_goes_offline_within_its_lease_and_xclients_stop_using_it(
     }
     assert_eq!(names.into_iter().collect::<Vec<_>>(), vec!["a", "doomed"]);
 
-    doomed.child.kill().unwrap();
-    doomed.child.wait().unwrap();
+    doomed.kill();
     let killed = Instant::now();
     let offline = until(ttl + Duration::from_secs(3), || {
         a.locate("device-9").is_none()

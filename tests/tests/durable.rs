@@ -3,10 +3,9 @@
 //! acknowledgement, and a device that crashes before acking in manual mode.
 
 use std::{
-    io::{BufRead, BufReader},
     net::SocketAddr,
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::Command,
     sync::atomic::{AtomicUsize, Ordering},
     time::{Duration, Instant},
 };
@@ -16,7 +15,7 @@ use quicx::{
     PushReceiver, Server, push_channel,
 };
 use quicx_tests::{
-    child::PemFiles,
+    child::{ChildServer, PemFiles},
     relay::{Direction, Impairment, Relay},
 };
 
@@ -167,42 +166,17 @@ async fn messages_for_an_offline_device_arrive_in_order_once_it_connects() {
     );
 }
 
-/// A `quicx-durable-server` child process, killed on drop.
-struct ChildServer {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl ChildServer {
-    fn start(pem: &PemFiles, listen: &str, store: &TempStore) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_quicx-durable-server"))
+/// A `quicx-durable-server` child process on `listen` with its store in `store` (killed on
+/// drop).
+fn durable_server(pem: &PemFiles, listen: &str, store: &TempStore) -> ChildServer {
+    ChildServer::spawn(
+        Command::new(env!("CARGO_BIN_EXE_quicx-durable-server"))
             .arg(&pem.cert)
             .arg(&pem.key)
             .arg(listen)
-            .arg(store.file())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .strip_prefix("READY ")
-            .unwrap_or_else(|| panic!("child said {line:?}"))
-            .trim()
-            .parse()
-            .unwrap();
-        Self { child, addr }
-    }
-}
-
-impl Drop for ChildServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+            .arg(store.file()),
+    )
+    .unwrap()
 }
 
 #[tokio::test]
@@ -210,7 +184,7 @@ async fn a_thousand_messages_survive_a_sigkill_and_arrive_once_in_order() {
     let dev = DevCertificate::localhost().unwrap();
     let pem = PemFiles::write(&dev).unwrap();
     let store = TempStore::new();
-    let mut first = ChildServer::start(&pem, "127.0.0.1:0", &store);
+    let mut first = durable_server(&pem, "127.0.0.1:0", &store);
     let ops = quicx::Client::builder()
         .tls(ClientTls::new().trust(dev.certificate()))
         .reconnect(false)
@@ -222,9 +196,8 @@ async fn a_thousand_messages_survive_a_sigkill_and_arrive_once_in_order() {
         .unwrap();
     ops.close().await;
     // Stored means committed: kill the server at once, without any chance to flush.
-    first.child.kill().unwrap();
-    first.child.wait().unwrap();
-    let restarted = ChildServer::start(&pem, &first.addr.to_string(), &store);
+    first.kill();
+    let restarted = durable_server(&pem, &first.addr.to_string(), &store);
     let (_d, mut rx) = device(&dev, restarted.addr, "device-7", false).await;
     for i in 0..1000u32 {
         let msg = next(&mut rx).await;

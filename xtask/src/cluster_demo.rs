@@ -69,7 +69,7 @@ pub(crate) fn run() -> anyhow::Result<()> {
 }
 
 /// SIGINT, SIGTERM or SIGHUP.
-async fn stop_signal() -> &'static str {
+pub(crate) async fn stop_signal() -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut hup)) = (
         signal(SignalKind::terminate()),

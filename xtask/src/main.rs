@@ -21,7 +21,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// A server and three devices on loopback: call, push by id, broadcast, reverse call,
-    /// reconnect; with --cluster, three nodes on etcd. Exits non-zero if any step fails.
+    /// reconnect, durable commands to an offline device that arrive after a server restart;
+    /// with --cluster, three nodes on etcd. Exits non-zero if any step fails.
     Demo {
         /// Instead: etcd and three nodes on loopback, devices spread over them, a push and a
         /// reverse call that cross nodes, a node killed with SIGKILL and its devices reconnecting

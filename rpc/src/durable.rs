@@ -218,8 +218,10 @@ enum Op {
 /// transaction (group commit: each append waits for a durable commit, concurrent appends share
 /// it), and the sizes kept in memory for the bounds.
 pub(crate) struct Store {
-    db: Arc<Database>,
-    writer: std::sync::mpsc::Sender<Op>,
+    /// `None` once closed.
+    db: Mutex<Option<Arc<Database>>>,
+    writer: Mutex<Option<std::sync::mpsc::Sender<Op>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     sizes: Arc<Mutex<Sizes>>,
     pub(crate) counters: Arc<DurableCounters>,
 }
@@ -274,23 +276,43 @@ impl Store {
         let sizes = Arc::new(Mutex::new(sizes));
         let counters = Arc::new(DurableCounters::default());
         let (writer, ops) = std::sync::mpsc::channel();
-        {
+        let thread = {
             let (db, sizes, counters) = (db.clone(), sizes.clone(), counters.clone());
             std::thread::Builder::new()
                 .name("quicx-durable".into())
-                .spawn(move || write_loop(&db, &ops, &sizes, &counters, limits))?;
-        }
+                .spawn(move || write_loop(&db, &ops, &sizes, &counters, limits))?
+        };
         Ok(Self {
-            db,
-            writer,
+            db: Mutex::new(Some(db)),
+            writer: Mutex::new(Some(writer)),
+            thread: Mutex::new(Some(thread)),
             sizes,
             counters,
         })
     }
 
+    fn closed() -> Error {
+        Error::Store("the store is closed (the server shut down)".into())
+    }
+
+    fn db(&self) -> Result<Arc<Database>> {
+        lock(&self.db).clone().ok_or_else(Self::closed)
+    }
+
+    /// Closes the store: the writer commits what is queued and stops, and the file is released
+    /// once reads in progress end (blocking: run it off the async threads).
+    fn close(&self) {
+        drop(lock(&self.writer).take());
+        if let Some(thread) = lock(&self.thread).take() {
+            let _ = thread.join();
+        }
+        drop(lock(&self.db).take());
+    }
+
     async fn op(&self, make: impl FnOnce(oneshot::Sender<Result<u64>>) -> Op) -> Result<u64> {
         let (tx, rx) = oneshot::channel();
-        self.writer
+        let writer = lock(&self.writer).clone().ok_or_else(Self::closed)?;
+        writer
             .send(make(tx))
             .map_err(|_| Error::Store("the store's writer stopped".into()))?;
         rx.await
@@ -324,7 +346,7 @@ impl Store {
 
     /// Up to `limit` messages of `identity` with ids above `after`, in id order.
     fn read_after(&self, identity: &str, after: u64, limit: usize) -> Result<Vec<(u64, Stored)>> {
-        let txn = self.db.begin_read().map_err(store_error)?;
+        let txn = self.db()?.begin_read().map_err(store_error)?;
         let table = txn.open_table(MESSAGES).map_err(store_error)?;
         let mut out = Vec::new();
         let start = after.saturating_add(1);
@@ -770,6 +792,12 @@ impl Durable {
             .collect())
     }
 
+    /// Closes the store (at server shutdown) so that the file can be opened again at once.
+    pub(crate) async fn close(&self) {
+        let store = self.store.clone();
+        let _ = tokio::task::spawn_blocking(move || store.close()).await;
+    }
+
     /// Cancels a pending message; whether it was pending.
     pub(crate) async fn cancel(&self, identity: &str, id: u64) -> Result<bool> {
         Ok(self.store.remove(identity, vec![id]).await? > 0)
@@ -780,7 +808,7 @@ impl Durable {
         let store = self.store.clone();
         let now = now_ms();
         let expired: Vec<(String, u64)> = tokio::task::spawn_blocking(move || {
-            let txn = store.db.begin_read().map_err(store_error)?;
+            let txn = store.db()?.begin_read().map_err(store_error)?;
             let table = txn.open_table(MESSAGES).map_err(store_error)?;
             let mut out = Vec::new();
             for entry in table.iter().map_err(store_error)? {

@@ -81,7 +81,8 @@ impl ServerBuilder {
 
     /// Keeps durable messages ([`Server::send_durable`]) in an embedded, crash-safe database
     /// (redb) at `path`, created if missing, within `limits`. A server restarted on the same
-    /// file delivers what was pending. [`build`](Self::build) fails with [`Error::Store`] if the
+    /// file delivers what was pending. The file is locked while the server runs and released
+    /// when [`Server::shutdown`] returns. [`build`](Self::build) fails with [`Error::Store`] if the
     /// file is not a store or is damaged beyond what the database repairs.
     #[must_use]
     pub fn durable_store(
@@ -775,6 +776,10 @@ impl Server {
         }
         let idle = join_all(endpoints.iter().map(quinn::Endpoint::wait_idle));
         let _ = tokio::time::timeout(Duration::from_secs(2), idle).await;
+        if let Some(durable) = side.durable() {
+            // Release the store file now, not when the last handle to the server goes.
+            durable.close().await;
+        }
         self.inner.stopped.cancel();
         for io in &self.inner.io {
             io.stop();

@@ -122,14 +122,13 @@ async fn an_online_device_receives_a_durable_message_at_once() {
     assert_eq!(msg.metadata.get("k"), Some("v"));
     assert!(!msg.is_redelivered());
     assert!(
-        until(Duration::from_secs(5), async || server
-            .stats()
-            .durable_pending
-            == 0)
+        until(Duration::from_secs(5), async || {
+            server.durable_pending("device-1").await.unwrap().is_empty()
+        })
         .await
     );
     assert_eq!(server.stats().durable_delivered, 1);
-    assert!(server.durable_pending("device-1").await.unwrap().is_empty());
+    assert_eq!(server.stats().durable_pending, 0);
 }
 
 #[tokio::test]
@@ -489,4 +488,41 @@ async fn a_corrupt_or_truncated_store_is_a_clear_error_or_recovered() {
             eprintln!("truncated store refused: {e}");
         }
     }
+}
+
+#[tokio::test]
+async fn the_store_is_released_when_shutdown_returns() {
+    let dev = DevCertificate::localhost().unwrap();
+    let store = TempStore::new();
+    let first = server(&dev, &store, DurableLimits::default()).await;
+    // A live events receiver (and the connection handles its events hold) keep the server
+    // object alive; the store must not depend on that.
+    let _events = first.events();
+    let (_d, _rx) = device(&dev, first.local_addr().unwrap(), "device-6", false).await;
+    first
+        .send_durable(
+            "device-9",
+            "Device",
+            "Later",
+            Metadata::new(),
+            b"x",
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    first.shutdown(Duration::from_secs(1)).await;
+    let err = first
+        .send_durable(
+            "device-9",
+            "Device",
+            "Later",
+            Metadata::new(),
+            b"y",
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Store(_)), "{err:?}");
+    let second = server(&dev, &store, DurableLimits::default()).await;
+    assert_eq!(second.durable_pending("device-9").await.unwrap().len(), 1);
 }

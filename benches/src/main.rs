@@ -34,11 +34,12 @@ struct Cli {
     /// Where report.md, results.json and the SVG plots go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
-    /// Only these systems (default: all).
-    #[arg(long, value_enum)]
+    /// Only these systems (default: all but the metrics A/B variants `quicx-no-metrics` and
+    /// `quicx-prometheus`, which are named explicitly).
+    #[arg(long, value_enum, value_delimiter = ',')]
     system: Vec<System>,
     /// Only these process layouts (default: all).
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, value_delimiter = ',')]
     layout: Vec<Layout>,
     /// Skip the many-devices fleet benchmark.
     #[arg(long)]
@@ -50,8 +51,13 @@ struct Cli {
     #[arg(long)]
     fleet_size: Vec<usize>,
     /// Only these scenarios (default: all).
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, value_delimiter = ',')]
     scenario: Vec<Scenario>,
+    /// Install the Prometheus recorder in this process too, so the clients of `quicx-prometheus`
+    /// record into it in the two-process layout (implied when `quicx-prometheus` runs in a
+    /// one-process layout). `quicx` and `quicx-secured` cannot run then: they would record too.
+    #[arg(long)]
+    prometheus_client: bool,
 }
 
 /// What to measure.
@@ -239,6 +245,9 @@ impl Drop for ChildServer {
 fn serve_child(system: System) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
+        if system == System::QuicxPrometheus {
+            systems::install_recorder("quicx-prometheus server")?;
+        }
         let info = systems::serve(system).await?;
         println!("{}", serde_json::to_string(&info)?);
         std::io::stdout().flush()?;
@@ -469,7 +478,7 @@ fn main() -> anyhow::Result<()> {
         settings.fleets = cli.fleet_size.clone();
     }
     let systems: Vec<System> = if cli.system.is_empty() {
-        System::ALL.to_vec()
+        System::default_set()
     } else {
         cli.system.clone()
     };
@@ -486,6 +495,20 @@ fn main() -> anyhow::Result<()> {
     } else {
         cli.layout.clone()
     };
+    // A `metrics` recorder is process-wide: once installed here, every quicx server and client
+    // of this process with metrics on records into it.
+    let recorder_here = cli.prometheus_client
+        || (systems.contains(&System::QuicxPrometheus)
+            && layouts.iter().any(|&l| l != Layout::TwoProcesses));
+    if recorder_here {
+        anyhow::ensure!(
+            !systems.contains(&System::Quicx) && !systems.contains(&System::QuicxSecured),
+            "with the Prometheus recorder in this process (--prometheus-client, or quicx-prometheus \
+             in a one-process layout), quicx and quicx-secured would record into it too: \
+             measure them in another run"
+        );
+        systems::install_recorder("bench process")?;
+    }
     std::fs::create_dir_all(&cli.out)?;
     let pushers: Vec<System> = systems.iter().copied().filter(|s| s.pushes()).collect();
     let fleet_systems: Vec<System> = systems
@@ -778,7 +801,14 @@ fn main() -> anyhow::Result<()> {
     }
     bar.finish_with_message("done");
     let started = Instant::now();
-    let md = report::markdown(&records, &machine(), &settings.describe());
+    let mut described = settings.describe();
+    if recorder_here {
+        described.push_str(
+            " This process has the Prometheus recorder installed: quicx-prometheus records on \
+             both sides.",
+        );
+    }
+    let md = report::markdown(&records, &machine(), &described);
     std::fs::write(cli.out.join("report.md"), &md)?;
     std::fs::write(
         cli.out.join("results.json"),

@@ -35,6 +35,14 @@ pub(crate) enum System {
     /// quicx with an authenticator (token), a per-call authorizer and per-connection and
     /// per-identity call rates installed (set too high to refuse): their per-call cost.
     QuicxSecured,
+    /// quicx with metrics off on server and client (`.metrics(false)`): the baseline of the
+    /// metrics' per-call cost.
+    QuicxNoMetrics,
+    /// quicx with the Prometheus recorder installed (`quicx::metrics::install_prometheus` on a
+    /// loopback port), so its series record into it: in the two-process layout the server's
+    /// process installs it (the client's too with `--prometheus-client`); in one process, both
+    /// sides record. A recorder is process-wide, so no `quicx`/`quicx-secured` in that run.
+    QuicxPrometheus,
     /// quinn, stream per call, same transport settings as quicx.
     Quinn,
     /// tonic unary gRPC over HTTP/2, plaintext.
@@ -48,9 +56,12 @@ pub(crate) enum System {
 }
 
 impl System {
-    pub(crate) const ALL: [Self; 7] = [
+    /// Every system, in report order.
+    pub(crate) const ALL: [Self; 9] = [
         Self::Quicx,
         Self::QuicxSecured,
+        Self::QuicxNoMetrics,
+        Self::QuicxPrometheus,
         Self::Quinn,
         Self::Tonic,
         Self::TonicTls,
@@ -58,10 +69,21 @@ impl System {
         Self::TarpcTls,
     ];
 
+    /// The systems of a run without `--system`: all but the metrics A/B variants, which are
+    /// selected explicitly (`quicx-prometheus` needs the two-process layout).
+    pub(crate) fn default_set() -> Vec<Self> {
+        Self::ALL
+            .into_iter()
+            .filter(|s| !matches!(s, Self::QuicxNoMetrics | Self::QuicxPrometheus))
+            .collect()
+    }
+
     pub(crate) fn name(self) -> &'static str {
         match self {
             Self::Quicx => "quicx",
             Self::QuicxSecured => "quicx + auth, authorizer, rate limits",
+            Self::QuicxNoMetrics => "quicx, metrics off",
+            Self::QuicxPrometheus => "quicx + Prometheus recorder",
             Self::Quinn => "raw quinn",
             Self::Tonic => "tonic h2",
             Self::TonicTls => "tonic h2+TLS",
@@ -72,7 +94,14 @@ impl System {
 
     /// Whether the system can push from server to client.
     pub(crate) fn pushes(self) -> bool {
-        matches!(self, Self::Quicx | Self::Quinn | Self::TonicTls)
+        matches!(
+            self,
+            Self::Quicx
+                | Self::QuicxNoMetrics
+                | Self::QuicxPrometheus
+                | Self::Quinn
+                | Self::TonicTls
+        )
     }
 }
 
@@ -120,8 +149,9 @@ const BUFFER: usize = 4 * 1024 * 1024;
 pub(crate) async fn serve(system: System) -> anyhow::Result<ServerInfo> {
     let dev = dev();
     let addr = match system {
-        System::Quicx => serve_quicx(&dev, false).await?,
-        System::QuicxSecured => serve_quicx(&dev, true).await?,
+        System::Quicx | System::QuicxSecured | System::QuicxNoMetrics | System::QuicxPrometheus => {
+            serve_quicx(&dev, system).await?
+        }
         System::Quinn => serve_quinn(&dev)?,
         System::Tonic | System::TonicTls => serve_tonic(&dev, system == System::TonicTls).await?,
         System::Tarpc | System::TarpcTls => serve_tarpc(&dev, system == System::TarpcTls).await?,
@@ -136,6 +166,18 @@ pub(crate) async fn serve(system: System) -> anyhow::Result<ServerInfo> {
 
 // ------------------------------------------------------------------------- quicx
 
+/// Installs the Prometheus recorder of quicx (`quicx::metrics::install_prometheus`) as this
+/// process's `metrics` recorder, serving `/metrics` on a free loopback port, which it prints to
+/// stderr (`who` says which process). Call it on the runtime, before any quicx server or client is
+/// built. Every quicx server and client of the process with metrics on then records into it.
+pub(crate) fn install_recorder(who: &str) -> anyhow::Result<SocketAddr> {
+    // A free port: bind, note it, release it (the exporter binds it again at once).
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    quicx::metrics::install_prometheus(addr)?;
+    eprintln!("{who}: Prometheus recorder installed, http://{addr}/metrics");
+    Ok(addr)
+}
+
 #[derive(Serialize, Deserialize)]
 struct PushOrder {
     count: u32,
@@ -146,9 +188,13 @@ struct PushOrder {
 /// The token of the bench client of the secured quicx server.
 const BENCH_TOKEN: &str = "bench-token";
 
-async fn serve_quicx(dev: &DevCertificate, secured: bool) -> anyhow::Result<SocketAddr> {
-    let mut builder = Server::builder().dev_certificate(dev);
-    if secured {
+/// The quicx server of `system` (one of the quicx variants). For `quicx-prometheus` the caller
+/// installs the recorder first (see `install_recorder`).
+async fn serve_quicx(dev: &DevCertificate, system: System) -> anyhow::Result<SocketAddr> {
+    let mut builder = Server::builder()
+        .dev_certificate(dev)
+        .metrics(system != System::QuicxNoMetrics);
+    if system == System::QuicxSecured {
         let rate = std::num::NonZeroU32::new(100_000_000);
         builder = builder
             .authenticator(quicx::Authenticator::new(
@@ -248,6 +294,9 @@ pub(crate) async fn quicx_client(
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         builder = builder.client_id(format!("bench-{n}")).token(BENCH_TOKEN);
+    }
+    if info.system == System::QuicxNoMetrics {
+        builder = builder.metrics(false);
     }
     if let Some(endpoint) = endpoint {
         builder = builder.endpoint(endpoint);
@@ -698,7 +747,7 @@ pub(crate) async fn echo_caller(
 ) -> anyhow::Result<(Caller, Box<dyn std::any::Any + Send>)> {
     let payload = Bytes::from(vec![1u8; payload_size]);
     Ok(match info.system {
-        System::Quicx | System::QuicxSecured => {
+        System::Quicx | System::QuicxSecured | System::QuicxNoMetrics | System::QuicxPrometheus => {
             let client = quicx_client(info, None, None).await?;
             let keep = client.clone();
             let options = CallOptions::new();
@@ -765,7 +814,7 @@ pub(crate) async fn work_caller(
     work: Work,
 ) -> anyhow::Result<(Caller, Box<dyn std::any::Any + Send>)> {
     Ok(match info.system {
-        System::Quicx | System::QuicxSecured => {
+        System::Quicx | System::QuicxSecured | System::QuicxNoMetrics | System::QuicxPrometheus => {
             let client = quicx_client(info, None, None).await?;
             let keep = client.clone();
             let (method, amount) = match work {
@@ -832,7 +881,7 @@ pub(crate) async fn push_rate(
     let received = Arc::new(AtomicU64::new(0));
     let started;
     match info.system {
-        System::Quicx => {
+        System::Quicx | System::QuicxNoMetrics | System::QuicxPrometheus => {
             let client = quicx_client(info, None, Some(received.clone())).await?;
             started = std::time::Instant::now();
             let () = client

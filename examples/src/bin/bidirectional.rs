@@ -6,8 +6,12 @@
 //! cargo run -p quicx-examples --bin bidirectional -- server    # terminal 1
 //! cargo run -p quicx-examples --bin bidirectional -- client    # terminal 2
 //! ```
+//!
+//! `--metrics 127.0.0.1:9000` serves the process's [metrics](quicx::metrics) in the Prometheus
+//! text format on `http://127.0.0.1:9000/metrics` (with `server`: the server's series;
+//! `curl -s 127.0.0.1:9000/metrics | grep quicx_`).
 
-use std::{sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use clap::{Parser, Subcommand};
 use quicx::{Client, ClientTls, Connection, Context, Metadata, Server, Service, push_channel};
@@ -26,6 +30,10 @@ struct Cli {
     /// Stop after this many pushes (0: run until Ctrl-C).
     #[arg(long, default_value_t = 0, global = true)]
     count: u32,
+    /// Serve the metrics in the Prometheus text format on http://ADDR/metrics (keep it on
+    /// loopback, e.g. 127.0.0.1:9000).
+    #[arg(long, value_name = "ADDR", global = true)]
+    metrics: Option<SocketAddr>,
 }
 
 #[derive(Subcommand)]
@@ -107,6 +115,11 @@ async fn run_client(addr: &str, tls: ClientTls, count: u32) -> anyhow::Result<()
 async fn main() -> anyhow::Result<()> {
     init_tracing();
     let cli = Cli::parse();
+    if let Some(addr) = cli.metrics {
+        // Before any server or client is built: they take their series from the recorder.
+        quicx::metrics::install_prometheus(addr)?;
+        println!("metrics on http://{addr}/metrics");
+    }
     match cli.role {
         Some(Role::Server) => {
             let dev = publish_dev_certificate("bidirectional")?;

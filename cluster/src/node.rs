@@ -4,7 +4,10 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::SocketAddr,
-    sync::{Arc, Mutex, RwLock, Weak},
+    sync::{
+        Arc, Mutex, RwLock, Weak,
+        atomic::{AtomicUsize, Ordering as AtomicOrdering},
+    },
     time::Duration,
 };
 
@@ -183,7 +186,7 @@ struct NodeInner {
     state: Arc<Shared>,
     peers: tokio::sync::Mutex<HashMap<String, (String, Client)>>,
     /// Per peer node, the queue of pushes its batcher sends.
-    batchers: Mutex<HashMap<String, mpsc::Sender<QueuedPush>>>,
+    batchers: Mutex<HashMap<String, Batcher>>,
     stop: CancellationToken,
     _stop_on_drop: DropGuard,
 }
@@ -483,22 +486,35 @@ impl ClusterNode {
         node: &str,
         request: PushRequest,
     ) -> Result<Routed<()>, ClusterError> {
-        let queue = {
+        let (queue, in_flight) = {
             let mut batchers = lock(&self.inner.batchers);
             match batchers.get(node) {
-                Some(q) if !q.is_closed() => q.clone(),
+                Some((q, n)) if !q.is_closed() => (q.clone(), n.clone()),
                 _ => {
                     let (tx, rx) = mpsc::channel(4096);
+                    let in_flight = Arc::new(AtomicUsize::new(0));
                     tokio::spawn(run_batcher(
                         Arc::downgrade(&self.inner),
                         node.to_owned(),
                         rx,
+                        in_flight.clone(),
                     ));
-                    batchers.insert(node.to_owned(), tx.clone());
-                    tx
+                    batchers.insert(node.to_owned(), (tx.clone(), in_flight.clone()));
+                    (tx, in_flight)
                 }
             }
         };
+        // Nothing on its way to that node: send this one now, from this task (no hand-over,
+        // no added latency). Pushes that come while requests are in flight wait for the
+        // batcher and share requests.
+        if in_flight
+            .compare_exchange(0, 1, AtomicOrdering::AcqRel, AtomicOrdering::Relaxed)
+            .is_ok()
+        {
+            let routed = self.route(node, "Push", &request, None).await;
+            in_flight.fetch_sub(1, AtomicOrdering::AcqRel);
+            return routed;
+        }
         let (tx, rx) = oneshot::channel();
         queue
             .send((request, tx))
@@ -815,6 +831,9 @@ impl ClusterNode {
     }
 }
 
+/// The queue of one peer node's batcher, and how many requests are on their way to that node.
+type Batcher = (mpsc::Sender<QueuedPush>, Arc<AtomicUsize>);
+
 /// A push waiting for its node's batcher, and where its result goes.
 type QueuedPush = (
     PushRequest,
@@ -826,8 +845,13 @@ const MAX_BATCH: usize = 256;
 const BATCHES_IN_FLIGHT: usize = 8;
 
 /// Sends the pushes queued for `node` in batches until the node handle is gone.
-async fn run_batcher(node: Weak<NodeInner>, name: String, mut rx: mpsc::Receiver<QueuedPush>) {
-    let in_flight = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
+async fn run_batcher(
+    node: Weak<NodeInner>,
+    name: String,
+    mut rx: mpsc::Receiver<QueuedPush>,
+    in_flight: Arc<AtomicUsize>,
+) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -836,11 +860,13 @@ async fn run_batcher(node: Weak<NodeInner>, name: String, mut rx: mpsc::Receiver
                 Err(_) => break,
             }
         }
-        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+        let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
         };
         let Some(inner) = node.upgrade() else { return };
         let name = name.clone();
+        let in_flight = in_flight.clone();
+        in_flight.fetch_add(1, AtomicOrdering::AcqRel);
         tokio::spawn(async move {
             let node = ClusterNode { inner };
             let (requests, replies): (Vec<PushRequest>, Vec<_>) = batch.into_iter().unzip();
@@ -863,6 +889,7 @@ async fn run_batcher(node: Weak<NodeInner>, name: String, mut rx: mpsc::Receiver
                     .into_iter()
                     .for_each(|r| drop(r.send(Err(e.clone())))),
             }
+            in_flight.fetch_sub(1, AtomicOrdering::AcqRel);
             drop(permit);
         });
     }

@@ -28,17 +28,19 @@ struct CallInfo {
     cancel: CancellationToken,
     trace: Option<TraceContext>,
     reply_metadata: Mutex<Metadata>,
+    /// The handler the call runs (for its per-method metrics).
+    method: Option<crate::service::Handler>,
 }
 
 impl Context {
     pub(crate) fn new(
         conn: Connection,
-        service_path: String,
-        service_method: String,
+        (service_path, service_method): (String, String),
         metadata: Metadata,
         deadline: Option<Instant>,
         cancel: CancellationToken,
         trace: Option<TraceContext>,
+        method: Option<crate::service::Handler>,
     ) -> Self {
         Self {
             inner: Arc::new(CallInfo {
@@ -50,6 +52,7 @@ impl Context {
                 cancel,
                 trace,
                 reply_metadata: Mutex::new(Metadata::new()),
+                method,
             }),
         }
     }
@@ -60,6 +63,10 @@ impl Context {
     /// [`trace::scope`](crate::trace::scope) if it makes calls from an async block.
     pub fn trace(&self) -> Option<TraceContext> {
         self.inner.trace
+    }
+
+    pub(crate) fn method(&self) -> Option<&crate::service::Handler> {
+        self.inner.method.as_ref()
     }
 
     /// The connection the call arrived on (rpcx's `server.RemoteConnContextKey`). Keep a clone to

@@ -1,7 +1,8 @@
 //! Metrics through the [`metrics`](https://docs.rs/metrics) facade.
 //!
 //! quicx records these series into whatever recorder the application installed (none: they cost
-//! a few nanoseconds and go nowhere). **Install the recorder before building servers and
+//! a few hundred nanoseconds per call and go nowhere; a served call finds its series through its
+//! method, with no lookup by name). **Install the recorder before building servers and
 //! clients**: each caches its series handles when it first uses them.
 //!
 //! | series | kind | labels |
@@ -80,6 +81,56 @@ pub mod names {
     pub const DURABLE_EXPIRED: &str = "quicx_durable_expired_total";
     /// Durable messages dropped to make room.
     pub const DURABLE_OVERFLOWED: &str = "quicx_durable_overflowed_total";
+}
+
+/// The call series of one served method: a counter per status code (in a fixed array: no lock,
+/// no lookup per call) and the duration histogram.
+pub(crate) struct ServedSeries {
+    service: String,
+    method: String,
+    /// Codes 0..=15, then `application`, then any other.
+    calls: [OnceLock<Counter>; 18],
+    duration: Histogram,
+}
+
+impl ServedSeries {
+    fn new(service: &str, method: &str) -> Self {
+        Self {
+            service: service.to_owned(),
+            method: method.to_owned(),
+            calls: std::array::from_fn(|_| OnceLock::new()),
+            duration: metrics::histogram!(
+                names::SERVER_CALL_DURATION,
+                "service" => service.to_owned(),
+                "method" => method.to_owned()
+            ),
+        }
+    }
+
+    fn record(&self, code: u32, elapsed: Duration) {
+        self.duration.record(elapsed.as_secs_f64());
+        let slot = match code {
+            0..=15 => code as usize,
+            crate::status::APPLICATION.. => 16,
+            _ => 17,
+        };
+        self.calls[slot]
+            .get_or_init(|| {
+                metrics::counter!(
+                    names::SERVER_CALLS,
+                    "service" => self.service.clone(),
+                    "method" => self.method.clone(),
+                    "status" => crate::status::name(code)
+                )
+            })
+            .increment(1);
+    }
+}
+
+impl std::fmt::Debug for ServedSeries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ServedSeries({}.{})", self.service, self.method)
+    }
 }
 
 /// One series family per (service, method): a counter per status, one histogram.
@@ -180,12 +231,19 @@ impl ServerCallMetrics {
 
 impl Interceptor for ServerCallMetrics {
     fn after_call(&self, ctx: &Context, outcome: &CallOutcome) {
-        self.0.record(
-            ctx.service_path(),
-            ctx.service_method(),
-            crate::status::name(outcome.status),
-            outcome.elapsed,
-        );
+        match ctx.method() {
+            // The method's own series: no lookup by name.
+            Some(method) => method
+                .series
+                .get_or_init(|| ServedSeries::new(ctx.service_path(), ctx.service_method()))
+                .record(outcome.status, outcome.elapsed),
+            None => self.0.record(
+                ctx.service_path(),
+                ctx.service_method(),
+                crate::status::name(outcome.status),
+                outcome.elapsed,
+            ),
+        }
     }
 
     fn on_connect(&self, _conn: &crate::Connection) -> Result<(), crate::Refusal> {

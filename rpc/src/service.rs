@@ -38,6 +38,17 @@ pub(crate) struct Method {
     /// Whether the last timed poll took at least [`HEAVY_POLL`](crate::io::HEAVY_POLL): such
     /// calls leave an overloaded I/O thread for the pool.
     heavy: AtomicBool,
+    /// This method's call metrics, registered on its first call.
+    pub(crate) series: std::sync::OnceLock<crate::metrics::ServedSeries>,
+}
+
+impl std::fmt::Debug for Method {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Method")
+            .field("slow", &self.is_slow())
+            .field("heavy", &self.is_heavy())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Method {
@@ -46,6 +57,7 @@ impl Method {
             run,
             slow: AtomicBool::new(false),
             heavy: AtomicBool::new(false),
+            series: std::sync::OnceLock::new(),
         }
     }
 

@@ -330,7 +330,8 @@ async fn main() -> anyhow::Result<()> {
         .collect();
     drop(node_c);
     let killed = Instant::now();
-    server_c.shutdown(Duration::ZERO).await;
+    // Its connections go too (in the background: measured from the moment it stopped).
+    tokio::spawn(async move { server_c.shutdown(Duration::ZERO).await });
     let survivors: Vec<ClusterNode> = nodes.iter().map(|(_, n)| n.clone()).collect();
     loop {
         let listed = victims

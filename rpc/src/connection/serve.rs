@@ -274,12 +274,12 @@ async fn serve_request(
     }
     let ctx = Context::new(
         conn.clone(),
-        header.service_path,
-        header.service_method,
+        (header.service_path, header.service_method),
         header.metadata,
         deadline,
         cancel.clone(),
         trace,
+        Some(handler.clone()),
     );
     let side = &conn.inner.side;
     let interceptors = &side.interceptors;

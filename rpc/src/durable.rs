@@ -41,7 +41,7 @@ const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
 /// Messages sent at once to one device before their acknowledgements come back.
 const WINDOW: usize = 32;
 /// Messages read from the store at a time.
-const BATCH: usize = 256;
+const BATCH: usize = 1024;
 
 /// What a server does when a durable message would exceed a bound.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -681,16 +681,22 @@ impl Durable {
             return RunEnd::Stopped;
         };
         let (mut after, mut prev) = (0u64, 0u64);
+        let mut removals = Vec::new();
         loop {
             let batch = match self.store.read_after_async(identity, after, BATCH).await {
                 Ok(b) => b,
                 Err(e) => {
                     tracing::error!("reading durable messages of {identity} failed: {e}");
+                    Self::removed(removals, identity).await;
                     return RunEnd::Stopped;
                 }
             };
             if batch.is_empty() {
-                return RunEnd::Done;
+                return if Self::removed(removals, identity).await {
+                    RunEnd::Done
+                } else {
+                    RunEnd::Stopped
+                };
             }
             let now = now_ms();
             let mut expired = Vec::new();
@@ -764,15 +770,27 @@ impl Durable {
                     attempted.remove(id);
                 }
             }
-            if let Err(e) = self.store.remove(identity, acked).await {
-                tracing::error!("removing acknowledged messages of {identity} failed: {e}");
-                return RunEnd::Stopped;
-            }
+            // Removed while the next batch goes out (the next read starts after the last id).
+            let (store, who) = (self.store.clone(), identity.to_owned());
+            removals.push(tokio::spawn(async move { store.remove(&who, acked).await }));
             if let Some(e) = failed {
                 tracing::debug!("durable delivery to {identity} stopped: {e}");
+                Self::removed(removals, identity).await;
                 return RunEnd::Stopped;
             }
         }
+    }
+
+    /// Waits for the removals of acknowledged messages; whether they all committed.
+    async fn removed(removals: Vec<tokio::task::JoinHandle<Result<u64>>>, identity: &str) -> bool {
+        let mut ok = true;
+        for removal in removals {
+            if let Ok(Err(e)) | Err(e) = removal.await.map_err(store_error) {
+                tracing::error!("removing acknowledged messages of {identity} failed: {e}");
+                ok = false;
+            }
+        }
+        ok
     }
 
     /// The messages pending for `identity`, oldest first.

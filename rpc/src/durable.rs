@@ -141,6 +141,8 @@ struct Stored {
     service_path: String,
     service_method: String,
     metadata: Metadata,
+    /// Bytes, not a sequence of u8s (the same postcard encoding, written at once).
+    #[serde(with = "serde_bytes")]
     payload: Vec<u8>,
     /// Unix milliseconds.
     expires_ms: u64,
@@ -204,7 +206,8 @@ pub(crate) struct DurableCounters {
 enum Op {
     Append {
         identity: String,
-        message: Stored,
+        /// The encoded message (encoded by the sender, not on the writer thread).
+        bytes: Vec<u8>,
         reply: oneshot::Sender<Result<u64>>,
     },
     Remove {
@@ -322,9 +325,10 @@ impl Store {
     /// Stores a message; returns its id once the commit is durable.
     async fn append(&self, identity: &str, message: Stored) -> Result<u64> {
         let identity = identity.to_owned();
+        let bytes = postcard::to_allocvec(&message).map_err(store_error)?;
         self.op(|reply| Op::Append {
             identity,
-            message,
+            bytes,
             reply,
         })
         .await
@@ -421,10 +425,9 @@ fn write_loop(
                     match op {
                         Op::Append {
                             identity,
-                            message,
+                            bytes,
                             reply,
                         } => {
-                            let bytes = postcard::to_allocvec(&message).map_err(store_error)?;
                             let result = admit(
                                 &mut table,
                                 &mut sizes,

@@ -37,6 +37,12 @@ pub struct CallOutcome {
 /// order the interceptors were installed (`after_call` in reverse order), and must be quick: no
 /// blocking, no I/O (hand slow work to a channel or a task).
 ///
+/// Why not `tower::Layer`/`Service`: a layer wraps each call's future (boxed once per layer and
+/// per call, since every method's future type differs) and needs `poll_ready` and a service
+/// clone per call. These hooks are plain methods on a shared `Arc`: one virtual call before and
+/// one after the handler, no allocation. Deadlines and cancellation, which tower layers often
+/// add, are already the framework's.
+///
 /// ```
 /// use std::sync::atomic::{AtomicU64, Ordering};
 /// use quicx::{CallOutcome, Context, Interceptor, ServiceError};

@@ -585,7 +585,16 @@ impl ClusterNode {
         // The hop gets a little longer than the device call, so the device's own deadline
         // answers first.
         let hop = timeout + Duration::from_millis(250);
-        let routed: Routed<Vec<u8>> = self.route(&node, "Call", &request, Some(hop)).await?;
+        let mut node = node;
+        let mut routed: Routed<Vec<u8>> = self.route(&node, "Call", &request, Some(hop)).await?;
+        if matches!(&routed, Err(f) if f.offline) {
+            // The device left that node a moment ago and the cache has not seen where it went:
+            // ask etcd once and follow it.
+            if let Some(fresh) = self.fresh_owner(client_id).await.filter(|n| *n != node) {
+                routed = self.route(&fresh, "Call", &request, Some(hop)).await?;
+                node = fresh;
+            }
+        }
         routed
             .map(Bytes::from)
             .map_err(|f| self.device_error(client_id, &node, f))
@@ -683,18 +692,20 @@ impl ClusterNode {
         // Not in the cache (or the cache still says here): the watch may lag a record written
         // a moment ago, so ask etcd once before answering offline. Only this path costs an
         // etcd request; a known device never does.
-        let key = keys::presence(&self.inner.prefix, client_id);
-        let fresh = self.inner.state.etcd.clone().get(key, None).await;
-        let record = fresh
-            .ok()
-            .and_then(|r| r.kvs().first().map(|kv| kv.value().to_vec()))
-            .and_then(|v| serde_json::from_slice::<PresenceRecord>(&v).ok());
-        match record {
-            Some(p) if p.node != self.inner.name => Ok(p.node),
-            _ => Err(ClusterError::Offline {
+        self.fresh_owner(client_id)
+            .await
+            .ok_or_else(|| ClusterError::Offline {
                 client_id: client_id.to_owned(),
-            }),
-        }
+            })
+    }
+
+    /// The node etcd records for `client_id` now (one etcd request), other than this one.
+    async fn fresh_owner(&self, client_id: &str) -> Option<String> {
+        let key = keys::presence(&self.inner.prefix, client_id);
+        let fresh = self.inner.state.etcd.clone().get(key, None).await.ok()?;
+        let value = fresh.kvs().first()?.value().to_vec();
+        let record = serde_json::from_slice::<PresenceRecord>(&value).ok()?;
+        (record.node != self.inner.name).then_some(record.node)
     }
 
     fn device_error(&self, client_id: &str, node: &str, f: DeviceFailure) -> ClusterError {

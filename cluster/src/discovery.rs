@@ -60,7 +60,7 @@ impl EtcdDiscovery {
                         .filter_map(|(k, v)| Some((k, endpoint(&v)?)))
                         .collect();
                 }
-                Change::Put { key, value } => match endpoint(&value) {
+                Change::Put { key, value, .. } => match endpoint(&value) {
                     Some(e) => {
                         known.insert(key, e);
                     }
@@ -82,7 +82,14 @@ impl EtcdDiscovery {
                 true
             });
         };
-        tokio::spawn(follow(client, prefix, stop.clone(), apply, Some(first_tx)));
+        tokio::spawn(follow(
+            client,
+            prefix,
+            stop.clone(),
+            apply,
+            Some(first_tx),
+            false,
+        ));
         match tokio::time::timeout(options.request_timeout, first_rx).await {
             Ok(Ok(())) => Ok(Self {
                 tx,

@@ -257,6 +257,12 @@ impl Session {
             loop {
                 if heal {
                     if let Err(e) = self.put_all(&mut client, lease).await {
+                        if is_lease_lost(&e) {
+                            // Expired while etcd was away: grant a new one, put everything.
+                            tracing::warn!("the node's etcd lease was lost: granting a new one");
+                            self.lease.send_replace(None);
+                            continue 'grant;
+                        }
                         tracing::warn!("etcd registration failed: {e}");
                         if !backoff.wait(&self.stop).await {
                             return;
@@ -318,7 +324,12 @@ pub(crate) enum Change {
     /// Everything under the prefix now (after a (re)sync).
     Reset(Vec<(String, String)>),
     /// A key was written.
-    Put { key: String, value: String },
+    Put {
+        key: String,
+        value: String,
+        /// The etcd revision of the write.
+        revision: i64,
+    },
     /// A key was deleted; its last value if etcd still had it.
     Delete { key: String, prev: Option<String> },
 }
@@ -333,6 +344,7 @@ pub(crate) async fn follow(
     stop: CancellationToken,
     mut apply: impl FnMut(Change) + Send,
     first: Option<tokio::sync::oneshot::Sender<()>>,
+    keys_only: bool,
 ) {
     let mut client = client;
     let mut first = first;
@@ -342,7 +354,14 @@ pub(crate) async fn follow(
         let start = match next {
             Some(rev) => rev,
             None => match client
-                .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+                .get(
+                    prefix.as_str(),
+                    Some(if keys_only {
+                        GetOptions::new().with_prefix().with_keys_only()
+                    } else {
+                        GetOptions::new().with_prefix()
+                    }),
+                )
                 .await
             {
                 Ok(r) => {
@@ -351,10 +370,8 @@ pub(crate) async fn follow(
                         .kvs()
                         .iter()
                         .filter_map(|kv| {
-                            Some((
-                                kv.key_str().ok()?.to_owned(),
-                                kv.value_str().ok()?.to_owned(),
-                            ))
+                            let value = kv.value_str().unwrap_or_default();
+                            Some((kv.key_str().ok()?.to_owned(), value.to_owned()))
                         })
                         .collect();
                     apply(Change::Reset(kvs));
@@ -409,7 +426,12 @@ pub(crate) async fn follow(
                         match event.event_type() {
                             EventType::Put => {
                                 let value = kv.value_str().unwrap_or_default().to_owned();
-                                apply(Change::Put { key, value });
+                                let revision = kv.mod_revision();
+                                apply(Change::Put {
+                                    key,
+                                    value,
+                                    revision,
+                                });
                             }
                             EventType::Delete => {
                                 let prev = event

@@ -198,6 +198,14 @@ impl Drop for NodeInner {
     }
 }
 
+/// Which prefix a watch follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    Presence,
+    Nodes,
+    Durable,
+}
+
 /// What the watch keeps current and the event tasks read.
 struct Shared {
     name: String,
@@ -320,19 +328,32 @@ impl ClusterNode {
                 options.etcd.request_timeout * 2
             )));
         }
-        let (first_tx, first_rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(follow(
-            client,
-            format!("{prefix}/"),
-            stop.clone(),
-            {
-                let state = state.clone();
-                let server = server.downgrade();
-                let prefix = prefix.clone();
-                move |change| state.apply(&prefix, change, &server)
-            },
-            Some(first_tx),
-        ));
+        // Three watches: presence and nodes (small values, in the caches), and the durable
+        // messages' keys (their payloads stay in etcd until a delivery reads them).
+        let mut firsts = Vec::new();
+        for scope in [Scope::Presence, Scope::Nodes, Scope::Durable] {
+            let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+            firsts.push(first_rx);
+            let watched = match scope {
+                Scope::Presence => keys::presences(&prefix),
+                Scope::Nodes => keys::nodes(&prefix),
+                Scope::Durable => format!("{prefix}/durable/"),
+            };
+            tokio::spawn(follow(
+                client.clone(),
+                watched,
+                stop.clone(),
+                {
+                    let state = state.clone();
+                    let server = server.downgrade();
+                    let prefix = prefix.clone();
+                    move |change| state.apply(&prefix, scope, change, &server)
+                },
+                Some(first_tx),
+                scope == Scope::Durable,
+            ));
+        }
+        let first_rx = futures_util::future::try_join_all(firsts);
         tokio::spawn(track_identities(
             server_events,
             server.downgrade(),
@@ -511,9 +532,15 @@ impl ClusterNode {
             .compare_exchange(0, 1, AtomicOrdering::AcqRel, AtomicOrdering::Relaxed)
             .is_ok()
         {
-            let routed = self.route(node, "Push", &request, None).await;
-            in_flight.fetch_sub(1, AtomicOrdering::AcqRel);
-            return routed;
+            // Counted down even if this future is dropped mid-way.
+            struct Done(Arc<AtomicUsize>);
+            impl Drop for Done {
+                fn drop(&mut self) {
+                    self.0.fetch_sub(1, AtomicOrdering::AcqRel);
+                }
+            }
+            let _done = Done(in_flight);
+            return self.route(node, "Push", &request, None).await;
         }
         let (tx, rx) = oneshot::channel();
         queue
@@ -998,26 +1025,31 @@ async fn track_identities(
 impl Shared {
     /// Applies a change under the cluster prefix to the caches; emits events; closes a local
     /// connection whose device moved to another node.
-    fn apply(&self, prefix: &str, change: Change, server: &quicx::WeakServer) {
+    fn apply(&self, prefix: &str, scope: Scope, change: Change, server: &quicx::WeakServer) {
         let presence_prefix = keys::presences(prefix);
         let nodes_prefix = keys::nodes(prefix);
         match change {
-            Change::Reset(kvs) => {
-                let mut presence = HashMap::new();
-                let mut nodes = HashMap::new();
-                for (k, v) in kvs {
-                    if let Some(id) = k.strip_prefix(&presence_prefix) {
-                        if let Ok(p) = serde_json::from_str::<PresenceRecord>(&v) {
-                            presence.insert(id.to_owned(), p);
-                        }
-                    } else if let Some(node) = k.strip_prefix(&nodes_prefix) {
-                        if let Ok(n) = serde_json::from_str::<NodeRecord>(&v) {
-                            nodes.insert(node.to_owned(), n);
-                        }
-                    }
-                }
-                *write(&self.presence) = presence;
-                *write(&self.nodes) = nodes;
+            Change::Reset(kvs) if scope == Scope::Presence => {
+                *write(&self.presence) = kvs
+                    .into_iter()
+                    .filter_map(|(k, v)| {
+                        let id = k.strip_prefix(&presence_prefix)?.to_owned();
+                        Some((id, serde_json::from_str::<PresenceRecord>(&v).ok()?))
+                    })
+                    .collect();
+            }
+            Change::Reset(kvs) if scope == Scope::Nodes => {
+                *write(&self.nodes) = kvs
+                    .into_iter()
+                    .filter_map(|(k, v)| {
+                        let node = k.strip_prefix(&nodes_prefix)?.to_owned();
+                        Some((node, serde_json::from_str::<NodeRecord>(&v).ok()?))
+                    })
+                    .collect();
+            }
+            Change::Reset(_) => {
+                // Durable messages may have arrived while the watch was down: deliver what the
+                // local devices have waiting.
                 if let Some(server) = server.upgrade() {
                     for conn in server.connections() {
                         if let Some(id) = conn.client_id() {
@@ -1026,7 +1058,11 @@ impl Shared {
                     }
                 }
             }
-            Change::Put { key, value } => {
+            Change::Put {
+                key,
+                value,
+                revision,
+            } => {
                 if let Some(device) = self.durable.device_of(&key) {
                     if server.upgrade().and_then(|s| s.client(&device)).is_some() {
                         self.durable.kick(&self.etcd, server, &device);
@@ -1052,7 +1088,7 @@ impl Shared {
                         let _ = self.events.send(e);
                     }
                     if p.node != self.name {
-                        self.moved_away(id, &p.node, server);
+                        self.moved_away(id, &p.node, revision, server);
                     }
                 } else if let Some(node) = key.strip_prefix(&nodes_prefix) {
                     if let Ok(n) = serde_json::from_str::<NodeRecord>(&value) {
@@ -1087,10 +1123,13 @@ impl Shared {
 
     /// Another node recorded `client_id`: if this node holds an older connection of it, close
     /// that one (the newer record wins; a record of ours still on its way is newer).
-    fn moved_away(&self, client_id: &str, to: &str, server: &quicx::WeakServer) {
+    fn moved_away(&self, client_id: &str, to: &str, revision: i64, server: &quicx::WeakServer) {
         let mut mine = lock(&self.mine);
         match mine.get(client_id) {
+            // Not ours, or our record is still on its way (it will be the newer one).
             Some(None) | None => return,
+            // An older record that the watch delivers late: ours stands.
+            Some(Some(ours)) if *ours > 0 && revision <= *ours => return,
             Some(Some(_)) => {}
         }
         mine.remove(client_id);

@@ -165,8 +165,9 @@ impl ClientBuilder {
     /// Durable messages ([`Server::send_durable`](crate::Server::send_durable)) are acknowledged
     /// by the application with [`PushMessage::ack`](crate::PushMessage::ack) once it processed
     /// them, not when they enter the push channel (the default). A device that crashes before
-    /// acking gets the message again when it reconnects. Later durable messages wait in order
-    /// behind one not yet acknowledged only as far as the server's window (32) allows.
+    /// acking gets the message again when it reconnects. The next durable message is delivered
+    /// only once the one before it was acknowledged (in order, one at a time); a message dropped
+    /// without an ack comes again, after about a second, before any later one.
     #[must_use]
     pub fn manual_ack(mut self, enabled: bool) -> Self {
         self.manual_ack = enabled;

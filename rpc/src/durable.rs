@@ -40,6 +40,8 @@ const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
 
 /// Messages sent at once to one device before their acknowledgements come back.
 const WINDOW: usize = 32;
+/// Most ids remembered as sent-but-unacknowledged (for the redelivered mark).
+const MAX_ATTEMPTED: usize = 100_000;
 /// Messages read from the store at a time.
 const BATCH: usize = 1024;
 
@@ -710,7 +712,15 @@ impl Durable {
                     expired.push(id);
                     continue;
                 }
-                let redelivered = !lock(&self.attempted).insert(id);
+                let redelivered = {
+                    let mut attempted = lock(&self.attempted);
+                    if attempted.len() >= MAX_ATTEMPTED {
+                        // Ids of messages that expired or overflowed after an attempt: only the
+                        // redelivered mark is lost by forgetting them.
+                        attempted.clear();
+                    }
+                    !attempted.insert(id)
+                };
                 let mut metadata = message.metadata;
                 metadata.insert(MSG_ID_KEY, id.to_string());
                 metadata.insert(MSG_PREV_KEY, prev.to_string());
@@ -728,12 +738,18 @@ impl Durable {
                 ));
             }
             if !expired.is_empty() {
+                {
+                    let mut attempted = lock(&self.attempted);
+                    for id in &expired {
+                        attempted.remove(id);
+                    }
+                }
                 let n = self.store.remove(identity, expired).await.unwrap_or(0);
                 self.store.counters.expired.fetch_add(n, Ordering::Relaxed);
                 metrics::counter!(crate::metrics::names::DURABLE_EXPIRED).increment(n);
             }
             let timeout = self.limits.ack_timeout;
-            let results: Vec<(u64, bool, Result<()>)> = stream::iter(sends)
+            let mut results = stream::iter(sends)
                 .map(|(id, redelivered, path, method, metadata, payload)| {
                     let conn = conn.clone();
                     async move {
@@ -743,14 +759,14 @@ impl Durable {
                         (id, redelivered, r)
                     }
                 })
-                .buffered(WINDOW)
-                .collect()
-                .await;
+                .buffered(WINDOW);
             let mut acked = Vec::new();
             let mut failed = None;
-            for (id, redelivered, r) in results {
+            // In id order; the first failure ends the run (the messages after it would only
+            // wait at the client for the one that failed): the rest are cancelled.
+            while let Some((id, redelivered, r)) = results.next().await {
                 match r {
-                    Ok(()) if failed.is_none() => {
+                    Ok(()) => {
                         acked.push(id);
                         let c = &self.store.counters;
                         c.delivered.fetch_add(1, Ordering::Relaxed);
@@ -761,12 +777,13 @@ impl Durable {
                                 .increment(1);
                         }
                     }
-                    Ok(()) => {}
                     Err(e) => {
-                        failed.get_or_insert(e);
+                        failed = Some(e);
+                        break;
                     }
                 }
             }
+            drop(results);
             {
                 let mut attempted = lock(&self.attempted);
                 for id in &acked {
@@ -821,6 +838,7 @@ impl Durable {
 
     /// Cancels a pending message; whether it was pending.
     pub(crate) async fn cancel(&self, identity: &str, id: u64) -> Result<bool> {
+        lock(&self.attempted).remove(&id);
         Ok(self.store.remove(identity, vec![id]).await? > 0)
     }
 

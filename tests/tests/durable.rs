@@ -526,3 +526,48 @@ async fn the_store_is_released_when_shutdown_returns() {
     let second = server(&dev, &store, DurableLimits::default()).await;
     assert_eq!(second.durable_pending("device-9").await.unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn in_manual_mode_a_message_dropped_unacked_comes_back_before_the_next() {
+    let dev = DevCertificate::localhost().unwrap();
+    let store = TempStore::new();
+    let server = server(&dev, &store, DurableLimits::default()).await;
+    for text in ["first", "second"] {
+        server
+            .send_durable(
+                "device-10",
+                "Device",
+                "Step",
+                Metadata::new(),
+                text,
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+    }
+    let (_d, mut rx) = device(&dev, server.local_addr().unwrap(), "device-10", true).await;
+    let first = next(&mut rx).await;
+    assert_eq!(&first.payload[..], b"first");
+    // The application gives up on it without acking: the second must not pass it.
+    drop(first);
+    let again = next(&mut rx).await;
+    assert_eq!(
+        &again.payload[..],
+        b"first",
+        "the dropped one comes back first"
+    );
+    assert!(again.ack());
+    let second = next(&mut rx).await;
+    assert_eq!(&second.payload[..], b"second");
+    assert!(second.ack());
+    assert!(
+        until(Duration::from_secs(5), async || {
+            server
+                .durable_pending("device-10")
+                .await
+                .unwrap()
+                .is_empty()
+        })
+        .await
+    );
+}

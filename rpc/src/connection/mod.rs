@@ -164,13 +164,12 @@ impl Connection {
         let id = id.into();
         match self.inner.side.registry() {
             Some(registry) => {
-                let durable = self.inner.side.durable().cloned();
-                if let Some(durable) = durable {
-                    // Bound below before the run looks the identity up (same task, no await).
-                    let id = id.clone();
-                    tokio::spawn(async move { durable.kick(&id) });
+                let taken = registry.bind(id.clone(), self);
+                if let Some(durable) = self.inner.side.durable() {
+                    // Bound now: the delivery run finds this connection.
+                    durable.kick(&id);
                 }
-                if let Some(old) = registry.bind(id.clone(), self) {
+                if let Some(old) = taken {
                     old.close_with(CloseCode::TAKEN_OVER, b"taken over");
                     let _ = registry.events.send(crate::ServerEvent::TakenOver {
                         client_id: id,

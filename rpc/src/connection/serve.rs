@@ -602,10 +602,16 @@ async fn durable_push(
         .and_then(|p| p.parse().ok())
         .unwrap_or(0);
     // The message before it is on its way on another stream: wait for it (bounded).
-    match inbox
-        .admit(server, conn.id(), id, prev, Duration::from_secs(10))
-        .await
-    {
+    // A message whose stream the server gave up on (its run stopped at an earlier failure)
+    // must not be delivered from here: the server sends it again.
+    let admitted = {
+        let stopped = send.stopped();
+        tokio::select! {
+            a = inbox.admit(server, conn.id(), id, prev, Duration::from_secs(10)) => a,
+            _ = stopped => return Status::error(status::PUSH_REJECTED, "server gave up"),
+        }
+    };
+    match admitted {
         Some(Admission::Duplicate) => return Status::Ok,
         Some(Admission::Deliver) => {}
         None => {
@@ -629,7 +635,6 @@ async fn durable_push(
             _ => Status::error(status::PUSH_REJECTED, "push channel closed"),
         };
     }
-    inbox.delivered(server, conn.id(), id);
     if let Some(acked) = ack {
         // Until the application acknowledges (or drops the message, or the server gives up).
         let stopped = send.stopped();
@@ -640,6 +645,10 @@ async fn durable_push(
             _ = stopped => return Status::error(status::PUSH_REJECTED, "server gave up"),
         }
     }
+    // In manual-ack mode the next message waits for this acknowledgement: a message the
+    // application drops unacknowledged must never be passed by an acknowledged later one (the
+    // client would then take it for a duplicate when it comes again).
+    inbox.delivered(server, conn.id(), id);
     inbox.acked(server, id);
     Status::Ok
 }

@@ -271,7 +271,15 @@ impl Session {
                     }
                     self.lease.send_replace(Some(lease));
                 }
-                let (mut keeper, mut stream) = match client.lease_keep_alive(lease).await {
+                let started =
+                    tokio::time::timeout(self.options.lease_ttl, client.lease_keep_alive(lease))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(etcd_client::Error::LeaseKeepAliveError(
+                                "no answer within the lease TTL".into(),
+                            ))
+                        });
+                let (mut keeper, mut stream) = match started {
                     Ok(k) => k,
                     Err(e) => {
                         if is_lease_lost(&e) {

@@ -780,12 +780,12 @@ impl ClusterNode {
             .ok_or_else(|| {
                 quicx::Error::NoEndpoints(format!("node `{node}` is not in the cluster"))
             })?;
-        let mut peers = self.inner.peers.lock().await;
-        if let Some((address, client)) = peers.get(node) {
+        if let Some((address, client)) = self.inner.peers.lock().await.get(node) {
             if *address == record.address {
                 return Ok(client.clone());
             }
         }
+        // Connect without the lock: a slow or dead node must not hold up routing to the others.
         let addr: SocketAddr = record.address.parse().map_err(|_| {
             quicx::Error::Config(format!(
                 "node `{node}` has a bad address {}",
@@ -797,8 +797,20 @@ impl ClusterNode {
             .connect_timeout(Duration::from_secs(2))
             .connect_addr(addr, &record.server_name)
             .await?;
-        peers.insert(node.to_owned(), (record.address, client.clone()));
-        Ok(client)
+        let mut peers = self.inner.peers.lock().await;
+        match peers.get(node) {
+            // Another task connected meanwhile: keep one connection per node.
+            Some((address, existing)) if *address == record.address => {
+                let existing = existing.clone();
+                drop(peers);
+                client.close().await;
+                Ok(existing)
+            }
+            _ => {
+                peers.insert(node.to_owned(), (record.address, client.clone()));
+                Ok(client)
+            }
+        }
     }
 
     /// Leaves the cluster, then shuts the server down: revokes the node's lease first (its

@@ -429,8 +429,12 @@ impl ClusterNode {
     ///
     /// # Errors
     /// [`ClusterError::Offline`] if no node holds it, [`ClusterError::NodeUnreachable`] if its
-    /// node cannot be reached, [`ClusterError::Device`] if the device (or its connection)
-    /// failed.
+    /// node cannot be reached (or did not answer within the route timeout),
+    /// [`ClusterError::Device`] if the device (or its connection) failed.
+    ///
+    /// # Cancel safety
+    /// Dropping the future may leave the push on its way: once handed to the owning node it is
+    /// sent whether or not anyone waits for the answer.
     ///
     /// [`Connection::send_message`]: quicx::Connection::send_message
     pub async fn send_to_client(
@@ -556,7 +560,12 @@ impl ClusterNode {
     ///
     /// # Errors
     /// As [`send_to_client`](Self::send_to_client); a handler error of the device is
-    /// [`ClusterError::Device`] with its code.
+    /// [`ClusterError::Device`] with its code. A device that left the node the cache names a
+    /// moment ago is looked up in etcd once and followed.
+    ///
+    /// # Cancel safety
+    /// Dropping the future cancels the hop to the owning node; whether the device's handler
+    /// started is unknown (as for any quicx call).
     pub async fn call_client<A, R>(
         &self,
         client_id: &str,
@@ -653,7 +662,7 @@ impl ClusterNode {
             .collect();
         let local = async {
             match self.server() {
-                Some(server) => routing::broadcast_here(&server, clone_broadcast(&request))
+                Some(server) => routing::broadcast_here(&server, request.clone())
                     .await
                     .into_iter()
                     .map(|(id, r)| {
@@ -945,16 +954,6 @@ async fn run_batcher(
     }
 }
 
-fn clone_broadcast(r: &BroadcastRequest) -> BroadcastRequest {
-    BroadcastRequest {
-        service_path: r.service_path.clone(),
-        service_method: r.service_method.clone(),
-        metadata: r.metadata.clone(),
-        data: r.data.clone(),
-        timeout_ms: r.timeout_ms,
-    }
-}
-
 /// Records that `client_id` is bound here on connection `conn`.
 async fn record_presence(
     session: &Session,
@@ -992,9 +991,6 @@ async fn track_identities(
         };
         match event {
             Ok(ServerEvent::Bound { conn, client_id }) => {
-                if client_id.starts_with(routing::NODE_ID_PREFIX) {
-                    continue;
-                }
                 record_presence(&session, &state, &prefix, &client_id, conn.id()).await;
                 state.durable.kick(&state.etcd, &server, &client_id);
             }

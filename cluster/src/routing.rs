@@ -81,7 +81,7 @@ pub(crate) struct CallRequest {
 }
 
 /// A broadcast to the devices of one node.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct BroadcastRequest {
     pub(crate) service_path: String,
     pub(crate) service_method: String,
@@ -239,10 +239,7 @@ pub(crate) async fn broadcast_here(
     let conns: Vec<Connection> = server
         .connections()
         .into_iter()
-        .filter(|c| {
-            c.client_id()
-                .is_some_and(|id| !id.starts_with(NODE_ID_PREFIX))
-        })
+        .filter(|c| c.client_id().is_some())
         .collect();
     let timeout = Duration::from_millis(req.timeout_ms.max(1));
     match server
@@ -269,9 +266,6 @@ pub(crate) async fn broadcast_here(
         }
     }
 }
-
-/// Identities starting with this are nodes, never devices.
-pub(crate) const NODE_ID_PREFIX: &str = "quicx-node/";
 
 /// The reply payload of a routed call, decoded.
 pub(crate) fn decode<T: serde::de::DeserializeOwned>(payload: &Bytes) -> Result<T, Error> {

@@ -29,7 +29,7 @@ struct CallInfo {
     trace: Option<TraceContext>,
     reply_metadata: Mutex<Metadata>,
     /// The handler the call runs (for its per-method metrics).
-    method: Option<crate::service::Handler>,
+    method: crate::service::Handler,
 }
 
 impl Context {
@@ -40,7 +40,7 @@ impl Context {
         deadline: Option<Instant>,
         cancel: CancellationToken,
         trace: Option<TraceContext>,
-        method: Option<crate::service::Handler>,
+        method: crate::service::Handler,
     ) -> Self {
         Self {
             inner: Arc::new(CallInfo {
@@ -65,8 +65,8 @@ impl Context {
         self.inner.trace
     }
 
-    pub(crate) fn method(&self) -> Option<&crate::service::Handler> {
-        self.inner.method.as_ref()
+    pub(crate) fn method(&self) -> &crate::service::Handler {
+        &self.inner.method
     }
 
     /// The connection the call arrived on (rpcx's `server.RemoteConnContextKey`). Keep a clone to

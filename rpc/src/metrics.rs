@@ -216,34 +216,23 @@ impl SeriesCache {
     }
 }
 
-/// Calls served by a side: `quicx_server_calls_total` and its duration histogram.
-pub(crate) struct ServerCallMetrics(SeriesCache);
+/// Calls served by a side: `quicx_server_calls_total` and its duration histogram, in each
+/// method's own series.
+pub(crate) struct ServerCallMetrics;
 
 impl ServerCallMetrics {
     pub(crate) fn new() -> Self {
         describe();
-        Self(SeriesCache::new((
-            names::SERVER_CALLS,
-            names::SERVER_CALL_DURATION,
-        )))
+        Self
     }
 }
 
 impl Interceptor for ServerCallMetrics {
     fn after_call(&self, ctx: &Context, outcome: &CallOutcome) {
-        match ctx.method() {
-            // The method's own series: no lookup by name.
-            Some(method) => method
-                .series
-                .get_or_init(|| ServedSeries::new(ctx.service_path(), ctx.service_method()))
-                .record(outcome.status, outcome.elapsed),
-            None => self.0.record(
-                ctx.service_path(),
-                ctx.service_method(),
-                crate::status::name(outcome.status),
-                outcome.elapsed,
-            ),
-        }
+        ctx.method()
+            .series
+            .get_or_init(|| ServedSeries::new(ctx.service_path(), ctx.service_method()))
+            .record(outcome.status, outcome.elapsed);
     }
 
     fn on_connect(&self, _conn: &crate::Connection) -> Result<(), crate::Refusal> {

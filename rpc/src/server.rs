@@ -573,8 +573,13 @@ impl Server {
     /// # When it returns
     /// Once the message is committed to disk (crash-safe), not when it is delivered; with its
     /// id. [`Error::StoreFull`] if it would exceed a bound under [`Overflow::Refuse`](crate::Overflow::Refuse),
-    /// [`Error::Store`] if the commit failed, [`Error::Config`] if the server has no
-    /// [`durable_store`](ServerBuilder::durable_store).
+    /// [`Error::Store`] if the commit failed (or the server shut down), [`Error::Config`] if the
+    /// server has no [`durable_store`](ServerBuilder::durable_store).
+    ///
+    /// # Cancel safety
+    /// Dropping the future after the message was queued for the store does not withdraw it: it
+    /// may be stored (and delivered) without the caller learning its id. Find it with
+    /// [`durable_pending`](Self::durable_pending).
     pub async fn send_durable(
         &self,
         client_id: &str,

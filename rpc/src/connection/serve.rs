@@ -279,7 +279,7 @@ async fn serve_request(
         deadline,
         cancel.clone(),
         trace,
-        Some(handler.clone()),
+        handler.clone(),
     );
     let side = &conn.inner.side;
     let interceptors = &side.interceptors;

@@ -13,7 +13,7 @@ use futures_util::{StreamExt, stream};
 use serde::Serialize;
 
 use crate::{
-    load::rss_bytes,
+    load::{self, rss_bytes},
     systems::{self, ServerInfo, System},
 };
 
@@ -28,6 +28,12 @@ pub(crate) struct Fleet {
     /// Server RSS growth per connection, bytes (0 when the server shares this process).
     pub(crate) server_bytes_per_connection: f64,
     pub(crate) broadcast_ms: f64,
+    /// Until the server's broadcast call returned (every push handed to QUIC), milliseconds.
+    pub(crate) broadcast_server_ms: f64,
+    /// CPU the client process (all N clients) used from the broadcast until all had it, ms.
+    pub(crate) broadcast_client_cpu_ms: f64,
+    /// CPU the server process used over the same time, ms (0 when it shares this process).
+    pub(crate) broadcast_server_cpu_ms: f64,
 }
 
 enum Held {
@@ -74,18 +80,34 @@ pub(crate) async fn fleet(
         (Some(pid), Some(before)) => rss_bytes(pid).saturating_sub(before) as f64 / n as f64,
         _ => 0.0,
     };
+    let client_cpu0 = load::cpu_time();
+    let server_cpu0 = server_pid.map(load::cpu_time_of);
     let started = Instant::now();
-    match &held {
+    let server_us = match &held {
         Held::Quicx(clients) => {
-            let ok: u64 = clients[0].call("Bench", "Broadcast", &size).await?;
+            let (ok, server_us): (u64, u64) = clients[0].call("Bench", "Broadcast", &size).await?;
             anyhow::ensure!(ok as usize == n, "broadcast reached {ok} of {n}");
+            server_us
         }
         Held::Quinn(conns) => {
-            systems::quinn_request(&conns[0], systems::op_broadcast(), &size.to_le_bytes()).await?;
+            let reply =
+                systems::quinn_request(&conns[0], systems::op_broadcast(), &size.to_le_bytes())
+                    .await?;
+            anyhow::ensure!(reply.len() == 16, "short broadcast reply");
+            let ok = u64::from_le_bytes(reply[..8].try_into().expect("8 bytes"));
+            anyhow::ensure!(ok as usize == n, "broadcast reached {ok} of {n}");
+            u64::from_le_bytes(reply[8..].try_into().expect("8 bytes"))
         }
-    }
+    };
     systems::wait_count(&received, n as u64, Duration::from_secs(30)).await?;
     let broadcast_ms = started.elapsed().as_secs_f64() * 1e3;
+    let broadcast_client_cpu_ms = (load::cpu_time() - client_cpu0).as_secs_f64() * 1e3;
+    let broadcast_server_cpu_ms = match (server_pid, server_cpu0) {
+        (Some(pid), Some(before)) => {
+            load::cpu_time_of(pid).saturating_sub(before).as_secs_f64() * 1e3
+        }
+        _ => 0.0,
+    };
     match held {
         Held::Quicx(clients) => {
             for c in clients {
@@ -104,6 +126,9 @@ pub(crate) async fn fleet(
         handshakes_per_sec,
         server_bytes_per_connection,
         broadcast_ms,
+        broadcast_server_ms: server_us as f64 / 1e3,
+        broadcast_client_cpu_ms,
+        broadcast_server_cpu_ms,
     })
 }
 

@@ -163,6 +163,22 @@ pub(crate) fn cpu_time() -> Duration {
         .unwrap_or_default()
 }
 
+/// CPU time (user + system) process `pid` has used so far, from `/proc/<pid>/stat` (in clock
+/// ticks of 10 ms on Linux; zero when unreadable).
+pub(crate) fn cpu_time_of(pid: u32) -> Duration {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name, which is in parentheses and may hold spaces.
+            let rest = &s[s.rfind(')')? + 2..];
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+            let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+            Some(Duration::from_millis(ticks * 10))
+        })
+        .unwrap_or_default()
+}
+
 /// Resident memory of a process, bytes (Linux `/proc/<pid>/status`).
 pub(crate) fn rss_bytes(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))

@@ -265,6 +265,7 @@ async fn serve_quicx(dev: &DevCertificate, system: System) -> anyhow::Result<Soc
             .method("Broadcast", move |_ctx: Context, size: u32| {
                 let server = broadcaster.clone();
                 async move {
+                    let started = std::time::Instant::now();
                     let results = server
                         .broadcast(
                             "bench",
@@ -274,7 +275,11 @@ async fn serve_quicx(dev: &DevCertificate, system: System) -> anyhow::Result<Soc
                             Duration::from_secs(10),
                         )
                         .await?;
-                    Ok(results.iter().filter(|r| r.result.is_ok()).count() as u64)
+                    // (pushes that succeeded, µs until `broadcast` returned)
+                    Ok((
+                        results.iter().filter(|r| r.result.is_ok()).count() as u64,
+                        started.elapsed().as_micros() as u64,
+                    ))
                 }
             }),
     );
@@ -424,6 +429,7 @@ async fn quinn_stream(
         OP_BROADCAST if rest.len() >= 4 => {
             let size = u32::from_le_bytes(rest[..4].try_into().expect("4 bytes"));
             let payload = Bytes::from(vec![7u8; size as usize]);
+            let started = Instant::now();
             let all: Vec<quinn::Connection> = conns.lock().expect("lock").clone();
             // One loop of open + write + finish: queues every push at once.
             let sends = all.iter().map(|c| {
@@ -439,7 +445,9 @@ async fn quinn_stream(
                 .iter()
                 .flatten()
                 .count();
-            Bytes::copy_from_slice(&(ok as u64).to_le_bytes())
+            let mut reply = (ok as u64).to_le_bytes().to_vec();
+            reply.extend_from_slice(&(started.elapsed().as_micros() as u64).to_le_bytes());
+            Bytes::from(reply)
         }
         _ => return,
     };

@@ -173,7 +173,8 @@ pub(crate) fn cpu_time_of(pid: u32) -> Duration {
             let rest = &s[s.rfind(')')? + 2..];
             let fields: Vec<&str> = rest.split_whitespace().collect();
             // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
-            let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+            let ticks =
+                fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
             Some(Duration::from_millis(ticks * 10))
         })
         .unwrap_or_default()

@@ -191,6 +191,11 @@ impl Session {
         }
     }
 
+    /// The value this session wants `key` to hold, if it wants it at all.
+    pub(crate) fn wanted(&self, key: &str) -> Option<String> {
+        self.desired().get(key).cloned()
+    }
+
     /// Stops wanting `key` without touching etcd (its lease still holds it until re-granted).
     pub(crate) fn forget(&self, key: &str) {
         self.desired().remove(key);

@@ -373,7 +373,8 @@ impl ClusterNode {
             ));
         }
         tracing::info!(node = %options.name, %advertise, "joined the cluster");
-        Ok(Self {
+        let cluster_events = state.events.subscribe();
+        let node = Self {
             inner: Arc::new(NodeInner {
                 name: options.name,
                 server: server.downgrade(),
@@ -386,9 +387,23 @@ impl ClusterNode {
                 peers: tokio::sync::Mutex::default(),
                 batchers: Mutex::default(),
                 stop: stop.clone(),
-                _stop_on_drop: stop.drop_guard(),
+                _stop_on_drop: stop.clone().drop_guard(),
             }),
-        })
+        };
+        tokio::spawn(prune_departed(
+            Arc::downgrade(&node.inner),
+            cluster_events,
+            stop,
+        ));
+        Ok(node)
+    }
+
+    /// The nodes this node holds a routing connection to now (it connects on the first routed
+    /// request and lets go when the node leaves the cluster).
+    pub async fn connected_peers(&self) -> Vec<String> {
+        let mut peers: Vec<String> = self.inner.peers.lock().await.keys().cloned().collect();
+        peers.sort();
+        peers
     }
 
     /// This node's name.
@@ -904,6 +919,52 @@ const MAX_BATCH: usize = 256;
 const BATCHES_IN_FLIGHT: usize = 8;
 
 /// Sends the pushes queued for `node` in batches until the node handle is gone.
+/// Lets go of what this node keeps for a peer node once that node has left the cluster: its
+/// batcher (which ends when its queue closes) and its routing connection (closed, so it stops
+/// reconnecting to a node that is gone). A lagging event stream prunes every peer the node
+/// table no longer has.
+async fn prune_departed(
+    node: Weak<NodeInner>,
+    mut events: broadcast::Receiver<ClusterEvent>,
+    stop: CancellationToken,
+) {
+    loop {
+        let event = tokio::select! {
+            () = stop.cancelled() => return,
+            e = events.recv() => e,
+        };
+        let departed: Vec<String> = match event {
+            Ok(ClusterEvent::NodeDown { node }) => vec![node],
+            Ok(_) => continue,
+            Err(broadcast::error::RecvError::Lagged(_)) => {
+                let Some(inner) = node.upgrade() else { return };
+                let mut known: Vec<String> = inner.peers.lock().await.keys().cloned().collect();
+                known.extend(lock(&inner.batchers).keys().cloned());
+                known
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        let closing = {
+            let Some(inner) = node.upgrade() else { return };
+            let mut closing = Vec::new();
+            for name in departed {
+                if read(&inner.state.nodes).contains_key(&name) {
+                    // Back (or never gone): keep what we have.
+                    continue;
+                }
+                lock(&inner.batchers).remove(&name);
+                if let Some((_, client)) = inner.peers.lock().await.remove(&name) {
+                    closing.push(client);
+                }
+            }
+            closing
+        };
+        for client in closing {
+            client.close().await;
+        }
+    }
+}
+
 async fn run_batcher(
     node: Weak<NodeInner>,
     name: String,
@@ -975,7 +1036,34 @@ async fn record_presence(
     }
 }
 
-/// Keeps this node's presence records in step with the identities its server binds and loses.
+/// Removes this node's presence record of `client_id` (held by connection `conn`), unless the
+/// server has the identity bound again (by another connection) or another node wrote it since.
+async fn release_presence(
+    session: &Session,
+    state: &Shared,
+    prefix: &str,
+    server: &quicx::Server,
+    client_id: &str,
+    conn: u64,
+) {
+    if server.client(client_id).is_some() {
+        // Another connection holds the identity here now.
+        return;
+    }
+    lock(&state.mine).remove(client_id);
+    let record = PresenceRecord {
+        node: state.name.clone(),
+        conn,
+    };
+    session
+        .remove_if(&keys::presence(prefix, client_id), &to_json(&record))
+        .await;
+}
+
+/// Keeps this node's presence records in step with the identities its server binds and loses:
+/// a bind records the identity, a disconnect removes it, a connection re-bound to another
+/// identity releases its old one, and a lagging event stream is made good by comparing the
+/// records with what the server has bound now.
 async fn track_identities(
     mut events: broadcast::Receiver<ServerEvent>,
     server: quicx::WeakServer,
@@ -984,44 +1072,53 @@ async fn track_identities(
     prefix: String,
     stop: CancellationToken,
 ) {
+    // The identity each local connection was last bound to, as far as the events told.
+    let mut bound: HashMap<u64, String> = HashMap::new();
     loop {
         let event = tokio::select! {
             () = stop.cancelled() => return,
             e = events.recv() => e,
         };
+        let Some(strong) = server.upgrade() else {
+            return;
+        };
         match event {
             Ok(ServerEvent::Bound { conn, client_id }) => {
+                if let Some(old) = bound.insert(conn.id(), client_id.clone()) {
+                    if old != client_id {
+                        release_presence(&session, &state, &prefix, &strong, &old, conn.id()).await;
+                    }
+                }
                 record_presence(&session, &state, &prefix, &client_id, conn.id()).await;
                 state.durable.kick(&state.etcd, &server, &client_id);
             }
             Ok(ServerEvent::Disconnected { conn, .. }) => {
-                let Some(id) = conn.client_id() else { continue };
-                let Some(server) = server.upgrade() else {
-                    return;
-                };
-                if server.client(&id).is_some() {
-                    // Another connection holds the identity here now.
-                    continue;
+                let id = bound.remove(&conn.id()).or_else(|| conn.client_id());
+                if let Some(id) = id {
+                    release_presence(&session, &state, &prefix, &strong, &id, conn.id()).await;
                 }
-                lock(&state.mine).remove(&id);
-                let record = PresenceRecord {
-                    node: state.name.clone(),
-                    conn: conn.id(),
-                };
-                session
-                    .remove_if(&keys::presence(&prefix, &id), &to_json(&record))
-                    .await;
             }
             Ok(_) => {}
             Err(broadcast::error::RecvError::Lagged(missed)) => {
-                // Missed binds or departures: record every identity bound now.
+                // Missed binds or departures: record every identity bound now and remove the
+                // records of identities no longer bound here.
                 tracing::warn!("cluster node missed {missed} server events: resyncing presence");
-                let Some(server) = server.upgrade() else {
-                    return;
-                };
-                for conn in server.connections() {
+                bound.clear();
+                for conn in strong.connections() {
                     if let Some(id) = conn.client_id() {
+                        bound.insert(conn.id(), id.clone());
                         record_presence(&session, &state, &prefix, &id, conn.id()).await;
+                    }
+                }
+                let recorded: Vec<String> = lock(&state.mine).keys().cloned().collect();
+                for id in recorded {
+                    if strong.client(&id).is_some() {
+                        continue;
+                    }
+                    lock(&state.mine).remove(&id);
+                    let key = keys::presence(&prefix, &id);
+                    if let Some(value) = session.wanted(&key) {
+                        session.remove_if(&key, &value).await;
                     }
                 }
             }

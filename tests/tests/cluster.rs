@@ -51,10 +51,16 @@ async fn node(dev: &DevCertificate, etcd: &EtcdOptions, name: &str) -> (Server, 
     let n = name.to_owned();
     server.register(
         "Who",
-        Service::new().method("Name", move |_ctx: Context, (): ()| {
-            let n = n.clone();
-            async move { Ok(n) }
-        }),
+        Service::new()
+            .method("Name", move |_ctx: Context, (): ()| {
+                let n = n.clone();
+                async move { Ok(n) }
+            })
+            // Binds the calling connection to another identity.
+            .method("Rebind", |ctx: Context, id: String| async move {
+                ctx.conn().bind_client_id(id);
+                Ok(())
+            }),
     );
     server.bind("127.0.0.1:0").await.unwrap();
     let options = ClusterOptions::new(
@@ -311,6 +317,57 @@ async fn a_device_that_moves_is_reached_on_its_new_node() {
 }
 
 /// A `quicx-cluster-node` child process (killed on drop).
+#[tokio::test]
+async fn a_connection_bound_to_another_identity_releases_the_old_presence() {
+    let Some(etcd) = etcd_or_skip() else { return };
+    let dev = DevCertificate::localhost().unwrap();
+    let options = etcd_options(&etcd, Duration::from_secs(3));
+    let (sa, _a) = node(&dev, &options, "a").await;
+    let (_sb, b) = node(&dev, &options, "b").await;
+    let (client, _pushes) = device(&dev, sa.local_addr().unwrap(), "sensor-1").await;
+    assert!(
+        until(Duration::from_secs(5), || b.locate("sensor-1").as_deref()
+            == Some("a"))
+        .await
+        .is_some()
+    );
+    // The same connection is bound to another identity: the old one is gone from the
+    // cluster (not left behind until the node's lease ends), the new one is on node a.
+    let (): () = client
+        .call("Who", "Rebind", &"sensor-2".to_owned())
+        .await
+        .unwrap();
+    assert!(
+        until(Duration::from_secs(5), || b.locate("sensor-2").as_deref()
+            == Some("a"))
+        .await
+        .is_some(),
+        "the new identity is recorded"
+    );
+    assert!(
+        until(Duration::from_secs(5), || b.locate("sensor-1").is_none())
+            .await
+            .is_some(),
+        "the old identity's record is removed"
+    );
+    let err = b
+        .send_to_client("sensor-1", "Device", "Blink", Metadata::new(), b"x")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ClusterError::Offline { .. }),
+        "a push to the released identity: {err:?}"
+    );
+    // A disconnect now removes the new identity's record.
+    client.close().await;
+    assert!(
+        until(Duration::from_secs(5), || b.locate("sensor-2").is_none())
+            .await
+            .is_some(),
+        "the record goes with the connection"
+    );
+}
+
 fn child_node(pem: &PemFiles, etcd: &EtcdServer, name: &str, ttl_s: u64) -> ChildServer {
     ChildServer::spawn(
         Command::new(env!("CARGO_BIN_EXE_quicx-cluster-node"))
@@ -356,6 +413,11 @@ async fn a_killed_node_goes_offline_within_its_lease_and_xclients_stop_using_it(
         names.insert(xclient.call::<_, String>("Name", &()).await.unwrap());
     }
     assert_eq!(names.into_iter().collect::<Vec<_>>(), vec!["a", "doomed"]);
+    // A routed push opens node a's connection to the doomed node.
+    a.send_to_client("device-9", "Device", "Blink", Metadata::new(), b"")
+        .await
+        .unwrap();
+    assert_eq!(a.connected_peers().await, vec!["doomed".to_owned()]);
 
     doomed.kill();
     let killed = Instant::now();
@@ -385,6 +447,15 @@ async fn a_killed_node_goes_offline_within_its_lease_and_xclients_stop_using_it(
             .is_some()
     );
     eprintln!("endpoint gone {:?} after SIGKILL", killed.elapsed());
+    // Node a lets go of its connection to the dead node (no reconnecting to it forever).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !a.connected_peers().await.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "node a still holds a connection to the dead node"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     for _ in 0..20 {
         let name: String = xclient.call("Name", &()).await.unwrap();
         assert_eq!(name, "a", "the XClient stopped using the dead node");

@@ -445,7 +445,8 @@ impl ClusterNode {
     /// # Errors
     /// [`ClusterError::Offline`] if no node holds it, [`ClusterError::NodeUnreachable`] if its
     /// node cannot be reached (or did not answer within the route timeout),
-    /// [`ClusterError::Device`] if the device (or its connection) failed.
+    /// [`ClusterError::Device`] if the device (or its connection) failed. A device that left
+    /// the node the cache names a moment ago is looked up in etcd once and followed.
     ///
     /// # Cancel safety
     /// Dropping the future may leave the push on its way: once handed to the owning node it is
@@ -501,7 +502,7 @@ impl ClusterNode {
         data: &[u8],
         receipt: bool,
     ) -> Result<(), ClusterError> {
-        let request = PushRequest {
+        let request = |metadata: Metadata| PushRequest {
             client_id: client_id.to_owned(),
             service_path: service_path.to_owned(),
             service_method: service_method.to_owned(),
@@ -510,13 +511,26 @@ impl ClusterNode {
             receipt,
         };
         if let Some(server) = self.local(client_id) {
-            return routing::push_here(&server, request)
+            return routing::push_here(&server, request(metadata))
                 .await
                 .map_err(|f| self.device_error(client_id, &self.inner.name, f));
         }
         let node = self.owner(client_id).await?;
-        let routed = self.batched_push(&node, request).await?;
-        routed.map_err(|f| self.device_error(client_id, &node, f))
+        let routed = self.batched_push(&node, request(metadata.clone())).await?;
+        match routed {
+            Err(f) if f.offline => {
+                // The device left that node a moment ago and the cache has not seen where it
+                // went: ask etcd once and follow it (nothing was delivered on the first node).
+                match self.fresh_owner(client_id).await.filter(|n| *n != node) {
+                    Some(fresh) => self
+                        .batched_push(&fresh, request(metadata))
+                        .await?
+                        .map_err(|f| self.device_error(client_id, &fresh, f)),
+                    None => Err(self.device_error(client_id, &node, f)),
+                }
+            }
+            other => other.map_err(|f| self.device_error(client_id, &node, f)),
+        }
     }
 
     /// Routes a push through `node`'s batcher: pushes that wait together go in one request

@@ -24,6 +24,11 @@ use crate::ClusterError;
 
 /// Largest payload of a cluster durable message (etcd values are small by design).
 pub const MAX_DURABLE_PAYLOAD: usize = 64 * 1024;
+/// The pause before a delivery run that stopped at a failure starts again (while the device
+/// stays connected), doubling up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
 /// Most messages pending per device in a cluster.
 pub const MAX_DURABLE_PER_DEVICE: i64 = 1_000;
 
@@ -171,8 +176,16 @@ impl ClusterDurable {
             client_id.to_owned(),
         );
         tokio::spawn(async move {
+            let mut pause = RETRY_FIRST;
             loop {
-                me.deliver(client.clone(), &server, &id).await;
+                if !me.deliver(client.clone(), &server, &id).await {
+                    // Refused, timed out or etcd failed while the device is still here: try
+                    // again after a pause (it grows while the failures go on), the way a
+                    // server's own store does.
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(RETRY_MAX);
+                    continue;
+                }
                 let mut running = me.running.lock().unwrap_or_else(|e| e.into_inner());
                 if running.get(&id).copied().unwrap_or(false) {
                     running.insert(id.clone(), false);
@@ -184,9 +197,16 @@ impl ClusterDurable {
         });
     }
 
-    async fn deliver(&self, mut client: Client, server: &quicx::WeakServer, client_id: &str) {
+    /// One delivery run. True when it is done: nothing (more) pending, or the device is not
+    /// here; false when it stopped at a failure while the device is still connected.
+    async fn deliver(
+        &self,
+        mut client: Client,
+        server: &quicx::WeakServer,
+        client_id: &str,
+    ) -> bool {
         let Some(conn) = server.upgrade().and_then(|s| s.client(client_id)) else {
-            return;
+            return true;
         };
         let options = GetOptions::new()
             .with_prefix()
@@ -202,7 +222,7 @@ impl ClusterDurable {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::warn!("reading durable messages of {client_id} from etcd: {e}");
-                    return;
+                    return conn.is_closed();
                 }
             };
             let batch: Vec<_> = found
@@ -212,7 +232,7 @@ impl ClusterDurable {
                 .map(|kv| (kv.key().to_vec(), kv.create_revision(), kv.value().to_vec()))
                 .collect();
             if batch.is_empty() {
-                return;
+                return true;
             }
             for (key, id, value) in batch {
                 seen.insert(key.clone());
@@ -239,7 +259,7 @@ impl ClusterDurable {
                     .await;
                 if let Err(e) = sent {
                     tracing::debug!("cluster durable delivery to {client_id} stopped: {e}");
-                    return;
+                    return conn.is_closed();
                 }
                 prev = id;
                 if let Err(e) = client.delete(key, None).await {

@@ -608,3 +608,66 @@ async fn a_durable_message_survives_the_node_that_accepted_it() {
     .unwrap();
     assert_eq!(&next_push(&mut rx).await.payload[..], b"live");
 }
+
+#[tokio::test]
+async fn a_durable_message_refused_by_a_connected_device_comes_again() {
+    let Some(etcd) = etcd_or_skip() else { return };
+    let dev = DevCertificate::localhost().unwrap();
+    let options = etcd_options(&etcd, Duration::from_secs(2));
+    let (sa, a) = node(&dev, &options, "a").await;
+    let (tx, mut rx) = push_channel(16);
+    let _device = quicx::Client::builder()
+        .tls(ClientTls::new().trust(dev.certificate()))
+        .server_name("localhost")
+        .client_id("device-5")
+        .manual_ack(true)
+        .push_channel(tx)
+        .connect(&sa.local_addr().unwrap().to_string())
+        .await
+        .unwrap();
+    assert!(
+        until(Duration::from_secs(5), || a.locate("device-5").is_some())
+            .await
+            .is_some()
+    );
+    let id = a
+        .send_durable(
+            "device-5",
+            "Device",
+            "Cmd",
+            Metadata::new(),
+            "reboot",
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    // The device's application drops it without acknowledging (it could not process it).
+    let first = next_push(&mut rx).await;
+    assert_eq!(first.durable_id(), Some(id as u64));
+    drop(first);
+    // The node's own etcd watch may have asked for a second run meanwhile, which sends it
+    // again at once: drop that copy too, so what follows is no longer owed to that.
+    if let Ok(Some(second)) = tokio::time::timeout(Duration::from_millis(500), rx.recv()).await {
+        assert_eq!(second.durable_id(), Some(id as u64));
+        drop(second);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // The device stays connected: the node sends it again by itself (no reconnect, no new
+    // message to wake it), and this time it is acknowledged and leaves etcd.
+    let again = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("the refused message comes again while the device stays connected")
+        .unwrap();
+    assert_eq!(again.durable_id(), Some(id as u64));
+    assert_eq!(&again.payload[..], b"reboot");
+    assert!(again.ack());
+    let mut left = 1;
+    for _ in 0..100 {
+        left = a.durable_pending("device-5").await.unwrap();
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(left, 0, "the acknowledged message leaves etcd");
+}

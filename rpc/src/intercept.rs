@@ -166,7 +166,9 @@ pub trait CallInterceptor: Send + Sync + 'static {
         Ok(())
     }
 
-    /// After the call ended, with its result and how long it took (encoding to reply).
+    /// After the call ended, with its result and how long it took (encoding to reply). A call
+    /// whose future the caller dropped before it ended is reported as [`Error::Cancelled`]
+    /// (status `cancelled` in the metrics) when it is dropped.
     fn after_call(
         &self,
         service_path: &str,

@@ -25,7 +25,8 @@
 //!
 //! `status` is [`status::name`](crate::status::name) of the reply's code (`ok`,
 //! `unknown_method`, `rate_limited`, `application`, ...) on servers, and
-//! [`Error::kind`](crate::Error::kind) (or `ok`) on clients. Only registered methods get series
+//! [`Error::kind`](crate::Error::kind) (or `ok`) on clients, where a call whose future the
+//! caller dropped counts as `cancelled`. Only registered methods get series
 //! (an unknown method name from a peer cannot grow them). Turn them off with
 //! [`ServerBuilder::metrics`](crate::ServerBuilder::metrics) /
 //! [`ClientBuilder::metrics`](crate::ClientBuilder::metrics).

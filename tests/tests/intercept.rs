@@ -300,3 +300,49 @@ async fn a_trace_joins_a_call_and_the_reverse_call_its_handler_makes() {
         .unwrap();
     assert_eq!(kept.as_deref(), Some(mine.as_str()));
 }
+
+/// Records the error kind of every call that failed.
+#[derive(Default)]
+struct Kinds(Mutex<Vec<&'static str>>);
+
+impl CallInterceptor for Kinds {
+    fn after_call(
+        &self,
+        _path: &str,
+        _method: &str,
+        result: Result<(), &Error>,
+        _elapsed: std::time::Duration,
+    ) {
+        if let Err(e) = result {
+            self.0.lock().unwrap().push(e.kind());
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_call_dropped_by_its_caller_is_reported_as_cancelled() {
+    let dev = DevCertificate::localhost().unwrap();
+    let server = Server::builder().dev_certificate(&dev).build().unwrap();
+    server.register(
+        "T",
+        Service::new().method("Slow", |_ctx: Context, (): ()| async move {
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            Ok(())
+        }),
+    );
+    let addr = server.bind("127.0.0.1:0").await.unwrap().to_string();
+    let kinds = Arc::new(Kinds::default());
+    let client = client_builder(&dev)
+        .call_interceptor(kinds.clone())
+        .connect(&addr)
+        .await
+        .unwrap();
+    // The caller gives up before the reply: its future is dropped mid-call.
+    let gave_up = tokio::time::timeout(
+        std::time::Duration::from_millis(100),
+        client.call::<_, ()>("T", "Slow", &()),
+    )
+    .await;
+    assert!(gave_up.is_err());
+    assert_eq!(*kinds.0.lock().unwrap(), vec!["cancelled"]);
+}

@@ -333,6 +333,12 @@ impl Connection {
         reply: Reply,
     ) -> Result<RawReply> {
         let started = call.intercepted.then(Instant::now);
+        // The interceptors hear of a call whose future is dropped before it ends, too.
+        let mut unfinished = Unfinished {
+            conn: self,
+            call: &call,
+            started,
+        };
         let timeout = timeout.or(self.inner.side.call_timeout);
         let span = tracing::debug_span!(
             "call",
@@ -375,7 +381,7 @@ impl Connection {
         if result.is_err() {
             counters.call_errors.fetch_add(1, Ordering::Relaxed);
         }
-        if let Some(started) = started {
+        if let Some(started) = unfinished.started.take() {
             self.finish_call(&call, result.as_ref().map(drop), started.elapsed());
         }
         result
@@ -448,6 +454,24 @@ impl Connection {
                 service_path,
                 service_method,
             )),
+        }
+    }
+}
+
+/// A call on its way: dropped before it ended (its future cancelled), it tells the call
+/// interceptors the call ended with [`Error::Cancelled`].
+struct Unfinished<'c, 'a> {
+    conn: &'c Connection,
+    call: &'c Call<'a>,
+    /// When it started; `None` once reported (or when nobody listens).
+    started: Option<Instant>,
+}
+
+impl Drop for Unfinished<'_, '_> {
+    fn drop(&mut self) {
+        if let Some(started) = self.started.take() {
+            self.conn
+                .finish_call(self.call, Err(&Error::Cancelled), started.elapsed());
         }
     }
 }

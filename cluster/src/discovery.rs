@@ -57,7 +57,7 @@ impl EtcdDiscovery {
                 Change::Reset(kvs) => {
                     known = kvs
                         .into_iter()
-                        .filter_map(|(k, v)| Some((k, endpoint(&v)?)))
+                        .filter_map(|(k, v, _)| Some((k, endpoint(&v)?)))
                         .collect();
                 }
                 Change::Put { key, value, .. } => match endpoint(&value) {

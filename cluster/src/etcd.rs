@@ -334,8 +334,9 @@ fn is_lease_lost(e: &etcd_client::Error) -> bool {
 /// A change under a followed prefix.
 #[derive(Debug)]
 pub(crate) enum Change {
-    /// Everything under the prefix now (after a (re)sync).
-    Reset(Vec<(String, String)>),
+    /// Everything under the prefix now (after a (re)sync): key, value and the revision of the
+    /// key's last write.
+    Reset(Vec<(String, String, i64)>),
     /// A key was written.
     Put {
         key: String,
@@ -384,7 +385,11 @@ pub(crate) async fn follow(
                         .iter()
                         .filter_map(|kv| {
                             let value = kv.value_str().unwrap_or_default();
-                            Some((kv.key_str().ok()?.to_owned(), value.to_owned()))
+                            Some((
+                                kv.key_str().ok()?.to_owned(),
+                                value.to_owned(),
+                                kv.mod_revision(),
+                            ))
                         })
                         .collect();
                     apply(Change::Reset(kvs));

@@ -1149,18 +1149,28 @@ impl Shared {
         let nodes_prefix = keys::nodes(prefix);
         match change {
             Change::Reset(kvs) if scope == Scope::Presence => {
+                let mut elsewhere = Vec::new();
                 *write(&self.presence) = kvs
                     .into_iter()
-                    .filter_map(|(k, v)| {
+                    .filter_map(|(k, v, revision)| {
                         let id = k.strip_prefix(&presence_prefix)?.to_owned();
-                        Some((id, serde_json::from_str::<PresenceRecord>(&v).ok()?))
+                        let record = serde_json::from_str::<PresenceRecord>(&v).ok()?;
+                        if record.node != self.name {
+                            elsewhere.push((id.clone(), record.node.clone(), revision));
+                        }
+                        Some((id, record))
                     })
                     .collect();
+                // A device that moved to another node while the watch was down: close our
+                // stale connection, as a live watch event would have.
+                for (id, node, revision) in elsewhere {
+                    self.moved_away(&id, &node, revision, server);
+                }
             }
             Change::Reset(kvs) if scope == Scope::Nodes => {
                 *write(&self.nodes) = kvs
                     .into_iter()
-                    .filter_map(|(k, v)| {
+                    .filter_map(|(k, v, _)| {
                         let node = k.strip_prefix(&nodes_prefix)?.to_owned();
                         Some((node, serde_json::from_str::<NodeRecord>(&v).ok()?))
                     })

@@ -50,7 +50,7 @@ const WAIT: Duration = Duration::from_secs(5);
 const DEMO_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub(crate) fn run() -> anyhow::Result<()> {
-    let Some(bin) = etcd::find_etcd() else {
+    let Ok(bin) = etcd::find_etcd() else {
         bail!("{}", etcd::INSTALL_HINT);
     };
     let runtime = tokio::runtime::Runtime::new()?;
@@ -602,17 +602,13 @@ async fn demo(etcd_bin: &Path) -> anyhow::Result<()> {
 
     // etcd.
     let t = Instant::now();
-    let etcd = tokio::task::spawn_blocking({
-        let bin = etcd_bin.to_owned();
-        move || Etcd::start(&bin)
-    })
-    .await??;
+    let etcd = tokio::task::spawn_blocking(Etcd::start).await??;
     println!(
         "etcd {} on {} ({}, data in {}), healthy in {}",
         etcd::version(etcd_bin),
         etcd.endpoint(),
         etcd_bin.display(),
-        etcd.dir().display(),
+        etcd.data_dir().display(),
         secs(t.elapsed())
     );
 

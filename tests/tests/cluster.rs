@@ -112,6 +112,20 @@ async fn until(limit: Duration, mut check: impl FnMut() -> bool) -> Option<Durat
     None
 }
 
+/// The durable messages still pending for `id` once acknowledgements had up to 2 s to reach
+/// etcd (returns as soon as none is).
+async fn pending_after_acks(node: &ClusterNode, id: &str) -> i64 {
+    let mut left = node.durable_pending(id).await.unwrap();
+    for _ in 0..100 {
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        left = node.durable_pending(id).await.unwrap();
+    }
+    left
+}
+
 async fn next_push(rx: &mut PushReceiver) -> quicx::PushMessage {
     tokio::time::timeout(Duration::from_secs(5), rx.recv())
         .await
@@ -586,15 +600,11 @@ async fn a_durable_message_survives_the_node_that_accepted_it() {
             .is_err(),
         "nothing more"
     );
-    let mut left = 3;
-    for _ in 0..100 {
-        left = b.durable_pending("device-8").await.unwrap();
-        if left == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(left, 0, "acknowledged messages leave etcd");
+    assert_eq!(
+        pending_after_acks(&b, "device-8").await,
+        0,
+        "acknowledged messages leave etcd"
+    );
     // Sent while the device is online on b, from b: delivered at once.
     b.send_durable(
         "device-8",
@@ -661,13 +671,9 @@ async fn a_durable_message_refused_by_a_connected_device_comes_again() {
     assert_eq!(again.durable_id(), Some(id as u64));
     assert_eq!(&again.payload[..], b"reboot");
     assert!(again.ack());
-    let mut left = 1;
-    for _ in 0..100 {
-        left = a.durable_pending("device-5").await.unwrap();
-        if left == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(left, 0, "the acknowledged message leaves etcd");
+    assert_eq!(
+        pending_after_acks(&a, "device-5").await,
+        0,
+        "the acknowledged message leaves etcd"
+    );
 }

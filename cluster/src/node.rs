@@ -944,6 +944,8 @@ async fn prune_departed(
 ) {
     loop {
         let event = tokio::select! {
+            // A stopped node touches etcd no more, however many events wait.
+            biased;
             () = stop.cancelled() => return,
             e = events.recv() => e,
         };
@@ -1090,6 +1092,8 @@ async fn track_identities(
     let mut bound: HashMap<u64, String> = HashMap::new();
     loop {
         let event = tokio::select! {
+            // A stopped node touches etcd no more, however many events wait.
+            biased;
             () = stop.cancelled() => return,
             e = events.recv() => e,
         };

@@ -333,6 +333,9 @@ async fn main() -> anyhow::Result<()> {
     // Its connections go too (in the background: measured from the moment it stopped).
     tokio::spawn(async move { server_c.shutdown(Duration::ZERO).await });
     let survivors: Vec<ClusterNode> = nodes.iter().map(|(_, n)| n.clone()).collect();
+    // When the first of its devices left the survivors' caches (the lease expired in etcd and
+    // its deletes began to arrive): the rest of the figure is delivering and applying them.
+    let mut first_gone: Option<Duration> = None;
     loop {
         let listed = victims
             .iter()
@@ -342,6 +345,9 @@ async fn main() -> anyhow::Result<()> {
                     .any(|n| n.locate(id).as_deref() == Some("c"))
             })
             .count();
+        if listed < victims.len() && first_gone.is_none() {
+            first_gone = Some(killed.elapsed());
+        }
         if listed == 0 {
             break;
         }
@@ -351,10 +357,12 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     println!(
-        "node c died with {} devices: offline on every node after {:.2} s (lease TTL {:.0} s)",
+        "node c died with {} devices: offline on every node after {:.2} s (lease TTL {:.0} s; \
+         the first of them left the caches after {:.2} s)",
         victims.len(),
         killed.elapsed().as_secs_f64(),
-        ttl.as_secs_f64()
+        ttl.as_secs_f64(),
+        first_gone.unwrap_or_default().as_secs_f64()
     );
     drop(devices);
     drain.abort();

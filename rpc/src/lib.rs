@@ -236,8 +236,8 @@ pub use crate::{
     connection::{CallOptions, Connection, RawReply},
     context::Context,
     durable::{
-        DurableLimits, MSG_ID_KEY, MSG_PREV_KEY, MSG_REDELIVERED_KEY, MSG_SPACE_KEY, Overflow,
-        PendingMessage,
+        DurableLimits, Fsync, MSG_ID_KEY, MSG_PREV_KEY, MSG_REDELIVERED_KEY, MSG_SPACE_KEY,
+        Overflow, PendingMessage,
     },
     error::{Error, FramePart, HandshakeError, NotConnected, ProtocolError, Result, ServiceError},
     events::{ClientEvent, DisconnectReason, ServerEvent},

@@ -168,14 +168,26 @@ async fn messages_for_an_offline_device_arrive_in_order_once_it_connects() {
 /// A `quicx-durable-server` child process on `listen` with its store in `store` (killed on
 /// drop).
 fn durable_server(pem: &PemFiles, listen: &str, store: &TempStore) -> ChildServer {
-    ChildServer::spawn(
-        Command::new(env!("CARGO_BIN_EXE_quicx-durable-server"))
-            .arg(&pem.cert)
-            .arg(&pem.key)
-            .arg(listen)
-            .arg(store.file()),
-    )
-    .unwrap()
+    durable_server_with(pem, listen, store, None)
+}
+
+/// [`durable_server`] with `Fsync::Interval(fsync_every)` when given.
+fn durable_server_with(
+    pem: &PemFiles,
+    listen: &str,
+    store: &TempStore,
+    fsync_every: Option<Duration>,
+) -> ChildServer {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_quicx-durable-server"));
+    command
+        .arg(&pem.cert)
+        .arg(&pem.key)
+        .arg(listen)
+        .arg(store.file());
+    if let Some(every) = fsync_every {
+        command.arg(every.as_millis().to_string());
+    }
+    ChildServer::spawn(&mut command).unwrap()
 }
 
 #[tokio::test]
@@ -198,6 +210,40 @@ async fn a_thousand_messages_survive_a_sigkill_and_arrive_once_in_order() {
     first.kill();
     let restarted = durable_server(&pem, &first.addr.to_string(), &store);
     let (_d, mut rx) = device(&dev, restarted.addr, "device-7", false).await;
+    for i in 0..1000u32 {
+        let msg = next(&mut rx).await;
+        assert_eq!(
+            std::str::from_utf8(&msg.payload).unwrap(),
+            i.to_string(),
+            "message {i} in order"
+        );
+    }
+    quiet(&mut rx, Duration::from_millis(500)).await;
+}
+
+#[tokio::test]
+async fn with_an_fsync_interval_what_was_flushed_survives_a_sigkill() {
+    let dev = DevCertificate::localhost().unwrap();
+    let pem = PemFiles::write(&dev).unwrap();
+    let store = TempStore::new();
+    let every = Duration::from_millis(200);
+    let mut first = durable_server_with(&pem, "127.0.0.1:0", &store, Some(every));
+    let ops = quicx::Client::builder()
+        .tls(ClientTls::new().trust(dev.certificate()))
+        .reconnect(false)
+        .connect_addr(first.addr, "localhost")
+        .await
+        .unwrap();
+    ops.call::<_, ()>("Ops", "Send", &("device-4", 1000u32))
+        .await
+        .unwrap();
+    ops.close().await;
+    // Committed in memory; on the disk within the interval (the store flushes when it goes
+    // idle). Kill the server after that, without any chance to flush on its way out.
+    tokio::time::sleep(every * 3).await;
+    first.kill();
+    let restarted = durable_server_with(&pem, &first.addr.to_string(), &store, Some(every));
+    let (_d, mut rx) = device(&dev, restarted.addr, "device-4", false).await;
     for i in 0..1000u32 {
         let msg = next(&mut rx).await;
         assert_eq!(

@@ -35,7 +35,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use futures_util::{StreamExt, stream};
-use quicx::{ClientTls, DevCertificate, DurableLimits, Metadata, Server, push_channel};
+use quicx::{ClientTls, DevCertificate, DurableLimits, Fsync, Metadata, Server, push_channel};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, NetworkOptions, Outgoing, Packet, QoS};
 
 #[derive(Debug, Parser)]
@@ -50,6 +50,10 @@ struct Cli {
     /// to 10 s).
     #[arg(long, default_value_t = 1_000)]
     serial_messages: usize,
+    /// Also run quicx with `Fsync::Interval` of this many ms (its store flushed to the disk at
+    /// most this long apart, as mosquitto's autosave does; 0: skip that variant).
+    #[arg(long, default_value_t = 1_000)]
+    fsync_interval_ms: u64,
     /// Bound of each store and drain phase, seconds.
     #[arg(long, default_value_t = 120)]
     phase_secs: u64,
@@ -218,13 +222,15 @@ async fn quicx_run(
     dev: &DevCertificate,
     base: &Path,
     size: usize,
+    fsync: Fsync,
 ) -> anyhow::Result<Row> {
     let dir = TempDir::new(base, "quicx")?;
     let n = cli.messages;
     let room = (n + cli.serial_messages + 1) as u64;
     let limits = DurableLimits::default()
         .per_identity(room, room * (size as u64 + 512))
-        .total(room, room * (size as u64 + 512));
+        .total(room, room * (size as u64 + 512))
+        .fsync(fsync);
     let server = Server::builder()
         .dev_certificate(dev)
         .insecure_accept_unverified_client_ids()
@@ -232,7 +238,17 @@ async fn quicx_run(
         .build()?;
     server.bind("127.0.0.1:0").await?;
     let addr = server.local_addr().context("bound")?;
-    let result = quicx_measure(cli, dev, &server, addr, size).await;
+    let result = quicx_measure(cli, dev, &server, addr, size)
+        .await
+        .map(|row| Row {
+            system: match fsync {
+                Fsync::Interval(every) => {
+                    format!("quicx (redb, flushed every {} ms)", every.as_millis())
+                }
+                _ => "quicx (redb, fsync per commit)".into(),
+            },
+            ..row
+        });
     server.shutdown(Duration::from_secs(1)).await;
     drop(dir);
     result
@@ -905,14 +921,15 @@ fn print_report(cli: &Cli, rows: &[Row], broker: Result<&str, &str>) {
     if !others.is_empty() {
         println!();
         println!(
-            "| quicx / … | payload | store ({} in flight) | store (1 in flight) | drain |",
+            "| quicx / other | payload | store ({} in flight) | store (1 in flight) | drain |",
             cli.in_flight
         );
         println!("|---|---|---:|---:|---:|");
         for o in &others {
-            if let Some(q) = quicx.iter().find(|q| q.payload == o.payload) {
+            for q in quicx.iter().filter(|q| q.payload == o.payload) {
                 println!(
-                    "| {} | {} | {:.2}× | {:.2}× | {:.2}× |",
+                    "| {} / {} | {} | {:.2}× | {:.2}× | {:.2}× |",
+                    q.system,
                     o.system,
                     size_label(o.payload),
                     q.store / o.store,
@@ -936,7 +953,9 @@ fn print_report(cli: &Cli, rows: &[Row], broker: Result<&str, &str>) {
     println!();
     println!(
         "Note: quicx's store rate counts sends that returned, i.e. whose redb transaction was \
-         committed with an fsync (sends in flight together share one commit). mosquitto acks a \
+         committed with an fsync (sends in flight together share one commit), or, flushed \
+         every N ms (`Fsync::Interval`), committed in the store and on the disk within N ms. \
+         mosquitto acks a \
          QoS 1 PUBLISH once the message is in its memory; with `persistence true` it writes a \
          snapshot of its whole database every `autosave_interval` seconds (1800 by default) and \
          at shutdown, so a crash loses what arrived since the last snapshot. That is not a \
@@ -996,7 +1015,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for &size in &cli.payloads {
         eprintln!("quicx, {}...", size_label(size));
-        rows.push(quicx_run(&cli, &dev, &base, size).await?);
+        rows.push(quicx_run(&cli, &dev, &base, size, Fsync::EveryCommit).await?);
+        if cli.fsync_interval_ms > 0 {
+            let every = Duration::from_millis(cli.fsync_interval_ms);
+            eprintln!("quicx flushed every {every:?}, {}...", size_label(size));
+            rows.push(quicx_run(&cli, &dev, &base, size, Fsync::Interval(every)).await?);
+        }
         if let Ok(bin) = &mosquitto {
             for &v in &variants {
                 eprintln!("{}, {}...", v.label(), size_label(size));

@@ -4,24 +4,38 @@
 //! `Ops.Send(client_id, n)`: stores `n` durable messages for `client_id` (payloads `"0"`,
 //! `"1"`, ..., 100 at a time, so the store commits them in groups; ids follow the payloads'
 //! order) and answers once all are stored. Prints `READY <addr>` once it accepts connections,
-//! and runs until killed. Hello ids bind unverified (test devices carry no credentials).
+//! and runs until killed. Hello ids bind unverified (test devices carry no credentials). A fifth
+//! argument, milliseconds, selects `Fsync::Interval` (the default is `Fsync::EveryCommit`).
 #![forbid(unsafe_code)]
 
 use std::{io::Write, time::Duration};
 
-use quicx::{Context, DurableLimits, Metadata, Server, ServerTls, Service, ServiceError};
+use quicx::{Context, DurableLimits, Fsync, Metadata, Server, ServerTls, Service, ServiceError};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let [_, cert, key, addr, store] = &args[..] else {
-        eprintln!("usage: quicx-durable-server <cert.pem> <key.pem> <listen addr> <store path>");
-        std::process::exit(2);
+    let (cert, key, addr, store, fsync) = match &args[..] {
+        [_, cert, key, addr, store] => (cert, key, addr, store, Fsync::EveryCommit),
+        [_, cert, key, addr, store, ms] => (
+            cert,
+            key,
+            addr,
+            store,
+            Fsync::Interval(Duration::from_millis(ms.parse()?)),
+        ),
+        _ => {
+            eprintln!(
+                "usage: quicx-durable-server <cert.pem> <key.pem> <listen addr> <store path> \
+                 [fsync interval ms]"
+            );
+            std::process::exit(2);
+        }
     };
     let server = Server::builder()
         .tls(ServerTls::from_pem_files(cert, key)?)
         .insecure_accept_unverified_client_ids()
-        .durable_store(store, DurableLimits::default())
+        .durable_store(store, DurableLimits::default().fsync(fsync))
         .build()?;
     let weak = server.downgrade();
     server.register(

@@ -713,7 +713,8 @@ impl Client {
     /// # When it returns
     /// Once the close was sent to the server (up to 1 s), whether the client owns its socket or
     /// shares a [`ClientEndpoint`]: a process may exit right after and the server still sees
-    /// the disconnect at once. Dropping the last handle instead closes without waiting, so a
+    /// the disconnect at once. At once when there is no connection (the client was
+    /// reconnecting: its server is gone or unreachable). Dropping the last handle instead closes without waiting, so a
     /// process that exits at once may leave the server waiting for its idle timeout.
     pub async fn close(&self) {
         self.inner.closed.cancel();
@@ -730,7 +731,10 @@ impl Client {
                 reason: DisconnectReason::ClosedLocally,
             });
         }
-        if self.inner.link.owns_endpoint {
+        // Wait until the CONNECTION_CLOSE left our own endpoint. Without a connection (the
+        // client was reconnecting to a server that is gone) there is nothing to deliver: a
+        // handshake in progress would hold `wait_idle` for its whole drain (about 1 s).
+        if self.inner.link.owns_endpoint && conn.is_some() {
             let idle = self.inner.link.endpoint.wait_idle();
             let _ = tokio::time::timeout(Duration::from_secs(1), idle).await;
         }

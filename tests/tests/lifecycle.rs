@@ -170,3 +170,29 @@ async fn closing_clients_of_a_shared_endpoint_reaches_the_server_before_exit() {
     }
     assert!(t.server.connections().is_empty());
 }
+
+#[tokio::test]
+async fn closing_a_client_whose_server_is_gone_returns_at_once() {
+    let t = start_server().await;
+    // It keeps trying to reconnect (the default) to a port nobody answers on any more.
+    let client = t.client().connect(&t.address()).await.unwrap();
+    let mut events = client.events();
+    t.server.shutdown(Duration::ZERO).await;
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !matches!(
+            events.recv().await,
+            Ok(quicx::ClientEvent::Disconnected { .. })
+        ) {}
+    })
+    .await
+    .expect("the client sees its server go");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Nothing is left to tell the server: closing does not wait for a send that cannot come.
+    let started = Instant::now();
+    client.close().await;
+    assert!(
+        started.elapsed() < Duration::from_millis(300),
+        "close took {:?}",
+        started.elapsed()
+    );
+}

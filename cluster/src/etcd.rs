@@ -237,6 +237,25 @@ impl Session {
                 .collect();
             client.txn(Txn::new().and_then(ops)).await?;
         }
+        // A key given up (`remove_if`) while these puts were on their way may have been put
+        // back after its delete: delete it again, while it still holds the value put here.
+        let given_up: Vec<(String, String)> = {
+            let now = self.desired();
+            desired
+                .into_iter()
+                .filter(|(k, v)| now.get(k) != Some(v))
+                .collect()
+        };
+        for (key, value) in given_up {
+            let txn = Txn::new()
+                .when([Compare::value(
+                    key.as_str(),
+                    CompareOp::Equal,
+                    value.as_str(),
+                )])
+                .and_then([TxnOp::delete(key.as_str(), None)]);
+            client.txn(txn).await?;
+        }
         Ok(())
     }
 

@@ -20,6 +20,8 @@ use etcd_client::{Client, GetOptions, SortOrder, SortTarget};
 use quicx::{MSG_ID_KEY, MSG_PREV_KEY, MSG_SPACE_KEY, Metadata};
 use serde::{Deserialize, Serialize};
 
+use tokio_util::sync::CancellationToken;
+
 use crate::ClusterError;
 
 /// Largest payload of a cluster durable message (etcd values are small by design).
@@ -69,12 +71,15 @@ pub(crate) struct ClusterDurable {
     node: String,
     counter: AtomicU64,
     /// Devices being delivered to by this node now, and whether more arrived meanwhile.
-    running: Mutex<std::collections::HashMap<String, bool>>,
+    /// Per device: whether more arrived meanwhile, and how to wake a run that waits to retry.
+    running: Mutex<std::collections::HashMap<String, (bool, Arc<tokio::sync::Notify>)>>,
+    /// The node's stop: runs end, and nothing more is read or deleted in etcd.
+    stop: CancellationToken,
     space: String,
 }
 
 impl ClusterDurable {
-    pub(crate) fn new(prefix: &str, node: &str) -> Self {
+    pub(crate) fn new(prefix: &str, node: &str, stop: CancellationToken) -> Self {
         let start = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
@@ -83,6 +88,7 @@ impl ClusterDurable {
             node: node.to_owned(),
             counter: AtomicU64::new(start),
             running: Mutex::default(),
+            stop,
             space: format!("cluster{prefix}"),
         }
     }
@@ -157,18 +163,22 @@ impl ClusterDurable {
         server: &quicx::WeakServer,
         client_id: &str,
     ) {
-        {
+        let wake = {
             let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
             match running.get_mut(client_id) {
-                Some(more) => {
+                Some((more, wake)) => {
                     *more = true;
+                    // A run waiting to retry goes now.
+                    wake.notify_one();
                     return;
                 }
                 None => {
-                    running.insert(client_id.to_owned(), false);
+                    let wake = Arc::new(tokio::sync::Notify::new());
+                    running.insert(client_id.to_owned(), (false, wake.clone()));
+                    wake
                 }
             }
-        }
+        };
         let (me, client, server, id) = (
             self.clone(),
             client.clone(),
@@ -178,22 +188,41 @@ impl ClusterDurable {
         tokio::spawn(async move {
             let mut pause = RETRY_FIRST;
             loop {
-                if !me.deliver(client.clone(), &server, &id).await {
+                let done = tokio::select! {
+                    biased;
+                    () = me.stop.cancelled() => break,
+                    done = me.deliver(client.clone(), &server, &id) => done,
+                };
+                if !done {
                     // Refused, timed out or etcd failed while the device is still here: try
                     // again after a pause (it grows while the failures go on), the way a
-                    // server's own store does.
-                    tokio::time::sleep(pause).await;
+                    // server's own store does, or at once when a new message or bind asks.
+                    tokio::select! {
+                        biased;
+                        () = me.stop.cancelled() => break,
+                        () = wake.notified() => {}
+                        () = tokio::time::sleep(pause) => {}
+                    }
                     pause = (pause * 2).min(RETRY_MAX);
                     continue;
                 }
+                pause = RETRY_FIRST;
                 let mut running = me.running.lock().unwrap_or_else(|e| e.into_inner());
-                if running.get(&id).copied().unwrap_or(false) {
-                    running.insert(id.clone(), false);
-                    continue;
+                match running.get_mut(&id) {
+                    Some((more, _)) if *more => {
+                        *more = false;
+                        continue;
+                    }
+                    _ => {
+                        running.remove(&id);
+                        return;
+                    }
                 }
-                running.remove(&id);
-                return;
             }
+            me.running
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
         });
     }
 

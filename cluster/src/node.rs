@@ -302,7 +302,7 @@ impl ClusterNode {
             name: options.name.clone(),
             prefix: prefix.clone(),
             session: session.clone(),
-            durable: Arc::new(ClusterDurable::new(&prefix, &options.name)),
+            durable: Arc::new(ClusterDurable::new(&prefix, &options.name, stop.clone())),
             etcd: client.clone(),
             presence: RwLock::default(),
             nodes: RwLock::default(),
@@ -312,8 +312,10 @@ impl ClusterNode {
         // Follow the server's identities before reading the ones bound already, so none is
         // missed in between.
         let server_events = server.events();
+        let mut bound = HashMap::new();
         for conn in server.connections() {
             if let Some(id) = conn.client_id() {
+                bound.insert(conn.id(), id.clone());
                 record_presence(&session, &state, &prefix, &id, conn.id()).await;
                 state.durable.kick(&state.etcd, &server.downgrade(), &id);
             }
@@ -356,6 +358,7 @@ impl ClusterNode {
         let first_rx = futures_util::future::try_join_all(firsts);
         tokio::spawn(track_identities(
             server_events,
+            bound,
             server.downgrade(),
             session.clone(),
             state.clone(),
@@ -526,7 +529,13 @@ impl ClusterNode {
                         .batched_push(&fresh, request(metadata))
                         .await?
                         .map_err(|f| self.device_error(client_id, &fresh, f)),
-                    None => Err(self.device_error(client_id, &node, f)),
+                    // It may have come here.
+                    None => match self.local(client_id) {
+                        Some(server) => routing::push_here(&server, request(metadata))
+                            .await
+                            .map_err(|f| self.device_error(client_id, &self.inner.name, f)),
+                        None => Err(self.device_error(client_id, &node, f)),
+                    },
                 }
             }
             other => other.map_err(|f| self.device_error(client_id, &node, f)),
@@ -658,6 +667,12 @@ impl ClusterNode {
             if let Some(fresh) = self.fresh_owner(client_id).await.filter(|n| *n != node) {
                 routed = self.route(&fresh, "Call", &request, Some(hop)).await?;
                 node = fresh;
+            } else if let Some(server) = self.local(client_id) {
+                // It came here.
+                return routing::call_here(&server, request)
+                    .await
+                    .map(Bytes::from)
+                    .map_err(|f| self.device_error(client_id, &self.inner.name, f));
             }
         }
         routed
@@ -844,6 +859,17 @@ impl ClusterNode {
                 client.close().await;
                 Ok(existing)
             }
+            _ if read(&self.inner.state.nodes)
+                .get(node)
+                .is_none_or(|now| now.address != record.address) =>
+            {
+                // The node left (or moved) while we connected: do not keep a connection to it.
+                drop(peers);
+                client.close().await;
+                Err(quicx::Error::NoEndpoints(format!(
+                    "node `{node}` left the cluster"
+                )))
+            }
             _ => {
                 peers.insert(node.to_owned(), (record.address, client.clone()));
                 Ok(client)
@@ -932,7 +958,6 @@ type QueuedPush = (
 const MAX_BATCH: usize = 256;
 const BATCHES_IN_FLIGHT: usize = 8;
 
-/// Sends the pushes queued for `node` in batches until the node handle is gone.
 /// Lets go of what this node keeps for a peer node once that node has left the cluster: its
 /// batcher (which ends when its queue closes) and its routing connection (closed, so it stops
 /// reconnecting to a node that is gone). A lagging event stream prunes every peer the node
@@ -981,6 +1006,7 @@ async fn prune_departed(
     }
 }
 
+/// Sends the pushes queued for `node` in batches until the node handle is gone.
 async fn run_batcher(
     node: Weak<NodeInner>,
     name: String,
@@ -1058,14 +1084,18 @@ async fn release_presence(
     session: &Session,
     state: &Shared,
     prefix: &str,
-    server: &quicx::Server,
+    server: &quicx::WeakServer,
     client_id: &str,
     conn: u64,
 ) {
+    let Some(server) = server.upgrade() else {
+        return;
+    };
     if server.client(client_id).is_some() {
         // Another connection holds the identity here now.
         return;
     }
+    drop(server);
     lock(&state.mine).remove(client_id);
     let record = PresenceRecord {
         node: state.name.clone(),
@@ -1082,14 +1112,15 @@ async fn release_presence(
 /// records with what the server has bound now.
 async fn track_identities(
     mut events: broadcast::Receiver<ServerEvent>,
+    // The identity each local connection was last bound to, as far as the events told (seeded
+    // with the connections bound before the node started).
+    mut bound: HashMap<u64, String>,
     server: quicx::WeakServer,
     session: Arc<Session>,
     state: Arc<Shared>,
     prefix: String,
     stop: CancellationToken,
 ) {
-    // The identity each local connection was last bound to, as far as the events told.
-    let mut bound: HashMap<u64, String> = HashMap::new();
     loop {
         let event = tokio::select! {
             // A stopped node touches etcd no more, however many events wait.
@@ -1097,14 +1128,11 @@ async fn track_identities(
             () = stop.cancelled() => return,
             e = events.recv() => e,
         };
-        let Some(strong) = server.upgrade() else {
-            return;
-        };
         match event {
             Ok(ServerEvent::Bound { conn, client_id }) => {
                 if let Some(old) = bound.insert(conn.id(), client_id.clone()) {
                     if old != client_id {
-                        release_presence(&session, &state, &prefix, &strong, &old, conn.id()).await;
+                        release_presence(&session, &state, &prefix, &server, &old, conn.id()).await;
                     }
                 }
                 record_presence(&session, &state, &prefix, &client_id, conn.id()).await;
@@ -1113,7 +1141,7 @@ async fn track_identities(
             Ok(ServerEvent::Disconnected { conn, .. }) => {
                 let id = bound.remove(&conn.id()).or_else(|| conn.client_id());
                 if let Some(id) = id {
-                    release_presence(&session, &state, &prefix, &strong, &id, conn.id()).await;
+                    release_presence(&session, &state, &prefix, &server, &id, conn.id()).await;
                 }
             }
             Ok(_) => {}
@@ -1121,6 +1149,9 @@ async fn track_identities(
                 // Missed binds or departures: record every identity bound now and remove the
                 // records of identities no longer bound here.
                 tracing::warn!("cluster node missed {missed} server events: resyncing presence");
+                let Some(strong) = server.upgrade() else {
+                    return;
+                };
                 bound.clear();
                 for conn in strong.connections() {
                     if let Some(id) = conn.client_id() {
@@ -1166,19 +1197,36 @@ impl Shared {
                     })
                     .collect();
                 // A device that moved to another node while the watch was down: close our
-                // stale connection, as a live watch event would have.
+                // stale connection, as a live watch event would have. Not when our own put
+                // failed (etcd was away; its revision is unknown, 0): the snapshot may hold an
+                // older record of another node, and healing the lease puts ours back.
                 for (id, node, revision) in elsewhere {
+                    if lock(&self.mine).get(&id) == Some(&Some(0)) {
+                        continue;
+                    }
                     self.moved_away(&id, &node, revision, server);
                 }
             }
             Change::Reset(kvs) if scope == Scope::Nodes => {
-                *write(&self.nodes) = kvs
+                let fresh: HashMap<String, NodeRecord> = kvs
                     .into_iter()
                     .filter_map(|(k, v, _)| {
                         let node = k.strip_prefix(&nodes_prefix)?.to_owned();
                         Some((node, serde_json::from_str::<NodeRecord>(&v).ok()?))
                     })
                     .collect();
+                let before = std::mem::replace(&mut *write(&self.nodes), fresh.clone());
+                // Nodes that left or came while the watch was away: as live events would say.
+                for node in before.keys().filter(|n| !fresh.contains_key(*n)) {
+                    let _ = self
+                        .events
+                        .send(ClusterEvent::NodeDown { node: node.clone() });
+                }
+                for node in fresh.keys().filter(|n| !before.contains_key(*n)) {
+                    let _ = self
+                        .events
+                        .send(ClusterEvent::NodeUp { node: node.clone() });
+                }
             }
             Change::Reset(_) => {
                 // Durable messages may have arrived while the watch was down: deliver what the

@@ -73,7 +73,7 @@ pub enum Fsync {
     /// commit cannot reach (one sender waiting for each send: about 3,000 messages/s with
     /// fsync on this project's test machine). Acknowledgements are flushed the same way: after
     /// a crash a message acknowledged in the last interval is sent again (and dropped by the
-    /// device as a duplicate).
+    /// device as a duplicate). A zero interval is [`EveryCommit`](Self::EveryCommit).
     Interval(Duration),
 }
 
@@ -354,7 +354,8 @@ impl Store {
             .unwrap_or_else(|_| Err(Error::Store("the store's writer stopped".into())))
     }
 
-    /// Stores a message; returns its id once the commit is durable.
+    /// Stores a message; returns its id once it is committed (on the disk under
+    /// `Fsync::EveryCommit`).
     async fn append(&self, identity: &str, message: Stored) -> Result<u64> {
         let identity = identity.to_owned();
         let bytes = postcard::to_allocvec(&message).map_err(store_error)?;
@@ -461,6 +462,7 @@ fn write_loop(
         };
         let durable = match limits.fsync {
             Fsync::EveryCommit => true,
+            Fsync::Interval(every) if every.is_zero() => true,
             Fsync::Interval(every) => unsynced_since.is_some_and(|s| s.elapsed() >= every),
         };
         let mut batch = vec![first];
@@ -681,7 +683,8 @@ impl Durable {
         Ok(durable)
     }
 
-    /// Stores a message for `identity` (crash-safe once this returns), then delivers it at once
+    /// Stores a message for `identity` (committed once this returns; see [`Fsync`]), then
+    /// delivers it at once
     /// if the identity is bound.
     pub(crate) async fn send(
         self: &Arc<Self>,

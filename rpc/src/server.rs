@@ -80,7 +80,8 @@ impl ServerBuilder {
     }
 
     /// Keeps durable messages ([`Server::send_durable`]) in an embedded, crash-safe database
-    /// (redb) at `path`, created if missing, within `limits`. A server restarted on the same
+    /// (redb) at `path`, created if missing, within `limits` (which also say how often commits
+    /// are forced onto the disk: [`Fsync`](crate::Fsync)). A server restarted on the same
     /// file delivers what was pending. The file is locked while the server runs and released
     /// when [`Server::shutdown`] returns. [`build`](Self::build) fails with [`Error::Store`] if the
     /// file is not a store or is damaged beyond what the database repairs.
@@ -571,8 +572,10 @@ impl Server {
     /// `ttl` if still pending.
     ///
     /// # When it returns
-    /// Once the message is committed to disk (crash-safe), not when it is delivered; with its
-    /// id. [`Error::StoreFull`] if it would exceed a bound under [`Overflow::Refuse`](crate::Overflow::Refuse),
+    /// Once the message is committed, not when it is delivered; with its id. Under
+    /// [`Fsync::EveryCommit`](crate::Fsync::EveryCommit) (the default) the commit is on the disk
+    /// and survives any crash; under [`Fsync::Interval`](crate::Fsync::Interval) it reaches the
+    /// disk within the interval. [`Error::StoreFull`] if it would exceed a bound under [`Overflow::Refuse`](crate::Overflow::Refuse),
     /// [`Error::Store`] if the commit failed (or the server shut down), [`Error::Config`] if the
     /// server has no [`durable_store`](ServerBuilder::durable_store).
     ///

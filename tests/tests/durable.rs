@@ -226,7 +226,7 @@ async fn with_an_fsync_interval_what_was_flushed_survives_a_sigkill() {
     let dev = DevCertificate::localhost().unwrap();
     let pem = PemFiles::write(&dev).unwrap();
     let store = TempStore::new();
-    let every = Duration::from_millis(200);
+    let every = Duration::from_millis(100);
     let mut first = durable_server_with(&pem, "127.0.0.1:0", &store, Some(every));
     let ops = quicx::Client::builder()
         .tls(ClientTls::new().trust(dev.certificate()))
@@ -239,8 +239,8 @@ async fn with_an_fsync_interval_what_was_flushed_survives_a_sigkill() {
         .unwrap();
     ops.close().await;
     // Committed in memory; on the disk within the interval (the store flushes when it goes
-    // idle). Kill the server after that, without any chance to flush on its way out.
-    tokio::time::sleep(every * 3).await;
+    // idle). Kill the server well after that, without any chance to flush on its way out.
+    tokio::time::sleep(every * 10).await;
     first.kill();
     let restarted = durable_server_with(&pem, &first.addr.to_string(), &store, Some(every));
     let (_d, mut rx) = device(&dev, restarted.addr, "device-4", false).await;

@@ -75,11 +75,18 @@ pub(crate) struct ClusterDurable {
     running: Mutex<std::collections::HashMap<String, (bool, Arc<tokio::sync::Notify>)>>,
     /// The node's stop: runs end, and nothing more is read or deleted in etcd.
     stop: CancellationToken,
+    /// How long a delivery waits for the device's acknowledgement.
+    ack_timeout: Duration,
     space: String,
 }
 
 impl ClusterDurable {
-    pub(crate) fn new(prefix: &str, node: &str, stop: CancellationToken) -> Self {
+    pub(crate) fn new(
+        prefix: &str,
+        node: &str,
+        ack_timeout: Duration,
+        stop: CancellationToken,
+    ) -> Self {
         let start = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
@@ -89,6 +96,7 @@ impl ClusterDurable {
             counter: AtomicU64::new(start),
             running: Mutex::default(),
             stop,
+            ack_timeout,
             space: format!("cluster{prefix}"),
         }
     }
@@ -279,11 +287,12 @@ impl ClusterDurable {
                 metadata.insert(MSG_PREV_KEY, prev.to_string());
                 metadata.insert(MSG_SPACE_KEY, self.space.clone());
                 let sent = conn
-                    .send_message_with_receipt(
+                    .send_message_with_receipt_within(
                         &stored.service_path,
                         &stored.service_method,
                         metadata,
                         &stored.payload,
+                        self.ack_timeout,
                     )
                     .await;
                 if let Err(e) = sent {

@@ -95,6 +95,7 @@ pub struct ClusterOptions {
     server_name: String,
     services: Vec<ServiceEntry>,
     route_timeout: Duration,
+    durable_ack_timeout: Duration,
 }
 
 impl ClusterOptions {
@@ -117,6 +118,7 @@ impl ClusterOptions {
             server_name: "localhost".into(),
             services: Vec::new(),
             route_timeout: Duration::from_secs(5),
+            durable_ack_timeout: Duration::from_secs(60),
         }
     }
 
@@ -139,6 +141,15 @@ impl ClusterOptions {
     #[must_use]
     pub fn service(mut self, service: ServiceEntry) -> Self {
         self.services.push(service);
+        self
+    }
+
+    /// How long the node that holds a device waits for its acknowledgement of a durable
+    /// message before it tries again later (default 60 s; with a device in manual-ack mode, how
+    /// long its application may take).
+    #[must_use]
+    pub fn durable_ack_timeout(mut self, timeout: Duration) -> Self {
+        self.durable_ack_timeout = timeout;
         self
     }
 
@@ -302,7 +313,12 @@ impl ClusterNode {
             name: options.name.clone(),
             prefix: prefix.clone(),
             session: session.clone(),
-            durable: Arc::new(ClusterDurable::new(&prefix, &options.name, stop.clone())),
+            durable: Arc::new(ClusterDurable::new(
+                &prefix,
+                &options.name,
+                options.durable_ack_timeout,
+                stop.clone(),
+            )),
             etcd: client.clone(),
             presence: RwLock::default(),
             nodes: RwLock::default(),

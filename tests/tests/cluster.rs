@@ -680,3 +680,71 @@ async fn a_durable_message_refused_by_a_connected_device_comes_again() {
         "the acknowledged message leaves etcd"
     );
 }
+
+#[tokio::test]
+async fn a_durable_message_waits_for_a_slow_device_ack_not_the_push_timeout() {
+    let Some(etcd) = etcd_or_skip() else { return };
+    let dev = DevCertificate::localhost().unwrap();
+    let options = etcd_options(&etcd, Duration::from_secs(2));
+    // Ordinary pushes give up after 300 ms on this server; durable ones wait 10 s for the ack.
+    let server = Server::builder()
+        .dev_certificate(&dev)
+        .insecure_accept_unverified_client_ids()
+        .push_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    server.bind("127.0.0.1:0").await.unwrap();
+    let node = ClusterNode::start(
+        &server,
+        ClusterOptions::new(
+            "slow",
+            options.clone(),
+            ClientTls::new().trust(dev.certificate()),
+            SECRET,
+        )
+        .durable_ack_timeout(Duration::from_secs(10)),
+    )
+    .await
+    .unwrap();
+    let (tx, mut rx) = push_channel(16);
+    let _device = quicx::Client::builder()
+        .tls(ClientTls::new().trust(dev.certificate()))
+        .server_name("localhost")
+        .client_id("device-6")
+        .manual_ack(true)
+        .push_channel(tx)
+        .connect(&server.local_addr().unwrap().to_string())
+        .await
+        .unwrap();
+    assert!(
+        until(Duration::from_secs(5), || node.locate("device-6").is_some())
+            .await
+            .is_some()
+    );
+    node.send_durable(
+        "device-6",
+        "Device",
+        "Cmd",
+        Metadata::new(),
+        "calibrate",
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+    let msg = next_push(&mut rx).await;
+    assert!(!msg.is_redelivered());
+    // The device's application takes a second, well past the push timeout, then acknowledges.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(msg.ack(), "the acknowledgement still counts");
+    assert_eq!(
+        pending_after_acks(&node, "device-6").await,
+        0,
+        "the acknowledged message leaves etcd"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1500), rx.recv())
+            .await
+            .is_err(),
+        "not sent again"
+    );
+}

@@ -77,13 +77,35 @@ impl Connection {
         metadata: Metadata,
         data: impl AsRef<[u8]>,
     ) -> Result<()> {
+        self.send_message_with_receipt_within(
+            service_path,
+            service_method,
+            metadata,
+            data,
+            self.inner.side.push_timeout,
+        )
+        .await
+    }
+
+    /// [`send_message_with_receipt`](Self::send_message_with_receipt) with its own `timeout`
+    /// for the whole exchange instead of the server's push timeout: for a client that takes
+    /// its time to accept a message (a device application that acknowledges after it acted on
+    /// it). Dropping the future resets the stream; the client may have the message already.
+    pub async fn send_message_with_receipt_within(
+        &self,
+        service_path: &str,
+        service_method: &str,
+        metadata: Metadata,
+        data: impl AsRef<[u8]>,
+        timeout: Duration,
+    ) -> Result<()> {
         let frame =
             Frame::whole(self.push_frame(service_path, service_method, metadata, data.as_ref())?);
         let result = self
             .round_trip(
                 frame,
                 super::call::Call::plain(service_path, service_method),
-                Some(self.inner.side.push_timeout),
+                Some(timeout),
                 Reply::Wanted,
             )
             .await

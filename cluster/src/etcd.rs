@@ -122,6 +122,9 @@ pub(crate) struct Session {
     /// The lease the keys are under now; `None` while there is none.
     lease: watch::Sender<Option<i64>>,
     stop: CancellationToken,
+    /// Set by [`revoke`](Self::revoke) (not by [`halt`](Self::halt)): a lease granted while it
+    /// runs is revoked too.
+    revoking: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Session {
@@ -141,6 +144,7 @@ impl Session {
             desired: Mutex::default(),
             lease: watch::Sender::new(None),
             stop: CancellationToken::new(),
+            revoking: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -209,6 +213,8 @@ impl Session {
 
     /// Revokes the lease: every key of this node is gone from etcd at once.
     pub(crate) async fn revoke(&self) {
+        self.revoking
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         self.stop.cancel();
         if let Some(lease) = self.lease.send_replace(None) {
             if let Err(e) = self.client.clone().lease_revoke(lease).await {
@@ -259,6 +265,22 @@ impl Session {
         Ok(())
     }
 
+    /// Whether the session was stopped while `lease` was being granted or filled; if it was
+    /// revoked meanwhile (and so could not see this lease), revokes this one too, so a node that
+    /// left is not listed for one more TTL.
+    async fn stopped_with(&self, client: &mut Client, lease: i64) -> bool {
+        if !self.stop.is_cancelled() {
+            return false;
+        }
+        if self.revoking.load(std::sync::atomic::Ordering::SeqCst) {
+            self.lease.send_replace(None);
+            if let Err(e) = client.lease_revoke(lease).await {
+                tracing::warn!("revoking the node's etcd lease failed (it expires by itself): {e}");
+            }
+        }
+        true
+    }
+
     /// Keeps the lease alive until stopped: grants one, puts every desired key under it, renews
     /// it every third of its TTL; re-grants and puts everything again when it is lost, and puts
     /// everything again when etcd comes back. Never gives up; logs what fails.
@@ -277,6 +299,9 @@ impl Session {
                     continue;
                 }
             };
+            if self.stopped_with(&mut client, lease).await {
+                return;
+            }
             let mut heal = true;
             loop {
                 if heal {
@@ -294,6 +319,9 @@ impl Session {
                         continue;
                     }
                     self.lease.send_replace(Some(lease));
+                    if self.stopped_with(&mut client, lease).await {
+                        return;
+                    }
                 }
                 let started =
                     tokio::time::timeout(self.options.lease_ttl, client.lease_keep_alive(lease))

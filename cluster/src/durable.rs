@@ -70,8 +70,8 @@ pub(crate) struct ClusterDurable {
     prefix: String,
     node: String,
     counter: AtomicU64,
-    /// Devices being delivered to by this node now, and whether more arrived meanwhile.
-    /// Per device: whether more arrived meanwhile, and how to wake a run that waits to retry.
+    /// Devices being delivered to by this node now: whether more arrived meanwhile, and how to
+    /// wake a run that waits to retry.
     running: Mutex<std::collections::HashMap<String, (bool, Arc<tokio::sync::Notify>)>>,
     /// The node's stop: runs end, and nothing more is read or deleted in etcd.
     stop: CancellationToken,
@@ -208,10 +208,10 @@ impl ClusterDurable {
                     tokio::select! {
                         biased;
                         () = me.stop.cancelled() => break,
+                        // Asked again (a new message, a bind): go now, same pause next time.
                         () = wake.notified() => {}
-                        () = tokio::time::sleep(pause) => {}
+                        () = tokio::time::sleep(pause) => pause = (pause * 2).min(RETRY_MAX),
                     }
-                    pause = (pause * 2).min(RETRY_MAX);
                     continue;
                 }
                 pause = RETRY_FIRST;

@@ -125,6 +125,8 @@ pub(crate) struct Session {
     /// Set by [`revoke`](Self::revoke) (not by [`halt`](Self::halt)): a lease granted while it
     /// runs is revoked too.
     revoking: std::sync::atomic::AtomicBool,
+    /// The etcd revision at which every wanted key was last put again (0: not yet).
+    healed_at: std::sync::atomic::AtomicI64,
 }
 
 impl std::fmt::Debug for Session {
@@ -145,6 +147,7 @@ impl Session {
             lease: watch::Sender::new(None),
             stop: CancellationToken::new(),
             revoking: std::sync::atomic::AtomicBool::new(false),
+            healed_at: std::sync::atomic::AtomicI64::new(0),
         })
     }
 
@@ -195,6 +198,12 @@ impl Session {
         }
     }
 
+    /// The etcd revision at which every key this session wanted was last put (again); 0 before
+    /// the first time. A key wanted then holds its value at this revision or a later one.
+    pub(crate) fn healed_at(&self) -> i64 {
+        self.healed_at.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// The value this session wants `key` to hold, if it wants it at all.
     pub(crate) fn wanted(&self, key: &str) -> Option<String> {
         self.desired().get(key).cloned()
@@ -241,25 +250,37 @@ impl Session {
                     )
                 })
                 .collect();
-            client.txn(Txn::new().and_then(ops)).await?;
+            let r = client.txn(Txn::new().and_then(ops)).await?;
+            if let Some(h) = r.header() {
+                self.healed_at
+                    .store(h.revision(), std::sync::atomic::Ordering::Relaxed);
+            }
         }
-        // A key given up (`remove_if`) while these puts were on their way may have been put
-        // back after its delete: delete it again, while it still holds the value put here.
-        let given_up: Vec<(String, String)> = {
+        // A key given up (`remove_if`) or given a new value while these puts were on their way
+        // may have been overwritten here with the old value: where it still holds that value,
+        // delete it or put the new one.
+        let changed: Vec<(String, String, Option<String>)> = {
             let now = self.desired();
             desired
                 .into_iter()
-                .filter(|(k, v)| now.get(k) != Some(v))
+                .filter_map(|(k, v)| {
+                    let wanted = now.get(&k).cloned();
+                    (wanted.as_ref() != Some(&v)).then_some((k, v, wanted))
+                })
                 .collect()
         };
-        for (key, value) in given_up {
-            let txn = Txn::new()
-                .when([Compare::value(
+        for (key, old, wanted) in changed {
+            let op = match wanted {
+                Some(value) => TxnOp::put(
                     key.as_str(),
-                    CompareOp::Equal,
                     value.as_str(),
-                )])
-                .and_then([TxnOp::delete(key.as_str(), None)]);
+                    Some(PutOptions::new().with_lease(lease)),
+                ),
+                None => TxnOp::delete(key.as_str(), None),
+            };
+            let txn = Txn::new()
+                .when([Compare::value(key.as_str(), CompareOp::Equal, old.as_str())])
+                .and_then([op]);
             client.txn(txn).await?;
         }
         Ok(())

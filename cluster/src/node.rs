@@ -229,7 +229,8 @@ struct Shared {
     /// Node → where it takes routed requests.
     nodes: RwLock<HashMap<String, NodeRecord>>,
     /// Devices this node recorded, with the etcd revision of its record (`None` while the put
-    /// is on its way): a record of another node with a later revision moves the device away.
+    /// is on its way; zero or negative when it failed: minus the session's heal revision then):
+    /// a record of another node with a later revision moves the device away.
     mine: Mutex<HashMap<String, Option<i64>>>,
     events: broadcast::Sender<ClusterEvent>,
 }
@@ -1090,7 +1091,9 @@ async fn record_presence(
         .put(keys::presence(prefix, client_id), to_json(&record))
         .await;
     if let Some(entry) = lock(&state.mine).get_mut(client_id) {
-        *entry = revision.or(Some(0));
+        // A failed put (etcd away) is marked with the session's last heal, negated: a heal
+        // after it puts the record back (see the presence snapshot in `apply`).
+        *entry = revision.or(Some(-session.healed_at()));
     }
 }
 
@@ -1217,8 +1220,19 @@ impl Shared {
                 // failed (etcd was away; its revision is unknown, 0): the snapshot may hold an
                 // older record of another node, and healing the lease puts ours back.
                 for (id, node, revision) in elsewhere {
-                    if lock(&self.mine).get(&id) == Some(&Some(0)) {
-                        continue;
+                    {
+                        let mut mine = lock(&self.mine);
+                        if let Some(Some(ours)) = mine.get_mut(&id) {
+                            if *ours <= 0 {
+                                // Our put failed. Only a heal after that failure put the record
+                                // back, at a revision it tells; until then ours stands.
+                                let healed = self.session.healed_at();
+                                if healed <= -*ours {
+                                    continue;
+                                }
+                                *ours = healed;
+                            }
+                        }
                     }
                     self.moved_away(&id, &node, revision, server);
                 }

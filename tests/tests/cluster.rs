@@ -661,7 +661,7 @@ async fn a_durable_message_refused_by_a_connected_device_comes_again() {
     // A copy sooner than the pause is a second run the node's own etcd watch asked for: it is
     // refused too, so the one acknowledged is owed to the retry.
     let again = loop {
-        let copy = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        let copy = tokio::time::timeout(Duration::from_secs(20), rx.recv())
             .await
             .expect("the refused message comes again while the device stays connected")
             .unwrap();

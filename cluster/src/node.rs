@@ -146,10 +146,14 @@ impl ClusterOptions {
 
     /// How long the node that holds a device waits for its acknowledgement of a durable
     /// message before it tries again later (default 60 s; with a device in manual-ack mode, how
-    /// long its application may take).
+    /// long its application may take). Zero means the default.
     #[must_use]
     pub fn durable_ack_timeout(mut self, timeout: Duration) -> Self {
-        self.durable_ack_timeout = timeout;
+        self.durable_ack_timeout = if timeout.is_zero() {
+            Duration::from_secs(60)
+        } else {
+            timeout
+        };
         self
     }
 

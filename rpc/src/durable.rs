@@ -143,10 +143,14 @@ impl DurableLimits {
         self
     }
 
-    /// Sets the acknowledgement timeout.
+    /// Sets the acknowledgement timeout (zero means the default, 60 s).
     #[must_use]
     pub fn ack_timeout(mut self, timeout: Duration) -> Self {
-        self.ack_timeout = timeout;
+        self.ack_timeout = if timeout.is_zero() {
+            Self::default().ack_timeout
+        } else {
+            timeout
+        };
         self
     }
 }

@@ -112,6 +112,31 @@ async fn until(limit: Duration, mut check: impl FnMut() -> bool) -> Option<Durat
     None
 }
 
+/// A device in manual-ack mode connected to `server` as `id`, once `node` lists it.
+async fn manual_ack_device(
+    dev: &DevCertificate,
+    server: &Server,
+    node: &ClusterNode,
+    id: &str,
+) -> (quicx::Client, PushReceiver) {
+    let (tx, rx) = push_channel(16);
+    let client = quicx::Client::builder()
+        .tls(ClientTls::new().trust(dev.certificate()))
+        .server_name("localhost")
+        .client_id(id)
+        .manual_ack(true)
+        .push_channel(tx)
+        .connect(&server.local_addr().unwrap().to_string())
+        .await
+        .unwrap();
+    assert!(
+        until(Duration::from_secs(5), || node.locate(id).is_some())
+            .await
+            .is_some()
+    );
+    (client, rx)
+}
+
 /// The durable messages still pending for `id` once acknowledgements had up to 2 s to reach
 /// etcd (returns as soon as none is).
 async fn pending_after_acks(node: &ClusterNode, id: &str) -> i64 {
@@ -625,21 +650,7 @@ async fn a_durable_message_refused_by_a_connected_device_comes_again() {
     let dev = DevCertificate::localhost().unwrap();
     let options = etcd_options(&etcd, Duration::from_secs(2));
     let (sa, a) = node(&dev, &options, "a").await;
-    let (tx, mut rx) = push_channel(16);
-    let _device = quicx::Client::builder()
-        .tls(ClientTls::new().trust(dev.certificate()))
-        .server_name("localhost")
-        .client_id("device-5")
-        .manual_ack(true)
-        .push_channel(tx)
-        .connect(&sa.local_addr().unwrap().to_string())
-        .await
-        .unwrap();
-    assert!(
-        until(Duration::from_secs(5), || a.locate("device-5").is_some())
-            .await
-            .is_some()
-    );
+    let (_device, mut rx) = manual_ack_device(&dev, &sa, &a, "device-5").await;
     let id = a
         .send_durable(
             "device-5",
@@ -706,21 +717,7 @@ async fn a_durable_message_waits_for_a_slow_device_ack_not_the_push_timeout() {
     )
     .await
     .unwrap();
-    let (tx, mut rx) = push_channel(16);
-    let _device = quicx::Client::builder()
-        .tls(ClientTls::new().trust(dev.certificate()))
-        .server_name("localhost")
-        .client_id("device-6")
-        .manual_ack(true)
-        .push_channel(tx)
-        .connect(&server.local_addr().unwrap().to_string())
-        .await
-        .unwrap();
-    assert!(
-        until(Duration::from_secs(5), || node.locate("device-6").is_some())
-            .await
-            .is_some()
-    );
+    let (_device, mut rx) = manual_ack_device(&dev, &server, &node, "device-6").await;
     node.send_durable(
         "device-6",
         "Device",

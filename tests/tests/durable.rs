@@ -166,12 +166,7 @@ async fn messages_for_an_offline_device_arrive_in_order_once_it_connects() {
 }
 
 /// A `quicx-durable-server` child process on `listen` with its store in `store` (killed on
-/// drop).
-fn durable_server(pem: &PemFiles, listen: &str, store: &TempStore) -> ChildServer {
-    durable_server_with(pem, listen, store, None)
-}
-
-/// [`durable_server`] with `Fsync::Interval(fsync_every)` when given.
+/// drop), with `Fsync::Interval(fsync_every)` when given.
 fn durable_server_with(
     pem: &PemFiles,
     listen: &str,
@@ -190,26 +185,33 @@ fn durable_server_with(
     ChildServer::spawn(&mut command).unwrap()
 }
 
-#[tokio::test]
-async fn a_thousand_messages_survive_a_sigkill_and_arrive_once_in_order() {
+/// Stores 1,000 messages for `id` on a `quicx-durable-server` child (with
+/// `Fsync::Interval(fsync_every)` when given), waits `before_kill`, kills it with SIGKILL,
+/// restarts it on the same store and port, and checks the device gets all 1,000 once, in order.
+async fn thousand_survive_a_sigkill(
+    id: &str,
+    fsync_every: Option<Duration>,
+    before_kill: Duration,
+) {
     let dev = DevCertificate::localhost().unwrap();
     let pem = PemFiles::write(&dev).unwrap();
     let store = TempStore::new();
-    let mut first = durable_server(&pem, "127.0.0.1:0", &store);
+    let mut first = durable_server_with(&pem, "127.0.0.1:0", &store, fsync_every);
     let ops = quicx::Client::builder()
         .tls(ClientTls::new().trust(dev.certificate()))
         .reconnect(false)
         .connect_addr(first.addr, "localhost")
         .await
         .unwrap();
-    ops.call::<_, ()>("Ops", "Send", &("device-7", 1000u32))
+    ops.call::<_, ()>("Ops", "Send", &(id, 1000u32))
         .await
         .unwrap();
     ops.close().await;
-    // Stored means committed: kill the server at once, without any chance to flush.
+    tokio::time::sleep(before_kill).await;
+    // No chance to flush on its way out.
     first.kill();
-    let restarted = durable_server(&pem, &first.addr.to_string(), &store);
-    let (_d, mut rx) = device(&dev, restarted.addr, "device-7", false).await;
+    let restarted = durable_server_with(&pem, &first.addr.to_string(), &store, fsync_every);
+    let (_d, mut rx) = device(&dev, restarted.addr, id, false).await;
     for i in 0..1000u32 {
         let msg = next(&mut rx).await;
         assert_eq!(
@@ -222,37 +224,17 @@ async fn a_thousand_messages_survive_a_sigkill_and_arrive_once_in_order() {
 }
 
 #[tokio::test]
+async fn a_thousand_messages_survive_a_sigkill_and_arrive_once_in_order() {
+    // Stored means committed to the disk: kill the server at once.
+    thousand_survive_a_sigkill("device-7", None, Duration::ZERO).await;
+}
+
+#[tokio::test]
 async fn with_an_fsync_interval_what_was_flushed_survives_a_sigkill() {
-    let dev = DevCertificate::localhost().unwrap();
-    let pem = PemFiles::write(&dev).unwrap();
-    let store = TempStore::new();
+    // Committed in memory, on the disk within the interval (the store flushes when it goes
+    // idle): kill the server well after that.
     let every = Duration::from_millis(100);
-    let mut first = durable_server_with(&pem, "127.0.0.1:0", &store, Some(every));
-    let ops = quicx::Client::builder()
-        .tls(ClientTls::new().trust(dev.certificate()))
-        .reconnect(false)
-        .connect_addr(first.addr, "localhost")
-        .await
-        .unwrap();
-    ops.call::<_, ()>("Ops", "Send", &("device-4", 1000u32))
-        .await
-        .unwrap();
-    ops.close().await;
-    // Committed in memory; on the disk within the interval (the store flushes when it goes
-    // idle). Kill the server well after that, without any chance to flush on its way out.
-    tokio::time::sleep(every * 10).await;
-    first.kill();
-    let restarted = durable_server_with(&pem, &first.addr.to_string(), &store, Some(every));
-    let (_d, mut rx) = device(&dev, restarted.addr, "device-4", false).await;
-    for i in 0..1000u32 {
-        let msg = next(&mut rx).await;
-        assert_eq!(
-            std::str::from_utf8(&msg.payload).unwrap(),
-            i.to_string(),
-            "message {i} in order"
-        );
-    }
-    quiet(&mut rx, Duration::from_millis(500)).await;
+    thousand_survive_a_sigkill("device-4", Some(every), every * 10).await;
 }
 
 #[tokio::test]

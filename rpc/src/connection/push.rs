@@ -99,17 +99,15 @@ impl Connection {
         data: impl AsRef<[u8]>,
         timeout: Duration,
     ) -> Result<()> {
-        let frame =
-            Frame::whole(self.push_frame(service_path, service_method, metadata, data.as_ref())?);
         let result = self
-            .round_trip(
-                frame,
-                super::call::Call::plain(service_path, service_method),
-                Some(timeout),
-                Reply::Wanted,
+            .push_with_receipt_within(
+                service_path,
+                service_method,
+                metadata,
+                data.as_ref(),
+                timeout,
             )
-            .await
-            .map(drop);
+            .await;
         let side = &self.inner.side;
         side.record(crate::metrics::Event::Push { ok: result.is_ok() });
         if matches!(result, Err(Error::PushDropped)) {
@@ -118,8 +116,8 @@ impl Connection {
         result
     }
 
-    /// [`send_message_with_receipt`](Self::send_message_with_receipt) within `timeout` instead
-    /// of the push timeout (durable messages wait for the device's acknowledgement).
+    /// [`send_message_with_receipt_within`](Self::send_message_with_receipt_within) without the
+    /// push metrics (durable deliveries count in their own).
     pub(crate) async fn push_with_receipt_within(
         &self,
         service_path: &str,

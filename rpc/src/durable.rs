@@ -1,14 +1,15 @@
 //! Durable pushes: messages for an identity kept in an embedded, crash-safe store (redb) until
 //! the device acknowledges them, delivered in send order whenever the identity is bound.
 //!
-//! On the wire a durable message is a push with receipt whose metadata carries
-//! `quicx-msg-id` (its id, increasing per store) and `quicx-msg-prev` (the id sent before it to
-//! the same device in the same delivery run, `0` for the first); the receipt is the
-//! acknowledgement. Clients deliver them in `prev` order and drop ids they already acknowledged
-//! (see `docs/PROTOCOL.md`). Old clients see ordinary pushes with receipt: no ALPN change.
+//! On the wire (`docs/PROTOCOL.md` §4), on a `quicx/2` connection a delivery run is one durable
+//! stream: records back to back, each with `quicx-msg-id` (increasing per store) in its
+//! metadata, acknowledged cumulatively by the client. On a `quicx/1` connection each message is
+//! a push with receipt whose metadata also carries `quicx-msg-prev` (the id sent before it in
+//! the same run, `0` for the first); the receipt is the acknowledgement. Either way clients
+//! deliver in order and drop ids they already acknowledged.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{HashMap, HashSet, VecDeque},
     path::Path,
     sync::{
         Arc, Mutex, Weak,
@@ -44,6 +45,10 @@ const WINDOW: usize = 32;
 const MAX_ATTEMPTED: usize = 100_000;
 /// Messages read from the store at a time.
 const BATCH: usize = 1024;
+/// Messages in flight on a durable stream (v2) before acknowledgements come back.
+const STREAM_WINDOW: usize = 1024;
+/// Messages read from the store and written to a durable stream at a time.
+const STREAM_BATCH: usize = 256;
 
 /// What a server does when a durable message would exceed a bound.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -660,6 +665,16 @@ impl std::fmt::Debug for Durable {
     }
 }
 
+/// A message on its way to a device.
+struct Outgoing {
+    id: u64,
+    redelivered: bool,
+    service_path: String,
+    service_method: String,
+    metadata: Metadata,
+    payload: Vec<u8>,
+}
+
 /// How a delivery run ended.
 #[derive(Debug, PartialEq, Eq)]
 enum RunEnd {
@@ -766,12 +781,16 @@ impl Durable {
             .filter(|c| !c.is_closed())
     }
 
-    /// Sends everything pending for `identity`, in id order, `WINDOW` at a time, removing each
-    /// message its acknowledgement came back for.
+    /// Sends everything pending for `identity`, in id order, on a durable stream (`quicx/2`)
+    /// or `WINDOW` pushes with receipt at a time (`quicx/1`), removing each message its
+    /// acknowledgement came back for.
     async fn deliver(&self, identity: &str) -> RunEnd {
         let Some(conn) = self.connection(identity) else {
             return RunEnd::Stopped;
         };
+        if conn.protocol_version() >= 2 {
+            return self.deliver_stream(identity, &conn).await;
+        }
         let (mut after, mut prev) = (0u64, 0u64);
         let mut removals = Vec::new();
         loop {
@@ -790,60 +809,27 @@ impl Durable {
                     RunEnd::Stopped
                 };
             }
-            let now = now_ms();
-            let mut expired = Vec::new();
-            let mut sends = Vec::with_capacity(batch.len());
-            for (id, message) in batch {
-                after = id;
-                if message.expires_ms <= now {
-                    expired.push(id);
-                    continue;
-                }
-                let redelivered = {
-                    let mut attempted = lock(&self.attempted);
-                    if attempted.len() >= MAX_ATTEMPTED {
-                        // Ids of messages that expired or overflowed after an attempt: only the
-                        // redelivered mark is lost by forgetting them.
-                        attempted.clear();
-                    }
-                    !attempted.insert(id)
-                };
-                let mut metadata = message.metadata;
-                metadata.insert(MSG_ID_KEY, id.to_string());
-                metadata.insert(MSG_PREV_KEY, prev.to_string());
-                if redelivered {
-                    metadata.insert(MSG_REDELIVERED_KEY, "1");
-                }
-                prev = id;
-                sends.push((
-                    id,
-                    redelivered,
-                    message.service_path,
-                    message.service_method,
-                    metadata,
-                    message.payload,
-                ));
-            }
-            if !expired.is_empty() {
-                {
-                    let mut attempted = lock(&self.attempted);
-                    for id in &expired {
-                        attempted.remove(id);
-                    }
-                }
-                let n = self.store.remove(identity, expired).await.unwrap_or(0);
-                self.store.counters.expired.fetch_add(n, Ordering::Relaxed);
-                metrics::counter!(crate::metrics::names::DURABLE_EXPIRED).increment(n);
+            after = batch.last().map_or(after, |(id, _)| *id);
+            let mut sends = self.prepare(identity, batch).await;
+            for m in &mut sends {
+                m.metadata.insert(MSG_PREV_KEY, prev.to_string());
+                prev = m.id;
             }
             let timeout = self.limits.ack_timeout;
             let mut results = stream::iter(sends)
-                .map(|(id, redelivered, path, method, metadata, payload)| {
+                .map(|m| {
                     let conn = conn.clone();
                     async move {
                         let r = conn
-                            .push_with_receipt_within(&path, &method, metadata, &payload, timeout)
+                            .push_with_receipt_within(
+                                &m.service_path,
+                                &m.service_method,
+                                m.metadata,
+                                &m.payload,
+                                timeout,
+                            )
                             .await;
-                        (id, redelivered, r)
+                        ((m.id, m.redelivered), r)
                     }
                 })
                 .buffered(WINDOW);
@@ -851,19 +837,9 @@ impl Durable {
             let mut failed = None;
             // In id order; the first failure ends the run (the messages after it would only
             // wait at the client for the one that failed): the rest are cancelled.
-            while let Some((id, redelivered, r)) = results.next().await {
+            while let Some((sent, r)) = results.next().await {
                 match r {
-                    Ok(()) => {
-                        acked.push(id);
-                        let c = &self.store.counters;
-                        c.delivered.fetch_add(1, Ordering::Relaxed);
-                        metrics::counter!(crate::metrics::names::DURABLE_DELIVERED).increment(1);
-                        if redelivered {
-                            c.redelivered.fetch_add(1, Ordering::Relaxed);
-                            metrics::counter!(crate::metrics::names::DURABLE_REDELIVERED)
-                                .increment(1);
-                        }
-                    }
+                    Ok(()) => acked.push(sent),
                     Err(e) => {
                         failed = Some(e);
                         break;
@@ -871,12 +847,7 @@ impl Durable {
                 }
             }
             drop(results);
-            {
-                let mut attempted = lock(&self.attempted);
-                for id in &acked {
-                    attempted.remove(id);
-                }
-            }
+            let acked = self.count_acked(&acked);
             // Removed while the next batch goes out (the next read starts after the last id).
             let (store, who) = (self.store.clone(), identity.to_owned());
             removals.push(tokio::spawn(async move { store.remove(&who, acked).await }));
@@ -886,6 +857,229 @@ impl Durable {
                 return RunEnd::Stopped;
             }
         }
+    }
+
+    /// Turns messages read from the store into messages to send: drops (and removes) the
+    /// expired ones, marks the rest with their id and, when they went out before without an
+    /// acknowledgement, as redelivered.
+    async fn prepare(&self, identity: &str, batch: Vec<(u64, Stored)>) -> Vec<Outgoing> {
+        let now = now_ms();
+        let mut expired = Vec::new();
+        let mut sends = Vec::with_capacity(batch.len());
+        for (id, message) in batch {
+            if message.expires_ms <= now {
+                expired.push(id);
+                continue;
+            }
+            let redelivered = {
+                let mut attempted = lock(&self.attempted);
+                if attempted.len() >= MAX_ATTEMPTED {
+                    // Ids of messages that expired or overflowed after an attempt: only the
+                    // redelivered mark is lost by forgetting them.
+                    attempted.clear();
+                }
+                !attempted.insert(id)
+            };
+            let mut metadata = message.metadata;
+            metadata.insert(MSG_ID_KEY, id.to_string());
+            if redelivered {
+                metadata.insert(MSG_REDELIVERED_KEY, "1");
+            }
+            sends.push(Outgoing {
+                id,
+                redelivered,
+                service_path: message.service_path,
+                service_method: message.service_method,
+                metadata,
+                payload: message.payload,
+            });
+        }
+        if !expired.is_empty() {
+            {
+                let mut attempted = lock(&self.attempted);
+                for id in &expired {
+                    attempted.remove(id);
+                }
+            }
+            let n = self.store.remove(identity, expired).await.unwrap_or(0);
+            self.store.counters.expired.fetch_add(n, Ordering::Relaxed);
+            metrics::counter!(crate::metrics::names::DURABLE_EXPIRED).increment(n);
+        }
+        sends
+    }
+
+    /// Counts acknowledged messages (id, whether redelivered) as delivered; their ids.
+    fn count_acked(&self, acked: &[(u64, bool)]) -> Vec<u64> {
+        let redelivered = acked.iter().filter(|(_, r)| *r).count() as u64;
+        let n = acked.len() as u64;
+        let c = &self.store.counters;
+        c.delivered.fetch_add(n, Ordering::Relaxed);
+        c.redelivered.fetch_add(redelivered, Ordering::Relaxed);
+        metrics::counter!(crate::metrics::names::DURABLE_DELIVERED).increment(n);
+        if redelivered > 0 {
+            metrics::counter!(crate::metrics::names::DURABLE_REDELIVERED).increment(redelivered);
+        }
+        let mut attempted = lock(&self.attempted);
+        acked
+            .iter()
+            .map(|(id, _)| {
+                attempted.remove(id);
+                *id
+            })
+            .collect()
+    }
+
+    /// A delivery run on one durable stream (`quicx/2`, `docs/PROTOCOL.md` §4): records go out
+    /// `STREAM_BATCH` per write while fewer than `STREAM_WINDOW` wait for their acknowledgement;
+    /// each cumulative acknowledgement removes what it covers (group-committed with whatever
+    /// else the store's writer has queued). Ends `Done` once the store had nothing more and
+    /// everything sent was acknowledged; `Stopped` when the device refuses a message, the
+    /// stream or connection fails, or no acknowledgement comes for `ack_timeout`.
+    async fn deliver_stream(&self, identity: &str, conn: &Connection) -> RunEnd {
+        let (mut send, mut recv) = match conn.open_durable_stream().await {
+            Ok(streams) => streams,
+            Err(e) => {
+                tracing::debug!("durable delivery to {identity} stopped: {e}");
+                return RunEnd::Stopped;
+            }
+        };
+        let limits = conn.limits();
+        let window = tokio::sync::Semaphore::new(STREAM_WINDOW);
+        // Sent and not yet acknowledged (id, redelivered), and since when the oldest waits.
+        let flight: Mutex<(VecDeque<(u64, bool)>, tokio::time::Instant)> =
+            Mutex::new((VecDeque::new(), tokio::time::Instant::now()));
+        let writer = async {
+            let mut after = 0u64;
+            loop {
+                let permits = window
+                    .acquire_many(STREAM_BATCH as u32)
+                    .await
+                    .map_err(store_error)?;
+                let batch = self
+                    .store
+                    .read_after_async(identity, after, STREAM_BATCH)
+                    .await?;
+                let Some((last, _)) = batch.last() else {
+                    send.finish()?;
+                    return Ok::<_, Error>(());
+                };
+                after = *last;
+                let sends = self.prepare(identity, batch).await;
+                let mut buf =
+                    Vec::with_capacity(sends.iter().map(|m| m.payload.len() + 64).sum::<usize>());
+                for m in &sends {
+                    let header = crate::wire::PushHeaderRef {
+                        service_path: &m.service_path,
+                        service_method: &m.service_method,
+                        metadata: &m.metadata,
+                    };
+                    crate::wire::encode_record(&mut buf, &header, &m.payload, &limits)?;
+                }
+                permits.forget();
+                window.add_permits(STREAM_BATCH - sends.len());
+                {
+                    let mut flight = lock(&flight);
+                    if flight.0.is_empty() {
+                        flight.1 = tokio::time::Instant::now();
+                    }
+                    flight.0.extend(sends.iter().map(|m| (m.id, m.redelivered)));
+                }
+                if !buf.is_empty() {
+                    send.write_chunk(buf.into()).await?;
+                }
+            }
+        };
+        let mut writer = Box::pin(writer);
+        let mut writer_done = false;
+        let (mut partial, mut have) = ([0u8; 8], 0usize);
+        let removals_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut removals: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+        let timeout = self.limits.ack_timeout;
+        let end = loop {
+            let waiting_since = {
+                let flight = lock(&flight);
+                (!flight.0.is_empty()).then_some(flight.1)
+            };
+            let ack_deadline =
+                waiting_since.map_or_else(tokio::time::Instant::now, |t| t + timeout);
+            // While acknowledgements are due, a silent device is noticed as a waiting call's
+            // peer would be (the liveness probe closes the connection).
+            let _probing = waiting_since.and_then(|_| conn.waiting());
+            tokio::select! {
+                r = &mut writer, if !writer_done => {
+                    writer_done = true;
+                    if let Err(e) = r {
+                        tracing::debug!("durable delivery to {identity} stopped: {e}");
+                        break RunEnd::Stopped;
+                    }
+                    if lock(&flight).0.is_empty() {
+                        break RunEnd::Done;
+                    }
+                }
+                chunk = recv.read_chunk(64 * 1024, true) => {
+                    let chunk = match chunk {
+                        Ok(Some(chunk)) => chunk.bytes,
+                        Ok(None) | Err(_) => {
+                            tracing::debug!("durable stream to {identity} ended before its acks");
+                            break RunEnd::Stopped;
+                        }
+                    };
+                    // Cumulative acknowledgements, 8 bytes each; only the last one counts.
+                    let mut ack = None;
+                    for &byte in chunk.iter() {
+                        partial[have] = byte;
+                        have += 1;
+                        if have == 8 {
+                            ack = Some(u64::from_be_bytes(partial));
+                            have = 0;
+                        }
+                    }
+                    let Some(ack) = ack else { continue };
+                    let acked: Vec<(u64, bool)> = {
+                        let mut flight = lock(&flight);
+                        if flight.0.back().is_none_or(|(last, _)| ack > *last) {
+                            drop(flight);
+                            tracing::debug!("{identity} acknowledged {ack}, which was not sent");
+                            let _ = recv.stop(crate::wire::StreamCode::MALFORMED_FRAME.into());
+                            break RunEnd::Stopped;
+                        }
+                        let n = flight.0.partition_point(|(id, _)| *id <= ack);
+                        flight.1 = tokio::time::Instant::now();
+                        flight.0.drain(..n).collect()
+                    };
+                    window.add_permits(acked.len());
+                    let ids = self.count_acked(&acked);
+                    let (store, who, failed) =
+                        (self.store.clone(), identity.to_owned(), removals_failed.clone());
+                    removals.retain(|r| !r.is_finished());
+                    removals.push(tokio::spawn(async move {
+                        if let Err(e) = store.remove(&who, ids).await {
+                            tracing::error!("removing acknowledged messages of {who} failed: {e}");
+                            failed.store(true, Ordering::Relaxed);
+                        }
+                    }));
+                    if writer_done && lock(&flight).0.is_empty() {
+                        break RunEnd::Done;
+                    }
+                }
+                () = tokio::time::sleep_until(ack_deadline), if waiting_since.is_some() => {
+                    tracing::debug!("{identity} did not acknowledge within {timeout:?}");
+                    break RunEnd::Stopped;
+                }
+            }
+        };
+        drop(writer);
+        if end == RunEnd::Stopped {
+            let _ = send.reset(crate::wire::StreamCode::CANCELLED.into());
+            let _ = recv.stop(crate::wire::StreamCode::CANCELLED.into());
+        }
+        for removal in removals {
+            let _ = removal.await;
+        }
+        if removals_failed.load(Ordering::Relaxed) {
+            return RunEnd::Stopped;
+        }
+        end
     }
 
     /// Waits for the removals of acknowledged messages; whether they all committed.
@@ -1045,6 +1239,11 @@ impl Inbox {
         }
         drop(state);
         self.changed.notify_waiters();
+    }
+
+    /// Whether `id` was acknowledged to `server` before (on any connection).
+    pub(crate) fn is_acked(&self, server: &str, id: u64) -> bool {
+        lock(&self.state).get(server).is_some_and(|s| id <= s.acked)
     }
 
     /// `id` was acknowledged.

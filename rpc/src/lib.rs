@@ -258,7 +258,7 @@ pub use crate::{
         ClientTls, DevCertificate, DevCertificateAuthority, PeerIdentity, ServerTls,
         load_certificates_pem, load_private_key_pem,
     },
-    wire::{ALPN, CloseCode, Limits, StreamCode, status},
+    wire::{ALPN, ALPN_V2, CloseCode, Limits, StreamCode, status},
     xclient::{ClientOption, XClient, XClientBuilder},
 };
 

@@ -14,7 +14,7 @@ use rustls::{
     server::WebPkiClientVerifier,
 };
 
-use crate::{Error, Result, wire::ALPN};
+use crate::{Error, Result};
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -258,7 +258,7 @@ impl ServerTls {
         let mut config = builder
             .with_single_cert(self.chain.clone(), self.key.clone_key())
             .map_err(tls_err)?;
-        config.alpn_protocols = vec![ALPN.to_vec()];
+        config.alpn_protocols = crate::wire::alpn_protocols();
         config.max_early_data_size = 0;
         quinn::crypto::rustls::QuicServerConfig::try_from(config).map_err(tls_err)
     }
@@ -324,7 +324,7 @@ impl ClientTls {
             roots: RootCertStore::empty(),
             client_cert: None,
             skip_verification: false,
-            alpn: vec![ALPN.to_vec()],
+            alpn: crate::wire::alpn_protocols(),
         }
     }
 
@@ -372,8 +372,8 @@ impl ClientTls {
         }
     }
 
-    /// Offers other ALPN protocols instead of `quicx/1` (for protocol tests; a quicx server
-    /// refuses them).
+    /// Offers other ALPN protocols instead of `quicx/2` and `quicx/1` (for protocol tests, and
+    /// to pin a client to `quicx/1`: a quicx server refuses anything else).
     #[doc(hidden)]
     #[must_use]
     pub fn with_alpn(mut self, alpn: Vec<Vec<u8>>) -> Self {

@@ -1,8 +1,9 @@
-//! Wire protocol v1: frames, headers and every numeric code. `docs/PROTOCOL.md` is the prose
-//! version of this file; keep both in step.
+//! Wire protocol v1 and v2: frames, headers and every numeric code. `docs/PROTOCOL.md` is the
+//! prose version of this file; keep both in step.
 //!
 //! ```text
 //! frame  := kind:u8  header_len:u32 (big-endian)  header:[header_len bytes, postcard]  payload:[.. end of stream]
+//! record := 0x05  header_len:u32  header:[header_len bytes]  payload_len:u32  payload:[payload_len bytes]   (v2)
 //! ```
 //!
 //! A leaf: it knows the bytes and the codes, and depends on nothing else in the crate but the
@@ -15,6 +16,19 @@ use crate::metadata::Metadata;
 
 /// The ALPN protocol identifier of wire protocol v1.
 pub const ALPN: &[u8] = b"quicx/1";
+
+/// The ALPN protocol identifier of wire protocol v2: v1 plus durable streams (many durable
+/// messages on one stream, acknowledged cumulatively). quicx servers and clients offer both,
+/// v2 first; a peer that speaks only v1 gets v1.
+pub const ALPN_V2: &[u8] = b"quicx/2";
+
+/// What quicx offers at the handshake, most preferred first.
+pub(crate) fn alpn_protocols() -> Vec<Vec<u8>> {
+    vec![ALPN_V2.to_vec(), ALPN.to_vec()]
+}
+
+/// Bytes before a record's payload length ends: the frame prefix, then (after the header) 4.
+pub(crate) const RECORD_LEN_BYTES: usize = 4;
 
 /// Bytes before the header: kind (1) and header length (4).
 pub(crate) const PREFIX_LEN: usize = 5;
@@ -32,6 +46,8 @@ pub(crate) enum FrameKind {
     Push = 0x03,
     /// A client declaring its identity right after connecting.
     Hello = 0x04,
+    /// A durable message on a durable stream (v2): length-delimited, many per stream.
+    Durable = 0x05,
 }
 
 impl FrameKind {
@@ -41,6 +57,7 @@ impl FrameKind {
             0x02 => Self::Response,
             0x03 => Self::Push,
             0x04 => Self::Hello,
+            0x05 => Self::Durable,
             _ => return None,
         })
     }
@@ -545,17 +562,33 @@ pub(crate) async fn read_frame(
     recv: &mut quinn::RecvStream,
     limits: &Limits,
 ) -> Result<RawFrame, FrameError> {
-    read_frame_within(recv, limits, &[]).await
+    match read_frame_within(recv, limits, &[]).await? {
+        Incoming::Frame(raw) => Ok(raw),
+        Incoming::Records(_) => Err(FrameError::Malformed(
+            "a durable record where one frame was expected".into(),
+        )),
+    }
+}
+
+/// What a peer opened a stream with: one whole frame, or (v2) the start of a durable stream.
+#[derive(Debug)]
+pub(crate) enum Incoming {
+    /// A frame that ran to the end of the stream.
+    Frame(RawFrame),
+    /// The stream starts with a durable record (kind `0x05`): the bytes read so far, to be read
+    /// on with a [`RecordReader`]. The stream is not finished: records keep coming.
+    Records(Bytes),
 }
 
 /// [`read_frame`], holding the bytes buffered meanwhile against `budgets`: past any of them the
 /// read fails with [`FrameError::OverBudget`]. The bytes are given back when it returns (the
-/// budgets bound what waits to be read, not what handlers hold).
+/// budgets bound what waits to be read, not what handlers hold). A stream that starts with a
+/// durable record returns as soon as its kind is known, with the bytes read so far.
 pub(crate) async fn read_frame_within(
     recv: &mut quinn::RecvStream,
     limits: &Limits,
     budgets: &[&Budget],
-) -> Result<RawFrame, FrameError> {
+) -> Result<Incoming, FrameError> {
     let mut reserved = Reserved { budgets, bytes: 0 };
     let mut first: Option<Bytes> = None;
     let mut buf = BytesMut::new();
@@ -579,7 +612,11 @@ pub(crate) async fn read_frame_within(
         }
         if header_len.is_none() && total >= PREFIX_LEN {
             let bytes: &[u8] = first.as_deref().unwrap_or(&buf);
-            header_len = Some(parse_prefix(&bytes[..PREFIX_LEN], limits)?.1);
+            let (kind, len) = parse_prefix(&bytes[..PREFIX_LEN], limits)?;
+            if kind == FrameKind::Durable {
+                return Ok(Incoming::Records(first.unwrap_or_else(|| buf.freeze())));
+            }
+            header_len = Some(len);
         }
         if let Some(h) = header_len {
             if total.saturating_sub(PREFIX_LEN + h) as u64 > limits.max_payload_size {
@@ -588,7 +625,133 @@ pub(crate) async fn read_frame_within(
         }
     }
     let bytes = first.unwrap_or_else(|| buf.freeze());
-    split_frame(bytes, limits)
+    split_frame(bytes, limits).map(Incoming::Frame)
+}
+
+/// Appends one durable record (v2) to `buf`: the frame prefix with kind `0x05`, the push
+/// header, the payload's length (u32, big-endian) and the payload.
+pub(crate) fn encode_record(
+    buf: &mut Vec<u8>,
+    header: &PushHeaderRef<'_>,
+    payload: &[u8],
+    limits: &Limits,
+) -> Result<(), FrameError> {
+    check_payload(payload.len(), limits)?;
+    let start = buf.len();
+    buf.extend_from_slice(&[FrameKind::Durable as u8, 0, 0, 0, 0]);
+    let mut out = postcard::to_extend(header, std::mem::take(buf))
+        .map_err(|e| FrameError::Encode(e.to_string()))?;
+    let header_len = out.len() - start - PREFIX_LEN;
+    if header_len > limits.max_header_size as usize {
+        out.truncate(start);
+        *buf = out;
+        return Err(FrameError::HeaderTooLarge {
+            limit: Some(u64::from(limits.max_header_size)),
+        });
+    }
+    out[start + 1..start + PREFIX_LEN].copy_from_slice(&(header_len as u32).to_be_bytes());
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(payload);
+    *buf = out;
+    Ok(())
+}
+
+/// Reads the records of a durable stream (v2) one at a time, holding at most one incomplete
+/// record plus one received chunk: the limits are checked on each record's lengths before its
+/// bytes are waited for.
+#[derive(Debug)]
+pub(crate) struct RecordReader {
+    recv: quinn::RecvStream,
+    buf: BytesMut,
+}
+
+impl RecordReader {
+    /// Reads on from `start`, the bytes [`read_frame_within`] returned with
+    /// [`Incoming::Records`].
+    pub(crate) fn new(recv: quinn::RecvStream, start: Bytes) -> Self {
+        Self {
+            recv,
+            buf: BytesMut::from(&start[..]),
+        }
+    }
+
+    /// The stream, to stop it.
+    pub(crate) fn recv(&mut self) -> &mut quinn::RecvStream {
+        &mut self.recv
+    }
+
+    /// The length of the record at the front of the buffer, once its lengths are in; an error
+    /// for a wrong kind or a length above the limits.
+    fn front_len(&self, limits: &Limits) -> Result<Option<usize>, FrameError> {
+        if self.buf.len() < PREFIX_LEN {
+            return Ok(None);
+        }
+        let (kind, header_len) = parse_prefix(&self.buf[..PREFIX_LEN], limits)?;
+        if kind != FrameKind::Durable {
+            return Err(FrameError::Malformed(format!(
+                "a frame of kind {:#04x} inside a durable stream",
+                kind as u8
+            )));
+        }
+        let at = PREFIX_LEN + header_len;
+        let Some(len) = self.buf.get(at..at + RECORD_LEN_BYTES) else {
+            return Ok(None);
+        };
+        let payload_len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]);
+        if u64::from(payload_len) > limits.max_payload_size {
+            return Err(FrameError::PayloadTooLarge { limit: None });
+        }
+        Ok(Some(at + RECORD_LEN_BYTES + payload_len as usize))
+    }
+
+    /// Whether a whole record is already buffered (the next [`next`](Self::next) returns at
+    /// once).
+    pub(crate) fn has_record(&self, limits: &Limits) -> bool {
+        matches!(self.front_len(limits), Ok(Some(len)) if self.buf.len() >= len)
+    }
+
+    /// The next record as a push frame (kind, push header, payload); `None` at the end of the
+    /// stream between records. A stream that ends inside a record is malformed.
+    ///
+    /// Cancel safe: bytes read are kept for the next call.
+    pub(crate) async fn next(&mut self, limits: &Limits) -> Result<Option<RawFrame>, FrameError> {
+        loop {
+            if let Some(len) = self.front_len(limits)? {
+                if self.buf.len() >= len {
+                    let mut record = self.buf.split_to(len).freeze();
+                    let (_, header_len) = parse_prefix(&record[..PREFIX_LEN], limits)?;
+                    let payload = record.split_off(PREFIX_LEN + header_len + RECORD_LEN_BYTES);
+                    return Ok(Some(RawFrame {
+                        kind: FrameKind::Push,
+                        header: record.slice(PREFIX_LEN..PREFIX_LEN + header_len),
+                        payload,
+                    }));
+                }
+            }
+            // Everything QUIC has in order now, so that the records already here are taken in
+            // (and acknowledged) together.
+            let mut chunks: [Bytes; 16] = Default::default();
+            let read = self
+                .recv
+                .read_chunks(&mut chunks)
+                .await
+                .map_err(FrameError::Read)?;
+            match read {
+                Some(n) => {
+                    for chunk in &chunks[..n] {
+                        self.buf.extend_from_slice(chunk);
+                    }
+                }
+                None if self.buf.is_empty() => return Ok(None),
+                None => {
+                    return Err(FrameError::Malformed(format!(
+                        "a durable stream ended inside a record ({} bytes left over)",
+                        self.buf.len()
+                    )));
+                }
+            }
+        }
+    }
 }
 
 /// Splits a complete frame buffer into kind, header and payload.
@@ -629,6 +792,38 @@ mod tests {
             flags: 0,
             codec: 0,
         }
+    }
+
+    /// The durable record example of `docs/PROTOCOL.md` §4.
+    #[test]
+    fn durable_record_example_bytes() {
+        let metadata = Metadata::new().with("quicx-msg-id", "7");
+        let header = PushHeaderRef {
+            service_path: "D",
+            service_method: "M",
+            metadata: &metadata,
+        };
+        let mut buf = vec![0xaa];
+        encode_record(&mut buf, &header, b"hi", &Limits::default()).unwrap();
+        let expected: Vec<u8> = [
+            &[
+                0xaa, 0x05, 0, 0, 0, 0x14, 0x01, 0x44, 0x01, 0x4d, 0x01, 0x0c,
+            ][..],
+            b"quicx-msg-id",
+            &[0x01, 0x37, 0, 0, 0, 2],
+            b"hi",
+        ]
+        .concat();
+        assert_eq!(buf, expected, "appended after what was there");
+        let too_large = Limits {
+            max_payload_size: 1,
+            ..Limits::default()
+        };
+        assert!(matches!(
+            encode_record(&mut buf, &header, b"hi", &too_large),
+            Err(FrameError::PayloadTooLarge { .. })
+        ));
+        assert_eq!(buf, expected, "nothing appended on an error");
     }
 
     #[test]

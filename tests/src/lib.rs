@@ -210,3 +210,24 @@ pub async fn raw_connection(
         .expect("connect starts")
         .await
 }
+
+/// A raw quinn server endpoint on loopback with `dev`'s certificate, offering `alpn` (most
+/// preferred first): for tests that play a server by hand against a quicx client. It grants
+/// clients no unidirectional streams, as a quicx server does.
+pub fn raw_server(dev: &DevCertificate, alpn: &[&[u8]]) -> quinn::Endpoint {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .with_no_client_auth()
+        .with_single_cert(vec![dev.certificate()], dev.private_key())
+        .expect("certificate and key");
+    tls.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).expect("quic config");
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_concurrent_uni_streams(0u32.into());
+    config.transport_config(Arc::new(transport));
+    quinn::Endpoint::server(config, "127.0.0.1:0".parse().expect("address"))
+        .expect("server endpoint")
+}

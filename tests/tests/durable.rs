@@ -62,9 +62,24 @@ async fn device(
     id: &str,
     manual_ack: bool,
 ) -> (quicx::Client, PushReceiver) {
+    device_with(
+        ClientTls::new().trust(dev.certificate()),
+        addr,
+        id,
+        manual_ack,
+    )
+    .await
+}
+
+async fn device_with(
+    tls: ClientTls,
+    addr: SocketAddr,
+    id: &str,
+    manual_ack: bool,
+) -> (quicx::Client, PushReceiver) {
     let (tx, rx) = push_channel(4096);
     let client = quicx::Client::builder()
-        .tls(ClientTls::new().trust(dev.certificate()))
+        .tls(tls)
         .client_id(id)
         .push_channel(tx)
         .manual_ack(manual_ack)
@@ -163,6 +178,206 @@ async fn messages_for_an_offline_device_arrive_in_order_once_it_connects() {
             == 0)
         .await
     );
+}
+
+#[tokio::test]
+async fn quicx2_devices_get_a_durable_stream_and_quicx1_devices_one_push_each() {
+    let dev = DevCertificate::localhost().unwrap();
+    let store = TempStore::new();
+    let server = server(&dev, &store, DurableLimits::default()).await;
+    for device in ["new-device", "old-device"] {
+        for i in 0..500u32 {
+            server
+                .send_durable(
+                    device,
+                    "Device",
+                    "Cmd",
+                    Metadata::new(),
+                    i.to_string(),
+                    Duration::from_secs(60),
+                )
+                .await
+                .unwrap();
+        }
+    }
+    let addr = server.local_addr().unwrap();
+    let (_new, mut new_rx) = device(&dev, addr, "new-device", false).await;
+    let v1_only = ClientTls::new()
+        .trust(dev.certificate())
+        .with_alpn(vec![quicx::ALPN.to_vec()]);
+    let (_old, mut old_rx) = device_with(v1_only, addr, "old-device", false).await;
+    assert_eq!(server.client("new-device").unwrap().protocol_version(), 2);
+    assert_eq!(server.client("old-device").unwrap().protocol_version(), 1);
+    for rx in [&mut new_rx, &mut old_rx] {
+        let mut last = 0;
+        for i in 0..500u32 {
+            let msg = next(rx).await;
+            assert_eq!(std::str::from_utf8(&msg.payload).unwrap(), i.to_string());
+            let id = msg.durable_id().expect("an id");
+            assert!(id > last, "ids grow");
+            last = id;
+        }
+    }
+    // More while both are online: each gets it at once, on a new run.
+    for device in ["new-device", "old-device"] {
+        server
+            .send_durable(
+                device,
+                "Device",
+                "Cmd",
+                Metadata::new(),
+                b"late",
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+    }
+    assert_eq!(&next(&mut new_rx).await.payload[..], b"late");
+    assert_eq!(&next(&mut old_rx).await.payload[..], b"late");
+    quiet(&mut new_rx, Duration::from_millis(300)).await;
+    quiet(&mut old_rx, Duration::from_millis(1)).await;
+    assert!(
+        until(Duration::from_secs(5), async || server
+            .stats()
+            .durable_pending
+            == 0)
+        .await
+    );
+    assert_eq!(server.stats().durable_delivered, 1002);
+    assert_eq!(server.stats().durable_redelivered, 0);
+}
+
+/// A durable record (`docs/PROTOCOL.md` §4, v2) with message id `id`, written by hand.
+fn record(id: u64, payload: &[u8]) -> Vec<u8> {
+    let id = id.to_string();
+    let mut header = vec![1, b'D', 1, b'M', 1];
+    for s in ["quicx-msg-id", id.as_str()] {
+        header.push(s.len() as u8);
+        header.extend_from_slice(s.as_bytes());
+    }
+    let mut out = vec![0x05];
+    out.extend_from_slice(&(header.len() as u32).to_be_bytes());
+    out.extend_from_slice(&header);
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Reads a durable stream's acknowledgements to its end: the ids, or the reset code.
+async fn acks(recv: &mut quinn::RecvStream) -> Result<Vec<u64>, u64> {
+    match tokio::time::timeout(Duration::from_secs(10), recv.read_to_end(1 << 20)).await {
+        Ok(Ok(bytes)) => {
+            assert_eq!(bytes.len() % 8, 0, "acknowledgements are 8 bytes each");
+            Ok(bytes
+                .chunks(8)
+                .map(|c| u64::from_be_bytes(c.try_into().unwrap()))
+                .collect())
+        }
+        Ok(Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(code)))) => {
+            Err(code.into_inner())
+        }
+        other => panic!("the client neither finished nor reset: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_client_acknowledges_a_durable_stream_cumulatively_and_refuses_bad_records() {
+    use quicx::StreamCode;
+    let dev = DevCertificate::localhost().unwrap();
+    let endpoint = quicx_tests::raw_server(&dev, &[quicx::ALPN_V2, quicx::ALPN]);
+    let addr = endpoint.local_addr().unwrap();
+    let (tx, mut rx) = push_channel(64);
+    let client = quicx::Client::builder()
+        .tls(ClientTls::new().trust(dev.certificate()))
+        .push_channel(tx)
+        .connect_addr(addr, "localhost");
+    let accept = async { endpoint.accept().await.unwrap().await.unwrap() };
+    let (client, conn) = tokio::join!(client, accept);
+    let _client = client.unwrap();
+
+    // Three records, the second split across two writes, then the end: delivered in order,
+    // the last acknowledgement covers all three, and the client finishes too.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let mut bytes = record(1, b"one");
+    bytes.extend(record(2, b"two"));
+    let (a, b) = bytes.split_at(bytes.len() - 2);
+    send.write_all(a).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    send.write_all(b).await.unwrap();
+    send.write_all(&record(3, b"three")).await.unwrap();
+    send.finish().unwrap();
+    for (id, payload) in [(1, "one"), (2, "two"), (3, "three")] {
+        let msg = next(&mut rx).await;
+        assert_eq!(msg.durable_id(), Some(id));
+        assert_eq!(&msg.payload[..], payload.as_bytes());
+    }
+    let ids = acks(&mut recv).await.expect("finished");
+    assert_eq!(ids.last(), Some(&3));
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "acks grow: {ids:?}");
+
+    // Redelivered ids already acknowledged are acknowledged again, not delivered; an id that
+    // does not grow is malformed.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let mut bytes = record(3, b"three again");
+    bytes.extend(record(4, b"four"));
+    bytes.extend(record(4, b"four again"));
+    send.write_all(&bytes).await.unwrap();
+    assert_eq!(&next(&mut rx).await.payload[..], b"four");
+    assert_eq!(
+        acks(&mut recv).await,
+        Err(StreamCode::MALFORMED_FRAME.value())
+    );
+    quiet(&mut rx, Duration::from_millis(200)).await;
+
+    // A payload above the limit is refused from its length, before its bytes come.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let mut big = record(5, b"");
+    let at = big.len() - 4;
+    big[at..].copy_from_slice(&(9u32 << 20).to_be_bytes());
+    send.write_all(&big).await.unwrap();
+    assert_eq!(
+        acks(&mut recv).await,
+        Err(StreamCode::PAYLOAD_TOO_LARGE.value())
+    );
+
+    // A stream that ends inside a record is malformed.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let cut = record(6, b"cut short");
+    send.write_all(&cut[..cut.len() - 3]).await.unwrap();
+    send.finish().unwrap();
+    assert_eq!(
+        acks(&mut recv).await,
+        Err(StreamCode::MALFORMED_FRAME.value())
+    );
+    quiet(&mut rx, Duration::from_millis(200)).await;
+}
+
+#[tokio::test]
+async fn a_quicx1_client_refuses_durable_records() {
+    use quicx::StreamCode;
+    let dev = DevCertificate::localhost().unwrap();
+    let endpoint = quicx_tests::raw_server(&dev, &[quicx::ALPN_V2, quicx::ALPN]);
+    let addr = endpoint.local_addr().unwrap();
+    let (tx, mut rx) = push_channel(64);
+    let client = quicx::Client::builder()
+        .tls(
+            ClientTls::new()
+                .trust(dev.certificate())
+                .with_alpn(vec![quicx::ALPN.to_vec()]),
+        )
+        .push_channel(tx)
+        .connect_addr(addr, "localhost");
+    let accept = async { endpoint.accept().await.unwrap().await.unwrap() };
+    let (client, conn) = tokio::join!(client, accept);
+    let _client = client.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&record(1, b"one")).await.unwrap();
+    send.finish().unwrap();
+    assert_eq!(
+        acks(&mut recv).await,
+        Err(StreamCode::MALFORMED_FRAME.value())
+    );
+    quiet(&mut rx, Duration::from_millis(200)).await;
 }
 
 /// A `quicx-durable-server` child process on `listen` with its store in `store` (killed on

@@ -63,6 +63,10 @@ struct Cli {
     /// Where the temporary store and broker directories go (default: the system temp dir).
     #[arg(long)]
     dir: Option<PathBuf>,
+    /// Also run quicx (fsync per commit) with the device pinned to `quicx/1`: one push with
+    /// receipt per durable message instead of a durable stream (the drain before `quicx/2`).
+    #[arg(long)]
+    quicx1: bool,
     /// Leave mosquitto out.
     #[arg(long)]
     no_mosquitto: bool,
@@ -223,6 +227,7 @@ async fn quicx_run(
     base: &Path,
     size: usize,
     fsync: Fsync,
+    v1_only: bool,
 ) -> anyhow::Result<Row> {
     let dir = TempDir::new(base, "quicx")?;
     let n = cli.messages;
@@ -238,13 +243,14 @@ async fn quicx_run(
         .build()?;
     server.bind("127.0.0.1:0").await?;
     let addr = server.local_addr().context("bound")?;
-    let result = quicx_measure(cli, dev, &server, addr, size)
+    let result = quicx_measure(cli, dev, &server, addr, size, v1_only)
         .await
         .map(|row| Row {
             system: match fsync {
                 Fsync::Interval(every) => {
                     format!("quicx (redb, flushed every {} ms)", every.as_millis())
                 }
+                _ if v1_only => "quicx/1 device (redb, fsync per commit)".into(),
                 _ => "quicx (redb, fsync per commit)".into(),
             },
             ..row
@@ -260,6 +266,7 @@ async fn quicx_measure(
     server: &Server,
     addr: SocketAddr,
     size: usize,
+    v1_only: bool,
 ) -> anyhow::Result<Row> {
     let n = cli.messages;
     let phase = Duration::from_secs(cli.phase_secs);
@@ -315,8 +322,12 @@ async fn quicx_measure(
     let (tx, mut rx) = push_channel(4096);
     let start = Instant::now();
     let deadline = tokio::time::Instant::now() + phase;
+    let mut tls = ClientTls::new().trust(dev.certificate());
+    if v1_only {
+        tls = tls.with_alpn(vec![quicx::ALPN.to_vec()]);
+    }
     let client = quicx::Client::builder()
-        .tls(ClientTls::new().trust(dev.certificate()))
+        .tls(tls)
         .client_id(DEVICE)
         .push_channel(tx)
         .connect_addr(addr, "localhost")
@@ -1015,11 +1026,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for &size in &cli.payloads {
         eprintln!("quicx, {}...", size_label(size));
-        rows.push(quicx_run(&cli, &dev, &base, size, Fsync::EveryCommit).await?);
+        rows.push(quicx_run(&cli, &dev, &base, size, Fsync::EveryCommit, false).await?);
+        if cli.quicx1 {
+            eprintln!("quicx, device on quicx/1, {}...", size_label(size));
+            rows.push(quicx_run(&cli, &dev, &base, size, Fsync::EveryCommit, true).await?);
+        }
         if cli.fsync_interval_ms > 0 {
             let every = Duration::from_millis(cli.fsync_interval_ms);
             eprintln!("quicx flushed every {every:?}, {}...", size_label(size));
-            rows.push(quicx_run(&cli, &dev, &base, size, Fsync::Interval(every)).await?);
+            rows.push(quicx_run(&cli, &dev, &base, size, Fsync::Interval(every), false).await?);
         }
         if let Ok(bin) = &mosquitto {
             for &v in &variants {

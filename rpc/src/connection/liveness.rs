@@ -45,7 +45,7 @@ impl Liveness {
 }
 
 /// Counts one waiting call for as long as it lives.
-pub(super) struct Waiting(Arc<ConnInner>);
+pub(crate) struct Waiting(Arc<ConnInner>);
 
 impl Drop for Waiting {
     fn drop(&mut self) {
@@ -56,7 +56,7 @@ impl Drop for Waiting {
 impl Connection {
     /// Marks a call as waiting on the peer, starting the probe if none runs. The returned guard
     /// ends the wait when dropped.
-    pub(super) fn waiting(&self) -> Option<Waiting> {
+    pub(crate) fn waiting(&self) -> Option<Waiting> {
         let limit = self.inner.side.unresponsive_timeout?;
         let liveness = &self.inner.liveness;
         liveness.waiting.fetch_add(1, Ordering::AcqRel);

@@ -54,6 +54,8 @@ struct ConnInner {
     io: IoRuntime,
     client_id: Mutex<Option<String>>,
     peer_identity: Option<PeerIdentity>,
+    /// The wire protocol version agreed at the handshake.
+    version: u8,
     /// Calls the peer has open on this connection now.
     calls_in_flight: AtomicU32,
     /// Whether the concurrent-call limit was raised to its maximum.
@@ -106,6 +108,11 @@ impl Connection {
         io: IoRuntime,
     ) -> Self {
         let peer_identity = PeerIdentity::from_connection(&quic);
+        let version = quic
+            .handshake_data()
+            .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+            .and_then(|d| d.protocol)
+            .map_or(1, |p| if p == crate::wire::ALPN_V2 { 2 } else { 1 });
         let limiters = side.limiters();
         let call_limiter = limiters.and_then(crate::limits::Limiters::connection_limiter);
         let buffered = limiters.map(crate::limits::Limiters::connection_budget);
@@ -118,6 +125,7 @@ impl Connection {
                 io,
                 client_id: Mutex::new(None),
                 peer_identity,
+                version,
                 calls_in_flight: AtomicU32::new(0),
                 call_limit_raised: AtomicBool::new(false),
                 liveness: Liveness::default(),
@@ -130,6 +138,13 @@ impl Connection {
     /// A process-unique id of this connection.
     pub fn id(&self) -> u64 {
         self.inner.id
+    }
+
+    /// The wire protocol version this connection speaks: `2` when both ends offered `quicx/2`
+    /// at the handshake, `1` with a peer that speaks only `quicx/1` (`docs/PROTOCOL.md` §7).
+    /// Version 2 carries durable messages many per stream; everything else is the same.
+    pub fn protocol_version(&self) -> u8 {
+        self.inner.version
     }
 
     /// The peer's address.
@@ -263,6 +278,19 @@ impl Connection {
     /// server).
     pub(crate) fn server_addr(&self) -> SocketAddr {
         self.inner.server_addr
+    }
+
+    /// The frame size limits of this side.
+    pub(crate) fn limits(&self) -> crate::wire::Limits {
+        self.inner.side.limits
+    }
+
+    /// Opens the bidirectional stream of a durable delivery run (`quicx/2`). Waits while the
+    /// client's stream limit is reached; fails at once when the connection is gone.
+    pub(crate) async fn open_durable_stream(
+        &self,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), crate::Error> {
+        Ok(self.inner.quic.open_bi().await?)
     }
 
     pub(crate) fn io(&self) -> &IoRuntime {

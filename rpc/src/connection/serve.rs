@@ -23,8 +23,8 @@ use crate::{
     push::Delivery,
     service::{BoxFuture, Handler, Lookup, panic_message},
     wire::{
-        self, Frame, FrameError, FrameKind, HelloHeader, PushHeader, RawFrame, RequestHeader,
-        ResponseHeader, Status, StreamCode, flags, status,
+        self, Frame, FrameError, FrameKind, HelloHeader, Incoming, PushHeader, RawFrame,
+        RequestHeader, ResponseHeader, Status, StreamCode, flags, status,
     },
 };
 
@@ -75,7 +75,7 @@ async fn read_incoming(
     conn: &Connection,
     send: Option<&mut quinn::SendStream>,
     recv: &mut quinn::RecvStream,
-) -> Option<RawFrame> {
+) -> Option<Incoming> {
     let side = &conn.inner.side;
     let both;
     let budgets: &[&wire::Budget] = match (side.limiters(), &conn.inner.buffered) {
@@ -87,7 +87,7 @@ async fn read_incoming(
     };
     let read = wire::read_frame_within(recv, &side.limits, budgets);
     match within(side.frame_timeout, read).await {
-        Ok(Ok(raw)) => Some(raw),
+        Ok(Ok(incoming)) => Some(incoming),
         Ok(Err(e)) => {
             tracing::debug!(conn = conn.id(), "bad incoming frame: {e:?}");
             if let Some(code) = e.stream_code() {
@@ -107,8 +107,33 @@ async fn serve_bi(conn: &Connection, mut send: quinn::SendStream, mut recv: quin
     if side.shutting_down.load(Ordering::Acquire) {
         return reject(Some(&mut send), &mut recv, StreamCode::SHUTTING_DOWN);
     }
-    let Some(raw) = read_incoming(conn, Some(&mut send), &mut recv).await else {
-        return;
+    let raw = match read_incoming(conn, Some(&mut send), &mut recv).await {
+        None => return,
+        Some(Incoming::Frame(raw)) => raw,
+        Some(Incoming::Records(start)) => {
+            return match &side.role {
+                Role::Client {
+                    push_sink,
+                    inbox,
+                    manual_ack,
+                } if conn.protocol_version() >= 2 => {
+                    let records = wire::RecordReader::new(recv, start);
+                    serve_durable_stream(
+                        conn,
+                        send,
+                        records,
+                        push_sink.as_ref(),
+                        (inbox, *manual_ack),
+                    )
+                    .await;
+                }
+                // Kind 0x05 does not exist in v1.
+                _ if conn.protocol_version() < 2 => {
+                    reject(Some(&mut send), &mut recv, StreamCode::MALFORMED_FRAME);
+                }
+                _ => reject(Some(&mut send), &mut recv, StreamCode::UNEXPECTED_STREAM),
+            };
+        }
     };
     let outcome = match (raw.kind, &side.role) {
         (FrameKind::Request, _) => serve_request(conn, send, raw).await,
@@ -579,22 +604,27 @@ async fn serve_receipt_push(
     Ok(())
 }
 
+/// The id space of a durable message: the cluster's when it names one, else this server's.
+fn id_space(conn: &Connection, msg: &PushMessage) -> String {
+    match msg.metadata.get(crate::durable::MSG_SPACE_KEY) {
+        Some(space) => format!("space:{space}"),
+        None => conn.server_addr().to_string(),
+    }
+}
+
 /// A durable message: delivered in its `prev` order, once per acknowledged id; answered once the
 /// application has it (automatic ack) or acknowledged it (manual ack).
 async fn durable_push(
     conn: &Connection,
-    mut msg: PushMessage,
+    msg: PushMessage,
     id: u64,
     sink: &PushSender,
     inbox: &crate::durable::Inbox,
     manual_ack: bool,
     send: &mut quinn::SendStream,
 ) -> Status {
-    use crate::durable::{Acker, Admission, MSG_PREV_KEY};
-    let space = match msg.metadata.get(crate::durable::MSG_SPACE_KEY) {
-        Some(space) => format!("space:{space}"),
-        None => conn.server_addr().to_string(),
-    };
+    use crate::durable::{Admission, MSG_PREV_KEY};
+    let space = id_space(conn, &msg);
     let server = space.as_str();
     let prev = msg
         .metadata
@@ -621,29 +651,8 @@ async fn durable_push(
             );
         }
     }
-    let ack = if manual_ack {
-        let (acker, acked) = Acker::new();
-        msg.acker = Some(acker);
-        Some(acked)
-    } else {
-        None
-    };
-    let delivery = deliver(conn, sink, msg).await;
-    if delivery != Delivery::Delivered {
-        return match delivery {
-            Delivery::Dropped => Status::error(status::PUSH_DROPPED, "push channel full"),
-            _ => Status::error(status::PUSH_REJECTED, "push channel closed"),
-        };
-    }
-    if let Some(acked) = ack {
-        // Until the application acknowledges (or drops the message, or the server gives up).
-        let stopped = send.stopped();
-        tokio::select! {
-            r = acked => if r.is_err() {
-                return Status::error(status::PUSH_REJECTED, "dropped without an ack");
-            },
-            _ = stopped => return Status::error(status::PUSH_REJECTED, "server gave up"),
-        }
+    if let Err(refused) = hand_over(conn, msg, sink, manual_ack, send).await {
+        return refused;
     }
     // In manual-ack mode the next message waits for this acknowledgement: a message the
     // application drops unacknowledged must never be passed by an acknowledged later one (the
@@ -651,6 +660,114 @@ async fn durable_push(
     inbox.delivered(server, conn.id(), id);
     inbox.acked(server, id);
     Status::Ok
+}
+
+/// Hands a durable message to the application: returns once it is in the channel (automatic
+/// ack) or the application acknowledged it (manual ack); the status to refuse it with if not.
+async fn hand_over(
+    conn: &Connection,
+    mut msg: PushMessage,
+    sink: &PushSender,
+    manual_ack: bool,
+    send: &mut quinn::SendStream,
+) -> Result<(), Status> {
+    use crate::durable::Acker;
+    let ack = if manual_ack {
+        let (acker, acked) = Acker::new();
+        msg.acker = Some(acker);
+        Some(acked)
+    } else {
+        None
+    };
+    match deliver(conn, sink, msg).await {
+        Delivery::Delivered => {}
+        Delivery::Dropped => return Err(Status::error(status::PUSH_DROPPED, "push channel full")),
+        Delivery::Closed => {
+            return Err(Status::error(status::PUSH_REJECTED, "push channel closed"));
+        }
+    }
+    if let Some(acked) = ack {
+        // Until the application acknowledges (or drops the message, or the server gives up).
+        let stopped = send.stopped();
+        tokio::select! {
+            r = acked => if r.is_err() {
+                return Err(Status::error(status::PUSH_REJECTED, "dropped without an ack"));
+            },
+            _ = stopped => return Err(Status::error(status::PUSH_REJECTED, "server gave up")),
+        }
+    }
+    Ok(())
+}
+
+/// A durable stream (v2): records in increasing id order; each is handed to the application
+/// unless its id was acknowledged before (a redelivery), and acknowledged cumulatively (the
+/// id as 8 bytes, big-endian) whenever no further record is buffered. The server's FIN is
+/// answered with the last acknowledgement and a FIN; a refused message, with `PUSH_REJECTED`
+/// both ways (the messages before it stay acknowledged).
+async fn serve_durable_stream(
+    conn: &Connection,
+    mut send: quinn::SendStream,
+    mut records: wire::RecordReader,
+    sink: Option<&PushSender>,
+    (inbox, manual_ack): (&crate::durable::Inbox, bool),
+) {
+    let Some(sink) = sink else {
+        return reject(Some(&mut send), records.recv(), StreamCode::PUSH_REJECTED);
+    };
+    let limits = conn.inner.side.limits;
+    let (mut last, mut unacked) = (0u64, None);
+    loop {
+        let raw = match records.next(&limits).await {
+            Ok(Some(raw)) => raw,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::debug!(conn = conn.id(), "bad durable record: {e:?}");
+                if let Some(code) = e.stream_code() {
+                    reject(Some(&mut send), records.recv(), code);
+                }
+                return;
+            }
+        };
+        let msg = match push_message(conn, raw) {
+            Ok(msg) => msg,
+            Err(e) => {
+                tracing::debug!(conn = conn.id(), "bad durable record header: {e:?}");
+                return reject(Some(&mut send), records.recv(), StreamCode::MALFORMED_FRAME);
+            }
+        };
+        let Some(id) = msg.durable_id().filter(|&id| id > last) else {
+            tracing::debug!(conn = conn.id(), "durable record without a growing id");
+            return reject(Some(&mut send), records.recv(), StreamCode::MALFORMED_FRAME);
+        };
+        last = id;
+        let space = id_space(conn, &msg);
+        if !inbox.is_acked(&space, id) {
+            if let Err(refused) = hand_over(conn, msg, sink, manual_ack, &mut send).await {
+                tracing::debug!(
+                    conn = conn.id(),
+                    "durable message {id} refused: {refused:?}"
+                );
+                return reject(Some(&mut send), records.recv(), StreamCode::PUSH_REJECTED);
+            }
+            inbox.acked(&space, id);
+        }
+        unacked = Some(id);
+        // One acknowledgement per run of buffered records; in manual-ack mode one per message
+        // (the application may take its time with the next one).
+        if manual_ack || !records.has_record(&limits) {
+            if let Some(id) = unacked.take() {
+                if send.write_all(&id.to_be_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+    if let Some(id) = unacked {
+        if send.write_all(&id.to_be_bytes()).await.is_err() {
+            return;
+        }
+    }
+    let _ = send.finish();
 }
 
 fn push_message(conn: &Connection, raw: RawFrame) -> Result<PushMessage, FrameError> {
@@ -673,7 +790,9 @@ async fn accept_pushes(conn: &Connection, sink: Option<&PushSender>) {
             reject(None, &mut recv, StreamCode::PUSH_REJECTED);
             continue;
         };
-        let Some(raw) = read_incoming(conn, None, &mut recv).await else {
+        let Some(Incoming::Frame(raw)) = read_incoming(conn, None, &mut recv).await else {
+            // Nothing, or a durable stream: those ride bidirectional streams only.
+            reject(None, &mut recv, StreamCode::UNEXPECTED_STREAM);
             continue;
         };
         if raw.kind != FrameKind::Push {

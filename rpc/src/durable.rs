@@ -45,10 +45,13 @@ const WINDOW: usize = 32;
 const MAX_ATTEMPTED: usize = 100_000;
 /// Messages read from the store at a time.
 const BATCH: usize = 1024;
+/// Bytes read from the store at a time (past one message), so that large messages are not
+/// all held at once.
+const READ_BYTES: usize = 4 << 20;
 /// Messages in flight on a durable stream (v2) before acknowledgements come back.
-const STREAM_WINDOW: usize = 1024;
+const STREAM_WINDOW: usize = 4096;
 /// Messages read from the store and written to a durable stream at a time.
-const STREAM_BATCH: usize = 256;
+const STREAM_BATCH: usize = 1024;
 
 /// What a server does when a durable message would exceed a bound.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -390,22 +393,24 @@ impl Store {
         .await
     }
 
-    /// Up to `limit` messages of `identity` with ids above `after`, in id order.
+    /// Up to `limit` messages of `identity` with ids above `after`, in id order, and no more
+    /// than `READ_BYTES` of them past the first.
     fn read_after(&self, identity: &str, after: u64, limit: usize) -> Result<Vec<(u64, Stored)>> {
         let txn = self.db()?.begin_read().map_err(store_error)?;
         let table = txn.open_table(MESSAGES).map_err(store_error)?;
-        let mut out = Vec::new();
+        let (mut out, mut bytes) = (Vec::new(), 0usize);
         let start = after.saturating_add(1);
         for entry in table
             .range((identity, start)..=(identity, u64::MAX))
             .map_err(store_error)?
         {
             let (k, v) = entry.map_err(store_error)?;
+            bytes += v.value().len();
             match postcard::from_bytes::<Stored>(v.value()) {
                 Ok(m) => out.push((k.value().1, m)),
                 Err(e) => tracing::error!("durable message {} is corrupt: {e}", k.value().1),
             }
-            if out.len() >= limit {
+            if out.len() >= limit || bytes >= READ_BYTES {
                 break;
             }
         }
@@ -1096,7 +1101,15 @@ impl Durable {
 
     /// The messages pending for `identity`, oldest first.
     pub(crate) async fn pending(self: &Arc<Self>, identity: &str) -> Result<Vec<PendingMessage>> {
-        let all = self.store.read_after_async(identity, 0, usize::MAX).await?;
+        let mut all = Vec::new();
+        loop {
+            let after = all.last().map_or(0, |(id, _)| *id);
+            let page = self.store.read_after_async(identity, after, BATCH).await?;
+            if page.is_empty() {
+                break;
+            }
+            all.extend(page);
+        }
         let now = now_ms();
         Ok(all
             .into_iter()

@@ -247,6 +247,45 @@ async fn quicx2_devices_get_a_durable_stream_and_quicx1_devices_one_push_each() 
     assert_eq!(server.stats().durable_redelivered, 0);
 }
 
+#[tokio::test]
+async fn large_messages_are_listed_and_delivered_past_one_store_read() {
+    // Reads from the store stop after 4 MiB: 6 messages of 1 MiB take two.
+    let dev = DevCertificate::localhost().unwrap();
+    let store = TempStore::new();
+    let server = server(&dev, &store, DurableLimits::default()).await;
+    let mut ids = Vec::new();
+    for i in 0..6u8 {
+        let id = server
+            .send_durable(
+                "device-big",
+                "Device",
+                "Blob",
+                Metadata::new(),
+                vec![i; 1 << 20],
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+        ids.push(id);
+    }
+    let pending = server.durable_pending("device-big").await.unwrap();
+    assert_eq!(pending.iter().map(|p| p.id).collect::<Vec<_>>(), ids);
+    let (_d, mut rx) = device(&dev, server.local_addr().unwrap(), "device-big", false).await;
+    for (i, id) in ids.iter().enumerate() {
+        let msg = next(&mut rx).await;
+        assert_eq!(msg.durable_id(), Some(*id));
+        assert_eq!(msg.payload.len(), 1 << 20);
+        assert!(msg.payload.iter().all(|&b| b == i as u8));
+    }
+    assert!(
+        until(Duration::from_secs(10), async || server
+            .stats()
+            .durable_pending
+            == 0)
+        .await
+    );
+}
+
 /// A durable record (`docs/PROTOCOL.md` §4, v2) with message id `id`, written by hand.
 fn record(id: u64, payload: &[u8]) -> Vec<u8> {
     let id = id.to_string();

@@ -606,9 +606,14 @@ async fn serve_receipt_push(
 
 /// The id space of a durable message: the cluster's when it names one, else this server's.
 fn id_space(conn: &Connection, msg: &PushMessage) -> String {
+    space_or(msg, &conn.server_addr().to_string()).into_owned()
+}
+
+/// The id space a message names, or `server`'s.
+fn space_or<'a>(msg: &PushMessage, server: &'a str) -> std::borrow::Cow<'a, str> {
     match msg.metadata.get(crate::durable::MSG_SPACE_KEY) {
-        Some(space) => format!("space:{space}"),
-        None => conn.server_addr().to_string(),
+        Some(space) => format!("space:{space}").into(),
+        None => server.into(),
     }
 }
 
@@ -715,6 +720,7 @@ async fn serve_durable_stream(
         return reject(Some(&mut send), records.recv(), StreamCode::PUSH_REJECTED);
     };
     let limits = conn.inner.side.limits;
+    let server = conn.server_addr().to_string();
     let (mut last, mut unacked) = (0u64, None);
     loop {
         let raw = match records.next(&limits).await {
@@ -740,7 +746,7 @@ async fn serve_durable_stream(
             return reject(Some(&mut send), records.recv(), StreamCode::MALFORMED_FRAME);
         };
         last = id;
-        let space = id_space(conn, &msg);
+        let space = space_or(&msg, &server);
         if !inbox.is_acked(&space, id) {
             if let Err(refused) = hand_over(conn, msg, sink, manual_ack, &mut send).await {
                 tracing::debug!(

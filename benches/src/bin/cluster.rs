@@ -8,9 +8,11 @@
 //! - etcd requests per push in steady state (etcd's own gRPC counters before and after);
 //! - presence convergence after a device moves (until every node routes to its new node);
 //! - presence convergence after a node dies (its lease expires; until no node lists its
-//!   devices).
+//!   devices): a fourth node in a child process killed with SIGKILL, and node c of this process
+//!   halted in place.
 //!
-//! Every loop is bounded in count and time. All nodes share this process (and its 2 cores).
+//! Every loop is bounded in count and time. Nodes a, b and c share this process (and its 2
+//! cores); the child node (`quicx-cluster-bench node ...`, this binary) runs beside it.
 #![forbid(unsafe_code)]
 
 use std::{
@@ -151,8 +153,106 @@ async fn push_rate(node: &ClusterNode, targets: &[String], n: usize) -> anyhow::
     Ok(done as f64 / start.elapsed().as_secs_f64())
 }
 
+/// `node <cert.pem> <key.pem> <etcd url> <prefix> <name> <ttl s>`: a cluster node in a child
+/// process that prints `READY <addr>` once registered and runs until killed.
+async fn child_node(args: &[String]) -> anyhow::Result<()> {
+    let [cert, key, etcd, prefix, name, ttl] = args else {
+        bail!(
+            "usage: quicx-cluster-bench node <cert.pem> <key.pem> <etcd url> <prefix> <name> <ttl s>"
+        );
+    };
+    let server = Server::builder()
+        .tls(quicx::ServerTls::from_pem_files(cert, key)?)
+        .insecure_accept_unverified_client_ids()
+        .build()?;
+    let local = server.bind("127.0.0.1:0").await?;
+    let etcd = EtcdOptions::new([etcd.as_str()])
+        .prefix(prefix.as_str())
+        .lease_ttl(Duration::from_secs(ttl.parse()?));
+    let tls = ClientTls::new().trust_pem_file(cert)?;
+    let _node = ClusterNode::start(
+        &server,
+        ClusterOptions::new(name.as_str(), etcd, tls, SECRET),
+    )
+    .await?;
+    println!("READY {local}");
+    std::io::Write::flush(&mut std::io::stdout())?;
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
+/// Connects `ids` as devices to `addr`, 64 handshakes at a time, through `sockets`.
+async fn connect_devices(
+    dev: &DevCertificate,
+    sockets: &[ClientEndpoint],
+    ids: Vec<String>,
+    addr: impl Fn(usize) -> SocketAddr,
+    tx: &quicx::PushSender,
+) -> anyhow::Result<Vec<quicx::Client>> {
+    Ok(stream::iter(ids.into_iter().enumerate())
+        .map(|(i, id)| {
+            let (tls, tx, endpoint) = (
+                ClientTls::new().trust(dev.certificate()),
+                tx.clone(),
+                sockets[i % sockets.len()].clone(),
+            );
+            let addr = addr(i);
+            async move {
+                quicx::Client::builder()
+                    .tls(tls)
+                    .endpoint(&endpoint)
+                    .client_id(id)
+                    .push_channel(tx)
+                    .connect_addr(addr, "localhost")
+                    .await
+            }
+        })
+        .buffer_unordered(64)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<quicx::Result<_>>()?)
+}
+
+/// Waits until no node of `survivors` lists any of `victims` at node `dead`; the time from
+/// `killed`, and when the first of them left the caches (the lease expired in etcd and its
+/// deletes began to arrive: the rest is delivering and applying them).
+async fn until_gone(
+    survivors: &[ClusterNode],
+    victims: &[String],
+    dead: &str,
+    killed: Instant,
+    limit: Duration,
+) -> anyhow::Result<(Duration, Duration)> {
+    let mut first_gone: Option<Duration> = None;
+    loop {
+        let listed = victims
+            .iter()
+            .filter(|id| {
+                survivors
+                    .iter()
+                    .any(|n| n.locate(id).as_deref() == Some(dead))
+            })
+            .count();
+        if listed < victims.len() && first_gone.is_none() {
+            first_gone = Some(killed.elapsed());
+        }
+        if listed == 0 {
+            return Ok((killed.elapsed(), first_gone.unwrap_or_default()));
+        }
+        if killed.elapsed() > limit {
+            bail!("{listed} devices of the dead node {dead} still listed");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("node") {
+        return child_node(&args[2..]).await;
+    }
     let cli = Cli::parse();
     let etcd_server = match EtcdServer::start() {
         Ok(e) => e,
@@ -179,29 +279,8 @@ async fn main() -> anyhow::Result<()> {
     let (tx, mut rx) = push_channel(1 << 16);
     let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
     let started = Instant::now();
-    let devices: Vec<quicx::Client> = stream::iter(0..cli.devices)
-        .map(|i| {
-            let (tls, tx, endpoint) = (
-                ClientTls::new().trust(dev.certificate()),
-                tx.clone(),
-                sockets[i % sockets.len()].clone(),
-            );
-            let addr = addrs[i % 3];
-            async move {
-                quicx::Client::builder()
-                    .tls(tls)
-                    .endpoint(&endpoint)
-                    .client_id(format!("device-{i}"))
-                    .push_channel(tx)
-                    .connect_addr(addr, "localhost")
-                    .await
-            }
-        })
-        .buffer_unordered(64)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<quicx::Result<_>>()?;
+    let ids = (0..cli.devices).map(|i| format!("device-{i}")).collect();
+    let devices = connect_devices(&dev, &sockets, ids, |i| addrs[i % 3], &tx).await?;
     let a = nodes[0].1.clone();
     let seen = Instant::now();
     while (0..cli.devices).any(|i| i % 50 == 0 && a.locate(&format!("device-{i}")).is_none()) {
@@ -322,6 +401,56 @@ async fn main() -> anyhow::Result<()> {
         moves.len()
     );
 
+    // A node in a child process, with a third of the fleet's size in devices, is killed with
+    // SIGKILL.
+    let pem = quicx_tests::child::PemFiles::write(&dev)?;
+    let mut child = quicx_tests::child::ChildServer::spawn(
+        std::process::Command::new(std::env::current_exe()?)
+            .arg("node")
+            .arg(&pem.cert)
+            .arg(&pem.key)
+            .arg(etcd_server.endpoint())
+            .arg("/quicx-bench")
+            .arg("d")
+            .arg(cli.ttl.to_string()),
+    )?;
+    let victims: Vec<String> = (0..cli.devices / 3)
+        .map(|i| format!("victim-{i}"))
+        .collect();
+    let on_child = connect_devices(&dev, &sockets, victims.clone(), |_| child.addr, &tx).await?;
+    let survivors: Vec<ClusterNode> = nodes.iter().map(|(_, n)| n.clone()).collect();
+    let seen = Instant::now();
+    while victims.iter().any(|id| {
+        survivors
+            .iter()
+            .any(|n| n.locate(id).as_deref() != Some("d"))
+    }) {
+        if seen.elapsed() > Duration::from_secs(60) {
+            bail!("presence of the child node's devices did not converge");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.kill();
+    let killed = Instant::now();
+    let (gone, first_gone) = until_gone(
+        &survivors,
+        &victims,
+        "d",
+        killed,
+        ttl + Duration::from_secs(10),
+    )
+    .await?;
+    println!(
+        "node d (child process) killed with SIGKILL with {} devices: offline on every node after {:.2} s \
+         (lease TTL {:.0} s; the first of them left the caches after {:.2} s)",
+        victims.len(),
+        gone.as_secs_f64(),
+        ttl.as_secs_f64(),
+        first_gone.as_secs_f64()
+    );
+    // Node c must stop once its last handle is dropped below.
+    drop((on_child, survivors));
+
     // Node c dies: it stops renewing its lease and drops its connections without saying so.
     let (server_c, node_c) = nodes.pop().expect("three nodes");
     let victims: Vec<String> = (0..cli.devices)
@@ -333,36 +462,21 @@ async fn main() -> anyhow::Result<()> {
     // Its connections go too (in the background: measured from the moment it stopped).
     tokio::spawn(async move { server_c.shutdown(Duration::ZERO).await });
     let survivors: Vec<ClusterNode> = nodes.iter().map(|(_, n)| n.clone()).collect();
-    // When the first of its devices left the survivors' caches (the lease expired in etcd and
-    // its deletes began to arrive): the rest of the figure is delivering and applying them.
-    let mut first_gone: Option<Duration> = None;
-    loop {
-        let listed = victims
-            .iter()
-            .filter(|id| {
-                survivors
-                    .iter()
-                    .any(|n| n.locate(id).as_deref() == Some("c"))
-            })
-            .count();
-        if listed < victims.len() && first_gone.is_none() {
-            first_gone = Some(killed.elapsed());
-        }
-        if listed == 0 {
-            break;
-        }
-        if killed.elapsed() > ttl + Duration::from_secs(10) {
-            bail!("{listed} devices of the dead node still listed");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let (gone, first_gone) = until_gone(
+        &survivors,
+        &victims,
+        "c",
+        killed,
+        ttl + Duration::from_secs(10),
+    )
+    .await?;
     println!(
-        "node c died with {} devices: offline on every node after {:.2} s (lease TTL {:.0} s; \
-         the first of them left the caches after {:.2} s)",
+        "node c (in this process) halted with {} devices: offline on every node after {:.2} s \
+         (lease TTL {:.0} s; the first of them left the caches after {:.2} s)",
         victims.len(),
-        killed.elapsed().as_secs_f64(),
+        gone.as_secs_f64(),
         ttl.as_secs_f64(),
-        first_gone.unwrap_or_default().as_secs_f64()
+        first_gone.as_secs_f64()
     );
     drop(devices);
     drain.abort();

@@ -1315,17 +1315,15 @@ impl Shared {
                     }
                 }
             }
-            Change::Delete { key, prev } => {
+            Change::Delete { key } => {
                 if let Some(id) = key.strip_prefix(&presence_prefix) {
-                    let before = write(&self.presence).remove(id);
-                    let node = before.map(|b| b.node).or_else(|| {
-                        prev.and_then(|v| serde_json::from_str::<PresenceRecord>(&v).ok())
-                            .map(|p| p.node)
-                    });
-                    let _ = self.events.send(ClusterEvent::DeviceDisconnected {
-                        client_id: id.to_owned(),
-                        node: node.unwrap_or_default(),
-                    });
+                    // Only a record this cache held was ever reported (or readable).
+                    if let Some(before) = write(&self.presence).remove(id) {
+                        let _ = self.events.send(ClusterEvent::DeviceDisconnected {
+                            client_id: id.to_owned(),
+                            node: before.node,
+                        });
+                    }
                 } else if let Some(node) = key.strip_prefix(&nodes_prefix) {
                     write(&self.nodes).remove(node);
                     let _ = self.events.send(ClusterEvent::NodeDown {

@@ -430,8 +430,24 @@ async fn main() -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // etcd's own view: when the dead node's presence keys are deleted (its lease expired).
+    let mut etcd_client = etcd_client::Client::connect([etcd_server.endpoint()], None).await?;
+    let mut watch = etcd_client
+        .watch("/quicx-bench/presence/victim-0", None)
+        .await?;
     child.kill();
     let killed = Instant::now();
+    let deleted = tokio::spawn(async move {
+        while let Ok(Some(r)) = watch.message().await {
+            if r.events()
+                .iter()
+                .any(|e| e.event_type() == etcd_client::EventType::Delete)
+            {
+                return Some(killed.elapsed());
+            }
+        }
+        None
+    });
     let (gone, first_gone) = until_gone(
         &survivors,
         &victims,
@@ -440,12 +456,18 @@ async fn main() -> anyhow::Result<()> {
         ttl + Duration::from_secs(10),
     )
     .await?;
+    let deleted = tokio::time::timeout(Duration::from_secs(5), deleted)
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .flatten();
     println!(
         "node d (child process) killed with SIGKILL with {} devices: offline on every node after {:.2} s \
-         (lease TTL {:.0} s; the first of them left the caches after {:.2} s)",
+         (lease TTL {:.0} s; etcd deleted their keys after {}; the first of them left the caches after {:.2} s)",
         victims.len(),
         gone.as_secs_f64(),
         ttl.as_secs_f64(),
+        deleted.map_or("?".into(), |d| format!("{:.2} s", d.as_secs_f64())),
         first_gone.as_secs_f64()
     );
     // Node c must stop once its last handle is dropped below.

@@ -658,6 +658,8 @@ pub(crate) struct Durable {
     /// Messages sent once and not acknowledged (for the redelivered mark and count).
     attempted: Mutex<HashSet<u64>>,
     limits: DurableLimits,
+    /// The frame limits of the server's connections (a message above them is refused).
+    frames: crate::wire::Limits,
     /// Whether the sweeper of expired messages runs (started with the first delivery).
     sweeping: std::sync::atomic::AtomicBool,
 }
@@ -680,6 +682,16 @@ struct Outgoing {
     payload: Vec<u8>,
 }
 
+/// The records of a durable stream sent and not yet acknowledged.
+struct Flight {
+    /// (id, whether redelivered), in id order.
+    unacked: VecDeque<(u64, bool)>,
+    /// Since when the oldest of them waits (or the last acknowledgement came).
+    since: tokio::time::Instant,
+    /// The highest id written to the stream.
+    last_sent: u64,
+}
+
 /// How a delivery run ended.
 #[derive(Debug, PartialEq, Eq)]
 enum RunEnd {
@@ -693,6 +705,7 @@ impl Durable {
     pub(crate) fn open(
         path: &Path,
         limits: DurableLimits,
+        frames: crate::wire::Limits,
         registry: &Arc<Registry>,
     ) -> Result<Arc<Self>> {
         let store = Arc::new(Store::open(path, limits)?);
@@ -702,6 +715,7 @@ impl Durable {
             running: Mutex::default(),
             attempted: Mutex::default(),
             limits,
+            frames,
             sweeping: std::sync::atomic::AtomicBool::new(false),
         });
         Ok(durable)
@@ -719,6 +733,20 @@ impl Durable {
         payload: &[u8],
         ttl: Duration,
     ) -> Result<u64> {
+        // What could never be delivered is refused now, not retried until it expires: the
+        // header as it goes out, with the largest values of the keys the server adds.
+        let mut probe = metadata.clone();
+        for key in [MSG_ID_KEY, MSG_PREV_KEY] {
+            probe.insert(key, u64::MAX.to_string());
+        }
+        probe.insert(MSG_REDELIVERED_KEY, "1");
+        let header = crate::wire::PushHeaderRef {
+            service_path,
+            service_method,
+            metadata: &probe,
+        };
+        crate::wire::check_payload(payload.len(), &self.frames)?;
+        crate::wire::encode_record(&mut Vec::new(), &header, &[], &self.frames)?;
         let message = Stored {
             service_path: service_path.to_owned(),
             service_method: service_method.to_owned(),
@@ -824,6 +852,7 @@ impl Durable {
             let mut results = stream::iter(sends)
                 .map(|m| {
                     let conn = conn.clone();
+                    self.attempted([m.id]);
                     async move {
                         let r = conn
                             .push_with_receipt_within(
@@ -876,15 +905,7 @@ impl Durable {
                 expired.push(id);
                 continue;
             }
-            let redelivered = {
-                let mut attempted = lock(&self.attempted);
-                if attempted.len() >= MAX_ATTEMPTED {
-                    // Ids of messages that expired or overflowed after an attempt: only the
-                    // redelivered mark is lost by forgetting them.
-                    attempted.clear();
-                }
-                !attempted.insert(id)
-            };
+            let redelivered = lock(&self.attempted).contains(&id);
             let mut metadata = message.metadata;
             metadata.insert(MSG_ID_KEY, id.to_string());
             if redelivered {
@@ -911,6 +932,19 @@ impl Durable {
             metrics::counter!(crate::metrics::names::DURABLE_EXPIRED).increment(n);
         }
         sends
+    }
+
+    /// Remembers that `ids` went out (once they really did), for the redelivered mark.
+    fn attempted(&self, ids: impl IntoIterator<Item = u64>) {
+        let mut attempted = lock(&self.attempted);
+        for id in ids {
+            if attempted.len() >= MAX_ATTEMPTED {
+                // Ids of messages that expired or overflowed after an attempt: only the
+                // redelivered mark is lost by forgetting them.
+                attempted.clear();
+            }
+            attempted.insert(id);
+        }
     }
 
     /// Counts acknowledged messages (id, whether redelivered) as delivered; their ids.
@@ -941,35 +975,71 @@ impl Durable {
     /// everything sent was acknowledged; `Stopped` when the device refuses a message, the
     /// stream or connection fails, or no acknowledgement comes for `ack_timeout`.
     async fn deliver_stream(&self, identity: &str, conn: &Connection) -> RunEnd {
-        let (mut send, mut recv) = match conn.open_durable_stream().await {
-            Ok(streams) => streams,
-            Err(e) => {
+        // Something to send first: a stream is never opened for nothing.
+        let mut after = 0u64;
+        let first = loop {
+            let batch = match self
+                .store
+                .read_after_async(identity, after, STREAM_BATCH)
+                .await
+            {
+                Ok(batch) => batch,
+                Err(e) => {
+                    tracing::error!("reading durable messages of {identity} failed: {e}");
+                    return RunEnd::Stopped;
+                }
+            };
+            let Some((last, _)) = batch.last() else {
+                return RunEnd::Done;
+            };
+            after = *last;
+            let sends = self.prepare(identity, batch).await;
+            if !sends.is_empty() {
+                break sends;
+            }
+        };
+        let timeout = self.limits.ack_timeout;
+        let opened = crate::io::within(timeout, conn.open_durable_stream()).await;
+        let (mut send, mut recv) = match opened {
+            Ok(Ok(streams)) => streams,
+            Ok(Err(e)) => {
                 tracing::debug!("durable delivery to {identity} stopped: {e}");
+                return RunEnd::Stopped;
+            }
+            Err(_) => {
+                tracing::debug!("{identity} granted no stream within {timeout:?}");
                 return RunEnd::Stopped;
             }
         };
         let limits = conn.limits();
         let window = tokio::sync::Semaphore::new(STREAM_WINDOW);
-        // Sent and not yet acknowledged (id, redelivered), and since when the oldest waits.
-        let flight: Mutex<(VecDeque<(u64, bool)>, tokio::time::Instant)> =
-            Mutex::new((VecDeque::new(), tokio::time::Instant::now()));
+        let flight = Mutex::new(Flight {
+            unacked: VecDeque::new(),
+            since: tokio::time::Instant::now(),
+            last_sent: 0,
+        });
         let writer = async {
-            let mut after = 0u64;
+            let mut next = Some(first);
             loop {
                 let permits = window
                     .acquire_many(STREAM_BATCH as u32)
                     .await
                     .map_err(store_error)?;
-                let batch = self
-                    .store
-                    .read_after_async(identity, after, STREAM_BATCH)
-                    .await?;
-                let Some((last, _)) = batch.last() else {
-                    send.finish()?;
-                    return Ok::<_, Error>(());
+                let sends = match next.take() {
+                    Some(sends) => sends,
+                    None => {
+                        let batch = self
+                            .store
+                            .read_after_async(identity, after, STREAM_BATCH)
+                            .await?;
+                        let Some((last, _)) = batch.last() else {
+                            send.finish()?;
+                            return Ok::<_, Error>(());
+                        };
+                        after = *last;
+                        self.prepare(identity, batch).await
+                    }
                 };
-                after = *last;
-                let sends = self.prepare(identity, batch).await;
                 let mut buf =
                     Vec::with_capacity(sends.iter().map(|m| m.payload.len() + 64).sum::<usize>());
                 for m in &sends {
@@ -982,28 +1052,31 @@ impl Durable {
                 }
                 permits.forget();
                 window.add_permits(STREAM_BATCH - sends.len());
-                {
+                if let Some(last) = sends.last() {
                     let mut flight = lock(&flight);
-                    if flight.0.is_empty() {
-                        flight.1 = tokio::time::Instant::now();
+                    if flight.unacked.is_empty() {
+                        flight.since = tokio::time::Instant::now();
                     }
-                    flight.0.extend(sends.iter().map(|m| (m.id, m.redelivered)));
+                    flight.last_sent = last.id;
+                    flight
+                        .unacked
+                        .extend(sends.iter().map(|m| (m.id, m.redelivered)));
                 }
                 if !buf.is_empty() {
                     send.write_chunk(buf.into()).await?;
+                    self.attempted(sends.iter().map(|m| m.id));
                 }
             }
         };
         let mut writer = Box::pin(writer);
         let mut writer_done = false;
-        let (mut partial, mut have) = ([0u8; 8], 0usize);
+        let (mut partial, mut have, mut highest) = ([0u8; 8], 0usize, 0u64);
         let removals_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut removals: Vec<tokio::task::JoinHandle<()>> = Vec::new();
-        let timeout = self.limits.ack_timeout;
         let end = loop {
             let waiting_since = {
                 let flight = lock(&flight);
-                (!flight.0.is_empty()).then_some(flight.1)
+                (!flight.unacked.is_empty()).then_some(flight.since)
             };
             let ack_deadline =
                 waiting_since.map_or_else(tokio::time::Instant::now, |t| t + timeout);
@@ -1017,7 +1090,7 @@ impl Durable {
                         tracing::debug!("durable delivery to {identity} stopped: {e}");
                         break RunEnd::Stopped;
                     }
-                    if lock(&flight).0.is_empty() {
+                    if lock(&flight).unacked.is_empty() {
                         break RunEnd::Done;
                     }
                 }
@@ -1029,28 +1102,37 @@ impl Durable {
                             break RunEnd::Stopped;
                         }
                     };
-                    // Cumulative acknowledgements, 8 bytes each; only the last one counts.
-                    let mut ack = None;
+                    // Cumulative acknowledgements, 8 bytes each: the highest counts, none may
+                    // name an id not sent yet, stale ones are ignored.
+                    let last_sent = lock(&flight).last_sent;
+                    let mut bogus = None;
                     for &byte in chunk.iter() {
                         partial[have] = byte;
                         have += 1;
                         if have == 8 {
-                            ack = Some(u64::from_be_bytes(partial));
+                            let ack = u64::from_be_bytes(partial);
                             have = 0;
+                            if ack > last_sent {
+                                bogus = Some(ack);
+                                break;
+                            }
+                            highest = highest.max(ack);
                         }
                     }
-                    let Some(ack) = ack else { continue };
+                    if let Some(ack) = bogus {
+                        tracing::debug!("{identity} acknowledged {ack}, which was not sent");
+                        let _ = recv.stop(crate::wire::StreamCode::MALFORMED_FRAME.into());
+                        break RunEnd::Stopped;
+                    }
                     let acked: Vec<(u64, bool)> = {
                         let mut flight = lock(&flight);
-                        if flight.0.back().is_none_or(|(last, _)| ack > *last) {
-                            drop(flight);
-                            tracing::debug!("{identity} acknowledged {ack}, which was not sent");
-                            let _ = recv.stop(crate::wire::StreamCode::MALFORMED_FRAME.into());
-                            break RunEnd::Stopped;
+                        let n = flight.unacked.partition_point(|(id, _)| *id <= highest);
+                        if n == 0 {
+                            // Nothing new: the acknowledgement timer goes on.
+                            continue;
                         }
-                        let n = flight.0.partition_point(|(id, _)| *id <= ack);
-                        flight.1 = tokio::time::Instant::now();
-                        flight.0.drain(..n).collect()
+                        flight.since = tokio::time::Instant::now();
+                        flight.unacked.drain(..n).collect()
                     };
                     window.add_permits(acked.len());
                     let ids = self.count_acked(&acked);
@@ -1063,7 +1145,7 @@ impl Durable {
                             failed.store(true, Ordering::Relaxed);
                         }
                     }));
-                    if writer_done && lock(&flight).0.is_empty() {
+                    if writer_done && lock(&flight).unacked.is_empty() {
                         break RunEnd::Done;
                     }
                 }

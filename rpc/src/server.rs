@@ -213,7 +213,12 @@ impl ServerBuilder {
         let registry = Arc::new(Registry::new(4096));
         let limiters = Arc::new(crate::limits::Limiters::new(&self.abuse));
         let durable = match &self.durable {
-            Some((path, limits)) => Some(crate::durable::Durable::open(path, *limits, &registry)?),
+            Some((path, limits)) => Some(crate::durable::Durable::open(
+                path,
+                *limits,
+                self.transport.limits,
+                &registry,
+            )?),
             None => None,
         };
         let side = Arc::new(Side::new(
@@ -575,7 +580,9 @@ impl Server {
     /// Once the message is committed, not when it is delivered; with its id. Under
     /// [`Fsync::EveryCommit`](crate::Fsync::EveryCommit) (the default) the commit is on the disk
     /// and survives any crash; under [`Fsync::Interval`](crate::Fsync::Interval) it reaches the
-    /// disk within the interval. [`Error::StoreFull`] if it would exceed a bound under [`Overflow::Refuse`](crate::Overflow::Refuse),
+    /// disk within the interval. [`Error::TooLarge`] at once if the payload or the header
+    /// (with the id the server adds) is above the frame limits, so it could never be delivered;
+    /// [`Error::StoreFull`] if it would exceed a bound under [`Overflow::Refuse`](crate::Overflow::Refuse),
     /// [`Error::Store`] if the commit failed (or the server shut down), [`Error::Config`] if the
     /// server has no [`durable_store`](ServerBuilder::durable_store).
     ///

@@ -234,8 +234,10 @@ async fn quicx2_devices_get_a_durable_stream_and_quicx1_devices_one_push_each() 
     }
     assert_eq!(&next(&mut new_rx).await.payload[..], b"late");
     assert_eq!(&next(&mut old_rx).await.payload[..], b"late");
-    quiet(&mut new_rx, Duration::from_millis(300)).await;
-    quiet(&mut old_rx, Duration::from_millis(1)).await;
+    tokio::join!(
+        quiet(&mut new_rx, Duration::from_millis(300)),
+        quiet(&mut old_rx, Duration::from_millis(300))
+    );
     assert!(
         until(Duration::from_secs(5), async || server
             .stats()
@@ -354,11 +356,18 @@ async fn a_client_acknowledges_a_durable_stream_cumulatively_and_refuses_bad_rec
     assert_eq!(ids.last(), Some(&3));
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "acks grow: {ids:?}");
 
-    // Redelivered ids already acknowledged are acknowledged again, not delivered; an id that
-    // does not grow is malformed.
+    // Ids acknowledged before (a redelivery) are acknowledged again, not delivered.
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let mut bytes = record(3, b"three again");
-    bytes.extend(record(4, b"four"));
+    let mut bytes = record(2, b"two again");
+    bytes.extend(record(3, b"three again"));
+    send.write_all(&bytes).await.unwrap();
+    send.finish().unwrap();
+    assert_eq!(acks(&mut recv).await.expect("finished").last(), Some(&3));
+    quiet(&mut rx, Duration::from_millis(200)).await;
+
+    // An id that does not grow is malformed.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let mut bytes = record(4, b"four");
     bytes.extend(record(4, b"four again"));
     send.write_all(&bytes).await.unwrap();
     assert_eq!(&next(&mut rx).await.payload[..], b"four");
@@ -389,6 +398,228 @@ async fn a_client_acknowledges_a_durable_stream_cumulatively_and_refuses_bad_rec
         Err(StreamCode::MALFORMED_FRAME.value())
     );
     quiet(&mut rx, Duration::from_millis(200)).await;
+}
+
+/// Reads one durable record off `recv`: its id, whether it is marked redelivered, its payload;
+/// `None` at the end of the stream.
+async fn read_record(recv: &mut quinn::RecvStream) -> Option<(u64, bool, Vec<u8>)> {
+    let mut prefix = [0u8; 5];
+    match recv.read_exact(&mut prefix).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return None,
+        Err(e) => panic!("reading a record: {e}"),
+    }
+    assert_eq!(prefix[0], 0x05, "a durable record");
+    let mut header = vec![0u8; u32::from_be_bytes(prefix[1..].try_into().unwrap()) as usize];
+    recv.read_exact(&mut header).await.unwrap();
+    let mut len = [0u8; 4];
+    recv.read_exact(&mut len).await.unwrap();
+    let mut payload = vec![0u8; u32::from_be_bytes(len) as usize];
+    recv.read_exact(&mut payload).await.unwrap();
+    // PushHeader: path, method, metadata (short strings: one-byte lengths).
+    let mut at = 0;
+    let string = |at: &mut usize| {
+        let n = header[*at] as usize;
+        let s = String::from_utf8(header[*at + 1..*at + 1 + n].to_vec()).unwrap();
+        *at += 1 + n;
+        s
+    };
+    string(&mut at);
+    string(&mut at);
+    let pairs = header[at];
+    at += 1;
+    let (mut id, mut redelivered) = (None, false);
+    for _ in 0..pairs {
+        let (k, v) = (string(&mut at), string(&mut at));
+        match k.as_str() {
+            "quicx-msg-id" => id = v.parse().ok(),
+            "quicx-msg-redelivered" => redelivered = v == "1",
+            _ => {}
+        }
+    }
+    assert_eq!(at, header.len(), "the header is used exactly");
+    Some((id.expect("an id"), redelivered, payload))
+}
+
+#[tokio::test]
+async fn a_server_removes_only_what_a_durable_stream_acknowledged() {
+    let dev = DevCertificate::localhost().unwrap();
+    let store = TempStore::new();
+    let server = server(&dev, &store, DurableLimits::default()).await;
+    let mut ids = Vec::new();
+    for i in 0..5u8 {
+        let id = server
+            .send_durable(
+                "raw-1",
+                "D",
+                "M",
+                Metadata::new(),
+                [i],
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+        ids.push(id);
+    }
+    let addr = server.local_addr().unwrap();
+    let conn = quicx_tests::raw_connection(addr, &dev, quicx::ALPN_V2)
+        .await
+        .unwrap();
+    // HELLO for raw-1 (`docs/PROTOCOL.md` §6).
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&[4, 0, 0, 0, 8, 1, 5, b'r', b'a', b'w', b'-', b'1', 0])
+        .await
+        .unwrap();
+    send.finish().unwrap();
+    assert_eq!(
+        recv.read_to_end(64).await.unwrap(),
+        [2, 0, 0, 0, 2, 0, 0],
+        "hello answered Ok"
+    );
+
+    // First run: all five arrive in order; the client acknowledges the third, repeats an older
+    // acknowledgement (stale, ignored) and finishes without acknowledging the rest.
+    let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+    for (i, id) in ids.iter().enumerate() {
+        let (got, redelivered, payload) = read_record(&mut recv).await.expect("a record");
+        assert_eq!((got, redelivered, payload), (*id, false, vec![i as u8]));
+    }
+    assert!(
+        read_record(&mut recv).await.is_none(),
+        "the server finished"
+    );
+    send.write_all(&ids[2].to_be_bytes()).await.unwrap();
+    send.write_all(&ids[0].to_be_bytes()).await.unwrap();
+    send.finish().unwrap();
+    assert!(
+        until(Duration::from_secs(5), async || server
+            .durable_pending("raw-1")
+            .await
+            .unwrap()
+            .len()
+            == 2)
+        .await,
+        "the three acknowledged are removed, the two others stay"
+    );
+
+    // Second run (a second later): the two others, marked redelivered. An acknowledgement of
+    // an id never sent makes the server stop the stream; nothing is removed.
+    let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+    for id in &ids[3..] {
+        let (got, redelivered, _) = read_record(&mut recv).await.expect("a record");
+        assert_eq!((got, redelivered), (*id, true));
+    }
+    send.write_all(&(ids[4] + 100).to_be_bytes()).await.unwrap();
+    let stopped = tokio::time::timeout(Duration::from_secs(5), send.stopped())
+        .await
+        .expect("stopped in time");
+    assert_eq!(
+        stopped.unwrap().map(quinn::VarInt::into_inner),
+        Some(quicx::StreamCode::MALFORMED_FRAME.value())
+    );
+    assert_eq!(server.durable_pending("raw-1").await.unwrap().len(), 2);
+
+    // Third run: acknowledged, finished: nothing pending.
+    let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+    let mut last = 0;
+    while let Some((got, _, _)) = read_record(&mut recv).await {
+        last = got;
+    }
+    assert_eq!(last, ids[4]);
+    send.write_all(&last.to_be_bytes()).await.unwrap();
+    send.finish().unwrap();
+    assert!(
+        until(Duration::from_secs(5), async || server
+            .durable_pending("raw-1")
+            .await
+            .unwrap()
+            .is_empty())
+        .await
+    );
+    assert_eq!(server.stats().durable_delivered, 5);
+    assert_eq!(server.stats().durable_redelivered, 2);
+}
+
+#[tokio::test]
+async fn a_device_that_stalls_past_the_ack_timeout_still_sees_each_message_once() {
+    // The application does not read its (one-slot) channel for longer than the server waits
+    // for acknowledgements: the server gives up on its stream and sends again on new ones; the
+    // streams it gave up on must not deliver late copies.
+    let dev = DevCertificate::localhost().unwrap();
+    let store = TempStore::new();
+    let limits = DurableLimits::default().ack_timeout(Duration::from_millis(700));
+    let server = server(&dev, &store, limits).await;
+    for i in 1..=3u8 {
+        server
+            .send_durable(
+                "device-slow",
+                "D",
+                "M",
+                Metadata::new(),
+                [i],
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+    }
+    let (tx, mut rx) = push_channel(1);
+    let _client = quicx::Client::builder()
+        .tls(ClientTls::new().trust(dev.certificate()))
+        .client_id("device-slow")
+        .push_channel(tx)
+        .connect_addr(server.local_addr().unwrap(), "localhost")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
+    let mut seen = Vec::new();
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(2_500), rx.recv()).await {
+        seen.push(m.payload[0]);
+    }
+    assert_eq!(seen, [1, 2, 3], "each once, in order");
+    assert!(
+        until(Duration::from_secs(5), async || server
+            .durable_pending("device-slow")
+            .await
+            .unwrap()
+            .is_empty())
+        .await
+    );
+}
+
+#[tokio::test]
+async fn a_durable_message_above_the_frame_limits_is_refused_at_once() {
+    let dev = DevCertificate::localhost().unwrap();
+    let store = TempStore::new();
+    let server = server(&dev, &store, DurableLimits::default()).await;
+    let too_large = server
+        .send_durable(
+            "device-x",
+            "D",
+            "M",
+            Metadata::new(),
+            vec![0u8; 9 << 20],
+            Duration::from_secs(60),
+        )
+        .await;
+    assert!(
+        matches!(too_large, Err(Error::TooLarge { .. })),
+        "{too_large:?}"
+    );
+    let huge_header = server
+        .send_durable(
+            "device-x",
+            "D",
+            "M",
+            Metadata::new().with("k", "v".repeat(70_000)),
+            b"x",
+            Duration::from_secs(60),
+        )
+        .await;
+    assert!(
+        matches!(huge_header, Err(Error::TooLarge { .. })),
+        "{huge_header:?}"
+    );
+    assert!(server.durable_pending("device-x").await.unwrap().is_empty());
 }
 
 #[tokio::test]
@@ -811,6 +1042,15 @@ async fn the_store_is_released_when_shutdown_returns() {
 
 #[tokio::test]
 async fn in_manual_mode_a_message_dropped_unacked_comes_back_before_the_next() {
+    dropped_unacked_comes_back_first(false).await;
+}
+
+#[tokio::test]
+async fn over_quicx1_a_message_dropped_unacked_comes_back_before_the_next() {
+    dropped_unacked_comes_back_first(true).await;
+}
+
+async fn dropped_unacked_comes_back_first(v1_only: bool) {
     let dev = DevCertificate::localhost().unwrap();
     let store = TempStore::new();
     let server = server(&dev, &store, DurableLimits::default()).await;
@@ -827,7 +1067,13 @@ async fn in_manual_mode_a_message_dropped_unacked_comes_back_before_the_next() {
             .await
             .unwrap();
     }
-    let (_d, mut rx) = device(&dev, server.local_addr().unwrap(), "device-10", true).await;
+    let mut tls = ClientTls::new().trust(dev.certificate());
+    if v1_only {
+        tls = tls.with_alpn(vec![quicx::ALPN.to_vec()]);
+    }
+    let (_d, mut rx) = device_with(tls, server.local_addr().unwrap(), "device-10", true).await;
+    let version = server.client("device-10").unwrap().protocol_version();
+    assert_eq!(version, if v1_only { 1 } else { 2 });
     let first = next(&mut rx).await;
     assert_eq!(&first.payload[..], b"first");
     // The application gives up on it without acking: the second must not pass it.

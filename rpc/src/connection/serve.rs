@@ -684,7 +684,16 @@ async fn hand_over(
     } else {
         None
     };
-    match deliver(conn, sink, msg).await {
+    // A server that gave up on this message (its stream stopped: the device was too slow)
+    // sends it again on a new stream: this one must not deliver it late as well.
+    let delivery = tokio::select! {
+        biased;
+        _ = send.stopped() => {
+            return Err(Status::error(status::PUSH_REJECTED, "server gave up"));
+        }
+        delivery = deliver(conn, sink, msg) => delivery,
+    };
+    match delivery {
         Delivery::Delivered => {}
         Delivery::Dropped => return Err(Status::error(status::PUSH_DROPPED, "push channel full")),
         Delivery::Closed => {
@@ -796,10 +805,20 @@ async fn accept_pushes(conn: &Connection, sink: Option<&PushSender>) {
             reject(None, &mut recv, StreamCode::PUSH_REJECTED);
             continue;
         };
-        let Some(Incoming::Frame(raw)) = read_incoming(conn, None, &mut recv).await else {
-            // Nothing, or a durable stream: those ride bidirectional streams only.
-            reject(None, &mut recv, StreamCode::UNEXPECTED_STREAM);
-            continue;
+        let raw = match read_incoming(conn, None, &mut recv).await {
+            Some(Incoming::Frame(raw)) => raw,
+            // Rejected already.
+            None => continue,
+            Some(Incoming::Records(_)) => {
+                // Durable streams ride bidirectional streams only (and do not exist in v1).
+                let code = if conn.protocol_version() >= 2 {
+                    StreamCode::UNEXPECTED_STREAM
+                } else {
+                    StreamCode::MALFORMED_FRAME
+                };
+                reject(None, &mut recv, code);
+                continue;
+            }
         };
         if raw.kind != FrameKind::Push {
             reject(None, &mut recv, StreamCode::UNEXPECTED_STREAM);

@@ -769,6 +769,10 @@ impl Durable {
             return;
         }
         let mut running = lock(&self.running);
+        // Offline: its next hello kicks (a run now would only find it gone).
+        if !running.contains_key(identity) && self.connection(identity).is_none() {
+            return;
+        }
         match running.get_mut(identity) {
             Some(more) => *more = true,
             None => {

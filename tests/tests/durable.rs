@@ -103,6 +103,38 @@ async fn quiet(rx: &mut PushReceiver, wait: Duration) {
     }
 }
 
+/// Sends one durable message per payload to `device` (TTL 60 s); their ids.
+async fn send_all(
+    server: &Server,
+    device: &str,
+    payloads: impl IntoIterator<Item = Vec<u8>>,
+) -> Vec<u64> {
+    let mut ids = Vec::new();
+    for payload in payloads {
+        let id = server
+            .send_durable(
+                device,
+                "Device",
+                "Cmd",
+                Metadata::new(),
+                payload,
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+        ids.push(id);
+    }
+    ids
+}
+
+/// Whether `device` comes to have exactly `n` messages pending within `limit`.
+async fn pending_becomes(server: &Server, device: &str, n: usize, limit: Duration) -> bool {
+    until(limit, async || {
+        server.durable_pending(device).await.unwrap().len() == n
+    })
+    .await
+}
+
 async fn until(limit: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
     let start = Instant::now();
     while start.elapsed() < limit {
@@ -136,12 +168,7 @@ async fn an_online_device_receives_a_durable_message_at_once() {
     assert_eq!(msg.durable_id(), Some(id));
     assert_eq!(msg.metadata.get("k"), Some("v"));
     assert!(!msg.is_redelivered());
-    assert!(
-        until(Duration::from_secs(5), async || {
-            server.durable_pending("device-1").await.unwrap().is_empty()
-        })
-        .await
-    );
+    assert!(pending_becomes(&server, "device-1", 0, Duration::from_secs(5)).await);
     assert_eq!(server.stats().durable_delivered, 1);
     assert_eq!(server.stats().durable_pending, 0);
 }
@@ -151,19 +178,12 @@ async fn messages_for_an_offline_device_arrive_in_order_once_it_connects() {
     let dev = DevCertificate::localhost().unwrap();
     let store = TempStore::new();
     let server = server(&dev, &store, DurableLimits::default()).await;
-    for i in 0..300u32 {
-        server
-            .send_durable(
-                "device-2",
-                "Device",
-                "Cmd",
-                Metadata::new(),
-                i.to_string(),
-                Duration::from_secs(60),
-            )
-            .await
-            .unwrap();
-    }
+    send_all(
+        &server,
+        "device-2",
+        (0..300u32).map(|i| i.to_string().into_bytes()),
+    )
+    .await;
     assert_eq!(server.durable_pending("device-2").await.unwrap().len(), 300);
     let (_d, mut rx) = device(&dev, server.local_addr().unwrap(), "device-2", false).await;
     for i in 0..300u32 {
@@ -186,19 +206,12 @@ async fn quicx2_devices_get_a_durable_stream_and_quicx1_devices_one_push_each() 
     let store = TempStore::new();
     let server = server(&dev, &store, DurableLimits::default()).await;
     for device in ["new-device", "old-device"] {
-        for i in 0..500u32 {
-            server
-                .send_durable(
-                    device,
-                    "Device",
-                    "Cmd",
-                    Metadata::new(),
-                    i.to_string(),
-                    Duration::from_secs(60),
-                )
-                .await
-                .unwrap();
-        }
+        send_all(
+            &server,
+            device,
+            (0..500u32).map(|i| i.to_string().into_bytes()),
+        )
+        .await;
     }
     let addr = server.local_addr().unwrap();
     let (_new, mut new_rx) = device(&dev, addr, "new-device", false).await;
@@ -220,17 +233,7 @@ async fn quicx2_devices_get_a_durable_stream_and_quicx1_devices_one_push_each() 
     }
     // More while both are online: each gets it at once, on a new run.
     for device in ["new-device", "old-device"] {
-        server
-            .send_durable(
-                device,
-                "Device",
-                "Cmd",
-                Metadata::new(),
-                b"late",
-                Duration::from_secs(60),
-            )
-            .await
-            .unwrap();
+        send_all(&server, device, [b"late".to_vec()]).await;
     }
     assert_eq!(&next(&mut new_rx).await.payload[..], b"late");
     assert_eq!(&next(&mut old_rx).await.payload[..], b"late");
@@ -255,21 +258,7 @@ async fn large_messages_are_listed_and_delivered_past_one_store_read() {
     let dev = DevCertificate::localhost().unwrap();
     let store = TempStore::new();
     let server = server(&dev, &store, DurableLimits::default()).await;
-    let mut ids = Vec::new();
-    for i in 0..6u8 {
-        let id = server
-            .send_durable(
-                "device-big",
-                "Device",
-                "Blob",
-                Metadata::new(),
-                vec![i; 1 << 20],
-                Duration::from_secs(60),
-            )
-            .await
-            .unwrap();
-        ids.push(id);
-    }
+    let ids = send_all(&server, "device-big", (0..6u8).map(|i| vec![i; 1 << 20])).await;
     let pending = server.durable_pending("device-big").await.unwrap();
     assert_eq!(pending.iter().map(|p| p.id).collect::<Vec<_>>(), ids);
     let (_d, mut rx) = device(&dev, server.local_addr().unwrap(), "device-big", false).await;
@@ -279,13 +268,7 @@ async fn large_messages_are_listed_and_delivered_past_one_store_read() {
         assert_eq!(msg.payload.len(), 1 << 20);
         assert!(msg.payload.iter().all(|&b| b == i as u8));
     }
-    assert!(
-        until(Duration::from_secs(10), async || server
-            .stats()
-            .durable_pending
-            == 0)
-        .await
-    );
+    assert!(pending_becomes(&server, "device-big", 0, Duration::from_secs(10)).await);
 }
 
 /// A durable record (`docs/PROTOCOL.md` §4, v2) with message id `id`, written by hand.
@@ -446,21 +429,7 @@ async fn a_server_removes_only_what_a_durable_stream_acknowledged() {
     let dev = DevCertificate::localhost().unwrap();
     let store = TempStore::new();
     let server = server(&dev, &store, DurableLimits::default()).await;
-    let mut ids = Vec::new();
-    for i in 0..5u8 {
-        let id = server
-            .send_durable(
-                "raw-1",
-                "D",
-                "M",
-                Metadata::new(),
-                [i],
-                Duration::from_secs(60),
-            )
-            .await
-            .unwrap();
-        ids.push(id);
-    }
+    let ids = send_all(&server, "raw-1", (0..5u8).map(|i| vec![i])).await;
     let addr = server.local_addr().unwrap();
     let conn = quicx_tests::raw_connection(addr, &dev, quicx::ALPN_V2)
         .await
@@ -492,13 +461,7 @@ async fn a_server_removes_only_what_a_durable_stream_acknowledged() {
     send.write_all(&ids[0].to_be_bytes()).await.unwrap();
     send.finish().unwrap();
     assert!(
-        until(Duration::from_secs(5), async || server
-            .durable_pending("raw-1")
-            .await
-            .unwrap()
-            .len()
-            == 2)
-        .await,
+        pending_becomes(&server, "raw-1", 2, Duration::from_secs(5)).await,
         "the three acknowledged are removed, the two others stay"
     );
 
@@ -528,14 +491,7 @@ async fn a_server_removes_only_what_a_durable_stream_acknowledged() {
     assert_eq!(last, ids[4]);
     send.write_all(&last.to_be_bytes()).await.unwrap();
     send.finish().unwrap();
-    assert!(
-        until(Duration::from_secs(5), async || server
-            .durable_pending("raw-1")
-            .await
-            .unwrap()
-            .is_empty())
-        .await
-    );
+    assert!(pending_becomes(&server, "raw-1", 0, Duration::from_secs(5)).await);
     assert_eq!(server.stats().durable_delivered, 5);
     assert_eq!(server.stats().durable_redelivered, 2);
 }
@@ -549,19 +505,7 @@ async fn a_device_that_stalls_past_the_ack_timeout_still_sees_each_message_once(
     let store = TempStore::new();
     let limits = DurableLimits::default().ack_timeout(Duration::from_millis(700));
     let server = server(&dev, &store, limits).await;
-    for i in 1..=3u8 {
-        server
-            .send_durable(
-                "device-slow",
-                "D",
-                "M",
-                Metadata::new(),
-                [i],
-                Duration::from_secs(60),
-            )
-            .await
-            .unwrap();
-    }
+    send_all(&server, "device-slow", (1..=3u8).map(|i| vec![i])).await;
     let (tx, mut rx) = push_channel(1);
     let _client = quicx::Client::builder()
         .tls(ClientTls::new().trust(dev.certificate()))
@@ -576,14 +520,7 @@ async fn a_device_that_stalls_past_the_ack_timeout_still_sees_each_message_once(
         seen.push(m.payload[0]);
     }
     assert_eq!(seen, [1, 2, 3], "each once, in order");
-    assert!(
-        until(Duration::from_secs(5), async || server
-            .durable_pending("device-slow")
-            .await
-            .unwrap()
-            .is_empty())
-        .await
-    );
+    assert!(pending_becomes(&server, "device-slow", 0, Duration::from_secs(5)).await);
 }
 
 #[tokio::test]
@@ -1054,19 +991,12 @@ async fn dropped_unacked_comes_back_first(v1_only: bool) {
     let dev = DevCertificate::localhost().unwrap();
     let store = TempStore::new();
     let server = server(&dev, &store, DurableLimits::default()).await;
-    for text in ["first", "second"] {
-        server
-            .send_durable(
-                "device-10",
-                "Device",
-                "Step",
-                Metadata::new(),
-                text,
-                Duration::from_secs(60),
-            )
-            .await
-            .unwrap();
-    }
+    send_all(
+        &server,
+        "device-10",
+        [b"first".to_vec(), b"second".to_vec()],
+    )
+    .await;
     let mut tls = ClientTls::new().trust(dev.certificate());
     if v1_only {
         tls = tls.with_alpn(vec![quicx::ALPN.to_vec()]);
@@ -1088,14 +1018,5 @@ async fn dropped_unacked_comes_back_first(v1_only: bool) {
     let second = next(&mut rx).await;
     assert_eq!(&second.payload[..], b"second");
     assert!(second.ack());
-    assert!(
-        until(Duration::from_secs(5), async || {
-            server
-                .durable_pending("device-10")
-                .await
-                .unwrap()
-                .is_empty()
-        })
-        .await
-    );
+    assert!(pending_becomes(&server, "device-10", 0, Duration::from_secs(5)).await);
 }

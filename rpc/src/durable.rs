@@ -463,7 +463,7 @@ fn write_loop(
                     }
                 }
             }
-            _ => match ops.recv() {
+            _ => match recv_soon(ops) {
                 Ok(op) => Some(op),
                 Err(_) => return,
             },
@@ -575,6 +575,28 @@ fn write_loop(
             }
         }
     }
+}
+
+/// How long the writer keeps looking for the next operation before it sleeps: a sender that
+/// waits for each commit sends its next one within a few tens of µs, and finding it awake saves
+/// the thread wake-up (30-50 µs on a VM) that would otherwise come on top.
+const STAY_AWAKE: Duration = Duration::from_micros(100);
+
+/// The next operation: looked for (yielding the core) for `STAY_AWAKE`, then waited for.
+fn recv_soon(
+    ops: &std::sync::mpsc::Receiver<Op>,
+) -> std::result::Result<Op, std::sync::mpsc::RecvError> {
+    let until = std::time::Instant::now() + STAY_AWAKE;
+    while std::time::Instant::now() < until {
+        match ops.try_recv() {
+            Ok(op) => return Ok(op),
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                return Err(std::sync::mpsc::RecvError);
+            }
+            Err(std::sync::mpsc::TryRecvError::Empty) => std::thread::yield_now(),
+        }
+    }
+    ops.recv()
 }
 
 /// An empty durable commit: everything committed before it is on the disk when it returns.

@@ -52,7 +52,9 @@ pub struct TransportOptions {
     pub unresponsive_timeout: Option<Duration>,
     /// How long the peer may take to send one whole frame (a request, a push) once it opened
     /// its stream. A stream still unfinished then is reset with `CANCELLED` and everything it
-    /// buffered is released: a peer that sends 3 bytes and stalls holds nothing past this.
+    /// buffered is released: a peer that sends 3 bytes and stalls holds nothing past this. On a
+    /// durable stream (`quicx/2`) each record, and the stream's end, must come within this of
+    /// the client asking for it.
     /// Default 60 s (an 8 MiB request over a 1 Mbit/s link needs about 70 s: raise it for slow
     /// links with large payloads).
     pub frame_timeout: Duration,

@@ -560,6 +560,50 @@ async fn a_durable_message_above_the_frame_limits_is_refused_at_once() {
 }
 
 #[tokio::test]
+async fn a_client_gives_up_on_a_durable_stream_that_stalls() {
+    let dev = DevCertificate::localhost().unwrap();
+    let endpoint = quicx_tests::raw_server(&dev, &[quicx::ALPN_V2, quicx::ALPN]);
+    let addr = endpoint.local_addr().unwrap();
+    let (tx, mut rx) = push_channel(64);
+    let client = quicx::Client::builder()
+        .tls(ClientTls::new().trust(dev.certificate()))
+        .transport(quicx::TransportOptions::default().frame_timeout(Duration::from_millis(300)))
+        .push_channel(tx)
+        .connect_addr(addr, "localhost");
+    let accept = async { endpoint.accept().await.unwrap().await.unwrap() };
+    let (client, conn) = tokio::join!(client, accept);
+    let _client = client.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let mut bytes = record(1, b"one");
+    let second = record(2, b"two");
+    bytes.extend_from_slice(&second[..4]);
+    send.write_all(&bytes).await.unwrap();
+    assert_eq!(&next(&mut rx).await.payload[..], b"one");
+    // The rest of the second record never comes: the client resets after its frame timeout,
+    // having acknowledged the first.
+    let started = Instant::now();
+    let mut acked = Vec::new();
+    let code = loop {
+        let mut ack = [0u8; 8];
+        match tokio::time::timeout(Duration::from_secs(10), recv.read_exact(&mut ack)).await {
+            Ok(Ok(())) => acked.push(u64::from_be_bytes(ack)),
+            Ok(Err(quinn::ReadExactError::ReadError(quinn::ReadError::Reset(code)))) => {
+                break code.into_inner();
+            }
+            other => panic!("expected acks then a reset, got {other:?}"),
+        }
+    };
+    assert_eq!(code, quicx::StreamCode::CANCELLED.value());
+    assert_eq!(acked, [1]);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    quiet(&mut rx, Duration::from_millis(200)).await;
+}
+
+#[tokio::test]
 async fn a_quicx1_client_refuses_durable_records() {
     use quicx::StreamCode;
     let dev = DevCertificate::localhost().unwrap();

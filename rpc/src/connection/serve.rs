@@ -731,8 +731,15 @@ async fn serve_durable_stream(
     let limits = conn.inner.side.limits;
     let server = conn.server_addr().to_string();
     let (mut last, mut unacked) = (0u64, None);
+    let frame_timeout = conn.inner.side.frame_timeout;
     loop {
-        let raw = match records.next(&limits).await {
+        // Each record (and the end) within the frame timeout of asking for it: a server that
+        // stalls mid-stream holds nothing here past that.
+        let Ok(next) = within(frame_timeout, records.next(&limits)).await else {
+            tracing::debug!(conn = conn.id(), "durable stream stalled: giving up");
+            return reject(Some(&mut send), records.recv(), StreamCode::CANCELLED);
+        };
+        let raw = match next {
             Ok(Some(raw)) => raw,
             Ok(None) => break,
             Err(e) => {

@@ -704,6 +704,75 @@ struct Outgoing {
     payload: Vec<u8>,
 }
 
+/// Removes the acknowledged messages of one delivery run from the store: one removal at a time,
+/// the ids acknowledged meanwhile gathered into the next, so that a fast drain makes a few large
+/// commits rather than one per acknowledgement (each commit rewrites B-tree pages and, by
+/// default, waits for an fsync).
+struct Remover {
+    store: Arc<Store>,
+    identity: String,
+    gathered: Vec<u64>,
+    running: Option<tokio::task::JoinHandle<Result<u64>>>,
+    failed: bool,
+}
+
+impl Remover {
+    fn new(store: Arc<Store>, identity: &str) -> Self {
+        Self {
+            store,
+            identity: identity.to_owned(),
+            gathered: Vec::new(),
+            running: None,
+            failed: false,
+        }
+    }
+
+    /// Removes `ids` now if no removal runs, else with the next one.
+    fn add(&mut self, ids: Vec<u64>) {
+        self.gathered.extend(ids);
+        self.start();
+    }
+
+    fn start(&mut self) {
+        if self.running.is_none() && !self.gathered.is_empty() {
+            let (store, who) = (self.store.clone(), self.identity.clone());
+            let ids = std::mem::take(&mut self.gathered);
+            self.running = Some(tokio::spawn(async move { store.remove(&who, ids).await }));
+        }
+    }
+
+    fn is_running(&self) -> bool {
+        self.running.is_some()
+    }
+
+    /// The running removal's end (pending forever when none runs; cancel safe).
+    async fn running(&mut self) -> Result<u64> {
+        match &mut self.running {
+            Some(handle) => handle.await.map_err(store_error)?,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// The running removal ended with `result`: start the next.
+    fn done(&mut self, result: Result<u64>) {
+        self.running = None;
+        if let Err(e) = result {
+            tracing::error!("removing acknowledged messages of {} failed: {e}", self.identity);
+            self.failed = true;
+        }
+        self.start();
+    }
+
+    /// Waits for every removal; whether they all committed.
+    async fn finish(mut self) -> bool {
+        while self.is_running() {
+            let result = self.running().await;
+            self.done(result);
+        }
+        !self.failed
+    }
+}
+
 /// The records of a durable stream sent and not yet acknowledged.
 struct Flight {
     /// (id, whether redelivered), in id order.
@@ -1097,8 +1166,7 @@ impl Durable {
         let mut writer = Box::pin(writer);
         let mut writer_done = false;
         let (mut partial, mut have, mut highest) = ([0u8; 8], 0usize, 0u64);
-        let removals_failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let mut removals: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+        let mut remover = Remover::new(self.store.clone(), identity);
         let end = loop {
             let waiting_since = {
                 let flight = lock(&flight);
@@ -1161,20 +1229,12 @@ impl Durable {
                         flight.unacked.drain(..n).collect()
                     };
                     window.add_permits(acked.len());
-                    let ids = self.count_acked(&acked);
-                    let (store, who, failed) =
-                        (self.store.clone(), identity.to_owned(), removals_failed.clone());
-                    removals.retain(|r| !r.is_finished());
-                    removals.push(tokio::spawn(async move {
-                        if let Err(e) = store.remove(&who, ids).await {
-                            tracing::error!("removing acknowledged messages of {who} failed: {e}");
-                            failed.store(true, Ordering::Relaxed);
-                        }
-                    }));
+                    remover.add(self.count_acked(&acked));
                     if writer_done && lock(&flight).unacked.is_empty() {
                         break RunEnd::Done;
                     }
                 }
+                r = remover.running(), if remover.is_running() => remover.done(r),
                 () = tokio::time::sleep_until(ack_deadline), if waiting_since.is_some() => {
                     tracing::debug!("{identity} did not acknowledge within {timeout:?}");
                     break RunEnd::Stopped;
@@ -1186,10 +1246,7 @@ impl Durable {
             let _ = send.reset(crate::wire::StreamCode::CANCELLED.into());
             let _ = recv.stop(crate::wire::StreamCode::CANCELLED.into());
         }
-        for removal in removals {
-            let _ = removal.await;
-        }
-        if removals_failed.load(Ordering::Relaxed) {
+        if !remover.finish().await {
             return RunEnd::Stopped;
         }
         end

@@ -50,6 +50,9 @@ const BATCH: usize = 1024;
 const READ_BYTES: usize = 4 << 20;
 /// Messages in flight on a durable stream (v2) before acknowledgements come back.
 const STREAM_WINDOW: usize = 4096;
+/// How often a durable stream with nothing awaiting acknowledgement looks again (the writer
+/// may have sent meanwhile).
+const RECHECK: Duration = Duration::from_millis(200);
 /// Messages read from the store and written to a durable stream at a time.
 const STREAM_BATCH: usize = 1024;
 
@@ -757,7 +760,10 @@ impl Remover {
     fn done(&mut self, result: Result<u64>) {
         self.running = None;
         if let Err(e) = result {
-            tracing::error!("removing acknowledged messages of {} failed: {e}", self.identity);
+            tracing::error!(
+                "removing acknowledged messages of {} failed: {e}",
+                self.identity
+            );
             self.failed = true;
         }
         self.start();
@@ -781,6 +787,8 @@ struct Flight {
     since: tokio::time::Instant,
     /// The highest id written to the stream.
     last_sent: u64,
+    /// The highest id acknowledged.
+    acked: u64,
 }
 
 /// How a delivery run ended.
@@ -1112,6 +1120,7 @@ impl Durable {
             unacked: VecDeque::new(),
             since: tokio::time::Instant::now(),
             last_sent: 0,
+            acked: 0,
         });
         let writer = async {
             let mut next = Some(first);
@@ -1159,7 +1168,10 @@ impl Durable {
                 }
                 if !buf.is_empty() {
                     send.write_chunk(buf.into()).await?;
-                    self.attempted(sends.iter().map(|m| m.id));
+                    // Those acknowledged while the write waited for flow control are gone
+                    // already: only the others can come again.
+                    let acked = lock(&flight).acked;
+                    self.attempted(sends.iter().map(|m| m.id).filter(|id| *id > acked));
                 }
             }
         };
@@ -1172,8 +1184,13 @@ impl Durable {
                 let flight = lock(&flight);
                 (!flight.unacked.is_empty()).then_some(flight.since)
             };
-            let ack_deadline =
-                waiting_since.map_or_else(tokio::time::Instant::now, |t| t + timeout);
+            // With nothing due now, the writer may send (and then wait on flow control or the
+            // window) inside this very select: look again soon, so that the timer and the
+            // probe below start for what it sent.
+            let ack_deadline = waiting_since.map_or_else(
+                || tokio::time::Instant::now() + timeout.min(RECHECK),
+                |t| t + timeout,
+            );
             // While acknowledgements are due, a silent device is noticed as a waiting call's
             // peer would be (the liveness probe closes the connection).
             let _probing = waiting_since.and_then(|_| conn.waiting());
@@ -1226,6 +1243,7 @@ impl Durable {
                             continue;
                         }
                         flight.since = tokio::time::Instant::now();
+                        flight.acked = highest;
                         flight.unacked.drain(..n).collect()
                     };
                     window.add_permits(acked.len());
@@ -1235,9 +1253,11 @@ impl Durable {
                     }
                 }
                 r = remover.running(), if remover.is_running() => remover.done(r),
-                () = tokio::time::sleep_until(ack_deadline), if waiting_since.is_some() => {
-                    tracing::debug!("{identity} did not acknowledge within {timeout:?}");
-                    break RunEnd::Stopped;
+                () = tokio::time::sleep_until(ack_deadline) => {
+                    if waiting_since.is_some() {
+                        tracing::debug!("{identity} did not acknowledge within {timeout:?}");
+                        break RunEnd::Stopped;
+                    }
                 }
             }
         };

@@ -524,6 +524,29 @@ async fn a_device_that_stalls_past_the_ack_timeout_still_sees_each_message_once(
 }
 
 #[tokio::test]
+async fn an_unacknowledged_message_comes_again_even_behind_a_full_window() {
+    // Manual ack: the application holds the first message and never acknowledges it, while
+    // more messages are pending than a durable stream keeps in flight. The server must still
+    // give up after its ack timeout and send the message again.
+    let dev = DevCertificate::localhost().unwrap();
+    let store = TempStore::new();
+    let limits = DurableLimits::default().ack_timeout(Duration::from_millis(500));
+    let server = server(&dev, &store, limits).await;
+    send_all(
+        &server,
+        "device-held",
+        (0..5_000u32).map(|i| i.to_le_bytes().to_vec()),
+    )
+    .await;
+    let (_d, mut rx) = device(&dev, server.local_addr().unwrap(), "device-held", true).await;
+    let held = next(&mut rx).await;
+    assert!(!held.is_redelivered());
+    let again = next(&mut rx).await;
+    assert_eq!(again.durable_id(), held.durable_id());
+    assert!(again.is_redelivered());
+}
+
+#[tokio::test]
 async fn a_durable_message_above_the_frame_limits_is_refused_at_once() {
     let dev = DevCertificate::localhost().unwrap();
     let store = TempStore::new();

@@ -733,6 +733,14 @@ impl Remover {
     /// Removes `ids` now if no removal runs, else with the next one.
     fn add(&mut self, ids: Vec<u64>) {
         self.gathered.extend(ids);
+        if let Some(result) = self
+            .running
+            .as_mut()
+            .filter(|h| h.is_finished())
+            .and_then(futures_util::FutureExt::now_or_never)
+        {
+            self.done(result.map_err(store_error).and_then(|r| r));
+        }
         self.start();
     }
 
@@ -928,25 +936,23 @@ impl Durable {
             return self.deliver_stream(identity, &conn).await;
         }
         let (mut after, mut prev) = (0u64, 0u64);
-        let mut removals = Vec::new();
+        let mut remover = Remover::new(self.store.clone(), identity);
         loop {
-            let batch = match self.store.read_after_async(identity, after, BATCH).await {
-                Ok(b) => b,
+            let mut sends = match self.next_sends(identity, &mut after, BATCH).await {
+                Ok(Some(sends)) => sends,
+                Ok(None) => {
+                    return if remover.finish().await {
+                        RunEnd::Done
+                    } else {
+                        RunEnd::Stopped
+                    };
+                }
                 Err(e) => {
                     tracing::error!("reading durable messages of {identity} failed: {e}");
-                    Self::removed(removals, identity).await;
+                    remover.finish().await;
                     return RunEnd::Stopped;
                 }
             };
-            if batch.is_empty() {
-                return if Self::removed(removals, identity).await {
-                    RunEnd::Done
-                } else {
-                    RunEnd::Stopped
-                };
-            }
-            after = batch.last().map_or(after, |(id, _)| *id);
-            let mut sends = self.prepare(identity, batch).await;
             for m in &mut sends {
                 m.metadata.insert(MSG_PREV_KEY, prev.to_string());
                 prev = m.id;
@@ -984,14 +990,34 @@ impl Durable {
                 }
             }
             drop(results);
-            let acked = self.count_acked(&acked);
             // Removed while the next batch goes out (the next read starts after the last id).
-            let (store, who) = (self.store.clone(), identity.to_owned());
-            removals.push(tokio::spawn(async move { store.remove(&who, acked).await }));
+            remover.add(self.count_acked(&acked));
             if let Some(e) = failed {
                 tracing::debug!("durable delivery to {identity} stopped: {e}");
-                Self::removed(removals, identity).await;
+                remover.finish().await;
                 return RunEnd::Stopped;
+            }
+        }
+    }
+
+    /// The next messages to send to `identity` after id `after` (moved past what was read),
+    /// at most `limit` per store read: `None` once the store has nothing more. Expired
+    /// messages are removed on the way, so a batch is never empty.
+    async fn next_sends(
+        &self,
+        identity: &str,
+        after: &mut u64,
+        limit: usize,
+    ) -> Result<Option<Vec<Outgoing>>> {
+        loop {
+            let batch = self.store.read_after_async(identity, *after, limit).await?;
+            let Some((last, _)) = batch.last() else {
+                return Ok(None);
+            };
+            *after = *last;
+            let sends = self.prepare(identity, batch).await;
+            if !sends.is_empty() {
+                return Ok(Some(sends));
             }
         }
     }
@@ -1080,25 +1106,12 @@ impl Durable {
     async fn deliver_stream(&self, identity: &str, conn: &Connection) -> RunEnd {
         // Something to send first: a stream is never opened for nothing.
         let mut after = 0u64;
-        let first = loop {
-            let batch = match self
-                .store
-                .read_after_async(identity, after, STREAM_BATCH)
-                .await
-            {
-                Ok(batch) => batch,
-                Err(e) => {
-                    tracing::error!("reading durable messages of {identity} failed: {e}");
-                    return RunEnd::Stopped;
-                }
-            };
-            let Some((last, _)) = batch.last() else {
-                return RunEnd::Done;
-            };
-            after = *last;
-            let sends = self.prepare(identity, batch).await;
-            if !sends.is_empty() {
-                break sends;
+        let first = match self.next_sends(identity, &mut after, STREAM_BATCH).await {
+            Ok(Some(sends)) => sends,
+            Ok(None) => return RunEnd::Done,
+            Err(e) => {
+                tracing::error!("reading durable messages of {identity} failed: {e}");
+                return RunEnd::Stopped;
             }
         };
         let timeout = self.limits.ack_timeout;
@@ -1131,18 +1144,13 @@ impl Durable {
                     .map_err(store_error)?;
                 let sends = match next.take() {
                     Some(sends) => sends,
-                    None => {
-                        let batch = self
-                            .store
-                            .read_after_async(identity, after, STREAM_BATCH)
-                            .await?;
-                        let Some((last, _)) = batch.last() else {
+                    None => match self.next_sends(identity, &mut after, STREAM_BATCH).await? {
+                        Some(sends) => sends,
+                        None => {
                             send.finish()?;
                             return Ok::<_, Error>(());
-                        };
-                        after = *last;
-                        self.prepare(identity, batch).await
-                    }
+                        }
+                    },
                 };
                 let mut buf =
                     Vec::with_capacity(sends.iter().map(|m| m.payload.len() + 64).sum::<usize>());
@@ -1156,23 +1164,21 @@ impl Durable {
                 }
                 permits.forget();
                 window.add_permits(STREAM_BATCH - sends.len());
-                if let Some(last) = sends.last() {
+                {
                     let mut flight = lock(&flight);
                     if flight.unacked.is_empty() {
                         flight.since = tokio::time::Instant::now();
                     }
-                    flight.last_sent = last.id;
+                    flight.last_sent = sends.last().map_or(flight.last_sent, |m| m.id);
                     flight
                         .unacked
                         .extend(sends.iter().map(|m| (m.id, m.redelivered)));
                 }
-                if !buf.is_empty() {
-                    send.write_chunk(buf.into()).await?;
-                    // Those acknowledged while the write waited for flow control are gone
-                    // already: only the others can come again.
-                    let acked = lock(&flight).acked;
-                    self.attempted(sends.iter().map(|m| m.id).filter(|id| *id > acked));
-                }
+                send.write_chunk(buf.into()).await?;
+                // Those acknowledged while the write waited for flow control are gone already:
+                // only the others can come again.
+                let acked = lock(&flight).acked;
+                self.attempted(sends.iter().map(|m| m.id).filter(|id| *id > acked));
             }
         };
         let mut writer = Box::pin(writer);
@@ -1270,18 +1276,6 @@ impl Durable {
             return RunEnd::Stopped;
         }
         end
-    }
-
-    /// Waits for the removals of acknowledged messages; whether they all committed.
-    async fn removed(removals: Vec<tokio::task::JoinHandle<Result<u64>>>, identity: &str) -> bool {
-        let mut ok = true;
-        for removal in removals {
-            if let Ok(Err(e)) | Err(e) = removal.await.map_err(store_error) {
-                tracing::error!("removing acknowledged messages of {identity} failed: {e}");
-                ok = false;
-            }
-        }
-        ok
     }
 
     /// The messages pending for `identity`, oldest first.

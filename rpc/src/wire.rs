@@ -680,9 +680,9 @@ impl RecordReader {
         &mut self.recv
     }
 
-    /// The length of the record at the front of the buffer, once its lengths are in; an error
-    /// for a wrong kind or a length above the limits.
-    fn front_len(&self, limits: &Limits) -> Result<Option<usize>, FrameError> {
+    /// The header length and whole length of the record at the front of the buffer, once its
+    /// lengths are in; an error for a wrong kind or a length above the limits.
+    fn front_len(&self, limits: &Limits) -> Result<Option<(usize, usize)>, FrameError> {
         if self.buf.len() < PREFIX_LEN {
             return Ok(None);
         }
@@ -701,13 +701,16 @@ impl RecordReader {
         if u64::from(payload_len) > limits.max_payload_size {
             return Err(FrameError::PayloadTooLarge { limit: None });
         }
-        Ok(Some(at + RECORD_LEN_BYTES + payload_len as usize))
+        Ok(Some((
+            header_len,
+            at + RECORD_LEN_BYTES + payload_len as usize,
+        )))
     }
 
     /// Whether a whole record is already buffered (the next [`next`](Self::next) returns at
     /// once).
     pub(crate) fn has_record(&self, limits: &Limits) -> bool {
-        matches!(self.front_len(limits), Ok(Some(len)) if self.buf.len() >= len)
+        matches!(self.front_len(limits), Ok(Some((_, len))) if self.buf.len() >= len)
     }
 
     /// The next record as a push frame (kind, push header, payload); `None` at the end of the
@@ -716,10 +719,9 @@ impl RecordReader {
     /// Cancel safe: bytes read are kept for the next call.
     pub(crate) async fn next(&mut self, limits: &Limits) -> Result<Option<RawFrame>, FrameError> {
         loop {
-            if let Some(len) = self.front_len(limits)? {
+            if let Some((header_len, len)) = self.front_len(limits)? {
                 if self.buf.len() >= len {
                     let mut record = self.buf.split_to(len).freeze();
-                    let (_, header_len) = parse_prefix(&record[..PREFIX_LEN], limits)?;
                     let payload = record.split_off(PREFIX_LEN + header_len + RECORD_LEN_BYTES);
                     return Ok(Some(RawFrame {
                         kind: FrameKind::Push,

@@ -135,6 +135,11 @@ async fn pending_becomes(server: &Server, device: &str, n: usize, limit: Duratio
     .await
 }
 
+/// Whether the store comes to hold nothing for anyone within `limit`.
+async fn nothing_pending(server: &Server, limit: Duration) -> bool {
+    until(limit, async || server.stats().durable_pending == 0).await
+}
+
 async fn until(limit: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
     let start = Instant::now();
     while start.elapsed() < limit {
@@ -191,13 +196,7 @@ async fn messages_for_an_offline_device_arrive_in_order_once_it_connects() {
         assert_eq!(std::str::from_utf8(&msg.payload).unwrap(), i.to_string());
     }
     quiet(&mut rx, Duration::from_millis(300)).await;
-    assert!(
-        until(Duration::from_secs(5), async || server
-            .stats()
-            .durable_pending
-            == 0)
-        .await
-    );
+    assert!(nothing_pending(&server, Duration::from_secs(5)).await);
 }
 
 #[tokio::test]
@@ -241,13 +240,7 @@ async fn quicx2_devices_get_a_durable_stream_and_quicx1_devices_one_push_each() 
         quiet(&mut new_rx, Duration::from_millis(300)),
         quiet(&mut old_rx, Duration::from_millis(300))
     );
-    assert!(
-        until(Duration::from_secs(5), async || server
-            .stats()
-            .durable_pending
-            == 0)
-        .await
-    );
+    assert!(nothing_pending(&server, Duration::from_secs(5)).await);
     assert_eq!(server.stats().durable_delivered, 1002);
     assert_eq!(server.stats().durable_redelivered, 0);
 }
@@ -788,11 +781,7 @@ async fn a_message_whose_ack_was_lost_is_redelivered_and_seen_once() {
     relay.set_impairment(Impairment::default()).unwrap();
     // The device reconnects, the server sends it again, the client acks it without delivering.
     assert!(
-        until(Duration::from_secs(20), async || server
-            .stats()
-            .durable_pending
-            == 0)
-        .await,
+        nothing_pending(&server, Duration::from_secs(20)).await,
         "acknowledged after the reconnect"
     );
     assert_eq!(server.stats().durable_redelivered, 1);
@@ -830,13 +819,7 @@ async fn in_manual_mode_a_device_that_crashes_before_acking_gets_the_message_aga
     assert_eq!(server.durable_pending("device-4").await.unwrap().len(), 1);
     assert!(msg.ack());
     assert!(!msg.ack(), "a second ack does nothing");
-    assert!(
-        until(Duration::from_secs(5), async || server
-            .stats()
-            .durable_pending
-            == 0)
-        .await
-    );
+    assert!(nothing_pending(&server, Duration::from_secs(5)).await);
 }
 
 #[tokio::test]

@@ -61,6 +61,16 @@ pub(crate) async fn serve(conn: Connection) {
     tokio::join!(pushes, calls);
 }
 
+/// The code for durable records where they do not belong: on a stream a client opened or a
+/// unidirectional one (v2), or at all (v1, where kind `0x05` does not exist).
+fn misplaced_records(conn: &Connection) -> StreamCode {
+    if conn.protocol_version() >= 2 {
+        StreamCode::UNEXPECTED_STREAM
+    } else {
+        StreamCode::MALFORMED_FRAME
+    }
+}
+
 /// Rejects a stream: resets what we would send, stops what the peer sends.
 fn reject(send: Option<&mut quinn::SendStream>, recv: &mut quinn::RecvStream, code: StreamCode) {
     if let Some(send) = send {
@@ -127,11 +137,7 @@ async fn serve_bi(conn: &Connection, mut send: quinn::SendStream, mut recv: quin
                     )
                     .await;
                 }
-                // Kind 0x05 does not exist in v1.
-                _ if conn.protocol_version() < 2 => {
-                    reject(Some(&mut send), &mut recv, StreamCode::MALFORMED_FRAME);
-                }
-                _ => reject(Some(&mut send), &mut recv, StreamCode::UNEXPECTED_STREAM),
+                _ => reject(Some(&mut send), &mut recv, misplaced_records(conn)),
             };
         }
     };
@@ -776,20 +782,23 @@ async fn serve_durable_stream(
         unacked = Some(id);
         // One acknowledgement per run of buffered records; in manual-ack mode one per message
         // (the application may take its time with the next one).
-        if manual_ack || !records.has_record(&limits) {
-            if let Some(id) = unacked.take() {
-                if send.write_all(&id.to_be_bytes()).await.is_err() {
-                    return;
-                }
-            }
-        }
-    }
-    if let Some(id) = unacked {
-        if send.write_all(&id.to_be_bytes()).await.is_err() {
+        if (manual_ack || !records.has_record(&limits))
+            && !acknowledge(&mut send, unacked.take()).await
+        {
             return;
         }
     }
-    let _ = send.finish();
+    if acknowledge(&mut send, unacked).await {
+        let _ = send.finish();
+    }
+}
+
+/// Writes the cumulative acknowledgement of `id`, if any; false if the stream failed.
+async fn acknowledge(send: &mut quinn::SendStream, id: Option<u64>) -> bool {
+    match id {
+        Some(id) => send.write_all(&id.to_be_bytes()).await.is_ok(),
+        None => true,
+    }
 }
 
 fn push_message(conn: &Connection, raw: RawFrame) -> Result<PushMessage, FrameError> {
@@ -817,13 +826,7 @@ async fn accept_pushes(conn: &Connection, sink: Option<&PushSender>) {
             // Rejected already.
             None => continue,
             Some(Incoming::Records(_)) => {
-                // Durable streams ride bidirectional streams only (and do not exist in v1).
-                let code = if conn.protocol_version() >= 2 {
-                    StreamCode::UNEXPECTED_STREAM
-                } else {
-                    StreamCode::MALFORMED_FRAME
-                };
-                reject(None, &mut recv, code);
+                reject(None, &mut recv, misplaced_records(conn));
                 continue;
             }
         };

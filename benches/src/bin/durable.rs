@@ -28,7 +28,10 @@ use std::{
     net::{SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::atomic::{AtomicUsize, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -173,6 +176,38 @@ impl Check {
     fn all_of(&self, stored: usize) -> bool {
         self.unique >= stored && self.lost(stored) == 0
     }
+}
+
+/// CPU time (user + system) this process has used so far.
+fn cpu_time() -> Duration {
+    use nix::sys::resource::{UsageWho, getrusage};
+    let t = |tv: nix::sys::time::TimeVal| {
+        Duration::from_secs(tv.tv_sec() as u64) + Duration::from_micros(tv.tv_usec() as u64)
+    };
+    getrusage(UsageWho::RUSAGE_SELF)
+        .map_or(Duration::ZERO, |u| t(u.user_time()) + t(u.system_time()))
+}
+
+/// CPU time (user + system) of process `pid` so far, from `/proc/<pid>/stat` (10 ms ticks).
+fn cpu_time_of(pid: u32) -> Duration {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+            let rest = &s[s.rfind(')')? + 2..];
+            let mut fields = rest.split_whitespace().skip(11);
+            let ticks = fields.next()?.parse::<u64>().ok()? + fields.next()?.parse::<u64>().ok()?;
+            Some(Duration::from_millis(ticks * 10))
+        })
+        .unwrap_or_default()
+}
+
+/// "cores used": CPU time over wall time.
+fn cores(cpu: Duration, wall: Duration) -> String {
+    format!(
+        "{:.2} cores during the drain",
+        cpu.as_secs_f64() / wall.as_secs_f64().max(1e-9)
+    )
 }
 
 fn rate(n: usize, d: Duration) -> f64 {
@@ -320,6 +355,7 @@ async fn quicx_measure(
     // Drain: the device connects and receives everything.
     let mut check = Check::new(n);
     let (tx, mut rx) = push_channel(4096);
+    let cpu = cpu_time();
     let start = Instant::now();
     let deadline = tokio::time::Instant::now() + phase;
     let mut tls = ClientTls::new().trust(dev.certificate());
@@ -345,9 +381,9 @@ async fn quicx_measure(
         }
     }
     let drain_time = start.elapsed();
+    let mut notes = vec![cores(cpu_time() - cpu, drain_time)];
     let received = check.unique;
     // How long until every acknowledgement is committed (the store is empty for the device).
-    let mut notes = Vec::new();
     let empty_limit = Instant::now() + Duration::from_secs(10);
     while Instant::now() < empty_limit && !server.durable_pending(DEVICE).await?.is_empty() {
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -386,6 +422,88 @@ async fn quicx_measure(
         check,
         notes,
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The transport's ceiling: raw quinn, no store.
+
+/// Bytes a quicx record adds to a payload (kind, two lengths, the header with its id metadata):
+/// about this much, so the ceiling moves the same bytes.
+const RECORD_OVERHEAD: usize = 64;
+
+/// Raw quinn, one bidirectional stream, nothing stored or acknowledged: the server writes `n`
+/// records of `size + RECORD_OVERHEAD` bytes, 1,024 per write (as quicx's durable stream
+/// does), and the client reads them all. Messages/s from the client's connect to the last byte:
+/// what QUIC itself carries on this machine, the ceiling of any drain over it.
+async fn quinn_ceiling(
+    dev: &DevCertificate,
+    size: usize,
+    n: usize,
+    phase: Duration,
+) -> anyhow::Result<f64> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(vec![dev.certificate()], dev.private_key())?;
+    tls.alpn_protocols = vec![b"ceiling".to_vec()];
+    let server_config = quinn::ServerConfig::with_crypto(Arc::new(
+        quinn::crypto::rustls::QuicServerConfig::try_from(tls)?,
+    ));
+    let server = quinn::Endpoint::server(server_config, "127.0.0.1:0".parse()?)?;
+    let addr = server.local_addr()?;
+    let record = size + RECORD_OVERHEAD;
+    let sender = tokio::spawn(async move {
+        let conn = server.accept().await.context("no connection")?.await?;
+        let (mut send, _recv) = conn.open_bi().await?;
+        let mut left = n;
+        while left > 0 {
+            let batch = left.min(1024);
+            send.write_chunk(bytes::Bytes::from(vec![b'x'; batch * record]))
+                .await?;
+            left -= batch;
+        }
+        send.finish()?;
+        // Stay until the client closes (after it read everything).
+        conn.closed().await;
+        anyhow::Ok(())
+    });
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(dev.certificate())?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"ceiling".to_vec()];
+    let client_config = quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls)?,
+    ));
+    let client = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    let start = Instant::now();
+    let read = tokio::time::timeout(phase, async {
+        let conn = client
+            .connect_with(client_config, addr, "localhost")?
+            .await?;
+        // The server opens the stream; it arrives with its first bytes.
+        let (_send, mut recv) = conn.accept_bi().await?;
+        let mut got = 0;
+        while let Some(chunk) = recv.read_chunk(usize::MAX, true).await? {
+            got += chunk.bytes.len();
+        }
+        let elapsed = start.elapsed();
+        conn.close(0u32.into(), b"done");
+        anyhow::Ok((got, elapsed))
+    })
+    .await;
+    let result = match read {
+        Ok(Ok((got, elapsed))) if got == n * record => Ok(rate(n, elapsed)),
+        Ok(Ok((got, _))) => Err(anyhow::anyhow!("quinn: read {got} of {} bytes", n * record)),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(anyhow::anyhow!("quinn: not done within {phase:?}")),
+    };
+    sender.abort();
+    client.wait_idle().await;
+    result
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -853,8 +971,13 @@ async fn mosquitto_run(
     let in_flight = u16::try_from(cli.in_flight).unwrap_or(u16::MAX);
     let (stored, store_time) =
         mqtt_publish(port, topic, n, size, in_flight, phase, nodelay).await?;
+    let cpu = cpu_time() + cpu_time_of(broker.child.id());
     let (check, drain_time) = mqtt_drain(port, sub, n, stored, phase, nodelay).await?;
-    let mut notes = Vec::new();
+    let cpu = cpu_time() + cpu_time_of(broker.child.id()) - cpu;
+    let mut notes = vec![format!(
+        "{} (this process and the broker's; 10 ms ticks)",
+        cores(cpu, drain_time)
+    )];
     let db = broker.dir.path().join("mosquitto.db");
     if let Ok(m) = std::fs::metadata(&db) {
         notes.push(format!(
@@ -888,7 +1011,7 @@ fn size_label(size: usize) -> String {
     }
 }
 
-fn print_report(cli: &Cli, rows: &[Row], broker: Result<&str, &str>) {
+fn print_report(cli: &Cli, rows: &[Row], ceilings: &[(usize, f64)], broker: Result<&str, &str>) {
     println!();
     if let Ok(version) = broker {
         println!("broker: {version}");
@@ -948,6 +1071,25 @@ fn print_report(cli: &Cli, rows: &[Row], broker: Result<&str, &str>) {
                     q.drain / o.drain,
                 );
             }
+        }
+    }
+    println!();
+    println!(
+        "The transport's ceiling: raw quinn, one stream, the same bytes (payload + \
+         {RECORD_OVERHEAD} B per record), nothing stored or acknowledged, from connect to the \
+         last byte."
+    );
+    println!();
+    println!("| payload | raw quinn stream msgs/s | system | drain / ceiling |");
+    println!("|---|---:|---|---:|");
+    for &(size, ceiling) in ceilings {
+        for r in rows.iter().filter(|r| r.payload == size) {
+            println!(
+                "| {} | {ceiling:.0} | {} | {:.2}× |",
+                size_label(size),
+                r.system,
+                r.drain / ceiling
+            );
         }
     }
     println!();
@@ -1024,7 +1166,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     eprintln!("load average (1, 5, 15 min) at the start: {}", loadavg());
     let dev = DevCertificate::localhost()?;
     let mut rows = Vec::new();
+    let mut ceilings = Vec::new();
     for &size in &cli.payloads {
+        eprintln!(
+            "raw quinn stream (the transport's ceiling), {}...",
+            size_label(size)
+        );
+        let phase = Duration::from_secs(cli.phase_secs);
+        ceilings.push((size, quinn_ceiling(&dev, size, cli.messages, phase).await?));
         eprintln!("quicx, {}...", size_label(size));
         rows.push(quicx_run(&cli, &dev, &base, size, Fsync::EveryCommit, false).await?);
         if cli.quicx1 {
@@ -1044,7 +1193,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     let version = mosquitto.as_ref().map(|bin| mosquitto_version(bin));
-    print_report(&cli, &rows, version.as_deref().map_err(|e| e.as_str()));
+    print_report(
+        &cli,
+        &rows,
+        &ceilings,
+        version.as_deref().map_err(|e| e.as_str()),
+    );
     if rows
         .iter()
         .any(|r| r.lost() > 0 || r.check.duplicates > 0 || r.check.out_of_order > 0)

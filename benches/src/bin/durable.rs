@@ -909,8 +909,10 @@ async fn mqtt_drain(
     stored: usize,
     limit: Duration,
     nodelay: bool,
-) -> anyhow::Result<(Check, Duration)> {
+    broker: u32,
+) -> anyhow::Result<(Check, Duration, Duration)> {
     let mut check = Check::new(n);
+    let cpu = cpu_time() + cpu_time_of(broker);
     let (client, mut events) = mqtt_client(
         mqtt_options(id, port, false, MOSQUITTO_INFLIGHT as u16),
         10,
@@ -930,6 +932,7 @@ async fn mqtt_drain(
         }
     }
     let elapsed = start.elapsed();
+    let cpu = cpu_time() + cpu_time_of(broker) - cpu;
     // Anything more (a duplicate) within a moment?
     let quiet = tokio::time::Instant::now() + Duration::from_millis(300);
     while let Ok(Ok(event)) = tokio::time::timeout_at(quiet, events.poll()).await {
@@ -938,7 +941,7 @@ async fn mqtt_drain(
         }
     }
     mqtt_disconnect(&client, &mut events).await;
-    Ok((check, elapsed))
+    Ok((check, elapsed, cpu))
 }
 
 async fn mosquitto_run(
@@ -971,9 +974,8 @@ async fn mosquitto_run(
     let in_flight = u16::try_from(cli.in_flight).unwrap_or(u16::MAX);
     let (stored, store_time) =
         mqtt_publish(port, topic, n, size, in_flight, phase, nodelay).await?;
-    let cpu = cpu_time() + cpu_time_of(broker.child.id());
-    let (check, drain_time) = mqtt_drain(port, sub, n, stored, phase, nodelay).await?;
-    let cpu = cpu_time() + cpu_time_of(broker.child.id()) - cpu;
+    let (check, drain_time, cpu) =
+        mqtt_drain(port, sub, n, stored, phase, nodelay, broker.child.id()).await?;
     let mut notes = vec![format!(
         "{} (this process and the broker's; 10 ms ticks)",
         cores(cpu, drain_time)

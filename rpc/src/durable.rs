@@ -19,7 +19,7 @@ use std::{
 };
 
 use futures_util::{StreamExt, stream};
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{Database, ReadableTable, TableDefinition, TableHandle};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, oneshot};
 
@@ -36,8 +36,26 @@ pub const MSG_SPACE_KEY: &str = "quicx-msg-space";
 /// Metadata key, present (`1`) when the message was sent before and not acknowledged.
 pub const MSG_REDELIVERED_KEY: &str = "quicx-msg-redelivered";
 
-const MESSAGES: TableDefinition<'_, (&str, u64), &[u8]> = TableDefinition::new("messages");
+/// Every identity with a queue, and the highest id acknowledged in it (cumulatively): messages
+/// at or below it are no longer pending, whether or not they were removed from the queue yet.
+const QUEUES: TableDefinition<'_, &str, u64> = TableDefinition::new("queues");
 const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
+/// The layout before per-identity queues: all messages in one table, moved into the queues
+/// when such a store is opened.
+const LEGACY_MESSAGES: TableDefinition<'_, (&str, u64), &[u8]> = TableDefinition::new("messages");
+/// Acknowledged messages left in a queue that still holds pending ones, past which they are
+/// removed one by one (a queue whose every message is acknowledged is dropped whole, which
+/// rewrites no B-tree pages).
+const MAX_ACKED_LEFT: u64 = 4096;
+
+/// The name of `identity`'s queue table: its messages by id.
+fn queue_name(identity: &str) -> String {
+    format!("queue/{identity}")
+}
+
+fn queue_table(name: &str) -> TableDefinition<'_, u64, &'static [u8]> {
+    TableDefinition::new(name)
+}
 
 /// Messages sent at once to one device before their acknowledgements come back.
 const WINDOW: usize = 32;
@@ -262,6 +280,12 @@ enum Op {
         ids: Vec<u64>,
         reply: oneshot::Sender<Result<u64>>,
     },
+    /// Everything up to `upto` was acknowledged.
+    Ack {
+        identity: String,
+        upto: u64,
+        reply: oneshot::Sender<Result<u64>>,
+    },
 }
 
 /// The store: redb on disk, one writer thread that commits whatever is waiting in one
@@ -309,19 +333,14 @@ impl Store {
                 )));
             }
         };
-        let mut sizes = Sizes::default();
         {
             let txn = db.begin_write().map_err(store_error)?;
-            {
-                let table = txn.open_table(MESSAGES).map_err(store_error)?;
-                txn.open_table(META).map_err(store_error)?;
-                for entry in table.iter().map_err(store_error)? {
-                    let (k, v) = entry.map_err(store_error)?;
-                    sizes.add(k.value().0, v.value().len() as u64);
-                }
-            }
+            txn.open_table(QUEUES).map_err(store_error)?;
+            txn.open_table(META).map_err(store_error)?;
+            migrate_legacy(&txn)?;
             txn.commit().map_err(store_error)?;
         }
+        let (sizes, acked_left) = recount(&db)?;
         let db = Arc::new(db);
         let sizes = Arc::new(Mutex::new(sizes));
         let counters = Arc::new(DurableCounters::default());
@@ -330,7 +349,7 @@ impl Store {
             let (db, sizes, counters) = (db.clone(), sizes.clone(), counters.clone());
             std::thread::Builder::new()
                 .name("quicx-durable".into())
-                .spawn(move || write_loop(&db, &ops, &sizes, &counters, limits))?
+                .spawn(move || write_loop(&db, &ops, &sizes, &counters, limits, acked_left))?
         };
         Ok(Self {
             db: Mutex::new(Some(db)),
@@ -396,22 +415,44 @@ impl Store {
         .await
     }
 
+    /// Marks everything of `identity` up to `upto` acknowledged; returns how many messages that
+    /// were pending it covers.
+    async fn ack(&self, identity: &str, upto: u64) -> Result<u64> {
+        let identity = identity.to_owned();
+        self.op(|reply| Op::Ack {
+            identity,
+            upto,
+            reply,
+        })
+        .await
+    }
+
     /// Up to `limit` messages of `identity` with ids above `after`, in id order, and no more
     /// than `READ_BYTES` of them past the first.
     fn read_after(&self, identity: &str, after: u64, limit: usize) -> Result<Vec<(u64, Stored)>> {
         let txn = self.db()?.begin_read().map_err(store_error)?;
-        let table = txn.open_table(MESSAGES).map_err(store_error)?;
-        let (mut out, mut bytes) = (Vec::new(), 0usize);
-        let start = after.saturating_add(1);
-        for entry in table
-            .range((identity, start)..=(identity, u64::MAX))
+        let queues = txn.open_table(QUEUES).map_err(store_error)?;
+        let Some(acked) = queues
+            .get(identity)
             .map_err(store_error)?
-        {
+            .map(|v| v.value())
+        else {
+            return Ok(Vec::new());
+        };
+        let name = queue_name(identity);
+        let table = match txn.open_table(queue_table(&name)) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(store_error(e)),
+        };
+        let (mut out, mut bytes) = (Vec::new(), 0usize);
+        let start = after.max(acked).saturating_add(1);
+        for entry in table.range(start..).map_err(store_error)? {
             let (k, v) = entry.map_err(store_error)?;
             bytes += v.value().len();
             match postcard::from_bytes::<Stored>(v.value()) {
-                Ok(m) => out.push((k.value().1, m)),
-                Err(e) => tracing::error!("durable message {} is corrupt: {e}", k.value().1),
+                Ok(m) => out.push((k.value(), m)),
+                Err(e) => tracing::error!("durable message {} is corrupt: {e}", k.value()),
             }
             if out.len() >= limit || bytes >= READ_BYTES {
                 break;
@@ -451,6 +492,7 @@ fn write_loop(
     sizes: &Mutex<Sizes>,
     counters: &DurableCounters,
     limits: DurableLimits,
+    mut acked_left: HashMap<String, Size>,
 ) {
     // With `Fsync::Interval`, when the oldest commit not yet on the disk was made.
     let mut unsynced_since: Option<std::time::Instant> = None;
@@ -499,13 +541,21 @@ fn write_loop(
                 redb::Durability::None
             });
             {
-                let mut table = txn.open_table(MESSAGES).map_err(store_error)?;
+                let mut queues = txn.open_table(QUEUES).map_err(store_error)?;
                 let mut meta = txn.open_table(META).map_err(store_error)?;
                 let mut next = meta
                     .get("next_id")
                     .map_err(store_error)?
                     .map_or(1, |v| v.value());
-                let mut sizes = lock(sizes);
+                let mut w = Writing {
+                    txn: &txn,
+                    queues: &mut queues,
+                    sizes: &mut lock(sizes),
+                    acked_left: &mut acked_left,
+                    counters,
+                    limits: &limits,
+                    open: HashMap::new(),
+                };
                 for op in batch {
                     match op {
                         Op::Append {
@@ -513,40 +563,22 @@ fn write_loop(
                             bytes,
                             reply,
                         } => {
-                            let result = admit(
-                                &mut table,
-                                &mut sizes,
-                                counters,
-                                &limits,
-                                &identity,
-                                bytes.len() as u64,
-                            )
-                            .and_then(|()| {
-                                table
-                                    .insert((identity.as_str(), next), bytes.as_slice())
-                                    .map_err(store_error)?;
-                                sizes.add(&identity, bytes.len() as u64);
+                            let result = w.append(&identity, &bytes, next);
+                            if result.is_ok() {
                                 next += 1;
-                                Ok(next - 1)
-                            });
+                            }
                             replies.push((reply, result));
                         }
                         Op::Remove {
                             identity,
                             ids,
                             reply,
-                        } => {
-                            let mut removed = 0;
-                            for id in ids {
-                                if let Some(v) =
-                                    table.remove((identity.as_str(), id)).map_err(store_error)?
-                                {
-                                    sizes.sub(&identity, v.value().len() as u64);
-                                    removed += 1;
-                                }
-                            }
-                            replies.push((reply, Ok(removed)));
-                        }
+                        } => replies.push((reply, Ok(w.remove(&identity, &ids)?))),
+                        Op::Ack {
+                            identity,
+                            upto,
+                            reply,
+                        } => replies.push((reply, Ok(w.ack(&identity, upto)?))),
                     }
                 }
                 meta.insert("next_id", next).map_err(store_error)?;
@@ -569,8 +601,9 @@ fn write_loop(
             Err(e) => {
                 tracing::error!("durable store commit failed: {e}");
                 // What this transaction changed in memory is now wrong: count again.
-                if let Ok(fresh) = recount(db) {
+                if let Ok((fresh, left)) = recount(db) {
                     *lock(sizes) = fresh;
+                    acked_left = left;
                 }
                 for (reply, _) in replies {
                     let _ = reply.send(Err(Error::Store(e.to_string())));
@@ -613,20 +646,232 @@ fn flush(db: &Database) {
     }
 }
 
-fn recount(db: &Database) -> Result<Sizes> {
+/// Counts what is pending per identity, and what is acknowledged but still in its queue.
+fn recount(db: &Database) -> Result<(Sizes, HashMap<String, Size>)> {
     let mut sizes = Sizes::default();
+    let mut acked_left: HashMap<String, Size> = HashMap::new();
     let txn = db.begin_read().map_err(store_error)?;
-    let table = txn.open_table(MESSAGES).map_err(store_error)?;
-    for entry in table.iter().map_err(store_error)? {
+    let queues = txn.open_table(QUEUES).map_err(store_error)?;
+    for entry in queues.iter().map_err(store_error)? {
         let (k, v) = entry.map_err(store_error)?;
-        sizes.add(k.value().0, v.value().len() as u64);
+        let (identity, acked) = (k.value(), v.value());
+        let name = queue_name(identity);
+        let table = match txn.open_table(queue_table(&name)) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => continue,
+            Err(e) => return Err(store_error(e)),
+        };
+        for entry in table.iter().map_err(store_error)? {
+            let (id, v) = entry.map_err(store_error)?;
+            let bytes = v.value().len() as u64;
+            if id.value() > acked {
+                sizes.add(identity, bytes);
+            } else {
+                let left = acked_left.entry(identity.to_owned()).or_default();
+                left.messages += 1;
+                left.bytes += bytes;
+            }
+        }
     }
-    Ok(sizes)
+    Ok((sizes, acked_left))
+}
+
+/// Moves the messages of a store with the layout before per-identity queues (one table keyed
+/// by identity and id) into queues, once, inside `txn`.
+fn migrate_legacy(txn: &redb::WriteTransaction) -> Result<()> {
+    let exists = txn
+        .list_tables()
+        .map_err(store_error)?
+        .any(|t| t.name() == LEGACY_MESSAGES.name());
+    if !exists {
+        return Ok(());
+    }
+    {
+        let legacy = txn.open_table(LEGACY_MESSAGES).map_err(store_error)?;
+        let mut queues = txn.open_table(QUEUES).map_err(store_error)?;
+        let mut current: Option<(String, redb::Table<'_, u64, &'static [u8]>)> = None;
+        let mut moved = 0u64;
+        for entry in legacy.iter().map_err(store_error)? {
+            let (k, v) = entry.map_err(store_error)?;
+            let (identity, id) = k.value();
+            if current.as_ref().is_none_or(|(who, _)| who != identity) {
+                if queues.get(identity).map_err(store_error)?.is_none() {
+                    queues.insert(identity, 0).map_err(store_error)?;
+                }
+                let name = queue_name(identity);
+                let table = txn.open_table(queue_table(&name)).map_err(store_error)?;
+                current = Some((identity.to_owned(), table));
+            }
+            if let Some((_, table)) = current.as_mut() {
+                table.insert(id, v.value()).map_err(store_error)?;
+                moved += 1;
+            }
+        }
+        tracing::info!("durable store: moved {moved} messages into per-identity queues");
+    }
+    txn.delete_table(LEGACY_MESSAGES).map_err(store_error)?;
+    Ok(())
+}
+
+/// One write transaction's view for the operations it applies.
+struct Writing<'a, 't> {
+    txn: &'t redb::WriteTransaction,
+    queues: &'a mut redb::Table<'t, &'static str, u64>,
+    sizes: &'a mut Sizes,
+    /// Per identity, the acknowledged messages still in its queue.
+    acked_left: &'a mut HashMap<String, Size>,
+    counters: &'a DurableCounters,
+    limits: &'a DurableLimits,
+    /// Queues opened in this transaction, with their acknowledged-up-to id (opening one is a
+    /// lookup and its close a write of the table's root: once per transaction, not per
+    /// operation).
+    open: HashMap<String, (u64, Queue<'t>)>,
+}
+
+type Queue<'t> = redb::Table<'t, u64, &'static [u8]>;
+
+impl<'t> Writing<'_, 't> {
+    /// `identity`'s acknowledged-up-to id, if it has a queue.
+    fn acked(&self, identity: &str) -> Result<Option<u64>> {
+        if let Some((acked, _)) = self.open.get(identity) {
+            return Ok(Some(*acked));
+        }
+        Ok(self
+            .queues
+            .get(identity)
+            .map_err(store_error)?
+            .map(|v| v.value()))
+    }
+
+    /// `identity`'s queue, which has an entry in `queues`.
+    fn queue(&mut self, identity: &str) -> Result<&mut Queue<'t>> {
+        if !self.open.contains_key(identity) {
+            let acked = self.acked(identity)?.unwrap_or(0);
+            let queue = self
+                .txn
+                .open_table(queue_table(&queue_name(identity)))
+                .map_err(store_error)?;
+            self.open.insert(identity.to_owned(), (acked, queue));
+        }
+        Ok(&mut self.open.get_mut(identity).expect("opened above").1)
+    }
+
+    /// Stores a message as `id` (when the bounds let it in).
+    fn append(&mut self, identity: &str, bytes: &[u8], id: u64) -> Result<u64> {
+        let size = bytes.len() as u64;
+        let acked = match self.acked(identity)? {
+            Some(acked) => acked,
+            None => {
+                self.queues.insert(identity, 0).map_err(store_error)?;
+                0
+            }
+        };
+        self.queue(identity)?;
+        let (sizes, counters, limits) = (&mut *self.sizes, self.counters, self.limits);
+        let queue = &mut self.open.get_mut(identity).expect("opened above").1;
+        if let Err(e) = admit(queue, acked, sizes, counters, limits, identity, size) {
+            self.settle(identity)?;
+            return Err(e);
+        }
+        queue.insert(id, bytes).map_err(store_error)?;
+        self.sizes.add(identity, size);
+        Ok(id)
+    }
+
+    /// Removes the pending messages `ids`; how many were pending.
+    fn remove(&mut self, identity: &str, ids: &[u64]) -> Result<u64> {
+        let Some(acked) = self.acked(identity)? else {
+            return Ok(0);
+        };
+        let mut removed = 0;
+        for &id in ids.iter().filter(|&&id| id > acked) {
+            let bytes = self
+                .queue(identity)?
+                .remove(id)
+                .map_err(store_error)?
+                .map(|v| v.value().len() as u64);
+            if let Some(bytes) = bytes {
+                self.sizes.sub(identity, bytes);
+                removed += 1;
+            }
+        }
+        self.settle(identity)?;
+        Ok(removed)
+    }
+
+    /// Everything of `identity` up to `upto` is acknowledged: one write of the mark, not one
+    /// removal per message. How many pending messages that covered.
+    fn ack(&mut self, identity: &str, upto: u64) -> Result<u64> {
+        let Some(acked) = self.acked(identity)?.filter(|&acked| acked < upto) else {
+            return Ok(0);
+        };
+        let mut covered = Size::default();
+        let mut sizes = Vec::new();
+        for entry in self
+            .queue(identity)?
+            .range(acked + 1..=upto)
+            .map_err(store_error)?
+        {
+            let (_, v) = entry.map_err(store_error)?;
+            sizes.push(v.value().len() as u64);
+        }
+        for bytes in sizes {
+            self.sizes.sub(identity, bytes);
+            covered.messages += 1;
+            covered.bytes += bytes;
+        }
+        self.queues.insert(identity, upto).map_err(store_error)?;
+        if let Some((acked, _)) = self.open.get_mut(identity) {
+            *acked = upto;
+        }
+        let left = self.acked_left.entry(identity.to_owned()).or_default();
+        left.messages += covered.messages;
+        left.bytes += covered.bytes;
+        self.settle(identity)?;
+        Ok(covered.messages)
+    }
+
+    /// Drops `identity`'s queue whole when nothing in it is pending any more (which rewrites no
+    /// B-tree pages, unlike removing its messages one by one). A queue that stays non-empty
+    /// has its acknowledged messages removed one by one once they exceed the per-identity
+    /// bounds (or `MAX_ACKED_LEFT`), so they never take more room than that.
+    fn settle(&mut self, identity: &str) -> Result<()> {
+        let Some(acked) = self.acked(identity)? else {
+            return Ok(());
+        };
+        let pending = self
+            .queue(identity)?
+            .range(acked.saturating_add(1)..)
+            .map_err(store_error)?
+            .next()
+            .is_some();
+        if !pending {
+            // Closed first: an open table cannot be deleted.
+            self.open.remove(identity);
+            self.txn
+                .delete_table(queue_table(&queue_name(identity)))
+                .map_err(store_error)?;
+            self.queues.remove(identity).map_err(store_error)?;
+            self.acked_left.remove(identity);
+            return Ok(());
+        }
+        let left = self.acked_left.get(identity).copied().unwrap_or_default();
+        if left.messages > self.limits.per_identity_messages.max(MAX_ACKED_LEFT)
+            || left.bytes > self.limits.per_identity_bytes
+        {
+            self.queue(identity)?
+                .retain_in(..=acked, |_, _| false)
+                .map_err(store_error)?;
+            self.acked_left.remove(identity);
+        }
+        Ok(())
+    }
 }
 
 /// Makes room for a message of `bytes` for `identity` under the bounds, or refuses it.
 fn admit(
-    table: &mut redb::Table<'_, (&'static str, u64), &'static [u8]>,
+    queue: &mut Queue<'_>,
+    acked: u64,
     sizes: &mut Sizes,
     counters: &DurableCounters,
     limits: &DurableLimits,
@@ -655,17 +900,17 @@ fn admit(
     }
     // Drop this identity's oldest until it fits (other identities' messages are theirs).
     while !fits(sizes) {
-        let oldest = table
-            .range((identity, 0)..=(identity, u64::MAX))
+        let oldest = queue
+            .range(acked.saturating_add(1)..)
             .map_err(store_error)?
             .next()
             .transpose()
             .map_err(store_error)?
-            .map(|(k, _)| k.value().1);
+            .map(|(k, _)| k.value());
         let Some(id) = oldest else {
             return Err(full(sizes));
         };
-        if let Some(v) = table.remove((identity, id)).map_err(store_error)? {
+        if let Some(v) = queue.remove(id).map_err(store_error)? {
             sizes.sub(identity, v.value().len() as u64);
             counters.overflowed.fetch_add(1, Ordering::Relaxed);
             metrics::counter!(crate::metrics::names::DURABLE_OVERFLOWED).increment(1);
@@ -707,14 +952,17 @@ struct Outgoing {
     payload: Vec<u8>,
 }
 
-/// Removes the acknowledged messages of one delivery run from the store: one removal at a time,
-/// the ids acknowledged meanwhile gathered into the next, so that a fast drain makes a few large
-/// commits rather than one per acknowledgement (each commit rewrites B-tree pages and, by
-/// default, waits for an fsync).
+/// Records the acknowledgements of one delivery run in the store: one write of the
+/// acknowledged-up-to mark at a time, the acknowledgements that came meanwhile gathered into
+/// the next, so that a fast drain makes a few commits rather than one per acknowledgement
+/// (each, by default, waits for an fsync). A run sends in id order from the oldest pending
+/// message and its acknowledgements cover a prefix of what it sent, so the highest id
+/// acknowledged covers every message before it.
 struct Remover {
     store: Arc<Store>,
     identity: String,
-    gathered: Vec<u64>,
+    /// The highest id acknowledged and not yet recorded (0: none).
+    gathered: u64,
     running: Option<tokio::task::JoinHandle<Result<u64>>>,
     failed: bool,
 }
@@ -724,15 +972,16 @@ impl Remover {
         Self {
             store,
             identity: identity.to_owned(),
-            gathered: Vec::new(),
+            gathered: 0,
             running: None,
             failed: false,
         }
     }
 
-    /// Removes `ids` now if no removal runs, else with the next one.
+    /// Records the acknowledgement of `ids` (and of everything the run sent before them) now if
+    /// no write runs, else with the next one.
     fn add(&mut self, ids: Vec<u64>) {
-        self.gathered.extend(ids);
+        self.gathered = ids.into_iter().fold(self.gathered, u64::max);
         if let Some(result) = self
             .running
             .as_mut()
@@ -745,10 +994,10 @@ impl Remover {
     }
 
     fn start(&mut self) {
-        if self.running.is_none() && !self.gathered.is_empty() {
+        if self.running.is_none() && self.gathered > 0 {
             let (store, who) = (self.store.clone(), self.identity.clone());
-            let ids = std::mem::take(&mut self.gathered);
-            self.running = Some(tokio::spawn(async move { store.remove(&who, ids).await }));
+            let upto = std::mem::take(&mut self.gathered);
+            self.running = Some(tokio::spawn(async move { store.ack(&who, upto).await }));
         }
     }
 
@@ -1321,13 +1570,26 @@ impl Durable {
         let now = now_ms();
         let expired: Vec<(String, u64)> = tokio::task::spawn_blocking(move || {
             let txn = store.db()?.begin_read().map_err(store_error)?;
-            let table = txn.open_table(MESSAGES).map_err(store_error)?;
+            let queues = txn.open_table(QUEUES).map_err(store_error)?;
             let mut out = Vec::new();
-            for entry in table.iter().map_err(store_error)? {
+            for entry in queues.iter().map_err(store_error)? {
                 let (k, v) = entry.map_err(store_error)?;
-                if postcard::from_bytes::<Stored>(v.value()).is_ok_and(|m| m.expires_ms <= now) {
-                    let (identity, id) = k.value();
-                    out.push((identity.to_owned(), id));
+                let (identity, acked) = (k.value(), v.value());
+                let name = queue_name(identity);
+                let table = match txn.open_table(queue_table(&name)) {
+                    Ok(table) => table,
+                    Err(redb::TableError::TableDoesNotExist(_)) => continue,
+                    Err(e) => return Err(store_error(e)),
+                };
+                for entry in table
+                    .range(acked.saturating_add(1)..)
+                    .map_err(store_error)?
+                {
+                    let (id, v) = entry.map_err(store_error)?;
+                    if postcard::from_bytes::<Stored>(v.value()).is_ok_and(|m| m.expires_ms <= now)
+                    {
+                        out.push((identity.to_owned(), id.value()));
+                    }
                 }
             }
             Ok::<_, Error>(out)
@@ -1466,5 +1728,161 @@ impl Acker {
 
     pub(crate) fn ack(&self) -> bool {
         lock(&self.0).take().is_some_and(|tx| tx.send(()).is_ok())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A store file in a fresh directory, removed on drop.
+    struct Dir(std::path::PathBuf);
+
+    impl Dir {
+        fn new(name: &str) -> Self {
+            let dir = std::env::temp_dir()
+                .join(format!("quicx-durable-unit-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+
+        fn file(&self) -> std::path::PathBuf {
+            self.0.join("store.redb")
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn message(n: u64) -> Stored {
+        Stored {
+            service_path: "Device".into(),
+            service_method: "Cmd".into(),
+            metadata: Metadata::new(),
+            payload: n.to_be_bytes().to_vec(),
+            expires_ms: u64::MAX,
+        }
+    }
+
+    fn ids(messages: &[(u64, Stored)]) -> Vec<u64> {
+        messages.iter().map(|(id, _)| *id).collect()
+    }
+
+    fn queue_keys(store: &Store, identity: &str) -> Vec<u64> {
+        let txn = store.db().unwrap().begin_read().unwrap();
+        let name = queue_name(identity);
+        match txn.open_table(queue_table(&name)) {
+            Ok(table) => table
+                .iter()
+                .unwrap()
+                .map(|e| e.unwrap().0.value())
+                .collect(),
+            Err(redb::TableError::TableDoesNotExist(_)) => Vec::new(),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn acknowledged_messages_stay_acknowledged_across_a_reopen() {
+        let dir = Dir::new("reopen");
+        let store = Store::open(&dir.file(), DurableLimits::default()).unwrap();
+        let mut sent = Vec::new();
+        for n in 0..10 {
+            sent.push(store.append("d", message(n)).await.unwrap());
+        }
+        assert_eq!(store.ack("d", sent[3]).await.unwrap(), 4);
+        // Acknowledged, not yet removed: neither pending nor cancellable.
+        assert_eq!(store.pending_of("d"), 6);
+        assert_eq!(store.remove("d", vec![sent[1]]).await.unwrap(), 0);
+        assert_eq!(queue_keys(&store, "d").len(), 10);
+        assert_eq!(ids(&store.read_after("d", 0, 100).unwrap()), sent[4..]);
+        tokio::task::spawn_blocking(move || store.close())
+            .await
+            .unwrap();
+
+        let store = Store::open(&dir.file(), DurableLimits::default()).unwrap();
+        assert_eq!(store.pending_of("d"), 6);
+        assert_eq!(store.pending_total(), 6);
+        assert_eq!(ids(&store.read_after("d", 0, 100).unwrap()), sent[4..]);
+        // A stale acknowledgement changes nothing; the last one drops the queue whole.
+        assert_eq!(store.ack("d", sent[2]).await.unwrap(), 0);
+        assert_eq!(store.ack("d", sent[9]).await.unwrap(), 6);
+        assert_eq!(store.pending_total(), 0);
+        assert!(queue_keys(&store, "d").is_empty());
+        // The identity starts a new queue.
+        let next = store.append("d", message(10)).await.unwrap();
+        assert!(next > sent[9]);
+        assert_eq!(ids(&store.read_after("d", 0, 100).unwrap()), [next]);
+        tokio::task::spawn_blocking(move || store.close())
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_queue_that_never_empties_does_not_keep_its_acknowledged_messages() {
+        // 50 pending at most; each round 40 more come and all but the newest 10 are
+        // acknowledged, so the queue never empties (and is never dropped whole).
+        let dir = Dir::new("backstop");
+        let limits = DurableLimits::default().per_identity(50, 1 << 30);
+        let store = Store::open(&dir.file(), limits).unwrap();
+        let mut sent = Vec::new();
+        let mut longest = 0;
+        for round in 0..120u64 {
+            for n in 0..40 {
+                sent.push(store.append("d", message(round * 40 + n)).await.unwrap());
+            }
+            store.ack("d", sent[sent.len() - 11]).await.unwrap();
+            longest = longest.max(queue_keys(&store, "d").len());
+        }
+        // 4,800 acknowledged: without the bound all of them would still be in the queue.
+        assert!(longest <= MAX_ACKED_LEFT as usize + 50, "{longest}");
+        assert!(queue_keys(&store, "d").len() < 4800);
+        assert_eq!(store.pending_of("d"), 10);
+        assert_eq!(
+            ids(&store.read_after("d", 0, 100).unwrap()),
+            sent[sent.len() - 10..]
+        );
+        tokio::task::spawn_blocking(move || store.close())
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_store_in_the_single_table_layout_is_moved_into_queues() {
+        let dir = Dir::new("legacy");
+        {
+            let db = Database::create(dir.file()).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut legacy = txn.open_table(LEGACY_MESSAGES).unwrap();
+                for (identity, id) in [("a", 1u64), ("b", 2), ("a", 3), ("b", 4), ("a", 5)] {
+                    let bytes = postcard::to_allocvec(&message(id)).unwrap();
+                    legacy.insert((identity, id), bytes.as_slice()).unwrap();
+                }
+                txn.open_table(META).unwrap().insert("next_id", 6).unwrap();
+            }
+            txn.commit().unwrap();
+        }
+        let store = Store::open(&dir.file(), DurableLimits::default()).unwrap();
+        assert_eq!(store.pending_total(), 5);
+        assert_eq!(ids(&store.read_after("a", 0, 100).unwrap()), [1, 3, 5]);
+        assert_eq!(ids(&store.read_after("b", 0, 100).unwrap()), [2, 4]);
+        let payload = &store.read_after("b", 2, 100).unwrap()[0].1.payload;
+        assert_eq!(payload, &4u64.to_be_bytes());
+        assert_eq!(store.append("a", message(6)).await.unwrap(), 6);
+        let txn = store.db().unwrap().begin_read().unwrap();
+        let legacy_left = txn
+            .list_tables()
+            .unwrap()
+            .any(|t| t.name() == LEGACY_MESSAGES.name());
+        assert!(!legacy_left, "the old table is gone");
+        drop(txn);
+        tokio::task::spawn_blocking(move || store.close())
+            .await
+            .unwrap();
     }
 }

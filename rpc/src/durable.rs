@@ -1850,6 +1850,13 @@ mod tests {
         }
     }
 
+    /// Closes a store (blocking, so off the test's async thread).
+    async fn close(store: Store) {
+        tokio::task::spawn_blocking(move || store.close())
+            .await
+            .unwrap();
+    }
+
     fn ids(page: &Page) -> Vec<u64> {
         page.messages.iter().map(|(id, _)| *id).collect()
     }
@@ -1882,9 +1889,7 @@ mod tests {
         assert_eq!(store.remove("d", vec![sent[1]]).await.unwrap(), 0);
         assert_eq!(queue_keys(&store, "d").len(), 10);
         assert_eq!(ids(&store.read_after("d", 0, 100).unwrap()), sent[4..]);
-        tokio::task::spawn_blocking(move || store.close())
-            .await
-            .unwrap();
+        close(store).await;
 
         let store = Store::open(&dir.file(), DurableLimits::default()).unwrap();
         assert_eq!(store.pending_of("d"), 6);
@@ -1899,9 +1904,7 @@ mod tests {
         let next = store.append("d", message(10)).await.unwrap();
         assert!(next > sent[9]);
         assert_eq!(ids(&store.read_after("d", 0, 100).unwrap()), [next]);
-        tokio::task::spawn_blocking(move || store.close())
-            .await
-            .unwrap();
+        close(store).await;
     }
 
     #[tokio::test]
@@ -1934,9 +1937,7 @@ mod tests {
             ids(&store.read_after("d", 0, 100).unwrap()),
             sent[sent.len() - 10..]
         );
-        tokio::task::spawn_blocking(move || store.close())
-            .await
-            .unwrap();
+        close(store).await;
     }
 
     #[tokio::test]
@@ -1998,9 +1999,7 @@ mod tests {
             .any(|t| t.name() == LEGACY_MESSAGES.name());
         assert!(!legacy_left, "the old table is gone");
         drop(txn);
-        tokio::task::spawn_blocking(move || store.close())
-            .await
-            .unwrap();
+        close(store).await;
     }
 
     #[tokio::test]
@@ -2026,15 +2025,11 @@ mod tests {
         assert_eq!(ids(&store.read_after("d", 0, 100).unwrap()), sent[5..]);
         let s = store.counters.overflowed.load(Ordering::Relaxed);
         assert_eq!(s, 1);
-        tokio::task::spawn_blocking(move || store.close())
-            .await
-            .unwrap();
+        close(store).await;
         let store = Store::open(&dir.file(), limits).unwrap();
         assert_eq!(store.pending_of("d"), 6);
         assert_eq!(store.pending_total(), 6);
-        tokio::task::spawn_blocking(move || store.close())
-            .await
-            .unwrap();
+        close(store).await;
     }
 
     #[tokio::test]
@@ -2062,8 +2057,6 @@ mod tests {
         assert_eq!(page.last, Some(sent[2]));
         assert_eq!(store.remove("d", vec![sent[1]]).await.unwrap(), 1);
         assert_eq!(store.pending_of("d"), 2);
-        tokio::task::spawn_blocking(move || store.close())
-            .await
-            .unwrap();
+        close(store).await;
     }
 }

@@ -304,6 +304,16 @@ enum Op {
     },
 }
 
+impl Op {
+    fn into_reply(self) -> oneshot::Sender<Result<u64>> {
+        match self {
+            Self::Append { reply, .. } | Self::Remove { reply, .. } | Self::Ack { reply, .. } => {
+                reply
+            }
+        }
+    }
+}
+
 /// The store: redb on disk, one writer thread that commits whatever is waiting in one
 /// transaction (group commit: each append waits for a durable commit, concurrent appends share
 /// it), and the sizes kept in memory for the bounds.
@@ -557,6 +567,7 @@ fn write_loop(
             }
         }
         let mut replies = Vec::with_capacity(batch.len());
+        let mut ops_left = batch.into_iter();
         let outcome = (|| -> Result<()> {
             let mut txn = db.begin_write().map_err(store_error)?;
             txn.set_durability(if durable {
@@ -581,7 +592,7 @@ fn write_loop(
                     limits: &limits,
                     open: HashMap::new(),
                 };
-                for op in batch {
+                for op in ops_left.by_ref() {
                     match op {
                         Op::Append {
                             identity,
@@ -630,7 +641,12 @@ fn write_loop(
                     *lock(sizes) = fresh;
                     acked_left = left;
                 }
-                for (reply, _) in replies {
+                // Those applied and those the failure kept from being applied alike.
+                let failed = replies
+                    .into_iter()
+                    .map(|(reply, _)| reply)
+                    .chain(ops_left.map(Op::into_reply));
+                for reply in failed {
                     let _ = reply.send(Err(Error::Store(e.to_string())));
                 }
             }

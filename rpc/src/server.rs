@@ -513,9 +513,12 @@ impl Server {
     }
 
     /// Subscribes to connect, bind and disconnect events. A subscriber that falls more than 4,096
-    /// events behind gets `RecvError::Lagged` with the number it missed.
+    /// events behind gets `RecvError::Lagged` with the number it missed. The events end
+    /// (`RecvError::Closed`) when a [`shutdown`](Self::shutdown) finishes, after the
+    /// `Disconnected` events of the connections it closed; a subscription taken after that is
+    /// closed at once.
     pub fn events(&self) -> broadcast::Receiver<ServerEvent> {
-        self.inner.registry.events.subscribe()
+        self.inner.registry.subscribe()
     }
 
     /// Counters: calls served, pushes sent, connections, refusals, buffered request bytes.
@@ -791,6 +794,10 @@ impl Server {
         }
         let idle = join_all(endpoints.iter().map(quinn::Endpoint::wait_idle));
         let _ = tokio::time::timeout(Duration::from_secs(2), idle).await;
+        // The closed connections leave the registry on their I/O threads (still running):
+        // their `Disconnected` events go out before the events end.
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.inner.registry.emptied()).await;
+        self.inner.registry.end_events();
         if let Some(durable) = side.durable() {
             // Release the store file now, not when the last handle to the server goes.
             durable.close().await;

@@ -77,6 +77,41 @@ async fn a_cancelled_shutdown_still_shuts_the_server_down() {
 }
 
 #[tokio::test]
+async fn server_events_end_after_a_shutdown_with_its_disconnects() {
+    let t = start_server().await;
+    let mut events = t.server.events();
+    let _client = t.client().connect(&t.address()).await.unwrap();
+    // The server's side of the connection.
+    let id = match tokio::time::timeout(Duration::from_secs(5), events.recv()).await {
+        Ok(Ok(ServerEvent::Connected(conn))) => conn.id(),
+        other => panic!("expected Connected, got {other:?}"),
+    };
+    assert!(t.server.shutdown(Duration::from_secs(1)).await);
+    let mut disconnected = false;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), events.recv()).await {
+            Ok(Ok(ServerEvent::Disconnected { conn, .. })) if conn.id() == id => {
+                disconnected = true;
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => break,
+            Ok(Err(e)) => panic!("{e:?}"),
+            Err(_) => panic!("the events did not end within 5 s of the shutdown"),
+        }
+    }
+    assert!(
+        disconnected,
+        "the client's Disconnected came before the end"
+    );
+    // A subscription after the shutdown ends at once.
+    let late = t.server.events().recv().await;
+    assert!(matches!(
+        late,
+        Err(tokio::sync::broadcast::error::RecvError::Closed)
+    ));
+}
+
+#[tokio::test]
 async fn a_client_cannot_push_and_learns_it_at_once() {
     let t = start_server().await;
     let client = t.client().connect(&t.address()).await.unwrap();

@@ -186,7 +186,7 @@ impl Connection {
                 }
                 if let Some(old) = taken {
                     old.close_with(CloseCode::TAKEN_OVER, b"taken over");
-                    let _ = registry.events.send(crate::ServerEvent::TakenOver {
+                    registry.emit(crate::ServerEvent::TakenOver {
                         client_id: id,
                         old,
                         new: self.clone(),

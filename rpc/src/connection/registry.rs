@@ -11,7 +11,10 @@ use crate::{DisconnectReason, ServerEvent};
 /// maps and each connection's bound id, so a lookup never sees half a re-bind.
 pub(crate) struct Registry {
     inner: Mutex<RegistryInner>,
-    pub(crate) events: broadcast::Sender<ServerEvent>,
+    /// `None` once the server shut down: subscribers then see the stream end.
+    events: Mutex<Option<broadcast::Sender<ServerEvent>>>,
+    /// Signalled when the last connection leaves.
+    emptied: tokio::sync::Notify,
 }
 
 impl fmt::Debug for Registry {
@@ -32,7 +35,49 @@ impl Registry {
     pub(crate) fn new(events: usize) -> Self {
         Self {
             inner: Mutex::new(RegistryInner::default()),
-            events: broadcast::channel(events).0,
+            events: Mutex::new(Some(broadcast::channel(events).0)),
+            emptied: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Sends `event` to the subscribers (none once the events ended).
+    pub(crate) fn emit(&self, event: ServerEvent) {
+        if let Some(events) = self
+            .events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            let _ = events.send(event);
+        }
+    }
+
+    /// A new subscriber; one that is closed at once after the events ended.
+    pub(crate) fn subscribe(&self) -> broadcast::Receiver<ServerEvent> {
+        match self
+            .events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            Some(events) => events.subscribe(),
+            None => broadcast::channel(1).1,
+        }
+    }
+
+    /// Ends the events: each subscriber gets what was sent so far, then `Closed`.
+    pub(crate) fn end_events(&self) {
+        drop(self.events.lock().unwrap_or_else(|p| p.into_inner()).take());
+    }
+
+    /// Returns once no connection is left (at once if none is).
+    pub(crate) async fn emptied(&self) {
+        loop {
+            let emptied = self.emptied.notified();
+            if self.len() == 0 {
+                return;
+            }
+            emptied.await;
         }
     }
 
@@ -46,11 +91,11 @@ impl Registry {
 
     pub(crate) fn add(&self, conn: &Connection) {
         self.lock().conns.insert(conn.id(), conn.clone());
-        let _ = self.events.send(ServerEvent::Connected(conn.clone()));
+        self.emit(ServerEvent::Connected(conn.clone()));
     }
 
     pub(crate) fn remove(&self, conn: &Connection, reason: DisconnectReason) {
-        {
+        let empty = {
             let mut inner = self.lock();
             inner.conns.remove(&conn.id());
             if let Some(id) = conn.client_id() {
@@ -58,11 +103,15 @@ impl Registry {
                     inner.ids.remove(&id);
                 }
             }
-        }
-        let _ = self.events.send(ServerEvent::Disconnected {
+            inner.conns.is_empty()
+        };
+        self.emit(ServerEvent::Disconnected {
             conn: conn.clone(),
             reason,
         });
+        if empty {
+            self.emptied.notify_waiters();
+        }
     }
 
     /// Binds `conn` to `client_id`: the id now finds `conn`, and the id `conn` held before, if
@@ -88,7 +137,7 @@ impl Registry {
                 .filter(|&old| old != conn.id())
                 .and_then(|old| inner.conns.get(&old).cloned());
         }
-        let _ = self.events.send(ServerEvent::Bound {
+        self.emit(ServerEvent::Bound {
             conn: conn.clone(),
             client_id,
         });

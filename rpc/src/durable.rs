@@ -53,8 +53,6 @@ const MAX_ACKED_LEFT_BYTES: u64 = 64 << 20;
 const COMPACT_PER_COMMIT: usize = 4096;
 /// Legacy messages moved into queues per transaction when a store is migrated.
 const MIGRATE_PER_COMMIT: usize = 10_000;
-/// `META` key of the store's layout: 2 is one queue per identity.
-const LAYOUT_KEY: &str = "layout";
 
 /// The name of `identity`'s queue table: its messages by id.
 fn queue_name(identity: &str) -> String {
@@ -63,6 +61,18 @@ fn queue_name(identity: &str) -> String {
 
 fn queue_table(name: &str) -> TableDefinition<'_, u64, &'static [u8]> {
     TableDefinition::new(name)
+}
+
+/// `identity`'s queue in a read transaction, `None` when it has none.
+fn read_queue(
+    txn: &redb::ReadTransaction,
+    identity: &str,
+) -> Result<Option<redb::ReadOnlyTable<u64, &'static [u8]>>> {
+    match txn.open_table(queue_table(&queue_name(identity))) {
+        Ok(table) => Ok(Some(table)),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(store_error(e)),
+    }
 }
 
 /// Messages sent at once to one device before their acknowledgements come back.
@@ -362,10 +372,7 @@ impl Store {
         {
             let txn = db.begin_write().map_err(store_error)?;
             txn.open_table(QUEUES).map_err(store_error)?;
-            txn.open_table(META)
-                .map_err(store_error)?
-                .insert(LAYOUT_KEY, 2)
-                .map_err(store_error)?;
+            txn.open_table(META).map_err(store_error)?;
             txn.commit().map_err(store_error)?;
         }
         migrate_legacy(&db)?;
@@ -469,11 +476,8 @@ impl Store {
         else {
             return Ok(page);
         };
-        let name = queue_name(identity);
-        let table = match txn.open_table(queue_table(&name)) {
-            Ok(table) => table,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(page),
-            Err(e) => return Err(store_error(e)),
+        let Some(table) = read_queue(&txn, identity)? else {
+            return Ok(page);
         };
         let mut bytes = 0usize;
         let start = after.max(acked).saturating_add(1);
@@ -707,11 +711,8 @@ fn recount(db: &Database) -> Result<(Sizes, Sizes)> {
     for entry in queues.iter().map_err(store_error)? {
         let (k, v) = entry.map_err(store_error)?;
         let (identity, acked) = (k.value(), v.value());
-        let name = queue_name(identity);
-        let table = match txn.open_table(queue_table(&name)) {
-            Ok(table) => table,
-            Err(redb::TableError::TableDoesNotExist(_)) => continue,
-            Err(e) => return Err(store_error(e)),
+        let Some(table) = read_queue(&txn, identity)? else {
+            continue;
         };
         for entry in table.iter().map_err(store_error)? {
             let (id, v) = entry.map_err(store_error)?;
@@ -1051,7 +1052,7 @@ struct Outgoing {
 /// (each, by default, waits for an fsync). A run sends in id order from the oldest pending
 /// message and its acknowledgements cover a prefix of what it sent, so the highest id
 /// acknowledged covers every message before it.
-struct Remover {
+struct AckWriter {
     store: Arc<Store>,
     identity: String,
     /// The highest id acknowledged and not yet recorded (0: none).
@@ -1060,7 +1061,7 @@ struct Remover {
     failed: bool,
 }
 
-impl Remover {
+impl AckWriter {
     fn new(store: Arc<Store>, identity: &str) -> Self {
         Self {
             store,
@@ -1071,10 +1072,10 @@ impl Remover {
         }
     }
 
-    /// Records the acknowledgement of `ids` (and of everything the run sent before them) now if
-    /// no write runs, else with the next one.
-    fn add(&mut self, ids: Vec<u64>) {
-        self.gathered = ids.into_iter().fold(self.gathered, u64::max);
+    /// Records that everything the run sent up to `upto` is acknowledged: now if no write
+    /// runs, else with the next one.
+    fn add(&mut self, upto: u64) {
+        self.gathered = self.gathered.max(upto);
         if let Some(result) = self
             .running
             .as_mut()
@@ -1098,7 +1099,7 @@ impl Remover {
         self.running.is_some()
     }
 
-    /// The running removal's end (pending forever when none runs; cancel safe).
+    /// The running write's end (pending forever when none runs; cancel safe).
     async fn running(&mut self) -> Result<u64> {
         match &mut self.running {
             Some(handle) => handle.await.map_err(store_error)?,
@@ -1106,12 +1107,12 @@ impl Remover {
         }
     }
 
-    /// The running removal ended with `result`: start the next.
+    /// The running write ended with `result`: start the next.
     fn done(&mut self, result: Result<u64>) {
         self.running = None;
         if let Err(e) = result {
             tracing::error!(
-                "removing acknowledged messages of {} failed: {e}",
+                "recording the acknowledgements of {} failed: {e}",
                 self.identity
             );
             self.failed = true;
@@ -1119,7 +1120,7 @@ impl Remover {
         self.start();
     }
 
-    /// Waits for every removal; whether they all committed.
+    /// Waits for every write; whether they all committed.
     async fn finish(mut self) -> bool {
         while self.is_running() {
             let result = self.running().await;
@@ -1278,12 +1279,12 @@ impl Durable {
             return self.deliver_stream(identity, &conn).await;
         }
         let (mut after, mut prev) = (0u64, 0u64);
-        let mut remover = Remover::new(self.store.clone(), identity);
+        let mut acks = AckWriter::new(self.store.clone(), identity);
         loop {
             let mut sends = match self.next_sends(identity, &mut after, BATCH).await {
                 Ok(Some(sends)) => sends,
                 Ok(None) => {
-                    return if remover.finish().await {
+                    return if acks.finish().await {
                         RunEnd::Done
                     } else {
                         RunEnd::Stopped
@@ -1291,7 +1292,7 @@ impl Durable {
                 }
                 Err(e) => {
                     tracing::error!("reading durable messages of {identity} failed: {e}");
-                    remover.finish().await;
+                    acks.finish().await;
                     return RunEnd::Stopped;
                 }
             };
@@ -1332,11 +1333,11 @@ impl Durable {
                 }
             }
             drop(results);
-            // Removed while the next batch goes out (the next read starts after the last id).
-            remover.add(self.count_acked(&acked));
+            // Recorded while the next batch goes out (the next read starts after the last id).
+            acks.add(self.count_acked(&acked));
             if let Some(e) = failed {
                 tracing::debug!("durable delivery to {identity} stopped: {e}");
-                remover.finish().await;
+                acks.finish().await;
                 return RunEnd::Stopped;
             }
         }
@@ -1423,8 +1424,9 @@ impl Durable {
         }
     }
 
-    /// Counts acknowledged messages (id, whether redelivered) as delivered; their ids.
-    fn count_acked(&self, acked: &[(u64, bool)]) -> Vec<u64> {
+    /// Counts acknowledged messages (id, whether redelivered, in id order) as delivered; the
+    /// highest id (0 for none).
+    fn count_acked(&self, acked: &[(u64, bool)]) -> u64 {
         let redelivered = acked.iter().filter(|(_, r)| *r).count() as u64;
         let n = acked.len() as u64;
         let c = &self.store.counters;
@@ -1435,18 +1437,15 @@ impl Durable {
             metrics::counter!(crate::metrics::names::DURABLE_REDELIVERED).increment(redelivered);
         }
         let mut attempted = lock(&self.attempted);
-        acked
-            .iter()
-            .map(|(id, _)| {
-                attempted.remove(id);
-                *id
-            })
-            .collect()
+        for (id, _) in acked {
+            attempted.remove(id);
+        }
+        acked.last().map_or(0, |(id, _)| *id)
     }
 
     /// A delivery run on one durable stream (`quicx/2`, `docs/PROTOCOL.md` §4): records go out
     /// `STREAM_BATCH` per write while fewer than `STREAM_WINDOW` wait for their acknowledgement;
-    /// each cumulative acknowledgement removes what it covers (group-committed with whatever
+    /// each cumulative acknowledgement is recorded in the store (group-committed with whatever
     /// else the store's writer has queued). Ends `Done` once the store had nothing more and
     /// everything sent was acknowledged; `Stopped` when the device refuses a message, the
     /// stream or connection fails, or no acknowledgement comes for `ack_timeout`.
@@ -1531,7 +1530,7 @@ impl Durable {
         let mut writer = Box::pin(writer);
         let mut writer_done = false;
         let (mut partial, mut have, mut highest) = ([0u8; 8], 0usize, 0u64);
-        let mut remover = Remover::new(self.store.clone(), identity);
+        let mut acks = AckWriter::new(self.store.clone(), identity);
         let end = loop {
             let waiting_since = {
                 let flight = lock(&flight);
@@ -1600,12 +1599,12 @@ impl Durable {
                         flight.unacked.drain(..n).collect()
                     };
                     window.add_permits(acked.len());
-                    remover.add(self.count_acked(&acked));
+                    acks.add(self.count_acked(&acked));
                     if writer_done && lock(&flight).unacked.is_empty() {
                         break RunEnd::Done;
                     }
                 }
-                r = remover.running(), if remover.is_running() => remover.done(r),
+                r = acks.running(), if acks.is_running() => acks.done(r),
                 () = tokio::time::sleep_until(ack_deadline) => {
                     if waiting_since.is_some() {
                         tracing::debug!("{identity} did not acknowledge within {timeout:?}");
@@ -1619,7 +1618,7 @@ impl Durable {
             let _ = send.reset(crate::wire::StreamCode::CANCELLED.into());
             let _ = recv.stop(crate::wire::StreamCode::CANCELLED.into());
         }
-        if !remover.finish().await {
+        if !acks.finish().await {
             return RunEnd::Stopped;
         }
         end
@@ -1671,11 +1670,8 @@ impl Durable {
             for entry in queues.iter().map_err(store_error)? {
                 let (k, v) = entry.map_err(store_error)?;
                 let (identity, acked) = (k.value(), v.value());
-                let name = queue_name(identity);
-                let table = match txn.open_table(queue_table(&name)) {
-                    Ok(table) => table,
-                    Err(redb::TableError::TableDoesNotExist(_)) => continue,
-                    Err(e) => return Err(store_error(e)),
+                let Some(table) = read_queue(&txn, identity)? else {
+                    continue;
                 };
                 for entry in table
                     .range(acked.saturating_add(1)..)
@@ -1848,6 +1844,11 @@ mod tests {
         fn file(&self) -> std::path::PathBuf {
             self.0.join("store.redb")
         }
+
+        /// Opens (again) the store in this directory.
+        fn open(&self, limits: DurableLimits) -> Store {
+            Store::open(&self.file(), limits).unwrap()
+        }
     }
 
     impl Drop for Dir {
@@ -1879,22 +1880,21 @@ mod tests {
 
     fn queue_keys(store: &Store, identity: &str) -> Vec<u64> {
         let txn = store.db().unwrap().begin_read().unwrap();
-        let name = queue_name(identity);
-        match txn.open_table(queue_table(&name)) {
-            Ok(table) => table
-                .iter()
-                .unwrap()
-                .map(|e| e.unwrap().0.value())
-                .collect(),
-            Err(redb::TableError::TableDoesNotExist(_)) => Vec::new(),
-            Err(e) => panic!("{e}"),
-        }
+        read_queue(&txn, identity)
+            .unwrap()
+            .map_or_else(Vec::new, |table| {
+                table
+                    .iter()
+                    .unwrap()
+                    .map(|e| e.unwrap().0.value())
+                    .collect()
+            })
     }
 
     #[tokio::test]
     async fn acknowledged_messages_stay_acknowledged_across_a_reopen() {
         let dir = Dir::new("reopen");
-        let store = Store::open(&dir.file(), DurableLimits::default()).unwrap();
+        let store = dir.open(DurableLimits::default());
         let mut sent = Vec::new();
         for n in 0..10 {
             sent.push(store.append("d", message(n)).await.unwrap());
@@ -1907,7 +1907,7 @@ mod tests {
         assert_eq!(ids(&store.read_after("d", 0, 100).unwrap()), sent[4..]);
         close(store).await;
 
-        let store = Store::open(&dir.file(), DurableLimits::default()).unwrap();
+        let store = dir.open(DurableLimits::default());
         assert_eq!(store.pending_of("d"), 6);
         assert_eq!(store.pending_total(), 6);
         assert_eq!(ids(&store.read_after("d", 0, 100).unwrap()), sent[4..]);
@@ -1932,7 +1932,7 @@ mod tests {
         let limits = DurableLimits::default()
             .per_identity(50, 1 << 30)
             .total(1_000, 400_000);
-        let store = Store::open(&dir.file(), limits).unwrap();
+        let store = dir.open(limits);
         let big = |n: u64| Stored {
             payload: vec![n as u8; 1000],
             ..message(n)
@@ -1985,7 +1985,7 @@ mod tests {
             }
             txn.commit().unwrap();
         }
-        let store = Store::open(&dir.file(), DurableLimits::default()).unwrap();
+        let store = dir.open(DurableLimits::default());
         assert_eq!(store.pending_total(), n);
         let mut all = Vec::new();
         for identity in ["a", "b"] {
@@ -2024,7 +2024,7 @@ mod tests {
         let limits = DurableLimits::default()
             .per_identity(6, 1 << 20)
             .overflow(Overflow::DropOldest);
-        let store = Store::open(&dir.file(), limits).unwrap();
+        let store = dir.open(limits);
         let mut sent = Vec::new();
         for n in 0..6 {
             sent.push(store.append("d", message(n)).await.unwrap());
@@ -2042,7 +2042,7 @@ mod tests {
         let s = store.counters.overflowed.load(Ordering::Relaxed);
         assert_eq!(s, 1);
         close(store).await;
-        let store = Store::open(&dir.file(), limits).unwrap();
+        let store = dir.open(limits);
         assert_eq!(store.pending_of("d"), 6);
         assert_eq!(store.pending_total(), 6);
         close(store).await;
@@ -2051,7 +2051,7 @@ mod tests {
     #[tokio::test]
     async fn a_corrupt_message_is_reported_and_read_past() {
         let dir = Dir::new("corrupt");
-        let store = Store::open(&dir.file(), DurableLimits::default()).unwrap();
+        let store = dir.open(DurableLimits::default());
         let mut sent = Vec::new();
         for n in 0..3 {
             sent.push(store.append("d", message(n)).await.unwrap());

@@ -56,6 +56,14 @@ async fn server(dev: &DevCertificate, store: &TempStore, limits: DurableLimits) 
     server
 }
 
+/// A certificate, a fresh store and a server on it with `limits`.
+async fn started(limits: DurableLimits) -> (DevCertificate, TempStore, Server) {
+    let dev = DevCertificate::localhost().unwrap();
+    let store = TempStore::new();
+    let server = server(&dev, &store, limits).await;
+    (dev, store, server)
+}
+
 async fn device(
     dev: &DevCertificate,
     addr: SocketAddr,
@@ -153,9 +161,7 @@ async fn until(limit: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
 
 #[tokio::test]
 async fn an_online_device_receives_a_durable_message_at_once() {
-    let dev = DevCertificate::localhost().unwrap();
-    let store = TempStore::new();
-    let server = server(&dev, &store, DurableLimits::default()).await;
+    let (dev, _store, server) = started(DurableLimits::default()).await;
     let (_d, mut rx) = device(&dev, server.local_addr().unwrap(), "device-1", false).await;
     let id = server
         .send_durable(
@@ -180,9 +186,7 @@ async fn an_online_device_receives_a_durable_message_at_once() {
 
 #[tokio::test]
 async fn messages_for_an_offline_device_arrive_in_order_once_it_connects() {
-    let dev = DevCertificate::localhost().unwrap();
-    let store = TempStore::new();
-    let server = server(&dev, &store, DurableLimits::default()).await;
+    let (dev, _store, server) = started(DurableLimits::default()).await;
     send_all(
         &server,
         "device-2",
@@ -201,9 +205,7 @@ async fn messages_for_an_offline_device_arrive_in_order_once_it_connects() {
 
 #[tokio::test]
 async fn quicx2_devices_get_a_durable_stream_and_quicx1_devices_one_push_each() {
-    let dev = DevCertificate::localhost().unwrap();
-    let store = TempStore::new();
-    let server = server(&dev, &store, DurableLimits::default()).await;
+    let (dev, _store, server) = started(DurableLimits::default()).await;
     for device in ["new-device", "old-device"] {
         send_all(
             &server,
@@ -248,9 +250,7 @@ async fn quicx2_devices_get_a_durable_stream_and_quicx1_devices_one_push_each() 
 #[tokio::test]
 async fn large_messages_are_listed_and_delivered_past_one_store_read() {
     // Reads from the store stop after 4 MiB: 6 messages of 1 MiB take two.
-    let dev = DevCertificate::localhost().unwrap();
-    let store = TempStore::new();
-    let server = server(&dev, &store, DurableLimits::default()).await;
+    let (dev, _store, server) = started(DurableLimits::default()).await;
     let ids = send_all(&server, "device-big", (0..6u8).map(|i| vec![i; 1 << 20])).await;
     let pending = server.durable_pending("device-big").await.unwrap();
     assert_eq!(pending.iter().map(|p| p.id).collect::<Vec<_>>(), ids);
@@ -297,20 +297,28 @@ async fn acks(recv: &mut quinn::RecvStream) -> Result<Vec<u64>, u64> {
     }
 }
 
-#[tokio::test]
-async fn a_client_acknowledges_a_durable_stream_cumulatively_and_refuses_bad_records() {
-    use quicx::StreamCode;
+/// A quicx client connected to a hand-written server speaking `quicx/2` and `quicx/1`: the
+/// client (keep it), the server's side of the connection, and the client's push channel.
+/// `builder` adds to the client (TLS with the dev certificate and the channel are set).
+async fn hand_written_server(
+    builder: impl FnOnce(quicx::ClientBuilder, ClientTls) -> quicx::ClientBuilder,
+) -> (quicx::Client, quinn::Connection, PushReceiver) {
     let dev = DevCertificate::localhost().unwrap();
     let endpoint = quicx_tests::raw_server(&dev, &[quicx::ALPN_V2, quicx::ALPN]);
     let addr = endpoint.local_addr().unwrap();
-    let (tx, mut rx) = push_channel(64);
-    let client = quicx::Client::builder()
-        .tls(ClientTls::new().trust(dev.certificate()))
-        .push_channel(tx)
-        .connect_addr(addr, "localhost");
+    let (tx, rx) = push_channel(64);
+    let tls = ClientTls::new().trust(dev.certificate());
+    let client =
+        builder(quicx::Client::builder().push_channel(tx), tls).connect_addr(addr, "localhost");
     let accept = async { endpoint.accept().await.unwrap().await.unwrap() };
     let (client, conn) = tokio::join!(client, accept);
-    let _client = client.unwrap();
+    (client.unwrap(), conn, rx)
+}
+
+#[tokio::test]
+async fn a_client_acknowledges_a_durable_stream_cumulatively_and_refuses_bad_records() {
+    use quicx::StreamCode;
+    let (_client, conn, mut rx) = hand_written_server(|b, tls| b.tls(tls)).await;
 
     // Three records, the second split across two writes, then the end: delivered in order,
     // the last acknowledgement covers all three, and the client finishes too.
@@ -419,9 +427,7 @@ async fn read_record(recv: &mut quinn::RecvStream) -> Option<(u64, bool, Vec<u8>
 
 #[tokio::test]
 async fn a_server_removes_only_what_a_durable_stream_acknowledged() {
-    let dev = DevCertificate::localhost().unwrap();
-    let store = TempStore::new();
-    let server = server(&dev, &store, DurableLimits::default()).await;
+    let (dev, _store, server) = started(DurableLimits::default()).await;
     let ids = send_all(&server, "raw-1", (0..5u8).map(|i| vec![i])).await;
     let addr = server.local_addr().unwrap();
     let conn = quicx_tests::raw_connection(addr, &dev, quicx::ALPN_V2)
@@ -494,10 +500,8 @@ async fn a_device_that_stalls_past_the_ack_timeout_still_sees_each_message_once(
     // The application does not read its (one-slot) channel for longer than the server waits
     // for acknowledgements: the server gives up on its stream and sends again on new ones; the
     // streams it gave up on must not deliver late copies.
-    let dev = DevCertificate::localhost().unwrap();
-    let store = TempStore::new();
     let limits = DurableLimits::default().ack_timeout(Duration::from_millis(700));
-    let server = server(&dev, &store, limits).await;
+    let (dev, _store, server) = started(limits).await;
     send_all(&server, "device-slow", (1..=3u8).map(|i| vec![i])).await;
     let (tx, mut rx) = push_channel(1);
     let _client = quicx::Client::builder()
@@ -521,10 +525,8 @@ async fn an_unacknowledged_message_comes_again_even_behind_a_full_window() {
     // Manual ack: the application holds the first message and never acknowledges it, while
     // more messages are pending than a durable stream keeps in flight. The server must still
     // give up after its ack timeout and send the message again.
-    let dev = DevCertificate::localhost().unwrap();
-    let store = TempStore::new();
     let limits = DurableLimits::default().ack_timeout(Duration::from_millis(500));
-    let server = server(&dev, &store, limits).await;
+    let (dev, _store, server) = started(limits).await;
     send_all(
         &server,
         "device-held",
@@ -541,9 +543,7 @@ async fn an_unacknowledged_message_comes_again_even_behind_a_full_window() {
 
 #[tokio::test]
 async fn a_durable_message_above_the_frame_limits_is_refused_at_once() {
-    let dev = DevCertificate::localhost().unwrap();
-    let store = TempStore::new();
-    let server = server(&dev, &store, DurableLimits::default()).await;
+    let (_dev, _store, server) = started(DurableLimits::default()).await;
     let too_large = server
         .send_durable(
             "device-x",
@@ -577,18 +577,11 @@ async fn a_durable_message_above_the_frame_limits_is_refused_at_once() {
 
 #[tokio::test]
 async fn a_client_gives_up_on_a_durable_stream_that_stalls() {
-    let dev = DevCertificate::localhost().unwrap();
-    let endpoint = quicx_tests::raw_server(&dev, &[quicx::ALPN_V2, quicx::ALPN]);
-    let addr = endpoint.local_addr().unwrap();
-    let (tx, mut rx) = push_channel(64);
-    let client = quicx::Client::builder()
-        .tls(ClientTls::new().trust(dev.certificate()))
-        .transport(quicx::TransportOptions::default().frame_timeout(Duration::from_millis(300)))
-        .push_channel(tx)
-        .connect_addr(addr, "localhost");
-    let accept = async { endpoint.accept().await.unwrap().await.unwrap() };
-    let (client, conn) = tokio::join!(client, accept);
-    let _client = client.unwrap();
+    let (_client, conn, mut rx) = hand_written_server(|b, tls| {
+        b.tls(tls)
+            .transport(quicx::TransportOptions::default().frame_timeout(Duration::from_millis(300)))
+    })
+    .await;
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     let mut bytes = record(1, b"one");
     let second = record(2, b"two");
@@ -622,21 +615,8 @@ async fn a_client_gives_up_on_a_durable_stream_that_stalls() {
 #[tokio::test]
 async fn a_quicx1_client_refuses_durable_records() {
     use quicx::StreamCode;
-    let dev = DevCertificate::localhost().unwrap();
-    let endpoint = quicx_tests::raw_server(&dev, &[quicx::ALPN_V2, quicx::ALPN]);
-    let addr = endpoint.local_addr().unwrap();
-    let (tx, mut rx) = push_channel(64);
-    let client = quicx::Client::builder()
-        .tls(
-            ClientTls::new()
-                .trust(dev.certificate())
-                .with_alpn(vec![quicx::ALPN.to_vec()]),
-        )
-        .push_channel(tx)
-        .connect_addr(addr, "localhost");
-    let accept = async { endpoint.accept().await.unwrap().await.unwrap() };
-    let (client, conn) = tokio::join!(client, accept);
-    let _client = client.unwrap();
+    let (_client, conn, mut rx) =
+        hand_written_server(|b, tls| b.tls(tls.with_alpn(vec![quicx::ALPN.to_vec()]))).await;
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     send.write_all(&record(1, b"one")).await.unwrap();
     send.finish().unwrap();
@@ -790,9 +770,7 @@ async fn a_message_whose_ack_was_lost_is_redelivered_and_seen_once() {
 
 #[tokio::test]
 async fn in_manual_mode_a_device_that_crashes_before_acking_gets_the_message_again() {
-    let dev = DevCertificate::localhost().unwrap();
-    let store = TempStore::new();
-    let server = server(&dev, &store, DurableLimits::default()).await;
+    let (dev, _store, server) = started(DurableLimits::default()).await;
     let addr = server.local_addr().unwrap();
     server
         .send_durable(
@@ -824,9 +802,7 @@ async fn in_manual_mode_a_device_that_crashes_before_acking_gets_the_message_aga
 
 #[tokio::test]
 async fn expired_messages_are_dropped_not_delivered() {
-    let dev = DevCertificate::localhost().unwrap();
-    let store = TempStore::new();
-    let server = server(&dev, &store, DurableLimits::default()).await;
+    let (dev, _store, server) = started(DurableLimits::default()).await;
     server
         .send_durable(
             "device-5",
@@ -1038,9 +1014,7 @@ async fn over_quicx1_a_message_dropped_unacked_comes_back_before_the_next() {
 }
 
 async fn dropped_unacked_comes_back_first(v1_only: bool) {
-    let dev = DevCertificate::localhost().unwrap();
-    let store = TempStore::new();
-    let server = server(&dev, &store, DurableLimits::default()).await;
+    let (dev, _store, server) = started(DurableLimits::default()).await;
     send_all(
         &server,
         "device-10",

@@ -9,9 +9,10 @@
 //! core**, each with its own endpoint on a `SO_REUSEPORT` socket of the same port (Linux; one
 //! thread elsewhere): the kernel keeps a connection's packets on one socket, so each connection,
 //! its streams and its short handlers live on one thread, and connections spread over all cores.
-//! A handler whose poll holds its I/O thread longer than [`INLINE_BUDGET`] marks its method slow:
-//! the method's later calls run on the handler pool, so one slow method never stalls the other
-//! connections of its thread. Pushes and reverse calls issued from application tasks are handed
+//! A handler whose polls hold its I/O thread longer than [`INLINE_BUDGET`] twice in a row marks
+//! its method slow: the method's later calls run on the handler pool, so one slow method never
+//! stalls the other connections of its thread (it comes back once its polls stay short; see
+//! `PollStats` in `service.rs`). Pushes and reverse calls issued from application tasks are handed
 //! to the thread that owns the connection.
 //!
 //! Clients ([`Placement::Auto`]): on a current_thread runtime everything already shares one
@@ -64,7 +65,7 @@ static NEXT_ID: AtomicUsize = AtomicUsize::new(1);
 static CLIENT_THREADS_STARTED: AtomicUsize = AtomicUsize::new(0);
 
 /// How long one poll of a handler may hold its I/O thread. A method whose handler took longer
-/// (long CPU work, blocking calls) runs its later calls on the handler pool. Shorter work stays
+/// twice in a row (long CPU work, blocking calls) runs its later calls on the handler pool. Shorter work stays
 /// inline: handing each call to the pool costs two cross-thread wake-ups, and measured on 2 cores
 /// with a 100 µs handler (4 connections) the inline path made 12-13k calls/s against 9k pooled.
 pub(crate) const INLINE_BUDGET: std::time::Duration = std::time::Duration::from_millis(1);

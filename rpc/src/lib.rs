@@ -183,9 +183,9 @@
 //!   the name differs. Pass the certificate ([`ClientTls::trust`]) and the name it carries
 //!   ([`ClientBuilder::server_name`], or [`Endpoint::with_server_name`](discovery::Endpoint::with_server_name)).
 //! - **A handler that blocks**: an async handler must not block its thread
-//!   (`std::thread::sleep`, blocking I/O): its first call runs on the connection's I/O thread and
-//!   holds the other connections of that thread until it returns (later calls of the method move
-//!   to the handler pool). Register blocking code with [`Service::blocking_method`].
+//!   (`std::thread::sleep`, blocking I/O): its first two calls run on the connection's I/O thread
+//!   and hold the other connections of that thread until they return (later calls of the method
+//!   move to the handler pool). Register blocking code with [`Service::blocking_method`].
 //! - **A oneway call or a push "got lost" at exit**: they return once handed to QUIC. Close the
 //!   client with [`Client::close`] (which waits until the close was sent) rather than dropping
 //!   it, and use a normal call or [`Connection::send_message_with_receipt`] when delivery

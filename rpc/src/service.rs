@@ -7,7 +7,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc, RwLock,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU32, Ordering},
     },
 };
 
@@ -32,12 +32,8 @@ pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 /// One registered method: its erased handler, and where its calls run.
 pub(crate) struct Method {
     run: Box<HandlerFn>,
-    /// Set once a call's handler held its I/O thread longer than the inline budget: its calls
-    /// then run on the handler pool.
-    slow: AtomicBool,
-    /// Whether the last timed poll took at least [`HEAVY_POLL`](crate::io::HEAVY_POLL): such
-    /// calls leave an overloaded I/O thread for the pool.
-    heavy: AtomicBool,
+    /// What its handlers' polls took lately: whether its calls run inline or on the pool.
+    polls: PollStats,
     /// This method's call metrics, registered on its first call.
     pub(crate) series: std::sync::OnceLock<crate::metrics::ServedSeries>,
 }
@@ -55,8 +51,7 @@ impl Method {
     fn new(run: Box<HandlerFn>) -> Self {
         Self {
             run,
-            slow: AtomicBool::new(false),
-            heavy: AtomicBool::new(false),
+            polls: PollStats::default(),
             series: std::sync::OnceLock::new(),
         }
     }
@@ -73,25 +68,104 @@ impl Method {
 
     /// Whether calls run on the handler pool.
     pub(crate) fn is_slow(&self) -> bool {
-        self.slow.load(Ordering::Relaxed)
-    }
-
-    /// Moves this method's later calls to the handler pool.
-    pub(crate) fn mark_slow(&self) {
-        self.slow.store(true, Ordering::Relaxed);
+        self.polls.slow.load(Ordering::Relaxed)
     }
 
     /// Whether the method's work is heavy enough to be worth moving off a busy I/O thread.
     pub(crate) fn is_heavy(&self) -> bool {
-        self.heavy.load(Ordering::Relaxed)
+        self.polls.is_heavy()
     }
 
-    /// Records how long one poll took.
-    pub(crate) fn record_poll(&self, took: std::time::Duration) {
-        let heavy = took >= crate::io::HEAVY_POLL;
-        if self.heavy.load(Ordering::Relaxed) != heavy {
-            self.heavy.store(heavy, Ordering::Relaxed);
+    /// Records how long one poll of a handler took, inline or on the pool. Returns what changed:
+    /// `Some(true)` when the method just became slow, `Some(false)` when it just came back.
+    pub(crate) fn record_poll(&self, took: std::time::Duration) -> Option<bool> {
+        self.polls.record(took)
+    }
+}
+
+/// What a method's handler polls took lately, kept so that one poll that looked long only
+/// because the OS preempted its thread (on a busy machine a poll of a trivial handler now and
+/// then spans a time slice of another thread) does not move the method:
+///
+/// - **slow** (its calls run on the handler pool) after two polls over the inline budget
+///   ([`INLINE_BUDGET`](crate::io::INLINE_BUDGET)) within [`STRIKE`] polls of each other; a
+///   handler that blocks or runs long does that on every call, so it moves after its second
+///   call;
+/// - **back inline** after [`HEAL`] polls in a row within the budget on the pool: a method
+///   that was slow once (a cold cache, a preempted poll twice) does not pay the hand-over
+///   forever;
+/// - **heavy** (moved off an overloaded I/O thread, see
+///   [`overloaded_among`](crate::io::IoRuntime::overloaded_among)) while the moving average of
+///   its polls, each counted at most [`AVERAGE_CAP`], is at least
+///   [`HEAVY_POLL`](crate::io::HEAVY_POLL): about three preempted polls in a row are needed
+///   for a trivial handler to look heavy, and a handler doing 100 µs of work looks heavy
+///   after a few calls.
+///
+/// Updated with plain loads and stores (calls of one method on several threads may lose an
+/// update, which only delays a decision by a poll) and written only when a value changes, so a
+/// method called from every I/O thread does not bounce a cache line per call.
+#[derive(Debug, Default)]
+struct PollStats {
+    slow: AtomicBool,
+    /// Evidence of overruns: +`STRIKE` per poll over the budget, -1 per poll within it.
+    strikes: AtomicU32,
+    /// While slow: polls in a row within the budget.
+    streak: AtomicU32,
+    /// Moving average (weight 1/8) of the polls, in eighths of a µs, each counted at most
+    /// `AVERAGE_CAP`.
+    average: AtomicU32,
+}
+
+/// An overrun's weight, and the number of polls within the budget that forget it.
+const STRIKE: u32 = 256;
+/// Polls in a row within the budget that bring a slow method back inline.
+const HEAL: u32 = 512;
+/// The most one poll adds to the moving average: 4 × `HEAVY_POLL`.
+const AVERAGE_CAP: std::time::Duration = std::time::Duration::from_micros(200);
+
+impl PollStats {
+    fn is_heavy(&self) -> bool {
+        self.average.load(Ordering::Relaxed) >= 8 * crate::io::HEAVY_POLL.as_micros() as u32
+    }
+
+    fn record(&self, took: std::time::Duration) -> Option<bool> {
+        let sample = took.min(AVERAGE_CAP).as_micros() as u32;
+        let average = self.average.load(Ordering::Relaxed);
+        let next = average - average / 8 + sample;
+        if next != average {
+            self.average.store(next, Ordering::Relaxed);
         }
+        let slow = self.slow.load(Ordering::Relaxed);
+        if took > crate::io::INLINE_BUDGET {
+            if slow {
+                if self.streak.load(Ordering::Relaxed) != 0 {
+                    self.streak.store(0, Ordering::Relaxed);
+                }
+                return None;
+            }
+            let strikes = self.strikes.load(Ordering::Relaxed) + STRIKE;
+            if strikes > STRIKE {
+                self.strikes.store(0, Ordering::Relaxed);
+                self.streak.store(0, Ordering::Relaxed);
+                self.slow.store(true, Ordering::Relaxed);
+                return Some(true);
+            }
+            self.strikes.store(strikes, Ordering::Relaxed);
+        } else if slow {
+            let streak = self.streak.load(Ordering::Relaxed) + 1;
+            if streak >= HEAL {
+                self.streak.store(0, Ordering::Relaxed);
+                self.slow.store(false, Ordering::Relaxed);
+                return Some(false);
+            }
+            self.streak.store(streak, Ordering::Relaxed);
+        } else {
+            let strikes = self.strikes.load(Ordering::Relaxed);
+            if strikes > 0 {
+                self.strikes.store(strikes - 1, Ordering::Relaxed);
+            }
+        }
+        None
     }
 }
 
@@ -123,13 +197,16 @@ impl Method {
 ///
 /// # Where handlers run, and what an async handler must not do
 /// On a server, a call's handler first runs on the I/O thread that owns the connection (no
-/// hand-over: trivial handlers cost least there). If one poll of a method's handler holds that
-/// thread longer than 1 ms — long CPU work, a blocking call — the method is marked slow and its later
-/// calls run on a work-stealing pool with one worker per core, so other connections go on. The
-/// first such call still holds its I/O thread for as long as it blocks: an async handler must
-/// not block (`std::thread::sleep`, blocking I/O or locks held across long waits). Register
-/// blocking code with [`blocking_method`](Self::blocking_method), which runs it on a blocking
-/// thread from the first call.
+/// hand-over: trivial handlers cost least there). If polls of a method's handler hold that thread
+/// longer than 1 ms twice within 256 polls — long CPU work, a blocking call — the method is
+/// marked slow and its later calls run on a work-stealing pool with one worker per core, so other
+/// connections go on. (One long poll alone moves nothing: on a busy machine the OS preempting
+/// the thread in the middle of a trivial handler looks the same.) A slow method whose polls then
+/// stay under 1 ms for 512 calls in a row runs inline again. The first two such calls still hold
+/// their I/O thread for as long as they block: an async handler must not block
+/// (`std::thread::sleep`, blocking I/O or locks held across long waits). Register blocking code
+/// with [`blocking_method`](Self::blocking_method), which runs it on a blocking thread from the
+/// first call.
 #[derive(Clone, Default)]
 pub struct Service {
     methods: HashMap<String, Arc<Method>>,
@@ -291,5 +368,86 @@ impl Services {
                 None => Lookup::UnknownMethod,
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    const SHORT: Duration = Duration::from_micros(2);
+    const OVERRUN: Duration = Duration::from_millis(3);
+
+    fn stats() -> PollStats {
+        PollStats::default()
+    }
+
+    /// A preempted poll now and then (one overrun, a short run of long polls) moves nothing.
+    #[test]
+    fn one_overrun_among_short_polls_moves_nothing() {
+        let s = stats();
+        for _ in 0..10 {
+            assert_eq!(s.record(OVERRUN), None);
+            for _ in 0..STRIKE {
+                assert_eq!(s.record(SHORT), None);
+            }
+        }
+        assert!(!s.slow.load(Ordering::Relaxed));
+        // Two long polls in a row (within the budget) count for little in the average.
+        for _ in 0..20 {
+            s.record(SHORT);
+        }
+        s.record(Duration::from_micros(900));
+        s.record(Duration::from_micros(900));
+        assert!(!s.is_heavy(), "{s:?}");
+        assert!(!s.slow.load(Ordering::Relaxed));
+    }
+
+    /// A handler that overruns on every call moves at its second call, and comes back once its
+    /// polls stay short.
+    #[test]
+    fn repeated_overruns_move_a_method_and_short_polls_bring_it_back() {
+        let s = stats();
+        assert_eq!(s.record(OVERRUN), None);
+        for _ in 0..STRIKE - 1 {
+            s.record(SHORT);
+        }
+        assert_eq!(s.record(OVERRUN), Some(true));
+        assert!(s.slow.load(Ordering::Relaxed));
+        // On the pool, one overrun starts the count again.
+        for _ in 0..HEAL - 1 {
+            assert_eq!(s.record(SHORT), None);
+        }
+        assert_eq!(s.record(OVERRUN), None);
+        for _ in 0..HEAL - 1 {
+            assert_eq!(s.record(SHORT), None);
+        }
+        assert_eq!(s.record(SHORT), Some(false));
+        assert!(!s.slow.load(Ordering::Relaxed));
+        // Back inline with a clean slate: one overrun alone does not move it again.
+        assert_eq!(s.record(OVERRUN), None);
+    }
+
+    /// Handlers doing about 100 µs of work per poll are heavy after a few calls; ones doing
+    /// 20 µs are not, and a heavy method that turns light stops being heavy.
+    #[test]
+    fn the_average_tells_heavy_work_from_light() {
+        let s = stats();
+        for _ in 0..20 {
+            s.record(Duration::from_micros(100));
+        }
+        assert!(s.is_heavy(), "{s:?}");
+        for _ in 0..20 {
+            s.record(Duration::from_micros(20));
+        }
+        assert!(!s.is_heavy(), "{s:?}");
+        // A blocked poll counts at most the cap: light again soon after.
+        s.record(Duration::from_secs(1));
+        for _ in 0..10 {
+            s.record(SHORT);
+        }
+        assert!(!s.is_heavy(), "{s:?}");
     }
 }

@@ -168,23 +168,64 @@ async fn a_blocking_handler_on_the_blocking_path_never_delays_another_connection
 async fn an_async_handler_that_blocks_is_moved_off_the_io_thread() {
     let t = server_with_threads(1).await;
     let client = t.client().connect(&t.address()).await.unwrap();
-    // The first call blocks the I/O thread and shows the method slow.
-    let first: String = client.call("Exec", "Block", &100u64).await.unwrap();
-    assert!(first.starts_with("quicx-server-io-"), "{first}");
-    let second: String = client.call("Exec", "Block", &1u64).await.unwrap();
-    assert!(second.starts_with("quicx-handler"), "{second}");
+    // The first two calls block the I/O thread: two overruns in a row show the method slow.
+    for _ in 0..2 {
+        let name: String = client.call("Exec", "Block", &100u64).await.unwrap();
+        assert!(name.starts_with("quicx-server-io-"), "{name}");
+    }
+    let third: String = client.call("Exec", "Block", &1u64).await.unwrap();
+    assert!(third.starts_with("quicx-handler"), "{third}");
     // From then on, another connection's calls go on while it blocks.
     let latencies = latencies_beside(&t, "Block", 300).await;
     let p50 = latencies[latencies.len() / 2];
     assert!(p50 < Duration::from_millis(50), "p50 {p50:?}");
 }
 
+/// Where `Block` with `ms` runs.
+async fn block_runs_on(client: &quicx::Client, ms: u64) -> String {
+    client.call("Exec", "Block", &ms).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_long_poll_moves_nothing_and_a_method_that_stops_blocking_comes_back() {
+    let t = server_with_threads(1).await;
+    let client = t.client().connect(&t.address()).await.unwrap();
+    // One overrun among short calls (what a preempted poll looks like): the method stays.
+    assert!(
+        block_runs_on(&client, 20)
+            .await
+            .starts_with("quicx-server-io-")
+    );
+    for _ in 0..5 {
+        let name = block_runs_on(&client, 0).await;
+        assert!(name.starts_with("quicx-server-io-"), "{name}");
+    }
+    // Two overruns in a row: moved to the pool.
+    block_runs_on(&client, 20).await;
+    block_runs_on(&client, 20).await;
+    let name = block_runs_on(&client, 0).await;
+    assert!(name.starts_with("quicx-handler"), "{name}");
+    // Its polls stay short on the pool: back on the I/O thread after 512 of them (more here
+    // if a pool thread's poll was preempted past the budget meanwhile).
+    let mut pooled = 1;
+    loop {
+        let name = block_runs_on(&client, 0).await;
+        if name.starts_with("quicx-server-io-") {
+            break;
+        }
+        assert!(name.starts_with("quicx-handler"), "{name}");
+        pooled += 1;
+        assert!(pooled < 20_000, "still pooled after {pooled} short calls");
+    }
+    assert!(pooled >= 512, "back inline after {pooled} calls");
+}
+
 #[tokio::test]
 async fn pooled_handlers_panic_and_cancel_like_inline_ones() {
     let t = server_with_threads(2).await;
     let client = t.client().connect(&t.address()).await.unwrap();
-    // Inline (and marked slow), then on the pool: the same typed error.
-    for _ in 0..2 {
+    // Inline twice (and then marked slow), then on the pool: the same typed error.
+    for _ in 0..3 {
         let err = client
             .call::<_, ()>("Exec", "BurnThenPanic", &())
             .await
@@ -216,7 +257,7 @@ async fn pooled_handlers_panic_and_cancel_like_inline_ones() {
         }),
     );
     let options = CallOptions::new().timeout(Duration::from_millis(200));
-    for _ in 0..2 {
+    for _ in 0..3 {
         let err = client
             .call_with::<_, ()>("Slow", "Wait", &(), &options)
             .await
@@ -224,10 +265,10 @@ async fn pooled_handlers_panic_and_cancel_like_inline_ones() {
         assert!(matches!(err, Error::DeadlineExceeded { .. }), "{err:?}");
     }
     let deadline = Instant::now() + Duration::from_secs(3);
-    while cancelled.load(Ordering::SeqCst) < 2 && Instant::now() < deadline {
+    while cancelled.load(Ordering::SeqCst) < 3 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(cancelled.load(Ordering::SeqCst), 2);
+    assert_eq!(cancelled.load(Ordering::SeqCst), 3);
 }
 
 #[tokio::test]

@@ -19,7 +19,7 @@ use tracing::Instrument;
 use super::{Connection, side::Role};
 use crate::{
     Codec, Context, Metadata, PushMessage, PushSender, ServiceError,
-    io::{INLINE_BUDGET, handler_pool, within},
+    io::{handler_pool, within},
     push::Delivery,
     service::{BoxFuture, Handler, Lookup, panic_message},
     wire::{
@@ -413,11 +413,12 @@ fn handler_status(conn: &Connection, result: HandlerOutcome) -> (Status, Bytes) 
 /// What a handler's run gives: its result, or the panic it raised.
 type HandlerOutcome = Result<Result<Bytes, ServiceError>, Box<dyn Any + Send>>;
 
-/// Runs one call's handler where its method belongs: inline on this I/O thread, timing every
-/// poll (a poll over the inline budget moves the method's later calls to the handler pool), or on
-/// the handler pool for a method that proved slow, or for a heavy one while this I/O thread is
-/// overloaded (connections the kernel put on one thread then use the other cores too). Dropping
-/// the returned future cancels the handler either way.
+/// Runs one call's handler where its method belongs: inline on this I/O thread, or on the
+/// handler pool for a method that proved slow, or for a heavy one while this I/O thread is
+/// overloaded (connections the kernel put on one thread then use the other cores too). Every
+/// poll is timed either way (see `PollStats` in `service.rs`): a method moves to the pool when
+/// its polls overrun the inline budget, and back when they no longer do. Dropping the returned
+/// future cancels the handler either way.
 fn run_handler(method: &Handler, ctx: Context, codec: Codec, payload: Bytes) -> HandlerRun {
     let conn = ctx.conn();
     let shed = method.is_heavy() && conn.io().overloaded_among(&conn.inner.side.io_threads);
@@ -427,16 +428,16 @@ fn run_handler(method: &Handler, ctx: Context, codec: Codec, payload: Bytes) -> 
         // Calls the handler makes continue the caller's trace.
         fut = Box::pin(crate::trace::scope(trace, fut));
     }
-    let call = AssertUnwindSafe(fut).catch_unwind();
+    let timed = Timed {
+        call: AssertUnwindSafe(fut).catch_unwind(),
+        method: method.clone(),
+    };
     if method.is_slow() || shed {
         if let Ok(pool) = handler_pool() {
-            return HandlerRun::Pooled(AbortOnDrop(pool.spawn(call)));
+            return HandlerRun::Pooled(AbortOnDrop(pool.spawn(timed)));
         }
     }
-    HandlerRun::Inline(Timed {
-        call,
-        method: method.clone(),
-    })
+    HandlerRun::Inline(timed)
 }
 
 /// A handler's run, inline or on the pool (no allocation beyond the handler's own future).
@@ -460,7 +461,7 @@ impl Future for HandlerRun {
     }
 }
 
-/// A handler polled inline, each poll timed against the inline budget.
+/// A handler's future with each poll timed into its method's statistics.
 struct Timed {
     call: CatchUnwind<AssertUnwindSafe<BoxFuture<Result<Bytes, ServiceError>>>>,
     method: Handler,
@@ -473,12 +474,14 @@ impl Future for Timed {
         let started = Instant::now();
         let outcome = self.call.poll_unpin(cx);
         let took = started.elapsed();
-        self.method.record_poll(took);
-        if took > INLINE_BUDGET && !self.method.is_slow() {
-            tracing::debug!(
-                "a handler held its I/O thread for {took:?}: its method moves to the handler pool"
-            );
-            self.method.mark_slow();
+        match self.method.record_poll(took) {
+            Some(true) => tracing::debug!(
+                "a handler held its thread for {took:?} (twice): its method moves to the handler pool"
+            ),
+            Some(false) => {
+                tracing::debug!("a pooled method's polls stay short: it runs inline again");
+            }
+            None => {}
         }
         outcome
     }

@@ -104,7 +104,8 @@ pub trait Interceptor: Send + Sync + 'static {
 pub struct OutgoingCall<'a> {
     service_path: &'a str,
     service_method: &'a str,
-    remote: SocketAddr,
+    /// Asked only when an interceptor wants the address (quinn locks the connection for it).
+    quic: quinn::Connection,
     metadata: Cow<'a, Metadata>,
 }
 
@@ -112,13 +113,13 @@ impl<'a> OutgoingCall<'a> {
     pub(crate) fn new(
         service_path: &'a str,
         service_method: &'a str,
-        remote: SocketAddr,
+        quic: quinn::Connection,
         metadata: Cow<'a, Metadata>,
     ) -> Self {
         Self {
             service_path,
             service_method,
-            remote,
+            quic,
             metadata,
         }
     }
@@ -139,7 +140,7 @@ impl<'a> OutgoingCall<'a> {
 
     /// The server (or, for a reverse call, the client) called.
     pub fn remote(&self) -> SocketAddr {
-        self.remote
+        self.quic.remote_address()
     }
 
     /// The request metadata so far.

@@ -51,10 +51,13 @@ impl Interceptor for Tenants {
 struct AddTenant {
     ok: AtomicUsize,
     failed: AtomicUsize,
+    /// The addresses the calls went to.
+    remotes: std::sync::Mutex<Vec<std::net::SocketAddr>>,
 }
 
 impl CallInterceptor for AddTenant {
     fn before_call(&self, call: &mut OutgoingCall<'_>) -> Result<(), Error> {
+        self.remotes.lock().unwrap().push(call.remote());
         if call.service_method() == "Forbidden" {
             return Err(Error::PermissionDenied("refused locally".into()));
         }
@@ -132,6 +135,10 @@ async fn server_and_client_interceptors_see_refuse_and_tag_calls() {
     assert!(matches!(err, Error::PermissionDenied(_)), "{err:?}");
     assert_eq!(adder.ok.load(Ordering::SeqCst), 1);
     assert_eq!(adder.failed.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        *adder.remotes.lock().unwrap(),
+        vec![addr.parse::<std::net::SocketAddr>().unwrap(); 3]
+    );
 
     let outcomes = tenants.outcomes.lock().unwrap().clone();
     assert_eq!(

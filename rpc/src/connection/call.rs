@@ -247,7 +247,7 @@ impl Connection {
             let mut outgoing = OutgoingCall::new(
                 service_path,
                 service_method,
-                self.remote_address(),
+                self.inner.quic.clone(),
                 metadata,
             );
             let refused = side.call_interceptors.before_call(&mut outgoing);

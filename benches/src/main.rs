@@ -50,6 +50,12 @@ struct Cli {
     /// Devices per fleet run, repeatable (default 1,000 quick; 1,000 and 10,000 full).
     #[arg(long)]
     fleet_size: Vec<usize>,
+    /// Callers per echo point, repeatable (default 1, 64, 256 quick; 1, 16, 64, 256 full).
+    #[arg(long)]
+    concurrency: Vec<usize>,
+    /// Seconds measured per echo point (default 0.6 quick, 3 full).
+    #[arg(long)]
+    seconds: Option<f64>,
     /// Only these scenarios (default: all).
     #[arg(long, value_enum, value_delimiter = ',')]
     scenario: Vec<Scenario>,
@@ -476,6 +482,12 @@ fn main() -> anyhow::Result<()> {
     }
     if !cli.fleet_size.is_empty() {
         settings.fleets = cli.fleet_size.clone();
+    }
+    if !cli.concurrency.is_empty() {
+        settings.concurrency = cli.concurrency.clone();
+    }
+    if let Some(seconds) = cli.seconds {
+        settings.duration = Duration::from_secs_f64(seconds);
     }
     let systems: Vec<System> = if cli.system.is_empty() {
         System::default_set()

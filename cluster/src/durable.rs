@@ -16,7 +16,8 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use etcd_client::{Client, GetOptions, SortOrder, SortTarget};
+use etcd_client::{Client, GetOptions, SortOrder, SortTarget, Txn, TxnOp};
+use futures_util::{StreamExt, stream};
 use quicx::{MSG_ID_KEY, MSG_PREV_KEY, MSG_SPACE_KEY, Metadata};
 use serde::{Deserialize, Serialize};
 
@@ -33,6 +34,12 @@ const RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Most messages pending per device in a cluster.
 pub const MAX_DURABLE_PER_DEVICE: i64 = 1_000;
+/// Messages read from etcd at a time by a delivery run.
+const READ_BATCH: i64 = 256;
+/// Pushes with receipt in flight to one device during a delivery run.
+const WINDOW: usize = 32;
+/// Deletes per etcd transaction (etcd's default `--max-txn-ops` is 128).
+const DELETES_PER_TXN: usize = 128;
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Stored {
@@ -163,8 +170,9 @@ impl ClusterDurable {
         Ok(put.header().map_or(0, |h| h.revision()))
     }
 
-    /// Delivers what is pending for `client_id` if this node holds it, in id order, one at a
-    /// time, deleting each message its acknowledgement came back for. Single-flight per device.
+    /// Delivers what is pending for `client_id` if this node holds it, in id order (`WINDOW`
+    /// pushes with receipt in flight), deleting the messages whose acknowledgement came back.
+    /// Single-flight per device.
     pub(crate) fn kick(
         self: &Arc<Self>,
         client: &Client,
@@ -236,6 +244,13 @@ impl ClusterDurable {
 
     /// One delivery run. True when it is done: nothing (more) pending, or the device is not
     /// here; false when it stopped at a failure while the device is still connected.
+    ///
+    /// Reads up to `READ_BATCH` messages at a time in id order and sends them as pushes with
+    /// receipt, `WINDOW` in flight (each names the one before it, so the device admits them in
+    /// order whatever stream arrives first); the first failure ends the run, and the messages
+    /// after it are cancelled (the device would only hold them for the one that failed).
+    /// Acknowledged, expired and corrupt messages leave etcd `DELETES_PER_TXN` to a
+    /// transaction, once per read.
     async fn deliver(
         &self,
         mut client: Client,
@@ -248,7 +263,7 @@ impl ClusterDurable {
         let options = GetOptions::new()
             .with_prefix()
             .with_sort(SortTarget::Create, SortOrder::Ascend)
-            .with_limit(256);
+            .with_limit(READ_BATCH);
         let mut prev = 0i64;
         let mut seen = HashSet::new();
         loop {
@@ -271,38 +286,62 @@ impl ClusterDurable {
             if batch.is_empty() {
                 return true;
             }
+            // Keys to delete: what was acknowledged, and what can never be delivered.
+            let mut gone = Vec::new();
+            let mut sends = Vec::with_capacity(batch.len());
+            let now = now_ms();
             for (key, id, value) in batch {
                 seen.insert(key.clone());
-                let Ok(stored) = postcard::from_bytes::<Stored>(&value) else {
-                    tracing::error!("a durable message of {client_id} in etcd is corrupt: dropped");
-                    let _ = client.delete(key, None).await;
-                    continue;
-                };
-                if stored.expires_ms <= now_ms() {
-                    let _ = client.delete(key, None).await;
-                    continue;
+                match postcard::from_bytes::<Stored>(&value) {
+                    Err(_) => {
+                        tracing::error!(
+                            "a durable message of {client_id} in etcd is corrupt: dropped"
+                        );
+                        gone.push(key);
+                    }
+                    Ok(stored) if stored.expires_ms <= now => gone.push(key),
+                    Ok(mut stored) => {
+                        let mut metadata = std::mem::take(&mut stored.metadata);
+                        metadata.insert(MSG_ID_KEY, id.to_string());
+                        metadata.insert(MSG_PREV_KEY, prev.to_string());
+                        metadata.insert(MSG_SPACE_KEY, self.space.clone());
+                        prev = id;
+                        sends.push((key, stored, metadata));
+                    }
                 }
-                let mut metadata = stored.metadata;
-                metadata.insert(MSG_ID_KEY, id.to_string());
-                metadata.insert(MSG_PREV_KEY, prev.to_string());
-                metadata.insert(MSG_SPACE_KEY, self.space.clone());
-                let sent = conn
-                    .send_message_with_receipt_within(
-                        &stored.service_path,
-                        &stored.service_method,
-                        metadata,
-                        &stored.payload,
-                        self.ack_timeout,
-                    )
-                    .await;
-                if let Err(e) = sent {
-                    tracing::debug!("cluster durable delivery to {client_id} stopped: {e}");
-                    return conn.is_closed();
+            }
+            let mut results = stream::iter(sends)
+                .map(|(key, stored, metadata)| {
+                    let conn = &conn;
+                    async move {
+                        let sent = conn
+                            .send_message_with_receipt_within(
+                                &stored.service_path,
+                                &stored.service_method,
+                                metadata,
+                                &stored.payload,
+                                self.ack_timeout,
+                            )
+                            .await;
+                        (key, sent)
+                    }
+                })
+                .buffered(WINDOW);
+            let mut stopped = None;
+            while let Some((key, sent)) = results.next().await {
+                match sent {
+                    Ok(()) => gone.push(key),
+                    Err(e) => {
+                        stopped = Some(e);
+                        break;
+                    }
                 }
-                prev = id;
-                if let Err(e) = client.delete(key, None).await {
-                    tracing::warn!("deleting an acknowledged durable message from etcd: {e}");
-                }
+            }
+            drop(results);
+            delete_all(&mut client, gone).await;
+            if let Some(e) = stopped {
+                tracing::debug!("cluster durable delivery to {client_id} stopped: {e}");
+                return conn.is_closed();
             }
         }
     }
@@ -321,5 +360,19 @@ impl ClusterDurable {
             .await
             .map_err(ClusterError::etcd)?
             .count())
+    }
+}
+
+/// Deletes `keys` from etcd, `DELETES_PER_TXN` to a transaction. A failure is logged: the
+/// messages it leaves are sent again later, and the device drops them as duplicates.
+async fn delete_all(client: &mut Client, keys: Vec<Vec<u8>>) {
+    for chunk in keys.chunks(DELETES_PER_TXN) {
+        let ops: Vec<TxnOp> = chunk
+            .iter()
+            .map(|key| TxnOp::delete(key.clone(), None))
+            .collect();
+        if let Err(e) = client.txn(Txn::new().and_then(ops)).await {
+            tracing::warn!("deleting delivered durable messages from etcd: {e}");
+        }
     }
 }

@@ -745,3 +745,57 @@ async fn a_durable_message_waits_for_a_slow_device_ack_not_the_push_timeout() {
         "not sent again"
     );
 }
+
+#[tokio::test]
+async fn a_long_backlog_drains_in_order_and_a_refusal_in_the_middle_resends_from_there() {
+    let Some(etcd) = etcd_or_skip() else { return };
+    let dev = DevCertificate::localhost().unwrap();
+    let options = etcd_options(&etcd, Duration::from_secs(2));
+    let (sa, a) = node(&dev, &options, "a").await;
+    // More than one read of etcd (256 at a time), stored while the device is offline.
+    let mut ids = Vec::new();
+    for i in 0..300u32 {
+        let id = a
+            .send_durable(
+                "device-9",
+                "Device",
+                "Cmd",
+                Metadata::new(),
+                i.to_be_bytes(),
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+        ids.push(id as u64);
+    }
+    let (_device, mut rx) = manual_ack_device(&dev, &sa, &a, "device-9").await;
+    // The application acknowledges everything but the first copy of message 100: the run stops
+    // there (the pushes after it in flight are cancelled, never handed over) and the node sends
+    // from message 100 on again.
+    let mut seen = Vec::new();
+    let mut refused = false;
+    while seen.len() < 300 {
+        let msg = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+            .await
+            .expect("the backlog drains")
+            .unwrap();
+        let i = u32::from_be_bytes(msg.payload[..].try_into().unwrap()) as usize;
+        assert_eq!(msg.durable_id(), Some(ids[i]));
+        if i == 100 && !refused {
+            refused = true;
+            drop(msg);
+            continue;
+        }
+        assert!(msg.ack());
+        seen.push(i);
+    }
+    assert_eq!(seen, (0..300).collect::<Vec<_>>(), "in order, each once");
+    assert!(refused);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), rx.recv())
+            .await
+            .is_err(),
+        "nothing more"
+    );
+    assert_eq!(pending_after_acks(&a, "device-9").await, 0);
+}

@@ -9,7 +9,9 @@
 //! - presence convergence after a device moves (until every node routes to its new node);
 //! - presence convergence after a node dies (its lease expires; until no node lists its
 //!   devices): a fourth node in a child process killed with SIGKILL, and node c of this process
-//!   halted in place.
+//!   halted in place;
+//! - durable messages (first, on quiet nodes): stored through node a for an offline device,
+//!   then drained by that device connected to node b (messages/s each, every one checked).
 //!
 //! Every loop is bounded in count and time. Nodes a, b and c share this process (and its 2
 //! cores); the child node (`quicx-cluster-bench node ...`, this binary) runs beside it.
@@ -46,6 +48,13 @@ struct Cli {
     /// Lease TTL of the nodes, seconds.
     #[arg(long, default_value_t = 2)]
     ttl: u64,
+    /// Durable messages stored for an offline device through node a, then drained by it from
+    /// node b (0 skips; at most 1,000, the cluster's bound per device).
+    #[arg(long, default_value_t = 1_000)]
+    durable: usize,
+    /// Only the durable measurement (no fleet, no presence).
+    #[arg(long)]
+    durable_only: bool,
 }
 
 const SECRET: &str = "bench-secret";
@@ -181,6 +190,74 @@ async fn child_node(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Stores `n` durable messages for an offline device through `a` (64 in flight, so their
+/// order is the order etcd committed them in: their ids), connects the device to `b_addr` and
+/// waits until it received all of them, in id order: (stored/s, drained/s, time from the last
+/// message received until none is left in etcd).
+async fn durable_drain(
+    dev: &DevCertificate,
+    a: &ClusterNode,
+    b: &ClusterNode,
+    b_addr: SocketAddr,
+    n: usize,
+) -> anyhow::Result<(f64, f64, Duration)> {
+    const DEVICE: &str = "durable-device";
+    let started = Instant::now();
+    let stored = stream::iter(0..n)
+        .map(|i| {
+            a.send_durable(
+                DEVICE,
+                "Device",
+                "Cmd",
+                Metadata::new(),
+                (i as u32).to_be_bytes(),
+                Duration::from_secs(600),
+            )
+        })
+        .buffered(64)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<i64>, _>>()?;
+    let mut order: Vec<(i64, usize)> = stored.iter().copied().zip(0..).collect();
+    order.sort_unstable();
+    let store_rate = n as f64 / started.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        b.durable_pending(DEVICE).await? == n as i64,
+        "not all {n} stored"
+    );
+    let (tx, mut rx) = push_channel(4096);
+    let started = Instant::now();
+    let device = quicx::Client::builder()
+        .tls(ClientTls::new().trust(dev.certificate()))
+        .client_id(DEVICE)
+        .push_channel(tx)
+        .connect_addr(b_addr, "localhost")
+        .await?;
+    for &(id, i) in &order {
+        let msg = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+            .await
+            .context("drain stalled")?
+            .context("push channel closed")?;
+        anyhow::ensure!(
+            msg.payload[..] == (i as u32).to_be_bytes() && msg.durable_id() == Some(id as u64),
+            "message {i} (id {id}) out of order"
+        );
+    }
+    let drain_rate = n as f64 / started.elapsed().as_secs_f64();
+    let emptied = Instant::now();
+    while b.durable_pending(DEVICE).await? > 0 {
+        anyhow::ensure!(
+            emptied.elapsed() < Duration::from_secs(30),
+            "acknowledged messages stay in etcd"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let emptied = emptied.elapsed();
+    device.close().await;
+    Ok((store_rate, drain_rate, emptied))
+}
+
 /// Connects `ids` as devices to `addr`, 64 handshakes at a time, through `sockets`.
 async fn connect_devices(
     dev: &DevCertificate,
@@ -271,6 +348,20 @@ async fn main() -> anyhow::Result<()> {
         .iter()
         .map(|(s, _)| s.local_addr().context("bound"))
         .collect::<anyhow::Result<_>>()?;
+    if cli.durable > 0 {
+        let n = cli
+            .durable
+            .min(quicx_cluster::MAX_DURABLE_PER_DEVICE as usize);
+        let (stored, drained, emptied) =
+            durable_drain(&dev, &nodes[0].1, &nodes[1].1, addrs[1], n).await?;
+        println!(
+            "durable, {n} messages: stored through node a {stored:.0}/s (64 in flight); drained from node b {drained:.0}/s (connect to last message); etcd empty {:.0} ms after the last",
+            ms(emptied)
+        );
+    }
+    if cli.durable_only {
+        return Ok(());
+    }
 
     // The fleet: devices spread round robin over the nodes, through a few shared sockets.
     let sockets: Vec<ClientEndpoint> = (0..4)

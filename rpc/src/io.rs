@@ -9,8 +9,8 @@
 //! core**, each with its own endpoint on a `SO_REUSEPORT` socket of the same port (Linux; one
 //! thread elsewhere): the kernel keeps a connection's packets on one socket, so each connection,
 //! its streams and its short handlers live on one thread, and connections spread over all cores.
-//! A handler whose polls hold its I/O thread longer than [`INLINE_BUDGET`] twice in a row marks
-//! its method slow: the method's later calls run on the handler pool, so one slow method never
+//! A handler whose polls hold its I/O thread longer than [`INLINE_BUDGET`] twice within 1,024
+//! polls marks its method slow: the method's later calls run on the handler pool, so one slow method never
 //! stalls the other connections of its thread (it comes back once its polls stay short; see
 //! `PollStats` in `service.rs`). Pushes and reverse calls issued from application tasks are handed
 //! to the thread that owns the connection.
@@ -65,7 +65,8 @@ static NEXT_ID: AtomicUsize = AtomicUsize::new(1);
 static CLIENT_THREADS_STARTED: AtomicUsize = AtomicUsize::new(0);
 
 /// How long one poll of a handler may hold its I/O thread. A method whose handler took longer
-/// twice in a row (long CPU work, blocking calls) runs its later calls on the handler pool. Shorter work stays
+/// twice within 1,024 polls (long CPU work, blocking calls) runs its later calls on the handler
+/// pool. Shorter work stays
 /// inline: handing each call to the pool costs two cross-thread wake-ups, and measured on 2 cores
 /// with a 100 µs handler (4 connections) the inline path made 12-13k calls/s against 9k pooled.
 pub(crate) const INLINE_BUDGET: std::time::Duration = std::time::Duration::from_millis(1);
@@ -109,8 +110,9 @@ struct Load {
 /// How often an I/O thread's load is sampled.
 const LOAD_WINDOW: Duration = Duration::from_millis(20);
 
-/// A handler poll at least this long makes its method *heavy*: while its I/O thread is
-/// overloaded, its calls go to the handler pool, where idle cores take them.
+/// A method whose polls average at least this long (each counted at most 4 × this; see
+/// `PollStats` in `service.rs`) is *heavy*: while its I/O thread is overloaded, its calls go to
+/// the handler pool, where idle cores take them.
 pub(crate) const HEAVY_POLL: Duration = Duration::from_micros(50);
 
 /// An I/O thread busier than this (thousandths of wall time) sheds heavy handlers to the pool
@@ -318,8 +320,8 @@ pub(crate) async fn within<F: Future>(limit: Duration, fut: F) -> Result<F::Outp
     .await
 }
 
-/// The work-stealing runtime that runs handlers which proved slow (see [`INLINE_BUDGET`]): one
-/// worker per core, shared by every server of the process, started on first use.
+/// The work-stealing runtime that runs handlers which proved slow (see [`INLINE_BUDGET`]), and
+/// heavy ones shed off an overloaded I/O thread: one worker per core, shared by every server of the process, started on first use.
 pub(crate) fn handler_pool() -> Result<tokio::runtime::Handle> {
     static POOL: std::sync::Mutex<Option<tokio::runtime::Runtime>> = std::sync::Mutex::new(None);
     static HANDLE: std::sync::OnceLock<tokio::runtime::Handle> = std::sync::OnceLock::new();

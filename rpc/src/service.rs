@@ -93,7 +93,11 @@ impl Method {
 ///   call;
 /// - **back inline** after [`HEAL`] polls in a row within the budget on the pool: a method
 ///   that was slow once (a cold cache, a preempted poll twice) does not pay the hand-over
-///   forever;
+///   forever. So a wrong move costs 512 pooled calls, and the window can be wide: a method
+///   that blocks on one call in 1,000 (a blocking cache miss) still moves, though between two
+///   blocks it may come back and then hold its thread once more; one that blocks less often
+///   than once in 1,024 polls stays inline, and each of its overruns holds its I/O thread
+///   (register such code with [`blocking_method`](Service::blocking_method));
 /// - **heavy** (moved off an overloaded I/O thread, see
 ///   [`overloaded_among`](crate::io::IoRuntime::overloaded_among)) while the moving average of
 ///   its polls, each counted at most [`AVERAGE_CAP`], is at least
@@ -117,7 +121,7 @@ struct PollStats {
 }
 
 /// An overrun's weight, and the number of polls within the budget that forget it.
-const STRIKE: u32 = 256;
+const STRIKE: u32 = 1024;
 /// Polls in a row within the budget that bring a slow method back inline.
 const HEAL: u32 = 512;
 /// The most one poll adds to the moving average: 4 × `HEAVY_POLL`.
@@ -155,6 +159,8 @@ impl PollStats {
             let streak = self.streak.load(Ordering::Relaxed) + 1;
             if streak >= HEAL {
                 self.streak.store(0, Ordering::Relaxed);
+                // A short poll racing the move to the pool may have left strikes behind.
+                self.strikes.store(0, Ordering::Relaxed);
                 self.slow.store(false, Ordering::Relaxed);
                 return Some(false);
             }
@@ -198,11 +204,11 @@ impl PollStats {
 /// # Where handlers run, and what an async handler must not do
 /// On a server, a call's handler first runs on the I/O thread that owns the connection (no
 /// hand-over: trivial handlers cost least there). If polls of a method's handler hold that thread
-/// longer than 1 ms twice within 256 polls — long CPU work, a blocking call — the method is
+/// longer than 1 ms twice within 1,024 polls — long CPU work, a blocking call — the method is
 /// marked slow and its later calls run on a work-stealing pool with one worker per core, so other
 /// connections go on. (One long poll alone moves nothing: on a busy machine the OS preempting
 /// the thread in the middle of a trivial handler looks the same.) A slow method whose polls then
-/// stay under 1 ms for 512 calls in a row runs inline again. The first two such calls still hold
+/// stay under 1 ms for 512 polls in a row on the pool runs inline again. The first two such calls still hold
 /// their I/O thread for as long as they block: an async handler must not block
 /// (`std::thread::sleep`, blocking I/O or locks held across long waits). Register blocking code
 /// with [`blocking_method`](Self::blocking_method), which runs it on a blocking thread from the

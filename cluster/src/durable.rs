@@ -8,7 +8,6 @@
 //! it again (the messages carry `quicx-msg-space`).
 
 use std::{
-    collections::HashSet,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -247,10 +246,13 @@ impl ClusterDurable {
     ///
     /// Reads up to `READ_BATCH` messages at a time in id order and sends them as pushes with
     /// receipt, `WINDOW` in flight (each names the one before it, so the device admits them in
-    /// order whatever stream arrives first); the first failure ends the run, and the messages
-    /// after it are cancelled (the device would only hold them for the one that failed).
-    /// Acknowledged, expired and corrupt messages leave etcd `DELETES_PER_TXN` to a
-    /// transaction, once per read.
+    /// order whatever stream arrives first). Each receipt may take the acknowledgement timeout
+    /// from the one before it (a device acknowledging by hand takes them one at a time). The
+    /// first failure ends the run, and the pushes after it are cancelled (the device would only
+    /// hold them for the one that failed). Acknowledged, expired and corrupt messages leave
+    /// etcd while the receipts come, one transaction at a time with whatever was acknowledged
+    /// meanwhile; a failed delete ends the run (the next run sends those again, and the device
+    /// drops what it already acknowledged).
     async fn deliver(
         &self,
         mut client: Client,
@@ -260,15 +262,17 @@ impl ClusterDurable {
         let Some(conn) = server.upgrade().and_then(|s| s.client(client_id)) else {
             return true;
         };
-        let options = GetOptions::new()
-            .with_prefix()
-            .with_sort(SortTarget::Create, SortOrder::Ascend)
-            .with_limit(READ_BATCH);
-        let mut prev = 0i64;
-        let mut seen = HashSet::new();
+        // The last message read (the next read starts after it: one a delete missed waits for
+        // the next run), and the last one sent (the next one names it).
+        let (mut read_up_to, mut sent_before) = (0i64, 0i64);
         loop {
+            let options = GetOptions::new()
+                .with_prefix()
+                .with_sort(SortTarget::Create, SortOrder::Ascend)
+                .with_min_create_revision(read_up_to + 1)
+                .with_limit(READ_BATCH);
             let found = match client
-                .get(self.device_prefix(client_id), Some(options.clone()))
+                .get(self.device_prefix(client_id), Some(options))
                 .await
             {
                 Ok(r) => r,
@@ -277,39 +281,34 @@ impl ClusterDurable {
                     return conn.is_closed();
                 }
             };
-            let batch: Vec<_> = found
-                .kvs()
-                .iter()
-                .filter(|kv| !seen.contains(kv.key()))
-                .map(|kv| (kv.key().to_vec(), kv.create_revision(), kv.value().to_vec()))
-                .collect();
-            if batch.is_empty() {
+            let Some(last) = found.kvs().last().map(|kv| kv.create_revision()) else {
                 return true;
-            }
+            };
             // Keys to delete: what was acknowledged, and what can never be delivered.
             let mut gone = Vec::new();
-            let mut sends = Vec::with_capacity(batch.len());
-            let now = now_ms();
-            for (key, id, value) in batch {
-                seen.insert(key.clone());
-                match postcard::from_bytes::<Stored>(&value) {
+            let mut sends = Vec::with_capacity(found.kvs().len());
+            for kv in found.kvs() {
+                let key = kv.key().to_vec();
+                match postcard::from_bytes::<Stored>(kv.value()) {
                     Err(_) => {
                         tracing::error!(
                             "a durable message of {client_id} in etcd is corrupt: dropped"
                         );
                         gone.push(key);
                     }
-                    Ok(stored) if stored.expires_ms <= now => gone.push(key),
+                    Ok(stored) if stored.expires_ms <= now_ms() => gone.push(key),
                     Ok(mut stored) => {
+                        let id = kv.create_revision();
                         let mut metadata = std::mem::take(&mut stored.metadata);
                         metadata.insert(MSG_ID_KEY, id.to_string());
-                        metadata.insert(MSG_PREV_KEY, prev.to_string());
+                        metadata.insert(MSG_PREV_KEY, sent_before.to_string());
                         metadata.insert(MSG_SPACE_KEY, self.space.clone());
-                        prev = id;
+                        sent_before = id;
                         sends.push((key, stored, metadata));
                     }
                 }
             }
+            let whole_window = self.ack_timeout.saturating_mul(WINDOW as u32 + 1);
             let mut results = stream::iter(sends)
                 .map(|(key, stored, metadata)| {
                     let conn = &conn;
@@ -320,7 +319,7 @@ impl ClusterDurable {
                                 &stored.service_method,
                                 metadata,
                                 &stored.payload,
-                                self.ack_timeout,
+                                whole_window,
                             )
                             .await;
                         (key, sent)
@@ -328,21 +327,51 @@ impl ClusterDurable {
                 })
                 .buffered(WINDOW);
             let mut stopped = None;
-            while let Some((key, sent)) = results.next().await {
-                match sent {
-                    Ok(()) => gone.push(key),
-                    Err(e) => {
-                        stopped = Some(e);
-                        break;
+            // Deletes go on while receipts come: one transaction at a time, taking whatever
+            // was acknowledged meanwhile (one message when they come slowly, many when fast).
+            let mut deleting: Option<futures_util::future::BoxFuture<'static, bool>> = None;
+            loop {
+                if deleting.is_none() && !gone.is_empty() {
+                    let (mut etcd, keys) = (client.clone(), std::mem::take(&mut gone));
+                    deleting = Some(Box::pin(async move { delete_all(&mut etcd, keys).await }));
+                }
+                tokio::select! {
+                    biased;
+                    deleted = async { deleting.as_mut().expect("checked").await }, if deleting.is_some() => {
+                        deleting = None;
+                        if !deleted {
+                            stopped = Some("deleting delivered messages from etcd failed".into());
+                            break;
+                        }
                     }
+                    next = tokio::time::timeout(self.ack_timeout, results.next()) => match next {
+                        Ok(Some((key, Ok(())))) => gone.push(key),
+                        Ok(Some((_, Err(e)))) => {
+                            stopped = Some(e.to_string());
+                            break;
+                        }
+                        Ok(None) => break,
+                        Err(_) => {
+                            stopped = Some(format!("no receipt within {:?}", self.ack_timeout));
+                            break;
+                        }
+                    },
                 }
             }
             drop(results);
-            delete_all(&mut client, gone).await;
-            if let Some(e) = stopped {
-                tracing::debug!("cluster durable delivery to {client_id} stopped: {e}");
+            let mut deleted = match deleting {
+                Some(deleting) => deleting.await,
+                None => true,
+            };
+            deleted &= delete_all(&mut client, std::mem::take(&mut gone)).await;
+            if let Some(why) = stopped {
+                tracing::debug!("cluster durable delivery to {client_id} stopped: {why}");
                 return conn.is_closed();
             }
+            if !deleted {
+                return conn.is_closed();
+            }
+            read_up_to = last;
         }
     }
 
@@ -363,16 +392,26 @@ impl ClusterDurable {
     }
 }
 
-/// Deletes `keys` from etcd, `DELETES_PER_TXN` to a transaction. A failure is logged: the
-/// messages it leaves are sent again later, and the device drops them as duplicates.
-async fn delete_all(client: &mut Client, keys: Vec<Vec<u8>>) {
+/// Deletes `keys` from etcd, `DELETES_PER_TXN` to a transaction, one by one where a
+/// transaction is refused (an etcd that takes fewer operations per transaction). False when
+/// some stay: they are sent again by a later run, and a device that acknowledged them drops
+/// them as duplicates.
+async fn delete_all(client: &mut Client, keys: Vec<Vec<u8>>) -> bool {
+    let mut all = true;
     for chunk in keys.chunks(DELETES_PER_TXN) {
         let ops: Vec<TxnOp> = chunk
             .iter()
             .map(|key| TxnOp::delete(key.clone(), None))
             .collect();
         if let Err(e) = client.txn(Txn::new().and_then(ops)).await {
-            tracing::warn!("deleting delivered durable messages from etcd: {e}");
+            tracing::debug!("deleting delivered durable messages from etcd in one go: {e}");
+            for key in chunk {
+                if let Err(e) = client.delete(key.clone(), None).await {
+                    tracing::warn!("deleting a delivered durable message from etcd: {e}");
+                    all = false;
+                }
+            }
         }
     }
+    all
 }

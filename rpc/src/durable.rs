@@ -1300,7 +1300,11 @@ impl Durable {
                 m.metadata.insert(MSG_PREV_KEY, prev.to_string());
                 prev = m.id;
             }
+            // A push may wait at the client for the ones before it (an application acknowledging
+            // by hand takes them one at a time): its own bound covers the window, and the run's
+            // bound is the acknowledgement timeout from one receipt to the next.
             let timeout = self.limits.ack_timeout;
+            let whole_window = timeout.saturating_mul(WINDOW as u32 + 1);
             let mut results = stream::iter(sends)
                 .map(|m| {
                     let conn = conn.clone();
@@ -1312,7 +1316,7 @@ impl Durable {
                                 &m.service_method,
                                 m.metadata,
                                 &m.payload,
-                                timeout,
+                                whole_window,
                             )
                             .await;
                         ((m.id, m.redelivered), r)
@@ -1323,7 +1327,15 @@ impl Durable {
             let mut failed = None;
             // In id order; the first failure ends the run (the messages after it would only
             // wait at the client for the one that failed): the rest are cancelled.
-            while let Some((sent, r)) = results.next().await {
+            loop {
+                let (sent, r) = match tokio::time::timeout(timeout, results.next()).await {
+                    Ok(Some(next)) => next,
+                    Ok(None) => break,
+                    Err(_) => {
+                        failed = Some(Error::DeadlineExceeded { remote: false });
+                        break;
+                    }
+                };
                 match r {
                     Ok(()) => acked.push(sent),
                     Err(e) => {

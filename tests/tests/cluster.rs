@@ -799,3 +799,67 @@ async fn a_long_backlog_drains_in_order_and_a_refusal_in_the_middle_resends_from
     );
     assert_eq!(pending_after_acks(&a, "device-9").await, 0);
 }
+
+#[tokio::test]
+async fn a_device_acknowledging_by_hand_gets_a_backlog_once_each_however_long_the_window_waits() {
+    let Some(etcd) = etcd_or_skip() else { return };
+    let dev = DevCertificate::localhost().unwrap();
+    let options = etcd_options(&etcd, Duration::from_secs(2));
+    let server = Server::builder()
+        .dev_certificate(&dev)
+        .insecure_accept_unverified_client_ids()
+        .build()
+        .unwrap();
+    server.bind("127.0.0.1:0").await.unwrap();
+    // Each receipt may take 1 s; the application takes 400 ms per message, so the fifth of
+    // the pushes sent at once waits 2 s at the device for the four before it.
+    let node = ClusterNode::start(
+        &server,
+        ClusterOptions::new(
+            "patient",
+            options.clone(),
+            ClientTls::new().trust(dev.certificate()),
+            SECRET,
+        )
+        .durable_ack_timeout(Duration::from_secs(1)),
+    )
+    .await
+    .unwrap();
+    let mut ids = Vec::new();
+    for i in 0..5u32 {
+        let id = node
+            .send_durable(
+                "device-4",
+                "Device",
+                "Cmd",
+                Metadata::new(),
+                i.to_be_bytes(),
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+        ids.push(id as u64);
+    }
+    let (_device, mut rx) = manual_ack_device(&dev, &server, &node, "device-4").await;
+    let started = Instant::now();
+    for (i, id) in ids.iter().enumerate() {
+        let msg = next_push(&mut rx).await;
+        assert_eq!(msg.durable_id(), Some(*id), "message {i}");
+        assert!(!msg.is_redelivered(), "message {i}");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(msg.ack(), "message {i}");
+    }
+    // No run stopped at a timeout: no retry pause, nothing sent twice.
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), rx.recv())
+            .await
+            .is_err(),
+        "nothing more"
+    );
+    assert_eq!(pending_after_acks(&node, "device-4").await, 0);
+}

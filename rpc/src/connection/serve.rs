@@ -61,6 +61,13 @@ pub(crate) async fn serve(conn: Connection) {
     tokio::join!(pushes, calls);
 }
 
+/// How long a durable message pushed with receipt (`quicx/1`, and a cluster's) waits at the
+/// client for the one before it to be handed over: as long as the server keeps its stream (it
+/// resets the streams after a failed one, and bounds each receipt itself), so an application
+/// acknowledging by hand may take its time; this only bounds what a server that never gives up
+/// could hold.
+const ADMIT_LIMIT: Duration = Duration::from_secs(600);
+
 /// The code for durable records where they do not belong: on a stream a client opened or a
 /// unidirectional one (v2), or at all (v1, where kind `0x05` does not exist).
 fn misplaced_records(conn: &Connection) -> StreamCode {
@@ -651,7 +658,7 @@ async fn durable_push(
     let admitted = {
         let stopped = send.stopped();
         tokio::select! {
-            a = inbox.admit(server, conn.id(), id, prev, Duration::from_secs(10)) => a,
+            a = inbox.admit(server, conn.id(), id, prev, ADMIT_LIMIT) => a,
             _ = stopped => return Status::error(status::PUSH_REJECTED, "server gave up"),
         }
     };

@@ -113,6 +113,58 @@ async fn until(limit: Duration, mut check: impl FnMut() -> bool) -> Option<Durat
 }
 
 /// A device in manual-ack mode connected to `server` as `id`, once `node` lists it.
+/// Stores `n` durable commands for `device` through `node`, one at a time, each carrying its
+/// number (4 bytes, big-endian); their ids.
+async fn numbered_commands(node: &ClusterNode, device: &str, n: u32) -> Vec<u64> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let id = node
+            .send_durable(
+                device,
+                "Device",
+                "Cmd",
+                Metadata::new(),
+                i.to_be_bytes(),
+                Duration::from_secs(60),
+            )
+            .await
+            .unwrap();
+        ids.push(id as u64);
+    }
+    ids
+}
+
+/// A node whose durable deliveries wait `ack_timeout` for each receipt, on a server whose
+/// ordinary pushes give up after `push_timeout`.
+async fn node_acking_within(
+    dev: &DevCertificate,
+    etcd: &EtcdOptions,
+    name: &str,
+    ack_timeout: Duration,
+    push_timeout: Duration,
+) -> (Server, ClusterNode) {
+    let server = Server::builder()
+        .dev_certificate(dev)
+        .insecure_accept_unverified_client_ids()
+        .push_timeout(push_timeout)
+        .build()
+        .unwrap();
+    server.bind("127.0.0.1:0").await.unwrap();
+    let node = ClusterNode::start(
+        &server,
+        ClusterOptions::new(
+            name,
+            etcd.clone(),
+            ClientTls::new().trust(dev.certificate()),
+            SECRET,
+        )
+        .durable_ack_timeout(ack_timeout),
+    )
+    .await
+    .unwrap();
+    (server, node)
+}
+
 async fn manual_ack_device(
     dev: &DevCertificate,
     server: &Server,
@@ -698,25 +750,14 @@ async fn a_durable_message_waits_for_a_slow_device_ack_not_the_push_timeout() {
     let dev = DevCertificate::localhost().unwrap();
     let options = etcd_options(&etcd, Duration::from_secs(2));
     // Ordinary pushes give up after 300 ms on this server; durable ones wait 10 s for the ack.
-    let server = Server::builder()
-        .dev_certificate(&dev)
-        .insecure_accept_unverified_client_ids()
-        .push_timeout(Duration::from_millis(300))
-        .build()
-        .unwrap();
-    server.bind("127.0.0.1:0").await.unwrap();
-    let node = ClusterNode::start(
-        &server,
-        ClusterOptions::new(
-            "slow",
-            options.clone(),
-            ClientTls::new().trust(dev.certificate()),
-            SECRET,
-        )
-        .durable_ack_timeout(Duration::from_secs(10)),
+    let (server, node) = node_acking_within(
+        &dev,
+        &options,
+        "slow",
+        Duration::from_secs(10),
+        Duration::from_millis(300),
     )
-    .await
-    .unwrap();
+    .await;
     let (_device, mut rx) = manual_ack_device(&dev, &server, &node, "device-6").await;
     node.send_durable(
         "device-6",
@@ -753,21 +794,7 @@ async fn a_long_backlog_drains_in_order_and_a_refusal_in_the_middle_resends_from
     let options = etcd_options(&etcd, Duration::from_secs(2));
     let (sa, a) = node(&dev, &options, "a").await;
     // More than one read of etcd (256 at a time), stored while the device is offline.
-    let mut ids = Vec::new();
-    for i in 0..300u32 {
-        let id = a
-            .send_durable(
-                "device-9",
-                "Device",
-                "Cmd",
-                Metadata::new(),
-                i.to_be_bytes(),
-                Duration::from_secs(60),
-            )
-            .await
-            .unwrap();
-        ids.push(id as u64);
-    }
+    let ids = numbered_commands(&a, "device-9", 300).await;
     let (_device, mut rx) = manual_ack_device(&dev, &sa, &a, "device-9").await;
     // The application acknowledges everything but the first copy of message 100: the run stops
     // there (the pushes after it in flight are cancelled, never handed over) and the node sends
@@ -805,41 +832,17 @@ async fn a_device_acknowledging_by_hand_gets_a_backlog_once_each_however_long_th
     let Some(etcd) = etcd_or_skip() else { return };
     let dev = DevCertificate::localhost().unwrap();
     let options = etcd_options(&etcd, Duration::from_secs(2));
-    let server = Server::builder()
-        .dev_certificate(&dev)
-        .insecure_accept_unverified_client_ids()
-        .build()
-        .unwrap();
-    server.bind("127.0.0.1:0").await.unwrap();
     // Each receipt may take 1 s; the application takes 400 ms per message, so the fifth of
     // the pushes sent at once waits 2 s at the device for the four before it.
-    let node = ClusterNode::start(
-        &server,
-        ClusterOptions::new(
-            "patient",
-            options.clone(),
-            ClientTls::new().trust(dev.certificate()),
-            SECRET,
-        )
-        .durable_ack_timeout(Duration::from_secs(1)),
+    let (server, node) = node_acking_within(
+        &dev,
+        &options,
+        "patient",
+        Duration::from_secs(1),
+        Duration::from_secs(10),
     )
-    .await
-    .unwrap();
-    let mut ids = Vec::new();
-    for i in 0..5u32 {
-        let id = node
-            .send_durable(
-                "device-4",
-                "Device",
-                "Cmd",
-                Metadata::new(),
-                i.to_be_bytes(),
-                Duration::from_secs(60),
-            )
-            .await
-            .unwrap();
-        ids.push(id as u64);
-    }
+    .await;
+    let ids = numbered_commands(&node, "device-4", 5).await;
     let (_device, mut rx) = manual_ack_device(&dev, &server, &node, "device-4").await;
     let started = Instant::now();
     for (i, id) in ids.iter().enumerate() {

@@ -330,6 +330,9 @@ impl ClusterDurable {
             // Deletes go on while receipts come: one transaction at a time, taking whatever
             // was acknowledged meanwhile (one message when they come slowly, many when fast).
             let mut deleting: Option<futures_util::future::BoxFuture<'static, bool>> = None;
+            // The next receipt is due this long after the one before (deletes finishing
+            // meanwhile do not move it).
+            let mut due = tokio::time::Instant::now() + self.ack_timeout;
             loop {
                 if deleting.is_none() && !gone.is_empty() {
                     let (mut etcd, keys) = (client.clone(), std::mem::take(&mut gone));
@@ -344,8 +347,11 @@ impl ClusterDurable {
                             break;
                         }
                     }
-                    next = tokio::time::timeout(self.ack_timeout, results.next()) => match next {
-                        Ok(Some((key, Ok(())))) => gone.push(key),
+                    next = tokio::time::timeout_at(due, results.next()) => match next {
+                        Ok(Some((key, Ok(())))) => {
+                            gone.push(key);
+                            due = tokio::time::Instant::now() + self.ack_timeout;
+                        }
                         Ok(Some((_, Err(e)))) => {
                             stopped = Some(e.to_string());
                             break;

@@ -58,6 +58,8 @@ struct ConnInner {
     version: u8,
     /// Calls the peer has open on this connection now.
     calls_in_flight: AtomicU32,
+    /// Durable pushes with receipt waiting here for the one before them (clients).
+    durable_waiting: AtomicU32,
     /// Whether the concurrent-call limit was raised to its maximum.
     call_limit_raised: AtomicBool,
     /// Calls (and pushes with receipt) this side waits on, and the probe that runs meanwhile.
@@ -127,6 +129,7 @@ impl Connection {
                 peer_identity,
                 version,
                 calls_in_flight: AtomicU32::new(0),
+                durable_waiting: AtomicU32::new(0),
                 call_limit_raised: AtomicBool::new(false),
                 liveness: Liveness::default(),
                 call_limiter,

@@ -62,11 +62,25 @@ pub(crate) async fn serve(conn: Connection) {
 }
 
 /// How long a durable message pushed with receipt (`quicx/1`, and a cluster's) waits at the
-/// client for the one before it to be handed over: as long as the server keeps its stream (it
-/// resets the streams after a failed one, and bounds each receipt itself), so an application
-/// acknowledging by hand may take its time; this only bounds what a server that never gives up
-/// could hold.
-const ADMIT_LIMIT: Duration = Duration::from_secs(600);
+/// client for the one before it to be handed over. A server gives each receipt its
+/// acknowledgement timeout (60 s by default) from the one before and resets the streams after
+/// a failed one, so with 32 in flight the last may legitimately wait 31 of those for an
+/// application acknowledging by hand: this bound only stops a server that never gives up.
+const ADMIT_LIMIT: Duration = Duration::from_secs(3600);
+
+/// Counts one durable push waiting for the one before it, for as long as it lives.
+struct Waiting<'a>(&'a std::sync::atomic::AtomicU32);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Durable pushes with receipt that may wait at once on one connection for the ones before
+/// them (servers send 32 at a time); more are refused, and what each holds (its frame) is
+/// bounded by that.
+const MAX_WAITING: u32 = 64;
 
 /// The code for durable records where they do not belong: on a stream a client opened or a
 /// unidirectional one (v2), or at all (v1, where kind `0x05` does not exist).
@@ -652,23 +666,32 @@ async fn durable_push(
         .get(MSG_PREV_KEY)
         .and_then(|p| p.parse().ok())
         .unwrap_or(0);
-    // The message before it is on its way on another stream: wait for it (bounded).
-    // A message whose stream the server gave up on (its run stopped at an earlier failure)
-    // must not be delivered from here: the server sends it again.
+    // The message before it is on its way on another stream: wait for it (bounded, and at
+    // most `MAX_WAITING` at a time). A message whose stream the server gave up on (its run
+    // stopped at an earlier failure) must not be delivered from here: the server sends it
+    // again.
+    let waiting = Waiting(&conn.inner.durable_waiting);
+    if waiting.0.fetch_add(1, Ordering::AcqRel) >= MAX_WAITING {
+        return Status::error(
+            status::PUSH_REJECTED,
+            "too many durable messages wait for the ones before them",
+        );
+    }
     let admitted = {
         let stopped = send.stopped();
         tokio::select! {
             a = inbox.admit(server, conn.id(), id, prev, ADMIT_LIMIT) => a,
-            _ = stopped => return Status::error(status::PUSH_REJECTED, "server gave up"),
+            _ = stopped => None,
         }
     };
+    drop(waiting);
     match admitted {
         Some(Admission::Duplicate) => return Status::Ok,
         Some(Admission::Deliver) => {}
         None => {
             return Status::error(
                 status::PUSH_REJECTED,
-                "the durable message before this one never arrived",
+                "the durable message before this one never arrived (or the server gave up)",
             );
         }
     }

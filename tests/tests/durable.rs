@@ -627,6 +627,58 @@ async fn a_quicx1_client_refuses_durable_records() {
     quiet(&mut rx, Duration::from_millis(200)).await;
 }
 
+/// A `quicx/1` durable push frame (kind `0x03`): service `D`, method `M`, the message's id and
+/// the one before it in metadata.
+fn durable_push(id: u64, prev: u64, payload: &[u8]) -> Vec<u8> {
+    let mut header = vec![1, b'D', 1, b'M', 2];
+    for s in [
+        "quicx-msg-id",
+        id.to_string().as_str(),
+        "quicx-msg-prev",
+        prev.to_string().as_str(),
+    ] {
+        header.push(s.len() as u8);
+        header.extend_from_slice(s.as_bytes());
+    }
+    let mut out = vec![0x03];
+    out.extend_from_slice(&(header.len() as u32).to_be_bytes());
+    out.extend_from_slice(&header);
+    out.extend_from_slice(payload);
+    out
+}
+
+#[tokio::test]
+async fn a_client_lets_at_most_64_durable_pushes_wait_for_the_ones_before_them() {
+    let (_client, conn, mut rx) =
+        hand_written_server(|b, tls| b.tls(tls.with_alpn(vec![quicx::ALPN.to_vec()]))).await;
+    // Ids 2 to 67, each naming the one before it; id 1 never comes, so all of them wait.
+    let mut streams = Vec::new();
+    for id in 2..=67u64 {
+        let (mut send, recv) = conn.open_bi().await.unwrap();
+        send.write_all(&durable_push(id, id - 1, b"x"))
+            .await
+            .unwrap();
+        send.finish().unwrap();
+        streams.push((send, recv));
+    }
+    let answers = futures_util::future::join_all(streams.iter_mut().map(|(_, recv)| {
+        tokio::time::timeout(Duration::from_millis(1500), recv.read_to_end(1 << 16))
+    }))
+    .await;
+    // 64 wait (no answer); the two beyond them are refused at once: a response frame with
+    // status Error { PUSH_REJECTED }.
+    let refused: Vec<Vec<u8>> = answers
+        .into_iter()
+        .filter_map(Result::ok)
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(refused.len(), 2, "{refused:?}");
+    for bytes in &refused {
+        assert_eq!((bytes[0], bytes[5], bytes[6]), (0x02, 1, 10), "{bytes:?}");
+    }
+    quiet(&mut rx, Duration::from_millis(100)).await;
+}
+
 /// A `quicx-durable-server` child process on `listen` with its store in `store` (killed on
 /// drop), with `Fsync::Interval(fsync_every)` when given.
 fn durable_server_with(

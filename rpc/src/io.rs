@@ -51,7 +51,10 @@ pub enum Placement {
     #[default]
     Auto,
     /// The runtime of the task that binds or connects. Best single-caller latency on a
-    /// multi-thread runtime; lower throughput under concurrency.
+    /// multi-thread runtime (measured on 2 cores: a client at one call at a time makes 13-16k
+    /// calls/s against 9-11k); a client receives pushes at about 0.6× the rate, since its push
+    /// readers then share the application's workers, and a process opening thousands of
+    /// connections at once delays its other calls more (BENCHMARKS.md).
     CallerRuntime,
     /// Dedicated I/O threads: a server's own (one per core by default), or the ones all clients
     /// of the process share.

@@ -851,7 +851,35 @@ impl<'t> Writing<'_, 't> {
         }
         queue.insert(id, bytes).map_err(store_error)?;
         self.sizes.add(identity, size);
+        self.compact_for_room()?;
         Ok(id)
+    }
+
+    /// Whether the store holds more than its total bytes bound, pending and acknowledged
+    /// messages together.
+    fn over_total(&self) -> bool {
+        self.sizes.total.bytes + self.acked_left.total.bytes > self.limits.total_bytes
+    }
+
+    /// While the store holds more than its total bytes bound, removes acknowledged messages of
+    /// the queue that holds the most of them (whether or not its device is here to settle it),
+    /// `COMPACT_PER_COMMIT` per call: a message admitted for one identity makes room by
+    /// compacting another's leftovers.
+    fn compact_for_room(&mut self) -> Result<()> {
+        if !self.over_total() {
+            return Ok(());
+        }
+        let largest = self
+            .acked_left
+            .by_identity
+            .iter()
+            .filter(|(_, left)| left.messages > 0)
+            .max_by_key(|(_, left)| left.bytes)
+            .map(|(identity, _)| identity.clone());
+        match largest {
+            Some(identity) => self.compact(&identity),
+            None => Ok(()),
+        }
     }
 
     /// Removes the pending messages `ids`; how many were pending.
@@ -908,8 +936,9 @@ impl<'t> Writing<'_, 't> {
     /// keys one by one). A queue that stays non-empty has its acknowledged messages removed one
     /// by one, `COMPACT_PER_COMMIT` per transaction, while they exceed `MAX_ACKED_LEFT` or
     /// `MAX_ACKED_LEFT_BYTES`, or while the store holds more than its total bytes bound,
-    /// pending and acknowledged together. A queue being drained is not compacted for the
-    /// bound (what it holds does not grow as it drains) and is dropped whole at its end.
+    /// pending and acknowledged together (appends then compact the queue with the most
+    /// acknowledged messages, see `compact_for_room`). A queue being drained does not get there
+    /// by itself (what it holds does not grow as it drains) and is dropped whole at its end.
     fn settle(&mut self, identity: &str) -> Result<()> {
         let Some(acked) = self.acked(identity)? else {
             return Ok(());
@@ -938,27 +967,34 @@ impl<'t> Writing<'_, 't> {
             .unwrap_or_default();
         if left.messages > MAX_ACKED_LEFT
             || left.bytes > MAX_ACKED_LEFT_BYTES
-            || (left.messages > 0
-                && self.sizes.total.bytes + self.acked_left.total.bytes > self.limits.total_bytes)
+            || (left.messages > 0 && self.over_total())
         {
-            // The oldest acknowledged ones, a bounded number per transaction.
-            let mut doomed = Vec::new();
-            for entry in self
-                .queue(identity)?
-                .range(..=acked)
-                .map_err(store_error)?
-                .take(COMPACT_PER_COMMIT)
-            {
-                let (id, v) = entry.map_err(store_error)?;
-                doomed.push((id.value(), v.value().len() as u64));
-            }
-            let queue = self.queue(identity)?;
-            for (id, _) in &doomed {
-                queue.remove(*id).map_err(store_error)?;
-            }
-            for (_, bytes) in doomed {
-                self.acked_left.sub(identity, bytes);
-            }
+            self.compact(identity)?;
+        }
+        Ok(())
+    }
+
+    /// Removes `identity`'s oldest acknowledged messages, `COMPACT_PER_COMMIT` at most.
+    fn compact(&mut self, identity: &str) -> Result<()> {
+        let Some(acked) = self.acked(identity)? else {
+            return Ok(());
+        };
+        let mut doomed = Vec::new();
+        for entry in self
+            .queue(identity)?
+            .range(..=acked)
+            .map_err(store_error)?
+            .take(COMPACT_PER_COMMIT)
+        {
+            let (id, v) = entry.map_err(store_error)?;
+            doomed.push((id.value(), v.value().len() as u64));
+        }
+        let queue = self.queue(identity)?;
+        for (id, _) in &doomed {
+            queue.remove(*id).map_err(store_error)?;
+        }
+        for (_, bytes) in doomed {
+            self.acked_left.sub(identity, bytes);
         }
         Ok(())
     }
@@ -1968,6 +2004,43 @@ mod tests {
             ids(&store.read_after("d", 0, 100).unwrap()),
             sent[sent.len() - 10..]
         );
+        close(store).await;
+    }
+
+    #[tokio::test]
+    async fn messages_for_one_device_make_room_by_compacting_what_another_left_acknowledged() {
+        // Device a got 300 messages of 1 KB and acknowledged 200 before it went away: its queue
+        // keeps them (it is never settled again while a is away). Device b's messages then push
+        // the store past its 400 KB bound, pending and acknowledged together: a's acknowledged
+        // ones make the room.
+        let dir = Dir::new("room");
+        let limits = DurableLimits::default()
+            .per_identity(1_000, 1 << 30)
+            .total(10_000, 400_000);
+        let store = dir.open(limits);
+        let big = |n: u64| Stored {
+            payload: vec![n as u8; 1000],
+            ..message(n)
+        };
+        let mut sent = Vec::new();
+        for n in 0..300 {
+            sent.push(store.append("a", big(n)).await.unwrap());
+        }
+        assert_eq!(store.ack("a", sent[199]).await.unwrap(), 200);
+        assert_eq!(
+            queue_keys(&store, "a").len(),
+            300,
+            "below the bound: nothing compacted"
+        );
+        for n in 0..250 {
+            store.append("b", big(n)).await.unwrap();
+        }
+        // Pending: a's 100 and b's 250; what a had acknowledged is gone but what fits.
+        let a_left = queue_keys(&store, "a").len();
+        assert!(a_left <= 100 + 60, "{a_left}");
+        assert_eq!(store.pending_of("a"), 100);
+        assert_eq!(ids(&store.read_after("a", 0, 1000).unwrap()), sent[200..]);
+        assert_eq!(store.pending_of("b"), 250);
         close(store).await;
     }
 

@@ -105,7 +105,7 @@ pub struct OutgoingCall<'a> {
     service_path: &'a str,
     service_method: &'a str,
     /// Asked only when an interceptor wants the address (quinn locks the connection for it).
-    quic: quinn::Connection,
+    quic: &'a quinn::Connection,
     metadata: Cow<'a, Metadata>,
 }
 
@@ -113,7 +113,7 @@ impl<'a> OutgoingCall<'a> {
     pub(crate) fn new(
         service_path: &'a str,
         service_method: &'a str,
-        quic: quinn::Connection,
+        quic: &'a quinn::Connection,
         metadata: Cow<'a, Metadata>,
     ) -> Self {
         Self {
@@ -124,8 +124,12 @@ impl<'a> OutgoingCall<'a> {
         }
     }
 
-    pub(crate) fn into_metadata(self) -> Cow<'a, Metadata> {
-        self.metadata
+    /// The metadata if it is owned: it was given owned, or an interceptor changed it.
+    pub(crate) fn into_owned_metadata(self) -> Option<Metadata> {
+        match self.metadata {
+            Cow::Owned(m) => Some(m),
+            Cow::Borrowed(_) => None,
+        }
     }
 
     /// The service called.

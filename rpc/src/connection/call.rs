@@ -244,14 +244,18 @@ impl Connection {
             intercepted: !side.call_interceptors.is_empty(),
         };
         if call.intercepted {
-            let mut outgoing = OutgoingCall::new(
-                service_path,
-                service_method,
-                self.inner.quic.clone(),
-                metadata,
-            );
+            let borrowed = match &metadata {
+                Cow::Borrowed(m) => Some(*m),
+                Cow::Owned(_) => None,
+            };
+            let mut outgoing =
+                OutgoingCall::new(service_path, service_method, &self.inner.quic, metadata);
             let refused = side.call_interceptors.before_call(&mut outgoing);
-            metadata = outgoing.into_metadata();
+            metadata = match (outgoing.into_owned_metadata(), borrowed) {
+                (Some(owned), _) => Cow::Owned(owned),
+                (None, Some(m)) => Cow::Borrowed(m),
+                (None, None) => unreachable!("owned metadata stays owned"),
+            };
             if let Err(e) = refused {
                 // Counted like any failed call, and seen by every `after_call`.
                 self.finish_call(&call, Err(&e), Duration::ZERO);

@@ -861,25 +861,31 @@ impl<'t> Writing<'_, 't> {
         self.sizes.total.bytes + self.acked_left.total.bytes > self.limits.total_bytes
     }
 
-    /// While the store holds more than its total bytes bound, removes acknowledged messages of
-    /// the queue that holds the most of them (whether or not its device is here to settle it),
-    /// `COMPACT_PER_COMMIT` per call: a message admitted for one identity makes room by
-    /// compacting another's leftovers.
+    /// While the store holds more than its total bytes bound, removes acknowledged messages,
+    /// from the queues holding the most of them first (whether or not their devices are here to
+    /// settle them), until it is back under the bound or `COMPACT_PER_COMMIT` are removed: a
+    /// message admitted for one identity makes room by compacting others' leftovers, however
+    /// few each queue holds.
     fn compact_for_room(&mut self) -> Result<()> {
         if !self.over_total() {
             return Ok(());
         }
-        let largest = self
+        let mut queues: Vec<(String, u64)> = self
             .acked_left
             .by_identity
             .iter()
             .filter(|(_, left)| left.messages > 0)
-            .max_by_key(|(_, left)| left.bytes)
-            .map(|(identity, _)| identity.clone());
-        match largest {
-            Some(identity) => self.compact(&identity),
-            None => Ok(()),
+            .map(|(identity, left)| (identity.clone(), left.bytes))
+            .collect();
+        queues.sort_unstable_by_key(|q| std::cmp::Reverse(q.1));
+        let mut budget = COMPACT_PER_COMMIT;
+        for (identity, _) in queues {
+            if budget == 0 || !self.over_total() {
+                break;
+            }
+            budget -= self.compact_within(&identity, budget, true)?;
         }
+        Ok(())
     }
 
     /// Removes the pending messages `ids`; how many were pending.
@@ -976,27 +982,42 @@ impl<'t> Writing<'_, 't> {
 
     /// Removes `identity`'s oldest acknowledged messages, `COMPACT_PER_COMMIT` at most.
     fn compact(&mut self, identity: &str) -> Result<()> {
+        self.compact_within(identity, COMPACT_PER_COMMIT, false)
+            .map(drop)
+    }
+
+    /// Removes `identity`'s oldest acknowledged messages, `limit` at most, and (`for_room`)
+    /// only while the store is over its total bytes bound; how many it removed.
+    fn compact_within(&mut self, identity: &str, limit: usize, for_room: bool) -> Result<usize> {
         let Some(acked) = self.acked(identity)? else {
-            return Ok(());
+            return Ok(0);
         };
+        let mut held = self.sizes.total.bytes + self.acked_left.total.bytes;
+        let bound = self.limits.total_bytes;
         let mut doomed = Vec::new();
         for entry in self
             .queue(identity)?
             .range(..=acked)
             .map_err(store_error)?
-            .take(COMPACT_PER_COMMIT)
+            .take(limit)
         {
+            if for_room && held <= bound {
+                break;
+            }
             let (id, v) = entry.map_err(store_error)?;
-            doomed.push((id.value(), v.value().len() as u64));
+            let bytes = v.value().len() as u64;
+            held = held.saturating_sub(bytes);
+            doomed.push((id.value(), bytes));
         }
         let queue = self.queue(identity)?;
         for (id, _) in &doomed {
             queue.remove(*id).map_err(store_error)?;
         }
+        let removed = doomed.len();
         for (_, bytes) in doomed {
             self.acked_left.sub(identity, bytes);
         }
-        Ok(())
+        Ok(removed)
     }
 }
 
@@ -2042,6 +2063,59 @@ mod tests {
         assert_eq!(store.pending_of("a"), 100);
         assert_eq!(ids(&store.read_after("a", 0, 1000).unwrap()), sent[200..]);
         assert_eq!(store.pending_of("b"), 250);
+        close(store).await;
+    }
+
+    /// The bytes of every message (pending or acknowledged) the queues of `identities` hold.
+    fn stored_bytes(store: &Store, identities: &[String]) -> u64 {
+        let txn = store.db().unwrap().begin_read().unwrap();
+        identities
+            .iter()
+            .filter_map(|identity| read_queue(&txn, identity).unwrap())
+            .flat_map(|table| {
+                table
+                    .iter()
+                    .unwrap()
+                    .map(|e| e.unwrap().1.value().len() as u64)
+                    .collect::<Vec<_>>()
+            })
+            .sum()
+    }
+
+    #[tokio::test]
+    async fn many_queues_with_a_few_small_leftovers_each_make_room_for_big_messages_at_once() {
+        // 200 devices each got 3 small messages and acknowledged 2 before they went away, so
+        // each queue keeps 2 small leftovers. Then another device's 1 KB messages push the
+        // store past its bound: each of them must make all its room at once, from as many
+        // queues as it takes (one queue's leftovers are a few tens of bytes).
+        let dir = Dir::new("many-leftovers");
+        const BOUND: u64 = 30_000;
+        let store = dir.open(
+            DurableLimits::default()
+                .per_identity(1_000, 1 << 30)
+                .total(100_000, BOUND),
+        );
+        let mut identities: Vec<String> = (0..200).map(|d| format!("d{d}")).collect();
+        for identity in &identities {
+            let mut sent = Vec::new();
+            for n in 0..3 {
+                sent.push(store.append(identity, message(n)).await.unwrap());
+            }
+            assert_eq!(store.ack(identity, sent[1]).await.unwrap(), 2);
+        }
+        identities.push("b".into());
+        let before = stored_bytes(&store, &identities);
+        assert!(before < BOUND, "{before}");
+        for n in 0..20 {
+            store.append("b", big(n)).await.unwrap();
+            let held = stored_bytes(&store, &identities);
+            assert!(held <= BOUND, "after b's message {n}: {held} bytes held");
+        }
+        assert_eq!(store.pending_of("b"), 20);
+        for identity in &identities[..200] {
+            assert_eq!(store.pending_of(identity), 1, "{identity}");
+            assert_eq!(store.read_after(identity, 0, 10).unwrap().messages.len(), 1);
+        }
         close(store).await;
     }
 

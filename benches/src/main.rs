@@ -64,6 +64,10 @@ struct Cli {
     /// one-process layout). `quicx` and `quicx-secured` cannot run then: they would record too.
     #[arg(long)]
     prometheus_client: bool,
+    /// Where quicx clients run their I/O (`Placement::CallerRuntime` instead of the default
+    /// `Placement::Auto`), to compare the two.
+    #[arg(long)]
+    client_on_caller_runtime: bool,
 }
 
 /// What to measure.
@@ -507,6 +511,9 @@ fn main() -> anyhow::Result<()> {
     } else {
         cli.layout.clone()
     };
+    if cli.client_on_caller_runtime {
+        systems::CLIENT_ON_CALLER_RUNTIME.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     // A `metrics` recorder is process-wide: once installed here, every quicx server and client
     // of this process with metrics on records into it.
     let recorder_here = cli.prometheus_client

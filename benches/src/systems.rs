@@ -286,6 +286,10 @@ async fn serve_quicx(dev: &DevCertificate, system: System) -> anyhow::Result<Soc
     Ok(server.bind("127.0.0.1:0").await?)
 }
 
+/// `--client-on-caller-runtime`: quicx clients use `Placement::CallerRuntime`.
+pub(crate) static CLIENT_ON_CALLER_RUNTIME: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 /// A quicx client of the bench server; with `pushes`, counts pushed messages into it.
 pub(crate) async fn quicx_client(
     info: &ServerInfo,
@@ -302,6 +306,9 @@ pub(crate) async fn quicx_client(
     }
     if info.system == System::QuicxNoMetrics {
         builder = builder.metrics(false);
+    }
+    if CLIENT_ON_CALLER_RUNTIME.load(Ordering::Relaxed) {
+        builder = builder.placement(quicx::Placement::CallerRuntime);
     }
     if let Some(endpoint) = endpoint {
         builder = builder.endpoint(endpoint);

@@ -62,10 +62,11 @@ pub struct ClientEndpoint {
 }
 
 impl ClientEndpoint {
-    /// Binds a client socket on `addr` (port 0 for any) with 4 MiB socket buffers, driven as
-    /// [`Placement::Auto`] says. Must run inside a tokio runtime.
+    /// Binds a client socket on `addr` (port 0 for any) with 4 MiB socket buffers, driven on
+    /// the caller's runtime if it is a current_thread one, else on one of the process's client
+    /// I/O threads (a shared socket is for many clients). Must run inside a tokio runtime.
     pub fn bind(addr: SocketAddr) -> Result<Self> {
-        let io = IoRuntime::for_client(Placement::Auto)?;
+        let io = IoRuntime::for_shared_endpoint()?;
         let _io = io.enter();
         Ok(Self {
             endpoint: config::endpoint(addr, TransportOptions::default().socket_buffer_size, None)?,

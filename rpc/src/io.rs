@@ -16,10 +16,15 @@
 //! to the thread that owns the connection.
 //!
 //! Clients ([`Placement::Auto`]): on a current_thread runtime everything already shares one
-//! thread, so the connection is driven there; on a multi-thread runtime each client's connection
-//! is driven by one of the process's client I/O threads (one per core, assigned in turn), while
-//! each call's stream is driven by the task that awaits it (handing every call to another thread
-//! cost more than it saved: c=64 fell from 187k to 67k calls/s).
+//! thread, so the connection is driven there. On a multi-thread runtime the first
+//! [`AUTO_CALLER_CLIENTS`] live clients of the process are driven on that runtime too, as a
+//! task beside the callers (no thread hand-off per call: a single caller waiting on each reply
+//! made 13-14k calls/s against 10k from an I/O thread, on 2 cores); clients beyond them (a
+//! gateway, a fleet simulator) are driven by the process's client I/O threads (one per core,
+//! assigned in turn), so thousands of handshakes never queue in the application's runtime ahead
+//! of its first clients' calls. Each call's stream is driven by the task that awaits it
+//! (handing every call to another thread cost more than it saved: c=64 fell from 187k to 67k
+//! calls/s).
 
 use std::{
     cell::Cell,
@@ -46,15 +51,19 @@ use crate::{Error, Result};
 pub enum Placement {
     /// Servers: one dedicated I/O thread per core (see
     /// [`ServerBuilder::io_threads`](crate::ServerBuilder::io_threads)). Clients: the caller's
-    /// runtime if it is a current_thread runtime (everything then shares one thread already),
-    /// else one of the I/O threads (one per core) all clients of the process share.
+    /// runtime if it is a current_thread runtime (everything then shares one thread already);
+    /// on a multi-thread runtime, the caller's runtime for the process's first 64 live clients
+    /// (a client keeps its place, reconnects included, until it is dropped), and one of the I/O
+    /// threads (one per core) all clients of the process share for the ones beyond. Measured on
+    /// 2 cores: a single caller waiting on each reply makes 13-14k calls/s on the caller's
+    /// runtime against 10k from an I/O thread; a process opening 3,000 connections at once kept
+    /// a first client's calls at p50 6 ms during the storm, against 36 ms with every client on
+    /// the I/O threads (BENCHMARKS.md).
     #[default]
     Auto,
-    /// The runtime of the task that binds or connects. Best single-caller latency on a
-    /// multi-thread runtime (measured on 2 cores: a client at one call at a time makes 13-16k
-    /// calls/s against 9-11k); a client receives pushes at about 0.6× the rate, since its push
-    /// readers then share the application's workers, and a process opening thousands of
-    /// connections at once delays its other calls more (BENCHMARKS.md).
+    /// The runtime of the task that binds or connects, however many clients there are. A
+    /// process opening thousands of connections at once this way delays its other calls by
+    /// seconds (their handshakes share the application's workers; BENCHMARKS.md).
     CallerRuntime,
     /// Dedicated I/O threads: a server's own (one per core by default), or the ones all clients
     /// of the process share.
@@ -90,6 +99,38 @@ thread_local! {
 pub(crate) struct IoRuntime {
     /// `None`: the caller's runtime, where work runs inline.
     dedicated: Option<Dedicated>,
+    /// A client that [`Placement::Auto`] put on the caller's multi-thread runtime holds one of
+    /// the process's [`AUTO_CALLER_CLIENTS`] places there until every clone is dropped.
+    _place: Option<std::sync::Arc<CallerPlace>>,
+}
+
+/// How many clients of a process [`Placement::Auto`] drives on the caller's multi-thread
+/// runtime; the ones after them, while these live, go to the shared client I/O threads.
+pub(crate) const AUTO_CALLER_CLIENTS: usize = 64;
+
+/// Clients of this process holding a place on the caller's runtime.
+static AUTO_ON_CALLER: AtomicUsize = AtomicUsize::new(0);
+
+/// One of the [`AUTO_CALLER_CLIENTS`] places, given back when dropped.
+#[derive(Debug)]
+struct CallerPlace;
+
+impl CallerPlace {
+    /// A place, if one is free.
+    fn take() -> Option<Self> {
+        AUTO_ON_CALLER
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < AUTO_CALLER_CLIENTS).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Self)
+    }
+}
+
+impl Drop for CallerPlace {
+    fn drop(&mut self) {
+        AUTO_ON_CALLER.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -154,6 +195,7 @@ impl IoRuntime {
                     permille: AtomicUsize::new(0),
                 }),
             }),
+            _place: None,
         })
     }
 
@@ -171,13 +213,34 @@ impl IoRuntime {
     /// Where a client with this placement establishes and drives its connection. Must run
     /// inside a tokio runtime.
     pub(crate) fn for_client(placement: Placement) -> Result<Self> {
-        let current_thread = tokio::runtime::Handle::try_current()
-            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
         match placement {
-            Placement::Auto if current_thread => Ok(Self::caller()),
-            Placement::Auto | Placement::IoThread => Self::shared_client(),
+            Placement::Auto if Self::on_current_thread_runtime() => Ok(Self::caller()),
+            Placement::Auto => match CallerPlace::take() {
+                Some(place) => Ok(Self {
+                    dedicated: None,
+                    _place: Some(std::sync::Arc::new(place)),
+                }),
+                None => Self::shared_client(),
+            },
+            Placement::IoThread => Self::shared_client(),
             Placement::CallerRuntime => Ok(Self::caller()),
         }
+    }
+
+    /// Where a [`ClientEndpoint`](crate::ClientEndpoint) (a socket shared by many clients,
+    /// as fleet simulators and gateways use) is driven: the caller's runtime if it is a
+    /// current_thread one, else a shared client I/O thread.
+    pub(crate) fn for_shared_endpoint() -> Result<Self> {
+        if Self::on_current_thread_runtime() {
+            Ok(Self::caller())
+        } else {
+            Self::shared_client()
+        }
+    }
+
+    fn on_current_thread_runtime() -> bool {
+        tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread)
     }
 
     /// One of the I/O threads the clients of this process share (one per core, started once by
@@ -239,7 +302,10 @@ impl IoRuntime {
     /// Work runs on whatever runtime calls in (clients: a call's stream is driven by the task
     /// that awaits it, so no hand-over is paid per call).
     pub(crate) fn caller() -> Self {
-        Self { dedicated: None }
+        Self {
+            dedicated: None,
+            _place: None,
+        }
     }
 
     /// Whether work already runs where it should: on the caller's runtime, or on this thread.
@@ -352,6 +418,67 @@ mod tests {
     use super::*;
 
     /// Many first callers at once start one set of shared client threads, not several.
+    #[test]
+    fn auto_drives_the_first_clients_on_a_multi_thread_caller_runtime_and_the_rest_on_io_threads() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap();
+        let _rt = rt.enter();
+        // Other tests of this process may hold places too: take them until one is refused.
+        let mut held = Vec::new();
+        let refused = loop {
+            let io = IoRuntime::for_client(Placement::Auto).unwrap();
+            if io.dedicated.is_some() {
+                break io;
+            }
+            assert!(
+                io._place.is_some(),
+                "an Auto client on the caller's runtime holds a place"
+            );
+            held.push(io);
+            assert!(
+                held.len() <= AUTO_CALLER_CLIENTS,
+                "more than {AUTO_CALLER_CLIENTS} places"
+            );
+        };
+        assert!(refused._place.is_none());
+        // A clone shares its client's place; the place comes back when the last one goes.
+        let clone = held.last().unwrap().clone();
+        held.pop();
+        assert!(
+            IoRuntime::for_client(Placement::Auto)
+                .unwrap()
+                .dedicated
+                .is_some()
+        );
+        drop(clone);
+        let again = IoRuntime::for_client(Placement::Auto).unwrap();
+        assert!(again.dedicated.is_none() && again._place.is_some());
+        // Explicit placements and shared endpoints do not take places.
+        drop(held);
+        let before = AUTO_ON_CALLER.load(Ordering::Acquire);
+        assert!(
+            IoRuntime::for_client(Placement::CallerRuntime)
+                .unwrap()
+                ._place
+                .is_none()
+        );
+        assert!(
+            IoRuntime::for_client(Placement::IoThread)
+                .unwrap()
+                .dedicated
+                .is_some()
+        );
+        assert!(
+            IoRuntime::for_shared_endpoint()
+                .unwrap()
+                .dedicated
+                .is_some()
+        );
+        assert!(AUTO_ON_CALLER.load(Ordering::Acquire) <= before);
+    }
+
     #[test]
     fn the_shared_client_thread_starts_once() {
         let barrier = std::sync::Arc::new(std::sync::Barrier::new(8));

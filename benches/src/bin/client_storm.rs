@@ -8,9 +8,11 @@
 //!   worst latency, next to the same probe on the idle process just before (same run);
 //! - every 100 ms a new client connects and makes one call: the time that takes.
 //!
-//! Both for the default placement (`Placement::Auto`: connections spread over one shared client
-//! I/O thread per core) and for `Placement::CallerRuntime` (connections driven by the
-//! application's own multi-thread runtime), in one run. The server runs in a child process (this
+//! For the default placement (`Placement::Auto`: the process's first 64 clients, the probe
+//! among them, on the application's runtime, the storm beyond them spread over one shared
+//! client I/O thread per core), `Placement::IoThread` (every client on those threads) and
+//! `Placement::CallerRuntime` (every client on the application's own multi-thread runtime), in
+//! one run. The server runs in a child process (this
 //! binary, `serve`), on loopback. Every loop is bounded in count and time.
 #![forbid(unsafe_code)]
 
@@ -289,7 +291,11 @@ async fn run_in(cli: &Cli, dir: &Path) -> anyhow::Result<()> {
     );
     let mut rows = Vec::new();
     for (placement, name) in [
-        (Placement::Auto, "Auto (shared client I/O threads)"),
+        (
+            Placement::Auto,
+            "Auto (first 64 clients on the caller's runtime, the rest on the I/O threads)",
+        ),
+        (Placement::IoThread, "IoThread (shared client I/O threads)"),
         (Placement::CallerRuntime, "CallerRuntime"),
     ] {
         rows.push(storm(cli, &setup, placement, name).await?);

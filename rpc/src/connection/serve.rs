@@ -846,10 +846,54 @@ fn push_message(conn: &Connection, raw: RawFrame) -> Result<PushMessage, FrameEr
     })
 }
 
+/// A connection whose server pushed three quarters of its starting push limit within this long
+/// gets the maximum (`TransportOptions::max_concurrent_pushes`).
+const PUSH_BURST: Duration = Duration::from_millis(100);
+
+/// Raises a busy connection's push limit once: see [`PUSH_BURST`].
+struct PushLimit {
+    /// Pushes counted since `since`; `None` once raised (or nothing to raise to).
+    counted: Option<(u32, std::time::Instant)>,
+    threshold: u32,
+    max: u32,
+}
+
+impl PushLimit {
+    fn new((initial, max): (u32, u32)) -> Self {
+        Self {
+            counted: (max > initial).then(|| (0, std::time::Instant::now())),
+            threshold: (initial - initial / 4).max(1),
+            max,
+        }
+    }
+
+    /// Counts one push (`now` tells the time, asked once per threshold's worth); the limit to
+    /// raise the connection to when they came fast enough (once).
+    fn count(&mut self, now: impl FnOnce() -> std::time::Instant) -> Option<u32> {
+        let (n, since) = self.counted.as_mut()?;
+        *n += 1;
+        if *n < self.threshold {
+            return None;
+        }
+        let now = now();
+        if now.duration_since(*since) <= PUSH_BURST {
+            self.counted = None;
+            return Some(self.max);
+        }
+        *n = 0;
+        *since = now;
+        None
+    }
+}
+
 /// Reads pushes in the order the server opened their streams and hands each to the push channel.
 /// Under backpressure this loop waits, which stops QUIC from granting the server new streams.
 async fn accept_pushes(conn: &Connection, sink: Option<&PushSender>) {
+    let mut limit = PushLimit::new(conn.inner.side.push_limits);
     while let Ok(mut recv) = conn.inner.quic.accept_uni().await {
+        if let Some(max) = limit.count(std::time::Instant::now) {
+            conn.inner.quic.set_max_concurrent_uni_streams(max.into());
+        }
         let Some(sink) = sink else {
             reject(None, &mut recv, StreamCode::PUSH_REJECTED);
             continue;
@@ -877,6 +921,37 @@ async fn accept_pushes(conn: &Connection, sink: Option<&PushSender>) {
                 tracing::debug!(conn = conn.id(), "bad push header: {e:?}");
                 reject(None, &mut recv, StreamCode::MALFORMED_FRAME);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+
+    #[test]
+    fn a_connection_gets_its_push_maximum_once_three_quarters_of_its_start_come_within_the_burst() {
+        let start = Instant::now();
+        let mut limit = PushLimit::new((1024, 8192));
+        let at = |ms: u64| move || start + Duration::from_millis(ms);
+        // 768 pushes over 150 ms: too slow, counting starts over at the 768th.
+        for _ in 0..767 {
+            assert_eq!(limit.count(at(0)), None);
+        }
+        assert_eq!(limit.count(at(150)), None);
+        // The next 768 within 100 ms of that: raised, once.
+        for _ in 0..767 {
+            assert_eq!(limit.count(|| unreachable!("asked once per 768")), None);
+        }
+        assert_eq!(limit.count(at(240)), Some(8192));
+        assert_eq!(limit.count(at(240)), None);
+
+        // Nothing to raise to: never asks.
+        let mut fixed = PushLimit::new((1024, 1024));
+        for _ in 0..2000 {
+            assert_eq!(fixed.count(|| unreachable!("nothing to raise")), None);
         }
     }
 }

@@ -62,6 +62,8 @@ pub(crate) struct Side {
     pub(crate) unresponsive_timeout: Option<Duration>,
     /// Concurrent-call limit: where a connection starts, and the most it is raised to.
     pub(crate) call_limits: (u32, u32),
+    /// Concurrent-push limit (clients): where a connection starts, and the most it is raised to.
+    pub(crate) push_limits: (u32, u32),
     pub(crate) shutting_down: AtomicBool,
     /// Every call handler task, for draining at shutdown.
     pub(crate) tracker: TaskTracker,
@@ -169,6 +171,7 @@ impl Side {
             frame_timeout: transport.frame_timeout,
             unresponsive_timeout: transport.unresponsive_timeout,
             call_limits: (transport.starting_calls(), transport.max_concurrent_calls),
+            push_limits: (transport.starting_pushes(), transport.max_concurrent_pushes),
             shutting_down: AtomicBool::new(false),
             tracker: TaskTracker::new(),
             shutdown: CancellationToken::new(),

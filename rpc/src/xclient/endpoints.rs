@@ -307,7 +307,8 @@ impl Core {
             .await?
             .next()
             .ok_or_else(|| Error::Config(format!("`{}` resolved to nothing", member.endpoint)))?;
-        // Each endpoint's connection on its own client I/O thread, in turn.
+        // Each endpoint's connection placed on its own (`Placement::Auto`: the caller's runtime
+        // for the process's first clients, then the client I/O threads in turn).
         let mut link = self.link.clone();
         if let Ok(driver) = IoRuntime::for_client(self.option.placement) {
             link.driver = driver;

@@ -57,13 +57,14 @@ pub enum Placement {
     /// threads (one per core) all clients of the process share for the ones beyond. Measured on
     /// 2 cores: a single caller waiting on each reply makes 13-14k calls/s on the caller's
     /// runtime against 10k from an I/O thread; a process opening 3,000 connections at once kept
-    /// a first client's calls at p50 6 ms during the storm, against 36 ms with every client on
-    /// the I/O threads (BENCHMARKS.md).
+    /// a first client's calls at p50 6-7 ms during the storm, against 19-41 ms with every client
+    /// on the I/O threads and 126 ms with every client on the caller's runtime (BENCHMARKS.md).
     #[default]
     Auto,
-    /// The runtime of the task that binds or connects, however many clients there are. A
-    /// process opening thousands of connections at once this way delays its other calls by
-    /// seconds (their handshakes share the application's workers; BENCHMARKS.md).
+    /// The runtime of the task that binds or connects, however many clients there are: the
+    /// handshakes of a process opening thousands of connections at once then share the
+    /// application's workers with its calls (p50 126 ms for a first client's calls during such
+    /// a storm on 2 cores; BENCHMARKS.md).
     CallerRuntime,
     /// Dedicated I/O threads: a server's own (one per core by default), or the ones all clients
     /// of the process share.

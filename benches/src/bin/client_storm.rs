@@ -55,6 +55,21 @@ struct Cli {
     /// Bound of one storm, seconds.
     #[arg(long, default_value_t = 120)]
     storm_secs: u64,
+    /// Only these placements (default: all three, one storm after the other in this process;
+    /// a storm right after another measures slower, so compare each run on its own too).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    placement: Vec<Which>,
+}
+
+/// A placement to run the storm with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Which {
+    /// `Placement::Auto`.
+    Auto,
+    /// `Placement::IoThread`.
+    IoThread,
+    /// `Placement::CallerRuntime`.
+    CallerRuntime,
 }
 
 #[derive(Debug, Subcommand)]
@@ -290,15 +305,26 @@ async fn run_in(cli: &Cli, dir: &Path) -> anyhow::Result<()> {
         cli.clients, cli.parallel, cli.probe_interval_ms, cli.newcomer_interval_ms
     );
     let mut rows = Vec::new();
-    for (placement, name) in [
+    for (which, placement, name) in [
         (
+            Which::Auto,
             Placement::Auto,
             "Auto (first 64 clients on the caller's runtime, the rest on the I/O threads)",
         ),
-        (Placement::IoThread, "IoThread (shared client I/O threads)"),
-        (Placement::CallerRuntime, "CallerRuntime"),
+        (
+            Which::IoThread,
+            Placement::IoThread,
+            "IoThread (shared client I/O threads)",
+        ),
+        (
+            Which::CallerRuntime,
+            Placement::CallerRuntime,
+            "CallerRuntime",
+        ),
     ] {
-        rows.push(storm(cli, &setup, placement, name).await?);
+        if cli.placement.is_empty() || cli.placement.contains(&which) {
+            rows.push(storm(cli, &setup, placement, name).await?);
+        }
     }
     println!(
         "\n| placement | idle probe p50 / p99 | probe during storm p50 / p99 / max (calls) | newcomer connect+call p50 / max (n) | storm handshakes/s |"

@@ -54,7 +54,8 @@ pub enum Placement {
     /// runtime if it is a current_thread runtime (everything then shares one thread already);
     /// on a multi-thread runtime, the caller's runtime for the process's first 64 live clients
     /// (a client keeps its place, reconnects included, until it is dropped), and one of the I/O
-    /// threads (one per core) all clients of the process share for the ones beyond. Measured on
+    /// threads (one per core) all clients of the process share for the ones beyond (and for a
+    /// client made by a handler running on quicx's handler pool). Measured on
     /// 2 cores: a single caller waiting on each reply makes 13-14k calls/s on the caller's
     /// runtime against 10k from an I/O thread; a process opening 3,000 connections at once kept
     /// a first client's calls at p50 6-7 ms during the storm, against 19-41 ms with every client
@@ -92,6 +93,8 @@ pub(crate) fn cores() -> usize {
 thread_local! {
     /// The id of the I/O thread this thread is, or 0.
     static CURRENT: Cell<usize> = const { Cell::new(0) };
+    /// Whether this thread is a worker of the handler pool.
+    static IN_HANDLER_POOL: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Where one side's I/O runs: a dedicated I/O thread, or (`dedicated: None`) the runtime of the
@@ -216,6 +219,9 @@ impl IoRuntime {
     pub(crate) fn for_client(placement: Placement) -> Result<Self> {
         match placement {
             Placement::Auto if Self::on_current_thread_runtime() => Ok(Self::caller()),
+            // A client made by a handler that proved slow: not on the pool its runtime is,
+            // where slow handlers would hold up its connection.
+            Placement::Auto if IN_HANDLER_POOL.with(Cell::get) => Self::shared_client(),
             Placement::Auto => match CallerPlace::take() {
                 Some(place) => Ok(Self {
                     dedicated: None,
@@ -406,6 +412,7 @@ pub(crate) fn handler_pool() -> Result<tokio::runtime::Handle> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cores())
         .thread_name("quicx-handler")
+        .on_thread_start(|| IN_HANDLER_POOL.with(|p| p.set(true)))
         .enable_all()
         .build()?;
     let handle = runtime.handle().clone();
@@ -418,7 +425,6 @@ pub(crate) fn handler_pool() -> Result<tokio::runtime::Handle> {
 mod tests {
     use super::*;
 
-    /// Many first callers at once start one set of shared client threads, not several.
     #[test]
     fn auto_drives_the_first_clients_on_a_multi_thread_caller_runtime_and_the_rest_on_io_threads() {
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -478,8 +484,15 @@ mod tests {
                 .is_some()
         );
         assert!(AUTO_ON_CALLER.load(Ordering::Acquire) <= before);
+        // Nor does a client made on the handler pool: it goes to an I/O thread.
+        let on_pool = handler_pool().unwrap().spawn(async {
+            IoRuntime::for_client(Placement::Auto)
+                .map(|io| (io.dedicated.is_some(), io._place.is_some()))
+        });
+        assert_eq!(rt.block_on(on_pool).unwrap().unwrap(), (true, false));
     }
 
+    /// Many first callers at once start one set of shared client threads, not several.
     #[test]
     fn the_shared_client_thread_starts_once() {
         let barrier = std::sync::Arc::new(std::sync::Barrier::new(8));

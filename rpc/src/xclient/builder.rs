@@ -211,7 +211,12 @@ impl XClientBuilder {
         let bidirectional = self.push.is_some();
         client_config.transport_config(option.transport.quinn_transport(bidirectional)?);
         // One UDP socket for the connections to every endpoint; IPv6 sockets are dual-stack.
-        let driver = IoRuntime::for_client(option.placement)?;
+        // Under `Auto` the shared socket goes where a `ClientEndpoint` goes (it takes no place:
+        // each member's connection takes its own).
+        let driver = match option.placement {
+            crate::Placement::Auto => IoRuntime::for_shared_endpoint()?,
+            other => IoRuntime::for_client(other)?,
+        };
         let entered = driver.enter();
         let endpoint = client_endpoint(
             (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),

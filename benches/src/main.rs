@@ -64,8 +64,8 @@ struct Cli {
     /// one-process layout). `quicx` and `quicx-secured` cannot run then: they would record too.
     #[arg(long)]
     prometheus_client: bool,
-    /// Where quicx clients run their I/O (`Placement::CallerRuntime` instead of the default
-    /// `Placement::Auto`), to compare the two.
+    /// quicx clients on `Placement::CallerRuntime` instead of the default `Placement::Auto`
+    /// (the same while the run holds 64 clients or fewer; the fleet scenario holds more).
     #[arg(long)]
     client_on_caller_runtime: bool,
 }

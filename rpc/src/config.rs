@@ -107,6 +107,22 @@ impl TransportOptions {
         self
     }
 
+    /// Concurrent pushes the server may have open towards this client, at most (default 8,192;
+    /// when it is reached: the field of the same name).
+    #[must_use]
+    pub fn max_concurrent_pushes(mut self, n: u32) -> Self {
+        self.max_concurrent_pushes = n;
+        self
+    }
+
+    /// The concurrent-push limit a client's connection starts with (default 1,024), raised to
+    /// the maximum when the server pushes fast.
+    #[must_use]
+    pub fn initial_concurrent_pushes(mut self, n: u32) -> Self {
+        self.initial_concurrent_pushes = n;
+        self
+    }
+
     /// Frame size limits.
     #[must_use]
     pub fn limits(mut self, limits: Limits) -> Self {

@@ -870,15 +870,22 @@ impl<'t> Writing<'_, 't> {
         if !self.over_total() {
             return Ok(());
         }
+        // Usually the queue with the most leftovers makes all the room needed: no list of
+        // every queue for that.
+        let largest = self.queues_with_leftovers().max_by_key(|(_, bytes)| *bytes);
+        let Some((identity, _)) = largest.map(|(i, b)| (i.to_owned(), b)) else {
+            return Ok(());
+        };
+        let mut budget =
+            COMPACT_PER_COMMIT - self.compact_within(&identity, COMPACT_PER_COMMIT, true)?;
+        if budget == 0 || !self.over_total() {
+            return Ok(());
+        }
         let mut queues: Vec<(String, u64)> = self
-            .acked_left
-            .by_identity
-            .iter()
-            .filter(|(_, left)| left.messages > 0)
-            .map(|(identity, left)| (identity.clone(), left.bytes))
+            .queues_with_leftovers()
+            .map(|(identity, bytes)| (identity.to_owned(), bytes))
             .collect();
         queues.sort_unstable_by_key(|q| std::cmp::Reverse(q.1));
-        let mut budget = COMPACT_PER_COMMIT;
         for (identity, _) in queues {
             if budget == 0 || !self.over_total() {
                 break;
@@ -886,6 +893,15 @@ impl<'t> Writing<'_, 't> {
             budget -= self.compact_within(&identity, budget, true)?;
         }
         Ok(())
+    }
+
+    /// The identities whose queues hold acknowledged messages, with those messages' bytes.
+    fn queues_with_leftovers(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.acked_left
+            .by_identity
+            .iter()
+            .filter(|(_, left)| left.messages > 0)
+            .map(|(identity, left)| (identity.as_str(), left.bytes))
     }
 
     /// Removes the pending messages `ids`; how many were pending.

@@ -3,7 +3,8 @@
 //! quicx records these series into whatever recorder the application installed (none: they cost
 //! a few hundred nanoseconds per call and go nowhere; a served call finds its series through its
 //! method, with no lookup by name). **Install the recorder before building servers and
-//! clients**: each caches its series handles when it first uses them.
+//! clients**: each caches its series handles when it first uses them, and each thread keeps the
+//! handles of the client call series it recorded into lately for every client of the process.
 //!
 //! | series | kind | labels |
 //! |---|---|---|
@@ -36,10 +37,7 @@
 
 use std::{
     collections::HashMap,
-    sync::{
-        Arc, OnceLock, RwLock,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, OnceLock, RwLock},
     time::Duration,
 };
 
@@ -190,11 +188,7 @@ fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     lock.write().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Tells one [`SeriesCache`] from another in the per-thread copies (never reused, unlike an
-/// address).
-static NEXT_CACHE_ID: AtomicU64 = AtomicU64::new(1);
-
-/// How many (cache, service, method) series each thread keeps handles of.
+/// How many (series name, service, method) series each thread keeps handles of.
 const RECENT_SERIES: usize = 16;
 
 /// A thread's own handles to one method's series: what a call records into without touching
@@ -202,7 +196,8 @@ const RECENT_SERIES: usize = 16;
 /// alone, the two read locks and the string hashing of each call cost a multi-thread client at
 /// 256 concurrent calls about a tenth of its rate).
 struct Recent {
-    cache: u64,
+    /// The calls series' name (client and server caches record under different names).
+    name: &'static str,
     service: Box<str>,
     method: Box<str>,
     duration: Histogram,
@@ -213,14 +208,15 @@ struct Recent {
 }
 
 thread_local! {
-    /// The series this thread recorded into lately, most recent last.
+    /// The series this thread recorded into lately, the most recently used last. Keyed by the
+    /// series' name and labels, not by client: every client of the process records the same
+    /// series, so a gateway with thousands of clients still finds its handles here.
     static RECENT: std::cell::RefCell<Vec<Recent>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// The series of every (service, method) seen, created on first use; each thread keeps its own
 /// handles to the ones it used lately (`RECENT`).
 struct SeriesCache {
-    id: u64,
     names: (&'static str, &'static str),
     by_service: RwLock<HashMap<String, HashMap<String, Arc<MethodSeries>>>>,
 }
@@ -228,7 +224,6 @@ struct SeriesCache {
 impl SeriesCache {
     fn new(names: (&'static str, &'static str)) -> Self {
         Self {
-            id: NEXT_CACHE_ID.fetch_add(1, Ordering::Relaxed),
             names,
             by_service: RwLock::default(),
         }
@@ -236,19 +231,25 @@ impl SeriesCache {
 
     /// Records one call in the series of (service, method), creating them on first use.
     fn record(&self, service: &str, method: &str, status: &'static str, elapsed: Duration) {
-        RECENT.with_borrow_mut(|recent| {
-            let found = recent.iter().rposition(|r| {
-                r.cache == self.id && *r.method == *method && *r.service == *service
-            });
-            let r = match found {
-                Some(i) => &mut recent[i],
+        let recorded = RECENT.try_with(|recent| {
+            let mut recent = recent.borrow_mut();
+            let name = self.names.0;
+            let r = match recent
+                .iter()
+                .rposition(|r| r.name == name && *r.method == *method && *r.service == *service)
+            {
+                Some(i) => {
+                    // Most recently used last: what a thread stops calling leaves first.
+                    recent[i..].rotate_left(1);
+                    recent.last_mut().expect("found")
+                }
                 None => {
                     if recent.len() == RECENT_SERIES {
                         recent.remove(0);
                     }
                     let shared = self.shared(service, method);
                     recent.push(Recent {
-                        cache: self.id,
+                        name,
                         service: service.into(),
                         method: method.into(),
                         duration: shared.duration.clone(),
@@ -268,6 +269,13 @@ impl SeriesCache {
                 }
             }
         });
+        if recorded.is_err() {
+            // The thread is exiting (a call dropped while its thread-locals go): record through
+            // the shared series.
+            let series = self.shared(service, method);
+            series.duration.record(elapsed.as_secs_f64());
+            series.counter(status).increment(1);
+        }
     }
 
     /// The shared series of (service, method), created on first use.
@@ -471,7 +479,10 @@ pub fn install_prometheus(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Mutex, atomic::AtomicU64};
+    use std::sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    };
 
     use metrics::{
         CounterFn, GaugeFn, HistogramFn, Key, KeyName, Metadata, Recorder, SharedString, Unit,

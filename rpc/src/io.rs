@@ -245,6 +245,17 @@ impl IoRuntime {
         }
     }
 
+    /// Where the sockets of a [`ClientEndpoint`](crate::ClientEndpoint) bound to any port are
+    /// driven: the caller's runtime if it is a current_thread one, else every shared client I/O
+    /// thread, one socket each (a connection then lives on the thread that reads its packets).
+    pub(crate) fn for_shared_endpoints() -> Result<Vec<Self>> {
+        if Self::on_current_thread_runtime() {
+            Ok(vec![Self::caller()])
+        } else {
+            Ok(Self::shared_clients()?.clone())
+        }
+    }
+
     fn on_current_thread_runtime() -> bool {
         tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread)
@@ -254,8 +265,15 @@ impl IoRuntime {
     /// the first caller however many race for them, running for the life of the process),
     /// assigned in turn.
     pub(crate) fn shared_client() -> Result<Self> {
-        static SHARED: std::sync::Mutex<Vec<IoRuntime>> = std::sync::Mutex::new(Vec::new());
         static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let shared = Self::shared_clients()?;
+        let next = NEXT.fetch_add(1, Ordering::Relaxed) % shared.len();
+        Ok(shared[next].clone())
+    }
+
+    /// The process's client I/O threads, started by the first caller.
+    fn shared_clients() -> Result<std::sync::MutexGuard<'static, Vec<Self>>> {
+        static SHARED: std::sync::Mutex<Vec<IoRuntime>> = std::sync::Mutex::new(Vec::new());
         let mut shared = SHARED.lock().unwrap_or_else(|p| p.into_inner());
         if shared.is_empty() {
             for i in 0..cores() {
@@ -263,8 +281,7 @@ impl IoRuntime {
             }
             CLIENT_THREADS_STARTED.fetch_add(1, Ordering::Relaxed);
         }
-        let next = NEXT.fetch_add(1, Ordering::Relaxed) % shared.len();
-        Ok(shared[next].clone())
+        Ok(shared)
     }
 
     /// Whether this I/O thread was busy more than 80% of the time lately while one of

@@ -231,3 +231,58 @@ async fn closing_a_client_whose_server_is_gone_returns_at_once() {
         started.elapsed()
     );
 }
+
+/// On a multi-thread runtime, a shared endpoint bound to any port has one socket per client
+/// I/O thread, and clients driven by those threads connect through their own thread's socket:
+/// every socket carries connections, and every call works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_endpoint_has_a_socket_per_client_thread_and_clients_use_them_all() {
+    use quicx_tests::{Args, Reply};
+    let t = start_server().await;
+    let shared = ClientEndpoint::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let locals = shared.local_addrs().unwrap();
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    assert_eq!(locals.len(), threads, "{locals:?}");
+    let mut ports: Vec<u16> = locals.iter().map(std::net::SocketAddr::port).collect();
+    ports.dedup();
+    assert_eq!(ports.len(), locals.len(), "one port per socket: {locals:?}");
+    assert_eq!(shared.local_addr().unwrap(), locals[0]);
+    let mut clients = Vec::new();
+    for i in 0..4 * threads as i64 {
+        let client = t
+            .client()
+            .endpoint(&shared)
+            .placement(Placement::IoThread)
+            .connect(&t.address())
+            .await
+            .unwrap();
+        let reply: Reply = client
+            .call("Arith", "Mul", &Args { a: i, b: 3 })
+            .await
+            .unwrap();
+        assert_eq!(reply.c, i * 3);
+        clients.push(client);
+    }
+    let mut seen: Vec<u16> = t
+        .server
+        .connections()
+        .iter()
+        .map(|c| c.remote_address().port())
+        .collect();
+    seen.sort_unstable();
+    seen.dedup();
+    let mut expected: Vec<u16> = locals.iter().map(std::net::SocketAddr::port).collect();
+    expected.sort_unstable();
+    assert_eq!(seen, expected, "every socket carries connections");
+    for client in &clients {
+        client.close().await;
+    }
+
+    // A fixed port: one socket.
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let fixed = ClientEndpoint::bind(port).unwrap();
+    assert_eq!(fixed.local_addrs().unwrap(), vec![port]);
+}

@@ -68,6 +68,11 @@ struct Cli {
     /// (the same while the run holds 64 clients or fewer; the fleet scenario holds more).
     #[arg(long)]
     client_on_caller_runtime: bool,
+    /// quicx clients receive pushes through `quicx::push_handler` (a function called where the
+    /// pushes are read, as the raw quinn client counts them) instead of a `push_channel` read by
+    /// a task
+    #[arg(long)]
+    push_handler: bool,
 }
 
 /// What to measure.
@@ -513,6 +518,9 @@ fn main() -> anyhow::Result<()> {
     };
     if cli.client_on_caller_runtime {
         systems::CLIENT_ON_CALLER_RUNTIME.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    if cli.push_handler {
+        systems::PUSH_HANDLER.store(true, std::sync::atomic::Ordering::Relaxed);
     }
     // A `metrics` recorder is process-wide: once installed here, every quicx server and client
     // of this process with metrics on records into it.

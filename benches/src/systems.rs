@@ -290,6 +290,10 @@ async fn serve_quicx(dev: &DevCertificate, system: System) -> anyhow::Result<Soc
 pub(crate) static CLIENT_ON_CALLER_RUNTIME: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
 
+/// `--push-handler`: quicx clients count pushes in a `quicx::push_handler`.
+pub(crate) static PUSH_HANDLER: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 /// A quicx client of the bench server; with `pushes`, counts pushed messages into it.
 pub(crate) async fn quicx_client(
     info: &ServerInfo,
@@ -313,7 +317,14 @@ pub(crate) async fn quicx_client(
     if let Some(endpoint) = endpoint {
         builder = builder.endpoint(endpoint);
     }
-    if let Some(counter) = pushes {
+    if let Some(counter) = pushes
+        .clone()
+        .filter(|_| PUSH_HANDLER.load(Ordering::Relaxed))
+    {
+        builder = builder.push_channel(quicx::push_handler(move |_msg| {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }));
+    } else if let Some(counter) = pushes {
         let (tx, mut rx) = quicx::push_channel(1024);
         builder = builder.push_channel(tx);
         tokio::spawn(async move {

@@ -178,8 +178,9 @@ impl ClientBuilder {
         self
     }
 
-    /// Makes this a bidirectional client: pushed messages go to `sender` (from
-    /// [`push_channel`](crate::push_channel)). Pushes that arrive before the first call are
+    /// Makes this a bidirectional client: pushed messages go to `sender` (a channel from
+    /// [`push_channel`](crate::push_channel), or a function from
+    /// [`push_handler`](crate::push_handler)). Pushes that arrive before the first call are
     /// delivered too.
     #[must_use]
     pub fn push_channel(mut self, sender: PushSender) -> Self {

@@ -246,7 +246,10 @@ pub use crate::{
     io::Placement,
     limits::AbuseLimits,
     metadata::Metadata,
-    push::{FullPolicy, PushMessage, PushReceiver, PushSender, push_channel, push_channel_with},
+    push::{
+        FullPolicy, PushMessage, PushReceiver, PushSender, push_channel, push_channel_with,
+        push_handler,
+    },
     selector::{
         Candidate, ConsistentHash, LatencyBased, RandomSelect, RoundRobin, SelectInfo, SelectMode,
         Selector, WeightedRoundRobin,

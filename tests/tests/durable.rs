@@ -184,6 +184,44 @@ async fn an_online_device_receives_a_durable_message_at_once() {
     assert_eq!(server.stats().durable_pending, 0);
 }
 
+/// Through a push handler, durable messages are acknowledged once the handler returned: the
+/// store empties, and nothing comes twice.
+#[tokio::test]
+async fn a_push_handler_receives_durable_messages_and_they_are_acknowledged() {
+    let (dev, _store, server) = started(DurableLimits::default()).await;
+    send_all(
+        &server,
+        "device-h",
+        (0..300u32).map(|i| i.to_string().into_bytes()),
+    )
+    .await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let client = quicx::Client::builder()
+        .tls(ClientTls::new().trust(dev.certificate()))
+        .client_id("device-h")
+        .push_channel(quicx::push_handler(move |msg| {
+            let _ = tx.send(msg.payload);
+        }))
+        .connect_addr(server.local_addr().unwrap(), "localhost")
+        .await
+        .unwrap();
+    for i in 0..300u32 {
+        let payload = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("a message within 10 s")
+            .unwrap();
+        assert_eq!(std::str::from_utf8(&payload).unwrap(), i.to_string());
+    }
+    assert!(nothing_pending(&server, Duration::from_secs(5)).await);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), rx.recv())
+            .await
+            .is_err(),
+        "nothing twice"
+    );
+    client.close().await;
+}
+
 #[tokio::test]
 async fn messages_for_an_offline_device_arrive_in_order_once_it_connects() {
     let (dev, _store, server) = started(DurableLimits::default()).await;

@@ -114,6 +114,34 @@ async fn push_round_trip_with_metadata_before_any_call() {
     client.close().await;
 }
 
+/// A push handler sees every push once, in order, without a channel.
+#[tokio::test]
+async fn a_push_handler_sees_ten_thousand_pushes_once_in_order() {
+    let t = start_server().await;
+    let (done_tx, done) = tokio::sync::oneshot::channel();
+    let state = std::sync::Mutex::new((0u32, Some(done_tx)));
+    const N: u32 = 10_000;
+    let handler = quicx::push_handler(move |msg| {
+        let mut state = state.lock().unwrap();
+        let n = u32::from_be_bytes(msg.payload[..].try_into().unwrap());
+        assert_eq!(n, state.0, "exactly once, in order");
+        state.0 += 1;
+        if state.0 == N {
+            let _ = state.1.take().map(|tx| tx.send(()));
+        }
+    });
+    let (_client, conn) = device(&t, "dev-handler", handler, 1024).await;
+    for i in 0..N {
+        conn.send_message("seq", "n", Metadata::new(), i.to_be_bytes())
+            .await
+            .unwrap();
+    }
+    tokio::time::timeout(WAIT, done)
+        .await
+        .expect("every push within the wait")
+        .expect("the handler counted them all");
+}
+
 #[tokio::test]
 async fn ten_thousand_pushes_arrive_exactly_once_in_order() {
     let t = start_server().await;

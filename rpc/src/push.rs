@@ -116,8 +116,8 @@ impl std::fmt::Debug for Target {
 
 /// Pushed messages go to `handler`, called on the task that reads the connection's pushes, one
 /// message at a time, in the order the server sent them; no channel and no task hand-off in
-/// between. On this machine's 2 cores, 32 B pushes reached 1.26M/s this way against
-/// 0.87-0.89M/s through a [`push_channel`] read by a task (`BENCHMARKS.md`).
+/// between. On a 2-core machine, 32 B pushes reached 1.27-1.30M/s this way against
+/// 0.89-0.92M/s through a [`push_channel`] read by a task (`BENCHMARKS.md`).
 ///
 /// # Contract
 /// - The handler must return quickly and must not block: while it runs, that connection reads

@@ -82,9 +82,9 @@ pub enum Error {
     /// `SHUTTING_DOWN`, or connection close `SHUTDOWN`).
     #[error("the remote side is shutting down")]
     ShuttingDown,
-    /// A push that asked for a receipt was dropped by the client's full-channel policy
-    /// (status code `PUSH_DROPPED`).
-    #[error("push dropped by the client: its channel was full")]
+    /// A push that asked for a receipt was dropped by the client: its full-channel policy, or
+    /// its push handler panicked (status code `PUSH_DROPPED`).
+    #[error("push dropped by the client: its channel was full or its push handler panicked")]
     PushDropped,
     /// A push reached a client that has no push channel (status or reset code `PUSH_REJECTED`).
     #[error("push rejected: the client does not receive pushes")]

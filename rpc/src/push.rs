@@ -114,20 +114,31 @@ impl std::fmt::Debug for Target {
     }
 }
 
-/// Pushed messages go to `handler`, called on the task that reads the connection's pushes, one
-/// message at a time, in the order the server sent them; no channel and no task hand-off in
-/// between. On a 2-core machine, 32 B pushes reached 1.27-1.30M/s this way against
-/// 0.89-0.92M/s through a [`push_channel`] read by a task (`BENCHMARKS.md`).
+/// Pushed messages go to `handler`, called on the task that reads them, with no channel and no
+/// task hand-off in between. On a 2-core machine, 32 B pushes reached 1.27-1.30M/s this way
+/// against 0.89-0.92M/s through a [`push_channel`] read by a task (`BENCHMARKS.md`).
 ///
 /// # Contract
+/// - **Order and concurrency.** The plain pushes of one connection (`send_message`) are handled
+///   one at a time, in the order the server sent them, and so are the messages of one durable
+///   stream. Pushes with receipt ride streams of their own, and an
+///   [`XClient`](crate::XClient) or several clients may share one sender: the handler can be
+///   called from several tasks and threads at once.
 /// - The handler must return quickly and must not block: while it runs, that connection reads
 ///   no further push (QUIC flow control then holds the server back, and its `send_message`
 ///   waits), and the other tasks of the thread it runs on wait too. Hand slow work to a task or
 ///   a channel of your own.
-/// - A message counts as delivered when the handler returns: a durable message is acknowledged
-///   then (in manual-ack mode, keep the message and call [`PushMessage::ack`] when done).
-/// - A handler that panics loses that message (counted as dropped, logged); the next push is
-///   handled as usual.
+/// - A message counts as delivered when the handler returns: `send_message_with_receipt`
+///   returns then, and a durable message is acknowledged then (in manual-ack mode, only when the
+///   application calls [`PushMessage::ack`] on the message or a clone of it).
+/// - A handler that panics drops that message, as a full channel with [`FullPolicy::Drop`]
+///   does: the panic is caught and logged and the message counted in [`PushSender::dropped`];
+///   the next push is handled as usual. A plain push is then lost; a push with receipt fails
+///   with [`Error::PushDropped`](crate::Error::PushDropped); a durable message is refused and
+///   comes again later, so a handler that panics on it every time holds that device's later
+///   durable messages back until it expires or is cancelled.
+/// - A handler that captures a [`Client`](crate::Client) keeps it alive: capture a weak handle
+///   or close the client explicitly.
 ///
 /// ```
 /// use std::sync::{Arc, atomic::{AtomicU64, Ordering}};
@@ -190,9 +201,21 @@ pub(crate) enum Delivery {
 }
 
 impl PushSender {
-    /// The full-channel policy.
+    /// The full-channel policy ([`FullPolicy::Backpressure`] for a [`push_handler`], which
+    /// never fills).
     pub fn policy(&self) -> FullPolicy {
         self.policy
+    }
+
+    /// Messages handed over so far: put into the channel, or handled by the handler.
+    pub fn delivered(&self) -> u64 {
+        self.counters.delivered.load(Ordering::Relaxed)
+    }
+
+    /// Messages dropped so far: the channel was full under [`FullPolicy::Drop`], or the handler
+    /// panicked.
+    pub fn dropped(&self) -> u64 {
+        self.counters.dropped.load(Ordering::Relaxed)
     }
 
     pub(crate) async fn deliver(&self, msg: PushMessage) -> Delivery {
@@ -308,8 +331,8 @@ mod tests {
             assert_eq!(tx.deliver(m).await, expected);
         }
         assert_eq!(*seen.lock().unwrap(), [&b"1"[..], b"2", b"3"]);
-        assert_eq!(tx.counters.delivered.load(Ordering::Relaxed), 3);
-        assert_eq!(tx.counters.dropped.load(Ordering::Relaxed), 1);
+        assert_eq!(tx.delivered(), 3);
+        assert_eq!(tx.dropped(), 1);
     }
 
     #[tokio::test]

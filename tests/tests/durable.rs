@@ -222,6 +222,38 @@ async fn a_push_handler_receives_durable_messages_and_they_are_acknowledged() {
     client.close().await;
 }
 
+/// A push handler that panics on a durable message refuses it: the message comes again, and
+/// is acknowledged once the handler takes it.
+#[tokio::test]
+async fn a_durable_message_whose_handler_panicked_comes_again() {
+    let (dev, _store, server) = started(DurableLimits::default()).await;
+    send_all(&server, "device-p", [b"once".to_vec()]).await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let panicked = std::sync::atomic::AtomicBool::new(false);
+    let handler = quicx::push_handler(move |msg| {
+        if !panicked.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            panic!("the handler fails the first time");
+        }
+        let _ = tx.send(msg.payload);
+    });
+    let sender = handler.clone();
+    let client = quicx::Client::builder()
+        .tls(ClientTls::new().trust(dev.certificate()))
+        .client_id("device-p")
+        .push_channel(handler)
+        .connect_addr(server.local_addr().unwrap(), "localhost")
+        .await
+        .unwrap();
+    let payload = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("the message again within 10 s")
+        .unwrap();
+    assert_eq!(&payload[..], b"once");
+    assert_eq!(sender.dropped(), 1, "the panic counted as a drop");
+    assert!(nothing_pending(&server, Duration::from_secs(5)).await);
+    client.close().await;
+}
+
 #[tokio::test]
 async fn messages_for_an_offline_device_arrive_in_order_once_it_connects() {
     let (dev, _store, server) = started(DurableLimits::default()).await;

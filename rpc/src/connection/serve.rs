@@ -61,6 +61,10 @@ pub(crate) async fn serve(conn: Connection) {
     tokio::join!(pushes, calls);
 }
 
+/// What a client answers a push with receipt it dropped.
+const DROPPED_TEXT: &str =
+    "dropped by the client (push channel full, or its push handler panicked)";
+
 /// How long a durable message pushed with receipt (`quicx/1`, and a cluster's) waits at the
 /// client for the one before it to be handed over. A server gives each receipt its
 /// acknowledgement timeout (60 s by default) from the one before and resets the streams after
@@ -626,7 +630,7 @@ async fn serve_receipt_push(
         None => Status::error(status::PUSH_REJECTED, "this client receives no pushes"),
         Some(sink) => match deliver(conn, sink, msg).await {
             Delivery::Delivered => Status::Ok,
-            Delivery::Dropped => Status::error(status::PUSH_DROPPED, "push channel full"),
+            Delivery::Dropped => Status::error(status::PUSH_DROPPED, DROPPED_TEXT),
             Delivery::Closed => Status::error(status::PUSH_REJECTED, "push channel closed"),
         },
     };
@@ -734,7 +738,7 @@ async fn hand_over(
     };
     match delivery {
         Delivery::Delivered => {}
-        Delivery::Dropped => return Err(Status::error(status::PUSH_DROPPED, "push channel full")),
+        Delivery::Dropped => return Err(Status::error(status::PUSH_DROPPED, DROPPED_TEXT)),
         Delivery::Closed => {
             return Err(Status::error(status::PUSH_REJECTED, "push channel closed"));
         }
@@ -914,7 +918,10 @@ async fn accept_pushes(conn: &Connection, sink: Option<&PushSender>) {
         match push_message(conn, raw) {
             Ok(msg) => {
                 if deliver(conn, sink, msg).await == Delivery::Dropped {
-                    tracing::debug!(conn = conn.id(), "push dropped: channel full");
+                    tracing::debug!(
+                        conn = conn.id(),
+                        "push dropped: channel full or handler panicked"
+                    );
                 }
             }
             Err(e) => {

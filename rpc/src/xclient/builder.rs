@@ -211,8 +211,9 @@ impl XClientBuilder {
         let bidirectional = self.push.is_some();
         client_config.transport_config(option.transport.quinn_transport(bidirectional)?);
         // One UDP socket for the connections to every endpoint; IPv6 sockets are dual-stack.
-        // Under `Auto` the shared socket goes where a `ClientEndpoint` goes (it takes no place:
-        // each member's connection takes its own).
+        // Under `Auto` the shared socket goes to a client I/O thread, as a `ClientEndpoint`
+        // with a fixed port does (one socket: an XClient holds a connection per endpoint, not
+        // thousands); it takes no place: each member's connection takes its own.
         let driver = match option.placement {
             crate::Placement::Auto => IoRuntime::for_shared_endpoint()?,
             other => IoRuntime::for_client(other)?,

@@ -287,3 +287,26 @@ async fn a_shared_endpoint_has_a_socket_per_client_thread_and_clients_use_them_a
     let fixed = ClientEndpoint::bind(port).unwrap();
     assert_eq!(fixed.local_addrs().unwrap(), vec![port]);
 }
+
+/// A client whose runtime stalls for longer than the unresponsive timeout while a call waits
+/// (its process did not run, so it could hear nothing) keeps its connection to a live server:
+/// the call still gets its reply.
+#[tokio::test]
+async fn a_stalled_client_runtime_does_not_make_a_live_server_look_dead() {
+    let t = start_server().await;
+    // On this current_thread runtime: the client is driven here, the server on its own threads.
+    let client = t.client().connect(&t.address()).await.unwrap();
+    let waiting = tokio::spawn({
+        let client = client.clone();
+        async move { client.call::<_, u64>("Arith", "Sleep", &2500u64).await }
+    });
+    // The call waits and its liveness probe runs; then the whole runtime stalls for 2 s, past
+    // the 1.5 s unresponsive timeout.
+    tokio::time::sleep(Duration::from_millis(520)).await;
+    std::thread::sleep(Duration::from_secs(2));
+    let reply = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("the call ends")
+        .unwrap();
+    assert_eq!(reply.unwrap(), 2500);
+}

@@ -12,7 +12,9 @@
 //! silence cannot be told from a slow handler); the idle timeout still applies.
 //!
 //! The probe task runs only while calls wait: it is started by the first waiting call and ends
-//! after two quiet ticks with none, so idle connections cost nothing.
+//! after two quiet ticks with none, so idle connections cost nothing. A tick that comes a whole
+//! tick late means the runtime driving the connection stalled (a task blocked it): the socket
+//! was not read meanwhile either, so that silence is not held against the peer.
 
 use std::{
     sync::{
@@ -79,6 +81,7 @@ async fn probe(weak: std::sync::Weak<ConnInner>, limit: Duration) {
     let mut idle_ticks = 0;
     let mut tick = (limit / 10).max(Duration::from_millis(20));
     loop {
+        let due = Instant::now() + tick;
         tokio::time::sleep(tick).await;
         let Some(inner) = weak.upgrade() else { return };
         if inner.quic.close_reason().is_some() {
@@ -89,6 +92,12 @@ async fn probe(weak: std::sync::Weak<ConnInner>, limit: Duration) {
         let rx = stats.udp_rx.datagrams;
         if last_rx != Some(rx) {
             last_rx = Some(rx);
+            last_heard = now;
+        }
+        // A tick a whole tick late means this runtime stalled (a task blocked it, the process
+        // was stopped): the connection was not read meanwhile either, so the silence proves
+        // nothing about the peer. Count it from now.
+        if now.saturating_duration_since(due) > tick {
             last_heard = now;
         }
         // Until a client's handshake is confirmed (HANDSHAKE_DONE received) the server may

@@ -768,6 +768,8 @@ impl Client {
     /// process that exits at once may leave the server waiting for its idle timeout.
     pub async fn close(&self) {
         self.inner.closed.cancel();
+        // Closed for good: a place on the caller's runtime goes to the next client.
+        self.inner.link.driver.give_back_place();
         let conn = self.inner.current.send_replace(None);
         if let Some(conn) = &conn {
             if self.inner.link.owns_endpoint {

@@ -53,7 +53,7 @@ pub enum Placement {
     /// [`ServerBuilder::io_threads`](crate::ServerBuilder::io_threads)). Clients: the caller's
     /// runtime if it is a current_thread runtime (everything then shares one thread already);
     /// on a multi-thread runtime, the caller's runtime for the process's first 64 live clients
-    /// (a client keeps its place, reconnects included, until it is dropped), and one of the I/O
+    /// (a client keeps its place, reconnects included, until it is closed or dropped), and one of the I/O
     /// threads (one per core) all clients of the process share for the ones beyond (and for a
     /// client made by a handler running on quicx's handler pool). Measured on
     /// 2 cores: a single caller waiting on each reply makes 13-14k calls/s on the caller's
@@ -115,9 +115,12 @@ pub(crate) const AUTO_CALLER_CLIENTS: usize = 64;
 /// Clients of this process holding a place on the caller's runtime.
 static AUTO_ON_CALLER: AtomicUsize = AtomicUsize::new(0);
 
-/// One of the [`AUTO_CALLER_CLIENTS`] places, given back when dropped.
+/// One of the [`AUTO_CALLER_CLIENTS`] places, given back when its client closes or when
+/// dropped, whichever comes first.
 #[derive(Debug)]
-struct CallerPlace;
+struct CallerPlace {
+    given_back: std::sync::atomic::AtomicBool,
+}
 
 impl CallerPlace {
     /// A place, if one is free.
@@ -127,13 +130,24 @@ impl CallerPlace {
                 (n < AUTO_CALLER_CLIENTS).then_some(n + 1)
             })
             .ok()
-            .map(|_| Self)
+            .map(|_| Self {
+                given_back: std::sync::atomic::AtomicBool::new(false),
+            })
+    }
+
+    /// Gives the place back; whether this call did (only the first does).
+    fn give_back(&self) -> bool {
+        let first = !self.given_back.swap(true, Ordering::AcqRel);
+        if first {
+            AUTO_ON_CALLER.fetch_sub(1, Ordering::AcqRel);
+        }
+        first
     }
 }
 
 impl Drop for CallerPlace {
     fn drop(&mut self) {
-        AUTO_ON_CALLER.fetch_sub(1, Ordering::AcqRel);
+        self.give_back();
     }
 }
 
@@ -316,6 +330,14 @@ impl IoRuntime {
             }
         }
         d.load.permille.load(Ordering::Relaxed)
+    }
+
+    /// Gives back the caller-runtime place this client held, if any (it closed for good: the
+    /// next client may take it).
+    pub(crate) fn give_back_place(&self) {
+        if let Some(place) = &self._place {
+            place.give_back();
+        }
     }
 
     /// A number that tells I/O threads apart (0 for the caller's runtime).
@@ -507,6 +529,16 @@ mod tests {
                 .map(|io| (io.dedicated.is_some(), io._place.is_some()))
         });
         assert_eq!(rt.block_on(on_pool).unwrap().unwrap(), (true, false));
+    }
+
+    /// A place is given back once: by its client's close, or by its drop, not both.
+    #[test]
+    fn a_place_is_given_back_once() {
+        let place = CallerPlace::take().expect("a free place");
+        assert!(place.give_back(), "the close gives it back");
+        assert!(!place.give_back(), "a second close does not");
+        // Dropping it now gives nothing back a second time (the drop calls `give_back`).
+        drop(place);
     }
 
     /// Many first callers at once start one set of shared client threads, not several.

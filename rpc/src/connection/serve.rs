@@ -895,13 +895,14 @@ impl PushLimit {
 async fn accept_pushes(conn: &Connection, sink: Option<&PushSender>) {
     let mut limit = PushLimit::new(conn.inner.side.push_limits);
     while let Ok(mut recv) = conn.inner.quic.accept_uni().await {
-        if let Some(max) = limit.count(std::time::Instant::now) {
-            conn.inner.quic.set_max_concurrent_uni_streams(max.into());
-        }
+        // A client that takes no pushes rejects them: no reason to let more in at once.
         let Some(sink) = sink else {
             reject(None, &mut recv, StreamCode::PUSH_REJECTED);
             continue;
         };
+        if let Some(max) = limit.count(std::time::Instant::now) {
+            conn.inner.quic.set_max_concurrent_uni_streams(max.into());
+        }
         let raw = match read_incoming(conn, None, &mut recv).await {
             Some(Incoming::Frame(raw)) => raw,
             // Rejected already.

@@ -97,6 +97,22 @@ async fn device_with(
     (client, rx)
 }
 
+/// A device `id` taking its pushes in `handler`.
+async fn handler_device(
+    dev: &DevCertificate,
+    server: &Server,
+    id: &str,
+    handler: quicx::PushSender,
+) -> quicx::Client {
+    quicx::Client::builder()
+        .tls(ClientTls::new().trust(dev.certificate()))
+        .client_id(id)
+        .push_channel(handler)
+        .connect_addr(server.local_addr().unwrap(), "localhost")
+        .await
+        .unwrap()
+}
+
 async fn next(rx: &mut PushReceiver) -> PushMessage {
     tokio::time::timeout(Duration::from_secs(10), rx.recv())
         .await
@@ -196,15 +212,10 @@ async fn a_push_handler_receives_durable_messages_and_they_are_acknowledged() {
     )
     .await;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let client = quicx::Client::builder()
-        .tls(ClientTls::new().trust(dev.certificate()))
-        .client_id("device-h")
-        .push_channel(quicx::push_handler(move |msg| {
-            let _ = tx.send(msg.payload);
-        }))
-        .connect_addr(server.local_addr().unwrap(), "localhost")
-        .await
-        .unwrap();
+    let handler = quicx::push_handler(move |msg| {
+        let _ = tx.send(msg.payload);
+    });
+    let client = handler_device(&dev, &server, "device-h", handler).await;
     for i in 0..300u32 {
         let payload = tokio::time::timeout(Duration::from_secs(10), rx.recv())
             .await
@@ -237,13 +248,7 @@ async fn a_durable_message_whose_handler_panicked_comes_again() {
         let _ = tx.send(msg.payload);
     });
     let sender = handler.clone();
-    let client = quicx::Client::builder()
-        .tls(ClientTls::new().trust(dev.certificate()))
-        .client_id("device-p")
-        .push_channel(handler)
-        .connect_addr(server.local_addr().unwrap(), "localhost")
-        .await
-        .unwrap();
+    let client = handler_device(&dev, &server, "device-p", handler).await;
     let payload = tokio::time::timeout(Duration::from_secs(10), rx.recv())
         .await
         .expect("the message again within 10 s")

@@ -53,9 +53,9 @@ pub enum Placement {
     /// [`ServerBuilder::io_threads`](crate::ServerBuilder::io_threads)). Clients: the caller's
     /// runtime if it is a current_thread runtime (everything then shares one thread already);
     /// on a multi-thread runtime, the caller's runtime for the process's first 64 live clients
-    /// (a client keeps its place, reconnects included, until it is closed or dropped), and one of the I/O
-    /// threads (one per core) all clients of the process share for the ones beyond (and for a
-    /// client made by a handler running on quicx's handler pool). Measured on
+    /// (a client keeps its place, reconnects included, until it is closed or dropped), and one
+    /// of the I/O threads (one per core) all clients of the process share for the ones beyond
+    /// (and for a client made by a handler running on quicx's handler pool). Measured on
     /// 2 cores: a single caller waiting on each reply makes 13-14k calls/s on the caller's
     /// runtime against 10k from an I/O thread; a process opening 3,000 connections at once kept
     /// a first client's calls at p50 6-7 ms during the storm, against 19-41 ms with every client
@@ -135,13 +135,11 @@ impl CallerPlace {
             })
     }
 
-    /// Gives the place back; whether this call did (only the first does).
-    fn give_back(&self) -> bool {
-        let first = !self.given_back.swap(true, Ordering::AcqRel);
-        if first {
+    /// Gives the place back (only the first call does).
+    fn give_back(&self) {
+        if !self.given_back.swap(true, Ordering::AcqRel) {
             AUTO_ON_CALLER.fetch_sub(1, Ordering::AcqRel);
         }
-        first
     }
 }
 
@@ -501,6 +499,25 @@ mod tests {
         drop(clone);
         let again = IoRuntime::for_client(Placement::Auto).unwrap();
         assert!(again.dedicated.is_none() && again._place.is_some());
+        // A client that closes gives its place back at once, and its drop later gives nothing
+        // back a second time.
+        again.give_back_place();
+        again.give_back_place();
+        let next = IoRuntime::for_client(Placement::Auto).unwrap();
+        assert!(
+            next._place.is_some(),
+            "the closed client's place goes to the next"
+        );
+        let is_refused = || {
+            IoRuntime::for_client(Placement::Auto)
+                .unwrap()
+                .dedicated
+                .is_some()
+        };
+        assert!(is_refused(), "one place came back, not two");
+        drop(again);
+        assert!(is_refused(), "the closed client's drop frees nothing more");
+        drop(next);
         // Explicit placements and shared endpoints do not take places.
         drop(held);
         let before = AUTO_ON_CALLER.load(Ordering::Acquire);
@@ -529,16 +546,6 @@ mod tests {
                 .map(|io| (io.dedicated.is_some(), io._place.is_some()))
         });
         assert_eq!(rt.block_on(on_pool).unwrap().unwrap(), (true, false));
-    }
-
-    /// A place is given back once: by its client's close, or by its drop, not both.
-    #[test]
-    fn a_place_is_given_back_once() {
-        let place = CallerPlace::take().expect("a free place");
-        assert!(place.give_back(), "the close gives it back");
-        assert!(!place.give_back(), "a second close does not");
-        // Dropping it now gives nothing back a second time (the drop calls `give_back`).
-        drop(place);
     }
 
     /// Many first callers at once start one set of shared client threads, not several.

@@ -97,6 +97,11 @@ async fn device_with(
     (client, rx)
 }
 
+/// Sends `n` durable messages to `device`, the i-th saying `i` in decimal; their ids.
+async fn send_numbered(server: &Server, device: &str, n: u32) -> Vec<u64> {
+    send_all(server, device, (0..n).map(|i| i.to_string().into_bytes())).await
+}
+
 /// A device `id` taking its pushes in `handler`.
 async fn handler_device(
     dev: &DevCertificate,
@@ -205,12 +210,7 @@ async fn an_online_device_receives_a_durable_message_at_once() {
 #[tokio::test]
 async fn a_push_handler_receives_durable_messages_and_they_are_acknowledged() {
     let (dev, _store, server) = started(DurableLimits::default()).await;
-    send_all(
-        &server,
-        "device-h",
-        (0..300u32).map(|i| i.to_string().into_bytes()),
-    )
-    .await;
+    send_numbered(&server, "device-h", 300).await;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let handler = quicx::push_handler(move |msg| {
         let _ = tx.send(msg.payload);
@@ -262,12 +262,7 @@ async fn a_durable_message_whose_handler_panicked_comes_again() {
 #[tokio::test]
 async fn messages_for_an_offline_device_arrive_in_order_once_it_connects() {
     let (dev, _store, server) = started(DurableLimits::default()).await;
-    send_all(
-        &server,
-        "device-2",
-        (0..300u32).map(|i| i.to_string().into_bytes()),
-    )
-    .await;
+    send_numbered(&server, "device-2", 300).await;
     assert_eq!(server.durable_pending("device-2").await.unwrap().len(), 300);
     let (_d, mut rx) = device(&dev, server.local_addr().unwrap(), "device-2", false).await;
     for i in 0..300u32 {
@@ -282,12 +277,7 @@ async fn messages_for_an_offline_device_arrive_in_order_once_it_connects() {
 async fn quicx2_devices_get_a_durable_stream_and_quicx1_devices_one_push_each() {
     let (dev, _store, server) = started(DurableLimits::default()).await;
     for device in ["new-device", "old-device"] {
-        send_all(
-            &server,
-            device,
-            (0..500u32).map(|i| i.to_string().into_bytes()),
-        )
-        .await;
+        send_numbered(&server, device, 500).await;
     }
     let addr = server.local_addr().unwrap();
     let (_new, mut new_rx) = device(&dev, addr, "new-device", false).await;

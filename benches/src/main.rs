@@ -73,6 +73,11 @@ struct Cli {
     /// a task
     #[arg(long)]
     push_handler: bool,
+    /// The quicx server pushes from tasks on its application runtime (as application code that
+    /// calls `Server::send_to_client` does) instead of from tasks spawned by the handler on the
+    /// I/O thread that drives the connection
+    #[arg(long)]
+    push_from_app: bool,
 }
 
 /// What to measure.
@@ -521,6 +526,9 @@ fn main() -> anyhow::Result<()> {
     }
     if cli.push_handler {
         systems::PUSH_HANDLER.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    if cli.push_from_app {
+        systems::PUSH_FROM_APP.store(true, std::sync::atomic::Ordering::Relaxed);
     }
     // A `metrics` recorder is process-wide: once installed here, every quicx server and client
     // of this process with metrics on records into it.

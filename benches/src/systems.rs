@@ -183,7 +183,14 @@ struct PushOrder {
     count: u32,
     size: u32,
     pushers: u32,
+    /// Push from tasks on the server process's application runtime (as application code calling
+    /// `Server::send_to_client` does) instead of tasks the handler spawns on the I/O thread.
+    from_app: bool,
 }
+
+/// `--push-from-app`: the quicx server pushes from tasks on its application runtime.
+pub(crate) static PUSH_FROM_APP: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
 
 /// The token of the bench client of the secured quicx server.
 const BENCH_TOKEN: &str = "bench-token";
@@ -220,6 +227,7 @@ async fn serve_quicx(dev: &DevCertificate, system: System) -> anyhow::Result<Soc
     }
     let server = builder.build()?;
     let broadcaster = server.clone();
+    let app = tokio::runtime::Handle::current();
     server.register(
         "Bench",
         Service::new()
@@ -241,26 +249,34 @@ async fn serve_quicx(dev: &DevCertificate, system: System) -> anyhow::Result<Soc
                 block(millis);
                 Ok(millis)
             })
-            .method("Push", |ctx: Context, order: PushOrder| async move {
-                let payload = Bytes::from(vec![7u8; order.size as usize]);
-                for p in 0..order.pushers {
-                    let conn = ctx.conn().clone();
-                    let payload = payload.clone();
-                    let n =
-                        order.count / order.pushers + u32::from(p < order.count % order.pushers);
-                    tokio::spawn(async move {
-                        for _ in 0..n {
-                            if conn
-                                .send_message("bench", "push", Metadata::new(), &payload)
-                                .await
-                                .is_err()
-                            {
-                                break;
+            .method("Push", move |ctx: Context, order: PushOrder| {
+                let app = app.clone();
+                async move {
+                    let payload = Bytes::from(vec![7u8; order.size as usize]);
+                    for p in 0..order.pushers {
+                        let conn = ctx.conn().clone();
+                        let payload = payload.clone();
+                        let n = order.count / order.pushers
+                            + u32::from(p < order.count % order.pushers);
+                        let sender = async move {
+                            for _ in 0..n {
+                                if conn
+                                    .send_message("bench", "push", Metadata::new(), &payload)
+                                    .await
+                                    .is_err()
+                                {
+                                    break;
+                                }
                             }
+                        };
+                        if order.from_app {
+                            app.spawn(sender);
+                        } else {
+                            tokio::spawn(sender);
                         }
-                    });
+                    }
+                    Ok(())
                 }
-                Ok(())
             })
             .method("Broadcast", move |_ctx: Context, size: u32| {
                 let server = broadcaster.clone();
@@ -918,6 +934,7 @@ pub(crate) async fn push_rate(
                         count,
                         size,
                         pushers,
+                        from_app: PUSH_FROM_APP.load(Ordering::Relaxed),
                     },
                 )
                 .await?;

@@ -12,8 +12,10 @@
 //! A handler whose polls hold its I/O thread longer than [`INLINE_BUDGET`] twice within 1,024
 //! polls marks its method slow: the method's later calls run on the handler pool, so one slow method never
 //! stalls the other connections of its thread (it comes back once its polls stay short; see
-//! `PollStats` in `service.rs`). Pushes and reverse calls issued from application tasks are handed
-//! to the thread that owns the connection.
+//! `PollStats` in `service.rs`). Reverse calls and pushes with receipt issued from application
+//! tasks are handed to the thread that owns the connection; a plain push is written by the task
+//! that sends it (it waits for no reply, and handing each push over made it about 10× slower),
+//! with its timer on that thread's clock.
 //!
 //! Clients ([`Placement::Auto`]): on a current_thread runtime everything already shares one
 //! thread, so the connection is driven there. On a multi-thread runtime the first
@@ -380,6 +382,18 @@ impl IoRuntime {
             .map_err(|e| Error::Internal(format!("quicx I/O task failed: {e}")))
     }
 
+    /// `fut` bounded by `limit` (see [`within`]), driven by the task that awaits it, wherever
+    /// that runs; the timer, when one is needed, is this I/O thread's (the caller's runtime
+    /// for [`caller`](Self::caller)). An application task that pushes or calls through a
+    /// connection driven here so needs no timer of its own runtime.
+    pub(crate) async fn within<F: Future>(
+        &self,
+        limit: Duration,
+        fut: F,
+    ) -> Result<F::Output, Elapsed> {
+        within_on(self.dedicated.as_ref().map(|d| &d.handle), limit, fut).await
+    }
+
     /// Spawns `fut` on the I/O thread.
     pub(crate) fn spawn<F>(&self, fut: F)
     where
@@ -418,13 +432,25 @@ pub(crate) struct Elapsed;
 /// is not ready at once: the common case of a push or frame that completes in one poll pays no
 /// clock read and no timer-wheel entry.
 pub(crate) async fn within<F: Future>(limit: Duration, fut: F) -> Result<F::Output, Elapsed> {
+    within_on(None, limit, fut).await
+}
+
+/// [`within`] with its timer on `clock`'s runtime (`None`: the caller's).
+async fn within_on<F: Future>(
+    clock: Option<&tokio::runtime::Handle>,
+    limit: Duration,
+    fut: F,
+) -> Result<F::Output, Elapsed> {
     let mut fut = std::pin::pin!(fut);
     let mut timer: Option<Pin<Box<tokio::time::Sleep>>> = None;
     std::future::poll_fn(|cx| {
         if let Poll::Ready(v) = fut.as_mut().poll(cx) {
             return Poll::Ready(Ok(v));
         }
-        let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        let timer = timer.get_or_insert_with(|| {
+            let _clock = clock.map(tokio::runtime::Handle::enter);
+            Box::pin(tokio::time::sleep(limit))
+        });
         match timer.as_mut().poll(cx) {
             Poll::Ready(()) => Poll::Ready(Err(Elapsed)),
             Poll::Pending => Poll::Pending,

@@ -176,6 +176,39 @@ async fn ten_thousand_pushes_arrive_exactly_once_in_order() {
     assert_eq!(rx.dropped(), 0);
 }
 
+/// An application task writes its push stream itself (no hand-over to the I/O thread that drives
+/// the connection), with the push timer on that I/O thread: a push from a runtime without timers
+/// (or from a thread of no runtime) still times out with its typed error instead of panicking.
+#[tokio::test]
+async fn a_push_from_a_runtime_without_timers_times_out_cleanly() {
+    let t = start_server_with(|b| b.push_timeout(Duration::from_millis(300))).await;
+    let (tx, _rx) = push_channel(4);
+    let (_client, conn) = device(&t, "timerless", tx, 8).await;
+    let (sent, err) = tokio::task::spawn_blocking(move || {
+        // No `enable_time`: `tokio::time::sleep` would panic on this runtime.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let mut sent = 0u32;
+            loop {
+                match conn
+                    .send_message("p", "m", Metadata::new(), sent.to_be_bytes())
+                    .await
+                {
+                    Ok(()) => sent += 1,
+                    Err(e) => break (sent, e),
+                }
+                assert!(sent < 1000, "backpressure never reached the server");
+            }
+        })
+    })
+    .await
+    .unwrap();
+    assert!(matches!(err, Error::PushTimeout(_)), "{err:?}");
+    assert!(sent >= 4, "the channel's capacity went through ({sent})");
+}
+
 #[tokio::test]
 async fn full_channel_backpressure_loses_nothing_and_push_times_out() {
     let t = start_server_with(|b| b.push_timeout(Duration::from_millis(300))).await;

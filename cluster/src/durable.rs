@@ -5,7 +5,7 @@
 //! Not under any lease: a message stays until acknowledged, cancelled or expired. Its id (what
 //! the device sees under `quicx-msg-id`) is the key's etcd create revision, so ids grow across
 //! the whole cluster and a device drops a message it already acknowledged whichever node sends
-//! it again (the messages carry `quicx-msg-space`).
+//! it again (the messages carry `quicx-msg-space`: the cluster's prefix and the identity).
 
 use std::{
     sync::{
@@ -284,6 +284,9 @@ impl ClusterDurable {
             let Some(last) = found.kvs().last().map(|kv| kv.create_revision()) else {
                 return true;
             };
+            // Per identity: a client re-bound to another identity acknowledged ids of the first
+            // that may be above this one's.
+            let space = quicx::msg_space(&self.space, client_id);
             // Keys to delete: what was acknowledged, and what can never be delivered.
             let mut gone = Vec::new();
             let mut sends = Vec::with_capacity(found.kvs().len());
@@ -302,7 +305,7 @@ impl ClusterDurable {
                         let mut metadata = std::mem::take(&mut stored.metadata);
                         metadata.insert(MSG_ID_KEY, id.to_string());
                         metadata.insert(MSG_PREV_KEY, sent_before.to_string());
-                        metadata.insert(MSG_SPACE_KEY, self.space.clone());
+                        metadata.insert(MSG_SPACE_KEY, space.clone());
                         sent_before = id;
                         sends.push((key, stored, metadata));
                     }

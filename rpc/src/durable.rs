@@ -29,10 +29,26 @@ use crate::{Connection, Error, Metadata, Result, connection::registry::Registry}
 pub const MSG_ID_KEY: &str = "quicx-msg-id";
 /// Metadata key: the id of the durable message sent before this one in the same run (`0`: none).
 pub const MSG_PREV_KEY: &str = "quicx-msg-prev";
-/// Metadata key: the id space of a durable message, when its ids are not those of the one
-/// server that sends it (a cluster's messages, whichever node delivers them). A client keeps
-/// order and duplicates per space (per server address without one).
+/// Metadata key: the id space of a durable message (see [`msg_space`]). A client keeps order
+/// and duplicates per space (per server address without one), at most
+/// 1,024 spaces (it forgets the least recently used), and refuses a message whose space name is
+/// longer than 256 bytes.
 pub const MSG_SPACE_KEY: &str = "quicx-msg-space";
+
+/// The id space ([`MSG_SPACE_KEY`]) of `identity`'s durable messages from the store or cluster
+/// named `base`: `base/identity`, with an identity longer than 128 bytes replaced by `#` and
+/// the hex SHA-256 of it (the name stays within what clients accept). Ids are shared by every
+/// identity of a store, and one client may carry several identities over time (a handler's
+/// `bind_client_id` after a login): a space per identity keeps what it acknowledged for one
+/// from hiding the other's messages.
+pub fn msg_space(base: &str, identity: &str) -> String {
+    if identity.len() <= 128 {
+        return format!("{base}/{identity}");
+    }
+    let digest = ring::digest::digest(&ring::digest::SHA256, identity.as_bytes());
+    let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    format!("{base}/#{hex}")
+}
 /// Metadata key, present (`1`) when the message was sent before and not acknowledged.
 pub const MSG_REDELIVERED_KEY: &str = "quicx-msg-redelivered";
 
@@ -334,7 +350,15 @@ pub(crate) struct Store {
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     sizes: Arc<Mutex<Sizes>>,
     pub(crate) counters: Arc<DurableCounters>,
+    /// A random number drawn when the store file was created: with an identity, the id space
+    /// its messages carry (`quicx-msg-space`).
+    pub(crate) store_id: u64,
 }
+
+/// Message ids are reserved on the disk this many at a time (one fsynced commit per block), so
+/// that ids handed out in commits a crash loses (`Fsync::Interval`) are never handed out again
+/// after a restart: a device that saw them would take the new messages for duplicates.
+const ID_BLOCK: u64 = 1 << 20;
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -369,12 +393,36 @@ impl Store {
                 )));
             }
         };
-        {
+        let (store_id, reserved) = {
             let txn = db.begin_write().map_err(store_error)?;
             txn.open_table(QUEUES).map_err(store_error)?;
-            txn.open_table(META).map_err(store_error)?;
+            let ids = {
+                let mut meta = txn.open_table(META).map_err(store_error)?;
+                let get = |meta: &redb::Table<'_, &str, u64>, key| {
+                    meta.get(key).map(|v| v.map(|v| v.value()))
+                };
+                let store_id = match get(&meta, "store_id").map_err(store_error)? {
+                    Some(id) => id,
+                    None => {
+                        let id = rand::random::<u64>();
+                        meta.insert("store_id", id).map_err(store_error)?;
+                        id
+                    }
+                };
+                // Every id handed out before is below the reservation (see `ID_BLOCK`),
+                // whatever a crash took back of `next_id`.
+                let reserved = get(&meta, "reserved_ids")
+                    .map_err(store_error)?
+                    .unwrap_or(0);
+                let next = get(&meta, "next_id").map_err(store_error)?.unwrap_or(1);
+                if reserved > next {
+                    meta.insert("next_id", reserved).map_err(store_error)?;
+                }
+                (store_id, reserved.max(next))
+            };
             txn.commit().map_err(store_error)?;
-        }
+            ids
+        };
         migrate_legacy(&db)?;
         let (sizes, acked_left) = recount(&db)?;
         let db = Arc::new(db);
@@ -385,7 +433,9 @@ impl Store {
             let (db, sizes, counters) = (db.clone(), sizes.clone(), counters.clone());
             std::thread::Builder::new()
                 .name("quicx-durable".into())
-                .spawn(move || write_loop(&db, &ops, &sizes, &counters, limits, acked_left))?
+                .spawn(move || {
+                    write_loop(&db, &ops, &sizes, &counters, limits, acked_left, reserved);
+                })?
         };
         Ok(Self {
             db: Mutex::new(Some(db)),
@@ -393,6 +443,7 @@ impl Store {
             thread: Mutex::new(Some(thread)),
             sizes,
             counters,
+            store_id,
         })
     }
 
@@ -532,6 +583,7 @@ fn write_loop(
     counters: &DurableCounters,
     limits: DurableLimits,
     mut acked_left: Sizes,
+    mut reserved: u64,
 ) {
     // With `Fsync::Interval`, when the oldest commit not yet on the disk was made.
     let mut unsynced_since: Option<std::time::Instant> = None;
@@ -571,10 +623,24 @@ fn write_loop(
             }
         }
         let mut replies = Vec::with_capacity(batch.len());
+        let appends = batch
+            .iter()
+            .filter(|op| matches!(op, Op::Append { .. }))
+            .count() as u64;
         let mut ops_left = batch.into_iter();
+        let mut reserving = None;
         let outcome = (|| -> Result<()> {
             let mut txn = db.begin_write().map_err(store_error)?;
-            txn.set_durability(if durable {
+            let mut next = txn
+                .open_table(META)
+                .map_err(store_error)?
+                .get("next_id")
+                .map_err(store_error)?
+                .map_or(1, |v| v.value());
+            // The ids of this commit beyond the reservation: reserve the next block, on the
+            // disk with them.
+            reserving = (next + appends > reserved).then_some(next + appends + ID_BLOCK);
+            txn.set_durability(if durable || reserving.is_some() {
                 redb::Durability::Immediate
             } else {
                 // On the disk with the next durable commit; pages are freed by that one too.
@@ -583,10 +649,9 @@ fn write_loop(
             {
                 let mut queues = txn.open_table(QUEUES).map_err(store_error)?;
                 let mut meta = txn.open_table(META).map_err(store_error)?;
-                let mut next = meta
-                    .get("next_id")
-                    .map_err(store_error)?
-                    .map_or(1, |v| v.value());
+                if let Some(upto) = reserving {
+                    meta.insert("reserved_ids", upto).map_err(store_error)?;
+                }
                 let mut w = Writing {
                     txn: &txn,
                     queues: &mut queues,
@@ -627,7 +692,10 @@ fn write_loop(
         })();
         match outcome {
             Ok(()) => {
-                if durable {
+                if let Some(upto) = reserving {
+                    reserved = upto;
+                }
+                if durable || reserving.is_some() {
                     unsynced_since = None;
                 } else {
                     unsynced_since.get_or_insert_with(std::time::Instant::now);
@@ -1265,6 +1333,7 @@ impl Durable {
             probe.insert(key, u64::MAX.to_string());
         }
         probe.insert(MSG_REDELIVERED_KEY, "1");
+        probe.insert(MSG_SPACE_KEY, self.space(identity));
         let header = crate::wire::PushHeaderRef {
             service_path,
             service_method,
@@ -1282,6 +1351,11 @@ impl Durable {
         let id = self.store.append(identity, message).await?;
         self.kick(identity);
         Ok(id)
+    }
+
+    /// The id space of `identity`'s messages from this store ([`msg_space`]).
+    fn space(&self, identity: &str) -> String {
+        msg_space(&format!("{:016x}", self.store.store_id), identity)
     }
 
     /// Starts a delivery run for `identity` (if it is bound), or tells the one going that more
@@ -1464,6 +1538,7 @@ impl Durable {
         let now = now_ms();
         let mut expired = Vec::new();
         let mut sends = Vec::with_capacity(batch.len());
+        let space = self.space(identity);
         for (id, message) in batch {
             if message.expires_ms <= now {
                 expired.push(id);
@@ -1472,6 +1547,7 @@ impl Durable {
             let redelivered = lock(&self.attempted).contains(&id);
             let mut metadata = message.metadata;
             metadata.insert(MSG_ID_KEY, id.to_string());
+            metadata.insert(MSG_SPACE_KEY, space.clone());
             if redelivered {
                 metadata.insert(MSG_REDELIVERED_KEY, "1");
             }
@@ -1803,12 +1879,53 @@ async fn sweep(durable: Weak<Durable>) {
 /// delivered (in order) and acknowledged, to deliver in order and drop duplicates.
 #[derive(Debug, Default)]
 pub(crate) struct Inbox {
-    state: Mutex<HashMap<String, InboxState>>,
+    state: Mutex<Spaces>,
     changed: Notify,
+}
+
+/// The longest id space name (`quicx-msg-space`) a client accepts; a message naming a longer
+/// one is refused.
+pub(crate) const MAX_SPACE_LEN: usize = 256;
+
+/// How many id spaces a client keeps; past them it forgets the one used least recently (a
+/// message of that space that comes again after it was acknowledged is then delivered again).
+pub(crate) const MAX_SPACES: usize = 1024;
+
+/// The state of `space`, made if new (forgetting the space used least recently when
+/// [`MAX_SPACES`] are kept), marked as just used.
+fn space_state<'a>(spaces: &'a mut Spaces, space: &str) -> &'a mut InboxState {
+    spaces.uses += 1;
+    let now = spaces.uses;
+    let state = &mut spaces.by_name;
+    if !state.contains_key(space) {
+        if state.len() >= MAX_SPACES {
+            let oldest = state
+                .iter()
+                .min_by_key(|(_, s)| s.used)
+                .map(|(k, _)| k.clone());
+            if let Some(oldest) = oldest {
+                state.remove(&oldest);
+            }
+        }
+        state.insert(space.to_owned(), InboxState::default());
+    }
+    let s = state.get_mut(space).expect("present: inserted above");
+    s.used = now;
+    s
+}
+
+/// The id spaces a client knows.
+#[derive(Debug, Default)]
+struct Spaces {
+    by_name: HashMap<String, InboxState>,
+    /// Uses so far, across spaces (the clock of `InboxState::used`).
+    uses: u64,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
 struct InboxState {
+    /// When this space was last used (a count of uses across spaces).
+    used: u64,
     /// The connection `delivered` is about.
     conn: u64,
     /// The last id handed to the application on that connection (in order).
@@ -1842,12 +1959,12 @@ impl Inbox {
             let notified = self.changed.notified();
             {
                 let mut state = lock(&self.state);
-                let s = state.entry(server.to_owned()).or_default();
+                let s = space_state(&mut state, server);
                 if s.conn != conn {
                     *s = InboxState {
                         conn,
                         delivered: s.acked,
-                        acked: s.acked,
+                        ..*s
                     };
                 }
                 if id <= s.acked {
@@ -1866,7 +1983,7 @@ impl Inbox {
     /// `id` was handed to the application on `conn`.
     pub(crate) fn delivered(&self, server: &str, conn: u64, id: u64) {
         let mut state = lock(&self.state);
-        let s = state.entry(server.to_owned()).or_default();
+        let s = space_state(&mut state, server);
         if s.conn == conn {
             s.delivered = s.delivered.max(id);
         }
@@ -1876,13 +1993,16 @@ impl Inbox {
 
     /// Whether `id` was acknowledged to `server` before (on any connection).
     pub(crate) fn is_acked(&self, server: &str, id: u64) -> bool {
-        lock(&self.state).get(server).is_some_and(|s| id <= s.acked)
+        lock(&self.state)
+            .by_name
+            .get(server)
+            .is_some_and(|s| id <= s.acked)
     }
 
     /// `id` was acknowledged.
     pub(crate) fn acked(&self, server: &str, id: u64) {
         let mut state = lock(&self.state);
-        let s = state.entry(server.to_owned()).or_default();
+        let s = space_state(&mut state, server);
         s.acked = s.acked.max(id);
     }
 }
@@ -1913,6 +2033,30 @@ impl Acker {
 #[cfg(test)]
 mod tests {
     use redb::TableHandle;
+
+    #[test]
+    fn an_inbox_keeps_at_most_max_spaces_and_forgets_the_least_recently_used() {
+        let inbox = Inbox::default();
+        inbox.acked("kept", 5);
+        for i in 0..MAX_SPACES {
+            inbox.acked(&format!("s{i}"), 1);
+            inbox.acked("kept", 5);
+        }
+        assert_eq!(lock(&inbox.state).by_name.len(), MAX_SPACES);
+        assert!(inbox.is_acked("kept", 5), "used last: kept");
+        assert!(!inbox.is_acked("s0", 1), "used least recently: forgotten");
+        assert!(inbox.is_acked("s1", 1));
+    }
+
+    #[test]
+    fn a_msg_space_names_the_identity_within_what_clients_accept() {
+        assert_eq!(msg_space("0123", "device-7"), "0123/device-7");
+        let long = "x".repeat(1000);
+        let space = msg_space("cluster/quicx", &long);
+        assert!(space.len() <= MAX_SPACE_LEN, "{}", space.len());
+        assert_ne!(space, msg_space("cluster/quicx", &"x".repeat(999)));
+        assert_eq!(space, msg_space("cluster/quicx", &long), "stable");
+    }
 
     use super::*;
 

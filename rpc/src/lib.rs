@@ -237,7 +237,7 @@ pub use crate::{
     context::Context,
     durable::{
         DurableLimits, Fsync, MSG_ID_KEY, MSG_PREV_KEY, MSG_REDELIVERED_KEY, MSG_SPACE_KEY,
-        Overflow, PendingMessage,
+        Overflow, PendingMessage, msg_space,
     },
     error::{Error, FramePart, HandshakeError, NotConnected, ProtocolError, Result, ServiceError},
     events::{ClientEvent, DisconnectReason, ServerEvent},

@@ -816,6 +816,84 @@ async fn with_an_fsync_interval_what_was_flushed_survives_a_sigkill() {
     thousand_survive_a_sigkill("device-4", Some(every), every * 10).await;
 }
 
+/// With `Fsync::Interval`, a crash takes back what was committed since the last flush, ids
+/// included; a device that saw those ids must not take the messages sent after the restart for
+/// duplicates of them.
+#[tokio::test]
+async fn after_a_crash_with_an_fsync_interval_new_messages_get_ids_the_device_never_saw() {
+    let dev = DevCertificate::localhost().unwrap();
+    let pem = PemFiles::write(&dev).unwrap();
+    let store = TempStore::new();
+    // Nothing is flushed by the interval during the test.
+    let every = Some(Duration::from_secs(600));
+    let mut first = durable_server_with(&pem, "127.0.0.1:0", &store, every);
+    let (_device, mut rx) = device(&dev, first.addr, "device-12", false).await;
+    let ops = quicx::Client::builder()
+        .tls(ClientTls::new().trust(dev.certificate()))
+        .connect_addr(first.addr, "localhost")
+        .await
+        .unwrap();
+    let send = async |n: u32| {
+        ops.call::<_, ()>("Ops", "Send", &("device-12", n))
+            .await
+            .unwrap();
+    };
+    // The first commit reserves ids on the disk; the ones after it are in memory only.
+    send(1).await;
+    assert_eq!(&next(&mut rx).await.payload[..], b"0");
+    send(5).await;
+    let mut seen = Vec::new();
+    for i in 0..5 {
+        let msg = next(&mut rx).await;
+        assert_eq!(std::str::from_utf8(&msg.payload).unwrap(), i.to_string());
+        seen.push(msg.durable_id().unwrap());
+    }
+    first.kill();
+    let _restarted = durable_server_with(&pem, &first.addr.to_string(), &store, every);
+    // The device and the operator reconnect by themselves; the operator sends 5 more.
+    until(Duration::from_secs(10), async || {
+        ops.call::<_, ()>("Ops", "Send", &("device-12", 5u32))
+            .await
+            .is_ok()
+    })
+    .await;
+    for i in 0..5 {
+        let msg = next(&mut rx).await;
+        assert_eq!(std::str::from_utf8(&msg.payload).unwrap(), i.to_string());
+        let id = msg.durable_id().unwrap();
+        assert!(
+            !seen.contains(&id),
+            "id {id} was handed out before the crash"
+        );
+    }
+    quiet(&mut rx, Duration::from_millis(300)).await;
+}
+
+/// A client keeps what it acknowledged per store and identity: the same `Client` re-bound to
+/// another identity (a handler's login) receives that identity's messages although their ids
+/// are below ones it acknowledged for the first.
+#[tokio::test]
+async fn a_client_rebound_to_another_identity_receives_its_older_messages() {
+    let (dev, _store, server) = started(DurableLimits::default()).await;
+    // Stored for "user-b" while nobody is it: the lowest ids.
+    let b_ids = send_numbered(&server, "user-b", 2).await;
+    let (_client, mut rx) = device(&dev, server.local_addr().unwrap(), "user-a", false).await;
+    let a_ids = send_numbered(&server, "user-a", 3).await;
+    for i in 0..3 {
+        assert_eq!(next(&mut rx).await.payload, i.to_string().as_bytes());
+    }
+    assert!(b_ids.iter().all(|b| a_ids.iter().all(|a| b < a)));
+    // The server re-binds the connection (as a login handler would).
+    let conn = server.client("user-a").unwrap();
+    conn.bind_client_id("user-b");
+    for (i, id) in b_ids.iter().enumerate() {
+        let msg = next(&mut rx).await;
+        assert_eq!(msg.payload, i.to_string().as_bytes());
+        assert_eq!(msg.durable_id(), Some(*id));
+    }
+    assert!(nothing_pending(&server, Duration::from_secs(5)).await);
+}
+
 #[tokio::test]
 async fn a_message_whose_ack_was_lost_is_redelivered_and_seen_once() {
     let dev = DevCertificate::localhost().unwrap();

@@ -638,16 +638,18 @@ async fn serve_receipt_push(
     Ok(())
 }
 
-/// The id space of a durable message: the cluster's when it names one, else this server's.
-fn id_space(conn: &Connection, msg: &PushMessage) -> String {
-    space_or(msg, &conn.server_addr().to_string()).into_owned()
+/// The id space of a durable message: the one it names, else this server's; `None` for a
+/// space name longer than [`MAX_SPACE_LEN`](crate::durable::MAX_SPACE_LEN).
+fn id_space(conn: &Connection, msg: &PushMessage) -> Option<String> {
+    space_or(msg, &conn.server_addr().to_string()).map(std::borrow::Cow::into_owned)
 }
 
-/// The id space a message names, or `server`'s.
-fn space_or<'a>(msg: &PushMessage, server: &'a str) -> std::borrow::Cow<'a, str> {
+/// The id space a message names, or `server`'s; `None` for a name that is too long.
+fn space_or<'a>(msg: &PushMessage, server: &'a str) -> Option<std::borrow::Cow<'a, str>> {
     match msg.metadata.get(crate::durable::MSG_SPACE_KEY) {
-        Some(space) => format!("space:{space}").into(),
-        None => server.into(),
+        Some(space) if space.len() > crate::durable::MAX_SPACE_LEN => None,
+        Some(space) => Some(format!("space:{space}").into()),
+        None => Some(server.into()),
     }
 }
 
@@ -663,7 +665,9 @@ async fn durable_push(
     send: &mut quinn::SendStream,
 ) -> Status {
     use crate::durable::{Admission, MSG_PREV_KEY};
-    let space = id_space(conn, &msg);
+    let Some(space) = id_space(conn, &msg) else {
+        return Status::error(status::PUSH_REJECTED, "the id space's name is too long");
+    };
     let server = space.as_str();
     let prev = msg
         .metadata
@@ -805,7 +809,10 @@ async fn serve_durable_stream(
             return reject(Some(&mut send), records.recv(), StreamCode::MALFORMED_FRAME);
         };
         last = id;
-        let space = space_or(&msg, &server);
+        let Some(space) = space_or(&msg, &server) else {
+            tracing::debug!(conn = conn.id(), "durable record with a too long id space");
+            return reject(Some(&mut send), records.recv(), StreamCode::MALFORMED_FRAME);
+        };
         if !inbox.is_acked(&space, id) {
             if let Err(refused) = hand_over(conn, msg, sink, manual_ack, &mut send).await {
                 tracing::debug!(

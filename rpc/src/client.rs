@@ -495,6 +495,11 @@ impl ClientInner {
             .connections_accepted
             .fetch_add(1, Ordering::Relaxed);
         tokio::spawn(connection::serve(conn.clone()));
+        // Closed unless handed out: a connect dropped during its hello (a caller's own
+        // timeout, a client closed while it reconnects) must not leave a connection that the
+        // serving task and keep-alives would hold open for ever (the server may have bound
+        // the identity to it already).
+        let mut unkept = CloseUnlessKept(Some(conn.clone()));
         let session = &self.session;
         if session.client_id.is_some() || !session.hello_metadata.is_empty() {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -509,12 +514,30 @@ impl ClientInner {
                 Error::DeadlineExceeded { remote: false } => Error::ConnectTimeout(timeout),
                 other => other,
             });
-            if let Err(e) = said {
-                conn.close();
-                return Err(e);
-            }
+            said?;
         }
+        unkept.0 = None;
         Ok(conn)
+    }
+}
+
+/// Closes a connection being established unless it was kept (`.0` taken out).
+struct CloseUnlessKept(Option<Connection>);
+
+impl Drop for CloseUnlessKept {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.take() {
+            conn.close();
+        }
+    }
+}
+
+/// The client was closed (or its last handle dropped) while the supervisor held `conn`: closes
+/// it, and whatever connection the client still shows.
+fn close_for_good(inner: &ClientInner, conn: &Connection) {
+    conn.close_with(CloseCode::NORMAL, b"client closed");
+    if let Some(current) = inner.current.send_replace(None) {
+        current.close_with(CloseCode::NORMAL, b"client closed");
     }
 }
 
@@ -523,6 +546,9 @@ async fn supervise(inner: Arc<ClientInner>, mut conn: Connection) {
         let closed = tokio::select! {
             e = conn.quic().closed() => e,
             () = inner.closed.cancelled() => {
+                // `close` (or the last handle's drop) closed what it found; a connection it
+                // could not see yet (set just after) is closed here.
+                close_for_good(&inner, &conn);
                 inner.side.record(crate::metrics::Event::ClientDisconnected);
                 return;
             }
@@ -570,6 +596,11 @@ async fn supervise(inner: Arc<ClientInner>, mut conn: Connection) {
             }
         };
         inner.current.send_replace(Some(conn.clone()));
+        if inner.closed.is_cancelled() {
+            // Closed while the reconnect ended: `close` may have found no connection to close.
+            close_for_good(&inner, &conn);
+            return;
+        }
         let _ = inner.events.send(ClientEvent::Reconnected {
             server: inner.server_addr,
             attempts,
@@ -600,6 +631,9 @@ impl Client {
         });
         let io = inner.link.driver.clone();
         let starting = inner.clone();
+        // Made before the first connection: a caller that stops waiting for `connect` (or an
+        // error) drops it, which stops the supervisor and closes what it holds.
+        let last_handle = Arc::new(CloseOnDrop(inner.clone()));
         io.run(async move {
             let conn = starting.establish(connect_timeout).await?;
             starting.current.send_replace(Some(conn.clone()));
@@ -614,7 +648,7 @@ impl Client {
         })
         .await??;
         Ok(Self {
-            _last_handle: Arc::new(CloseOnDrop(inner.clone())),
+            _last_handle: last_handle,
             inner,
         })
     }

@@ -420,8 +420,16 @@ impl Server {
                 incoming = endpoint.accept() => incoming,
             };
             let Some(incoming) = incoming else { break };
-            // Counts handshakes in progress too, so simultaneous connects cannot overshoot.
-            if self.inner.admitted.load(Ordering::Acquire) >= self.inner.max_connections {
+            // Counts handshakes in progress too, and takes the place in one step, so
+            // simultaneous connects on several I/O threads cannot overshoot.
+            let max = self.inner.max_connections;
+            let placed =
+                self.inner
+                    .admitted
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                        (n < max).then_some(n + 1)
+                    });
+            if placed.is_err() {
                 tracing::warn!(
                     "connection limit reached: refusing {}",
                     incoming.remote_address()
@@ -434,6 +442,7 @@ impl Server {
             }
             let ip = incoming.remote_address().ip();
             if !self.inner.limiters.admit(ip) {
+                self.inner.admitted.fetch_sub(1, Ordering::AcqRel);
                 tracing::warn!("connection or handshake limit of {ip} reached: refusing");
                 incoming.refuse();
                 self.inner
@@ -441,13 +450,16 @@ impl Server {
                     .record(crate::metrics::Event::Handshake("refused"));
                 continue;
             }
-            self.inner.admitted.fetch_add(1, Ordering::AcqRel);
             let server = self.clone();
             let io = io.clone();
             tokio::spawn(async move {
-                server.clone().handle_incoming(incoming, local, io).await;
-                server.inner.admitted.fetch_sub(1, Ordering::AcqRel);
-                server.inner.limiters.release(ip);
+                // Given back however the task ends: a panic in an interceptor must not keep
+                // the place (after `max_connections` of them, every handshake was refused).
+                let _place = Admitted {
+                    server: server.clone(),
+                    ip,
+                };
+                server.handle_incoming(incoming, local, io).await;
             });
         }
         // Shutting down: refuse whatever still arrives until the endpoint closes.
@@ -833,5 +845,18 @@ impl Server {
     /// A handle that does not keep this server alive.
     pub fn downgrade(&self) -> WeakServer {
         WeakServer(Arc::downgrade(&self.inner))
+    }
+}
+
+/// A connection's place under the connection limits, given back when dropped.
+struct Admitted {
+    server: Server,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.server.inner.admitted.fetch_sub(1, Ordering::AcqRel);
+        self.server.inner.limiters.release(self.ip);
     }
 }

@@ -195,6 +195,57 @@ async fn an_interceptor_can_refuse_a_connection() {
     assert!(server.connections().is_empty());
 }
 
+/// Panics in `on_connect` for the first `panics` connections.
+struct PanicsFirst {
+    panics: usize,
+    seen: std::sync::atomic::AtomicUsize,
+}
+
+impl Interceptor for PanicsFirst {
+    fn on_connect(&self, _conn: &quicx::Connection) -> Result<(), Refusal> {
+        let n = self.seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        assert!(n >= self.panics, "interceptor bug on connection {n}");
+        Ok(())
+    }
+}
+
+/// An interceptor that panics costs the connection it panicked on, not a place under the
+/// connection limit: once the panics stop, clients connect again.
+#[tokio::test]
+async fn an_interceptor_that_panics_does_not_use_up_the_connection_limit() {
+    let dev = DevCertificate::localhost().unwrap();
+    let server = Server::builder()
+        .dev_certificate(&dev)
+        .max_connections(2)
+        .interceptor(PanicsFirst {
+            panics: 3,
+            seen: 0.into(),
+        })
+        .build()
+        .unwrap();
+    server.register("T", echo_tenant());
+    let addr = server.bind("127.0.0.1:0").await.unwrap().to_string();
+    for _ in 0..3 {
+        // The handshake completes; the server's task for the connection then panics, and the
+        // connection goes with it.
+        let client = client_builder(&dev)
+            .reconnect(false)
+            .connect(&addr)
+            .await
+            .unwrap();
+        let _ = client.call::<_, String>("T", "Tenant", &()).await;
+    }
+    let client = client_builder(&dev)
+        .reconnect(false)
+        .connect(&addr)
+        .await
+        .expect("a place under the limit");
+    let _tenant: String = client
+        .call("T", "Tenant", &())
+        .await
+        .expect("served once the panics stopped");
+}
+
 /// What the handlers saw of the trace.
 #[derive(Debug, Default, Clone)]
 struct Seen {

@@ -4,10 +4,10 @@
 use std::time::{Duration, Instant};
 
 use quicx::{
-    ClientEndpoint, Context, Error, Metadata, NotConnected, Placement, ServerEvent, Service,
-    TransportOptions,
+    Authenticator, ClientEndpoint, Context, DevCertificate, Error, Hello, Metadata, NotConnected,
+    Placement, Server, ServerEvent, Service, TransportOptions,
 };
-use quicx_tests::start_server;
+use quicx_tests::{client_builder, start_server};
 
 #[tokio::test]
 async fn rebinding_a_connection_releases_its_old_identity() {
@@ -309,4 +309,41 @@ async fn a_stalled_client_runtime_does_not_make_a_live_server_look_dead() {
         .expect("the call ends")
         .unwrap();
     assert_eq!(reply.unwrap(), 2500);
+}
+
+/// A connect abandoned during its hello (the caller's own timeout) leaves no connection behind:
+/// the client closes the one it was establishing, so the server neither keeps it nor binds the
+/// identity to it.
+#[tokio::test]
+async fn a_connect_abandoned_during_its_hello_leaves_no_connection() {
+    let dev = DevCertificate::localhost().unwrap();
+    let server = Server::builder()
+        .dev_certificate(&dev)
+        .authenticator(Authenticator::new(|hello: Hello| async move {
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            Ok(hello.client_id)
+        }))
+        .build()
+        .unwrap();
+    let addr = server.bind("127.0.0.1:0").await.unwrap().to_string();
+    let connecting = client_builder(&dev)
+        .client_id("slow-1")
+        .token("t")
+        .connect(&addr);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), connecting)
+            .await
+            .is_err(),
+        "still saying hello at 300 ms"
+    );
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !(server.connections().is_empty() && server.client("slow-1").is_none()) {
+        assert!(
+            Instant::now() < deadline,
+            "the abandoned connection is still open ({} open, bound: {})",
+            server.connections().len(),
+            server.client("slow-1").is_some()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -29,6 +29,10 @@ impl fmt::Debug for Registry {
 struct RegistryInner {
     conns: HashMap<u64, Connection>,
     ids: HashMap<String, u64>,
+    /// Connections another took an identity over from, until they leave: they bind nothing
+    /// more (a hello of theirs still in flight would take the identity back and close the
+    /// newer connection, and both clients would stop).
+    taken_over: std::collections::HashSet<u64>,
 }
 
 impl Registry {
@@ -89,8 +93,11 @@ impl Registry {
         self.lock().conns.len()
     }
 
+    /// Adds `conn`. Events about the registry are sent while it is locked, so subscribers see
+    /// them in the order the registry changed (binds on several I/O threads included).
     pub(crate) fn add(&self, conn: &Connection) {
-        self.lock().conns.insert(conn.id(), conn.clone());
+        let mut inner = self.lock();
+        inner.conns.insert(conn.id(), conn.clone());
         self.emit(ServerEvent::Connected(conn.clone()));
     }
 
@@ -98,17 +105,18 @@ impl Registry {
         let empty = {
             let mut inner = self.lock();
             inner.conns.remove(&conn.id());
+            inner.taken_over.remove(&conn.id());
             if let Some(id) = conn.client_id() {
                 if inner.ids.get(&id) == Some(&conn.id()) {
                     inner.ids.remove(&id);
                 }
             }
+            self.emit(ServerEvent::Disconnected {
+                conn: conn.clone(),
+                reason,
+            });
             inner.conns.is_empty()
         };
-        self.emit(ServerEvent::Disconnected {
-            conn: conn.clone(),
-            reason,
-        });
         if empty {
             self.emptied.notify_waiters();
         }
@@ -116,13 +124,13 @@ impl Registry {
 
     /// Binds `conn` to `client_id`: the id now finds `conn`, and the id `conn` held before, if
     /// any, no longer finds anything. Returns the live connection that held `client_id` before
-    /// (for the caller to close as taken over). A connection that already left the registry is
-    /// not bound.
+    /// (for the caller to close as taken over). A connection that already left the registry, or
+    /// that another connection took an identity over from, is not bound.
     pub(crate) fn bind(&self, client_id: String, conn: &Connection) -> Option<Connection> {
         let previous;
         {
             let mut inner = self.lock();
-            if !inner.conns.contains_key(&conn.id()) {
+            if !inner.conns.contains_key(&conn.id()) || inner.taken_over.contains(&conn.id()) {
                 return None;
             }
             if let Some(old) = conn.client_id() {
@@ -136,11 +144,14 @@ impl Registry {
                 .insert(client_id.clone(), conn.id())
                 .filter(|&old| old != conn.id())
                 .and_then(|old| inner.conns.get(&old).cloned());
+            if let Some(old) = &previous {
+                inner.taken_over.insert(old.id());
+            }
+            self.emit(ServerEvent::Bound {
+                conn: conn.clone(),
+                client_id,
+            });
         }
-        self.emit(ServerEvent::Bound {
-            conn: conn.clone(),
-            client_id,
-        });
         previous
     }
 

@@ -466,26 +466,42 @@ impl Store {
     }
 
     async fn op(&self, make: impl FnOnce(oneshot::Sender<Result<u64>>) -> Op) -> Result<u64> {
+        committed(&mut self.submit(make)?).await
+    }
+
+    /// Stores a message; returns its id once it is committed.
+    #[cfg(test)]
+    async fn append(&self, identity: &str, message: Stored) -> Result<u64> {
+        committed(&mut self.submit_append(identity, &message)?).await
+    }
+
+    /// Hands an operation to the writer; the receiver gets its result once committed.
+    fn submit(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<u64>>) -> Op,
+    ) -> Result<oneshot::Receiver<Result<u64>>> {
         let (tx, rx) = oneshot::channel();
         let writer = lock(&self.writer).clone().ok_or_else(Self::closed)?;
         writer
             .send(make(tx))
             .map_err(|_| Error::Store("the store's writer stopped".into()))?;
-        rx.await
-            .unwrap_or_else(|_| Err(Error::Store("the store's writer stopped".into())))
+        Ok(rx)
     }
 
-    /// Stores a message; returns its id once it is committed (on the disk under
-    /// `Fsync::EveryCommit`).
-    async fn append(&self, identity: &str, message: Stored) -> Result<u64> {
+    /// Hands a message to the writer; the receiver gets its id once it is committed (on the
+    /// disk under `Fsync::EveryCommit`).
+    fn submit_append(
+        &self,
+        identity: &str,
+        message: &Stored,
+    ) -> Result<oneshot::Receiver<Result<u64>>> {
         let identity = identity.to_owned();
-        let bytes = postcard::to_allocvec(&message).map_err(store_error)?;
-        self.op(|reply| Op::Append {
+        let bytes = postcard::to_allocvec(message).map_err(store_error)?;
+        self.submit(|reply| Op::Append {
             identity,
             bytes,
             reply,
         })
-        .await
     }
 
     /// Removes messages; returns how many were there.
@@ -1135,6 +1151,17 @@ fn admit(
     if limits.overflow == Overflow::Refuse || bytes > limits.per_identity_bytes {
         return Err(full(sizes));
     }
+    // Only this identity's messages may go: if all of them would not make room (the other
+    // identities fill the store), refuse without dropping any.
+    let fits_alone = {
+        let mine = sizes.by_identity.get(identity).copied().unwrap_or_default();
+        limits.per_identity_messages > 0
+            && sizes.total.messages - mine.messages < limits.total_messages
+            && sizes.total.bytes - mine.bytes + bytes <= limits.total_bytes
+    };
+    if !fits_alone {
+        return Err(full(sizes));
+    }
     // Drop this identity's oldest until it fits (other identities' messages are theirs).
     while !fits(sizes) {
         let oldest = queue
@@ -1154,6 +1181,39 @@ fn admit(
         }
     }
     Ok(())
+}
+
+/// An operation's result once the writer committed it.
+async fn committed(rx: &mut oneshot::Receiver<Result<u64>>) -> Result<u64> {
+    rx.await
+        .unwrap_or_else(|_| Err(Error::Store("the store's writer stopped".into())))
+}
+
+/// A message on its way to the store whose sender may stop waiting: dropped before the commit
+/// came back (the caller's own timeout), it still starts delivery once the message is
+/// committed, so a bound device gets it at once and not at the next send or hello.
+struct KickOnceCommitted {
+    durable: Arc<Durable>,
+    identity: String,
+    /// `None` once the sender saw the commit.
+    commit: Option<oneshot::Receiver<Result<u64>>>,
+}
+
+impl Drop for KickOnceCommitted {
+    fn drop(&mut self) {
+        let Some(mut commit) = self.commit.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (durable, identity) = (self.durable.clone(), std::mem::take(&mut self.identity));
+        runtime.spawn(async move {
+            if committed(&mut commit).await.is_ok() {
+                durable.kick(&identity);
+            }
+        });
+    }
 }
 
 /// The server's durable delivery: the store, and one delivery run per bound identity.
@@ -1346,9 +1406,16 @@ impl Durable {
             service_method: service_method.to_owned(),
             metadata,
             payload: payload.to_vec(),
-            expires_ms: now_ms().saturating_add(ttl.as_millis() as u64),
+            expires_ms: now_ms().saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)),
         };
-        let id = self.store.append(identity, message).await?;
+        let mut appending = KickOnceCommitted {
+            durable: self.clone(),
+            identity: identity.to_owned(),
+            commit: Some(self.store.submit_append(identity, &message)?),
+        };
+        let id = committed(appending.commit.as_mut().expect("present until taken")).await;
+        appending.commit = None;
+        let id = id?;
         self.kick(identity);
         Ok(id)
     }
@@ -1410,6 +1477,12 @@ impl Durable {
         }
     }
 
+    /// Whether `identity` still finds `conn` (a run for it goes on).
+    fn still_bound(&self, identity: &str, conn: &Connection) -> bool {
+        self.connection(identity)
+            .is_some_and(|c| c.id() == conn.id())
+    }
+
     fn connection(&self, identity: &str) -> Option<Connection> {
         self.registry
             .upgrade()?
@@ -1430,6 +1503,14 @@ impl Durable {
         let (mut after, mut prev) = (0u64, 0u64);
         let mut acks = AckWriter::new(self.store.clone(), identity);
         loop {
+            // The identity moved to another connection: the next run sends the rest there.
+            if !self.still_bound(identity, &conn) {
+                return if acks.finish().await {
+                    RunEnd::Done
+                } else {
+                    RunEnd::Stopped
+                };
+            }
             let mut sends = match self.next_sends(identity, &mut after, BATCH).await {
                 Ok(Some(sends)) => sends,
                 Ok(None) => {
@@ -1653,6 +1734,12 @@ impl Durable {
                     .map_err(store_error)?;
                 let sends = match next.take() {
                     Some(sends) => sends,
+                    // The identity moved to another connection (a re-bind, a takeover): what
+                    // went out is acknowledged or not, and the next run sends the rest there.
+                    None if !self.still_bound(identity, conn) => {
+                        send.finish()?;
+                        return Ok(());
+                    }
                     None => match self.next_sends(identity, &mut after, STREAM_BATCH).await? {
                         Some(sends) => sends,
                         None => {

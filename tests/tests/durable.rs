@@ -207,6 +207,39 @@ async fn an_online_device_receives_a_durable_message_at_once() {
 
 /// Through a push handler, durable messages are acknowledged once the handler returned: the
 /// store empties, and nothing comes twice.
+/// A sender that stops waiting for `send_durable` (its own timeout) after the message reached
+/// the store does not hold the message back: a bound device still gets it at once.
+#[tokio::test]
+async fn a_durable_send_abandoned_before_its_commit_is_still_delivered_at_once() {
+    let (dev, _store, server) = started(DurableLimits::default()).await;
+    let (_client, mut rx) = device(&dev, server.local_addr().unwrap(), "d", false).await;
+    // Each send polled once (the message goes to the store's writer), then dropped unless it
+    // completed in that poll; until one was abandoned.
+    let mut sent = Vec::new();
+    for i in 0..20 {
+        let payload = format!("m{i}");
+        let mut sending = Box::pin(server.send_durable(
+            "d",
+            "Device",
+            "M",
+            Metadata::new(),
+            payload.clone(),
+            Duration::from_secs(60),
+        ));
+        sent.push(payload);
+        match futures_util::FutureExt::now_or_never(&mut sending) {
+            Some(done) => {
+                done.unwrap();
+            }
+            None => break,
+        }
+    }
+    assert!(sent.len() < 20, "every send committed within one poll");
+    for payload in &sent {
+        assert_eq!(&next(&mut rx).await.payload[..], payload.as_bytes());
+    }
+}
+
 #[tokio::test]
 async fn a_push_handler_receives_durable_messages_and_they_are_acknowledged() {
     let (dev, _store, server) = started(DurableLimits::default()).await;
@@ -894,6 +927,49 @@ async fn a_client_rebound_to_another_identity_receives_its_older_messages() {
     assert!(nothing_pending(&server, Duration::from_secs(5)).await);
 }
 
+/// A delivery run follows its identity: once the connection it streams to is re-bound to
+/// another identity and the device comes back on a new connection, the rest goes there; every
+/// message reaches one of the two connections, once.
+#[tokio::test]
+async fn a_delivery_run_stops_sending_to_a_connection_its_identity_left() {
+    const N: usize = 5000;
+    let (dev, _store, server) = started(DurableLimits::default()).await;
+    let addr = server.local_addr().unwrap();
+    send_numbered(&server, "user-a", N as u32).await;
+    // A small channel nobody reads yet: the run stalls on the first connection.
+    let (tx, mut first_rx) = push_channel(4);
+    let _first = quicx::Client::builder()
+        .tls(ClientTls::new().trust(dev.certificate()))
+        .client_id("user-a")
+        .push_channel(tx)
+        .connect_addr(addr, "localhost")
+        .await
+        .unwrap();
+    let first_msg = next(&mut first_rx).await;
+    server.client("user-a").unwrap().bind_client_id("user-b");
+    let (_second, mut second_rx) = device(&dev, addr, "user-a", false).await;
+    let mut seen = vec![0u32; N];
+    let mut count = |msg: PushMessage| {
+        let i: usize = std::str::from_utf8(&msg.payload).unwrap().parse().unwrap();
+        seen[i] += 1;
+    };
+    count(first_msg);
+    let (mut on_first, mut on_second) = (1usize, 0usize);
+    while on_first + on_second < N {
+        tokio::select! {
+            Some(m) = first_rx.recv() => { count(m); on_first += 1; }
+            Some(m) = second_rx.recv() => { count(m); on_second += 1; }
+            () = tokio::time::sleep(Duration::from_secs(10)) => {
+                panic!("stuck at {on_first} + {on_second} of {N}");
+            }
+        }
+    }
+    assert!(on_second > 0, "the device's new connection got nothing");
+    assert!(seen.iter().all(|&n| n == 1), "every message once");
+    quiet(&mut second_rx, Duration::from_millis(300)).await;
+    assert!(nothing_pending(&server, Duration::from_secs(5)).await);
+}
+
 #[tokio::test]
 async fn a_message_whose_ack_was_lost_is_redelivered_and_seen_once() {
     let dev = DevCertificate::localhost().unwrap();
@@ -1034,6 +1110,35 @@ async fn expired_messages_are_dropped_not_delivered() {
             == 1)
         .await
     );
+}
+
+/// Under `Overflow::DropOldest`, a message that would not fit even with every older message of
+/// its identity dropped (other identities fill the store) is refused, and nothing is dropped.
+#[tokio::test]
+async fn drop_oldest_drops_nothing_when_that_would_not_make_room() {
+    let ttl = Duration::from_secs(60);
+    let (_dev, _store, server) = started(
+        DurableLimits::default()
+            .total(100, 1400)
+            .overflow(Overflow::DropOldest),
+    )
+    .await;
+    let send = async |who: &str, size: usize| {
+        server
+            .send_durable(who, "Device", "M", Metadata::new(), vec![7u8; size], ttl)
+            .await
+    };
+    for _ in 0..3 {
+        send("other", 300).await.unwrap();
+    }
+    send("mine", 50).await.unwrap();
+    let err = send("mine", 500).await.unwrap_err();
+    assert!(matches!(err, Error::StoreFull(_)), "{err:?}");
+    assert_eq!(server.durable_pending("mine").await.unwrap().len(), 1);
+    assert_eq!(server.stats().durable_overflowed, 0);
+    // One that fits once the older one goes still drops it.
+    send("mine", 400).await.unwrap();
+    assert_eq!(server.stats().durable_overflowed, 1);
 }
 
 #[tokio::test]

@@ -2057,7 +2057,10 @@ impl Inbox {
                 if id <= s.acked {
                     return Some(Admission::Duplicate);
                 }
-                if prev == 0 || prev <= s.delivered {
+                // What was acknowledged was handed to the application (on some connection): a
+                // message after it may follow, although an older connection's task raised
+                // `acked` after this connection started.
+                if prev == 0 || prev <= s.delivered.max(s.acked) {
                     return Some(Admission::Deliver);
                 }
             }

@@ -377,9 +377,14 @@ impl IoRuntime {
             return Ok(fut.await);
         };
         let mut task = AbortOnDrop(dedicated.handle.spawn(fut));
-        (&mut task.0)
-            .await
-            .map_err(|e| Error::Internal(format!("quicx I/O task failed: {e}")))
+        (&mut task.0).await.map_err(|e| {
+            if e.is_cancelled() {
+                // The I/O thread stopped (its server shut down): what ran there was closed.
+                Error::ConnectionLost(quinn::ConnectionError::LocallyClosed)
+            } else {
+                Error::Internal(format!("quicx I/O task failed: {e}"))
+            }
+        })
     }
 
     /// `fut` bounded by `limit` (see [`within`]), driven by the task that awaits it, wherever

@@ -354,7 +354,7 @@ impl Server {
     /// # Errors
     /// [`Error::Io`] if the address is taken (also by sockets that share ports, so a second
     /// server cannot silently split a running server's traffic), [`Error::Config`] if this server
-    /// already listens.
+    /// already listens or was shut down.
     pub async fn bind(&self, addr: impl tokio::net::ToSocketAddrs) -> Result<SocketAddr> {
         let addr = tokio::net::lookup_host(addr)
             .await?
@@ -367,6 +367,11 @@ impl Server {
             .unwrap_or_else(|p| p.into_inner());
         if !endpoints.is_empty() {
             return Err(Error::Config("the server is already listening".into()));
+        }
+        // Checked under the lock `shutdown` takes to close the endpoints: a bind either comes
+        // before (its endpoints are closed) or is refused.
+        if self.inner.stop_accepting.is_cancelled() {
+            return Err(Error::Config("the server was shut down".into()));
         }
         // A plain bind first: it fails if anything holds the port, sharing sockets included;
         // the sockets that share the port are bound right after it is released.

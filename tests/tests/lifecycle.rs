@@ -347,3 +347,14 @@ async fn a_connect_abandoned_during_its_hello_leaves_no_connection() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A server shut down before it listened refuses to listen afterwards (it bound a port no one
+/// would ever read).
+#[tokio::test]
+async fn a_server_shut_down_refuses_to_bind() {
+    let dev = DevCertificate::localhost().unwrap();
+    let server = Server::builder().dev_certificate(&dev).build().unwrap();
+    server.shutdown(Duration::from_millis(100)).await;
+    let err = server.bind("127.0.0.1:0").await.unwrap_err();
+    assert!(matches!(err, Error::Config(_)), "{err:?}");
+}

@@ -36,19 +36,22 @@ pub const MSG_PREV_KEY: &str = "quicx-msg-prev";
 pub const MSG_SPACE_KEY: &str = "quicx-msg-space";
 
 /// The id space ([`MSG_SPACE_KEY`]) of `identity`'s durable messages from the store or cluster
-/// named `base`: `base/identity`, with an identity longer than 128 bytes replaced by `#` and
-/// the hex SHA-256 of it (the name stays within what clients accept). Ids are shared by every
+/// named `base`: the first 64 bits of the SHA-256 of `base`, a NUL byte and `identity`, in hex
+/// (16 characters: short, as every durable message carries it). Ids are shared by every
 /// identity of a store, and one client may carry several identities over time (a handler's
 /// `bind_client_id` after a login): a space per identity keeps what it acknowledged for one
 /// from hiding the other's messages.
 pub fn msg_space(base: &str, identity: &str) -> String {
-    if identity.len() <= 128 {
-        return format!("{base}/{identity}");
-    }
-    let digest = ring::digest::digest(&ring::digest::SHA256, identity.as_bytes());
-    let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-    format!("{base}/#{hex}")
+    let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
+    digest.update(base.as_bytes());
+    digest.update(&[0]);
+    digest.update(identity.as_bytes());
+    digest.finish().as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
+
 /// Metadata key, present (`1`) when the message was sent before and not acknowledged.
 pub const MSG_REDELIVERED_KEY: &str = "quicx-msg-redelivered";
 
@@ -2139,13 +2142,15 @@ mod tests {
     }
 
     #[test]
-    fn a_msg_space_names_the_identity_within_what_clients_accept() {
-        assert_eq!(msg_space("0123", "device-7"), "0123/device-7");
-        let long = "x".repeat(1000);
-        let space = msg_space("cluster/quicx", &long);
-        assert!(space.len() <= MAX_SPACE_LEN, "{}", space.len());
-        assert_ne!(space, msg_space("cluster/quicx", &"x".repeat(999)));
-        assert_eq!(space, msg_space("cluster/quicx", &long), "stable");
+    fn a_msg_space_is_short_stable_and_tells_stores_and_identities_apart() {
+        let space = msg_space("0123", "device-7");
+        assert_eq!(space.len(), 16);
+        assert_eq!(space, msg_space("0123", "device-7"), "stable");
+        assert_ne!(space, msg_space("0123", "device-8"));
+        assert_ne!(space, msg_space("0124", "device-7"));
+        // The separator keeps the two parts apart.
+        assert_ne!(msg_space("ab", "c"), msg_space("a", "bc"));
+        assert_eq!(msg_space("cluster/q", &"x".repeat(1000)).len(), 16);
     }
 
     use super::*;

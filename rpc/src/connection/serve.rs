@@ -777,6 +777,8 @@ async fn serve_durable_stream(
     };
     let limits = conn.inner.side.limits;
     let server = conn.server_addr().to_string();
+    // The space named by the last record, and its key in the inbox.
+    let mut last_space: Option<(String, String)> = None;
     let (mut last, mut unacked) = (0u64, None);
     let frame_timeout = conn.inner.side.frame_timeout;
     loop {
@@ -809,11 +811,17 @@ async fn serve_durable_stream(
             return reject(Some(&mut send), records.recv(), StreamCode::MALFORMED_FRAME);
         };
         last = id;
-        let Some(space) = space_or(&msg, &server) else {
-            tracing::debug!(conn = conn.id(), "durable record with a too long id space");
-            return reject(Some(&mut send), records.recv(), StreamCode::MALFORMED_FRAME);
-        };
-        if !inbox.is_acked(&space, id) {
+        // The records of a stream name one space as a rule: its key is made once.
+        let named = msg.metadata.get(crate::durable::MSG_SPACE_KEY);
+        if named != last_space.as_ref().map(|(name, _)| name.as_str()) {
+            let Some(key) = space_or(&msg, &server) else {
+                tracing::debug!(conn = conn.id(), "durable record with a too long id space");
+                return reject(Some(&mut send), records.recv(), StreamCode::MALFORMED_FRAME);
+            };
+            last_space = named.map(|name| (name.to_owned(), key.into_owned()));
+        }
+        let space = last_space.as_ref().map_or(server.as_str(), |(_, key)| key);
+        if !inbox.is_acked(space, id) {
             if let Err(refused) = hand_over(conn, msg, sink, manual_ack, &mut send).await {
                 tracing::debug!(
                     conn = conn.id(),
@@ -821,7 +829,7 @@ async fn serve_durable_stream(
                 );
                 return reject(Some(&mut send), records.recv(), StreamCode::PUSH_REJECTED);
             }
-            inbox.acked(&space, id);
+            inbox.acked(space, id);
         }
         unacked = Some(id);
         // One acknowledgement per run of buffered records; in manual-ack mode one per message

@@ -108,9 +108,12 @@ impl Policy {
                 };
                 let backup = attempt(second);
                 tokio::pin!(backup);
+                // The first answer wins unless it is a transport failure: a handler's error is
+                // the call's answer at once, as in every mode.
+                let settled = |r: &Result<R>| r.as_ref().err().is_none_or(|e| !e.is_transport());
                 tokio::select! {
-                    result = &mut primary => if result.is_ok() { result } else { backup.await },
-                    result = &mut backup => if result.is_ok() { result } else { primary.await },
+                    result = &mut primary => if settled(&result) { result } else { backup.await },
+                    result = &mut backup => if settled(&result) { result } else { primary.await },
                 }
             }
         }
@@ -260,6 +263,22 @@ mod tests {
         // A failed backup leaves the answer to the first.
         let fake = Fake::new(vec![vec![(50, Ok(0))], vec![(0, Err(lost()))]]);
         assert_eq!(run(FailMode::Failbackup, &fake).await.unwrap(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failbackup_returns_a_handler_error_at_once() {
+        // The backup is stalled; the first answers with a handler's error at 50 ms.
+        let remote = Error::Remote {
+            code: 4000,
+            message: "no".into(),
+        };
+        let fake = Fake::new(vec![vec![(50, Err(remote))], vec![(10_000, Ok(1))]]);
+        let started = tokio::time::Instant::now();
+        assert!(matches!(
+            run(FailMode::Failbackup, &fake).await,
+            Err(Error::Remote { code: 4000, .. })
+        ));
+        assert!(started.elapsed() < Duration::from_millis(100));
     }
 
     #[tokio::test(start_paused = true)]

@@ -135,6 +135,11 @@ impl Selector for WeightedRoundRobin {
         let mut best = 0;
         let mut best_weight = i64::MIN;
         for (i, c) in candidates.iter().enumerate() {
+            // Weight 0 drains an endpoint: never picked while another has weight (its running
+            // value would tie with a positive one's after the pool changed).
+            if c.endpoint.weight == 0 {
+                continue;
+            }
             let w = current.entry(c.endpoint.address.clone()).or_insert(0);
             *w += i64::from(c.endpoint.weight);
             if *w > best_weight {
@@ -271,6 +276,20 @@ mod tests {
         // nginx's example sequence for weights 5,1,1: a a b a c a a.
         assert_eq!(picks, [0, 0, 1, 0, 2, 0, 0]);
         assert_eq!(counts(&wrr, &c, 7_000), [5_000, 1_000, 1_000]);
+    }
+
+    #[test]
+    fn weighted_round_robin_never_picks_weight_zero_while_others_have_weight() {
+        let e = endpoints(&[0, 1, 1]);
+        let wrr = WeightedRoundRobin::default();
+        assert_eq!(wrr.select(&candidates(&e), &INFO), 1);
+        // Endpoint 2 leaves the pool (cooling down): endpoint 1's running value is back at 0.
+        let fewer = [e[0].clone(), e[1].clone()];
+        for _ in 0..10 {
+            assert_eq!(wrr.select(&candidates(&fewer), &INFO), 1);
+        }
+        // All weights 0: the first.
+        assert_eq!(wrr.select(&candidates(&endpoints(&[0, 0])), &INFO), 0);
     }
 
     #[test]

@@ -447,6 +447,56 @@ async fn bidirectional_xclient_receives_pushes_from_every_server() {
     x.close().await;
 }
 
+/// A bidirectional XClient keeps trying an endpoint that did not answer at first (a server
+/// starting or restarting), without any call: pushes may be all it gets from it.
+#[tokio::test]
+async fn a_bidirectional_xclient_connects_to_a_server_that_starts_late() {
+    let dev = DevCertificate::localhost().unwrap();
+    let a = named(&dev, "a", 0).await;
+    let port = quicx_tests::child::free_port();
+    let late_endpoint = Endpoint::parse(&format!("127.0.0.1:{port}"))
+        .unwrap()
+        .with_server_name("localhost");
+    let (tx, mut rx) = push_channel(16);
+    let x = XClient::bidirectional(
+        "Who",
+        FailMode::Failover,
+        SelectMode::RoundRobin,
+        MultipleServersDiscovery::new(vec![a.endpoint.clone(), late_endpoint]),
+        ClientOption {
+            client_id: Some("gadget".into()),
+            ..option(&dev)
+        },
+        tx,
+    )
+    .unwrap();
+    // Its first connect to the late server fails (nothing listens).
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let late = Server::builder()
+        .dev_certificate(&dev)
+        .insecure_accept_unverified_client_ids()
+        .build()
+        .unwrap();
+    late.bind(format!("127.0.0.1:{port}")).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while late.client("gadget").is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "never connected to the late server"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    late.send_to_client("gadget", "hello", "from", Metadata::new(), b"late")
+        .await
+        .unwrap();
+    let msg = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&msg.payload[..], b"late");
+    x.close().await;
+}
+
 /// A selector of our own: always the last endpoint.
 #[derive(Debug)]
 struct Last;

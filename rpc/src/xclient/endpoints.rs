@@ -151,7 +151,14 @@ impl Members {
             .drain(..)
             .map(|m| (m.endpoint.address.clone(), m))
             .collect();
+        // One member per address, the first listed: two connections to one server would take
+        // each other's identity over (mDNS lists a server restarted under a new instance name
+        // twice for a while).
+        let mut seen = std::collections::HashSet::new();
         for &endpoint in wanted {
+            if !seen.insert(endpoint.address.as_str()) {
+                continue;
+            }
             let member = match old.remove(&endpoint.address) {
                 Some(member) if member.endpoint == *endpoint => member,
                 Some(member) => Arc::new(Member::new(endpoint.clone(), member.client())),
@@ -350,12 +357,28 @@ impl Core {
             });
         }
         if self.bidirectional {
+            // Connected to every endpoint without a call (pushes may be all it gets): one that
+            // does not answer yet (starting, restarting) is tried again, 100 ms apart and
+            // doubling to 5 s, while it is listed and the XClient is open. Once connected, the
+            // client's own supervisor keeps it so.
             for member in self.members.all() {
                 let inner = self.clone();
                 tokio::spawn(async move {
-                    let _ = inner
-                        .client_for(&member, inner.option.connect_timeout)
-                        .await;
+                    let mut backoff = Duration::from_millis(100);
+                    loop {
+                        let connected = inner
+                            .client_for(&member, inner.option.connect_timeout)
+                            .await;
+                        let listed = || inner.members.all().iter().any(|m| Arc::ptr_eq(m, &member));
+                        if connected.is_ok() || inner.closed.is_cancelled() || !listed() {
+                            return;
+                        }
+                        tokio::select! {
+                            () = tokio::time::sleep(backoff) => {}
+                            () = inner.closed.cancelled() => return,
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
                 });
             }
         }
@@ -380,6 +403,18 @@ mod tests {
         member.record(false, cooldown);
         assert!(!member.failed_before());
         assert!(!member.cooling_down(Instant::now()));
+    }
+
+    #[test]
+    fn an_address_listed_twice_is_one_member() {
+        let members = Members::default();
+        let a = Endpoint::parse("quic@127.0.0.1:1").unwrap();
+        let b = Endpoint::parse("quic@127.0.0.1:2").unwrap();
+        assert!(members.replace(&[&a, &a, &b]).is_empty());
+        let all = members.all();
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[0].endpoint, a);
+        assert_eq!(all[1].endpoint, b);
     }
 
     #[test]

@@ -153,7 +153,7 @@ impl ClusterDurable {
             service_method: service_method.to_owned(),
             metadata,
             payload: payload.to_vec(),
-            expires_ms: now_ms().saturating_add(ttl.as_millis() as u64),
+            expires_ms: now_ms().saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)),
         };
         let value =
             postcard::to_allocvec(&stored).map_err(|e| ClusterError::Config(e.to_string()))?;
@@ -271,7 +271,7 @@ impl ClusterDurable {
                 .with_sort(SortTarget::Create, SortOrder::Ascend)
                 .with_min_create_revision(read_up_to + 1)
                 .with_limit(READ_BATCH);
-            let found = match client
+            let found = match crate::etcd::kv(&client)
                 .get(self.device_prefix(client_id), Some(options))
                 .await
             {

@@ -89,6 +89,16 @@ impl EtcdOptions {
     }
 }
 
+/// The largest reply this crate decodes from etcd (the client's default is 4 MiB): a durable
+/// read of 256 messages of 64 KiB, or the first read of the presence of some 45,000 devices,
+/// is more than that, and a reply over the limit fails the same way at every retry.
+pub(crate) const REPLY_LIMIT: usize = 256 << 20;
+
+/// A KV client of `client` that decodes replies up to [`REPLY_LIMIT`].
+pub(crate) fn kv(client: &Client) -> etcd_client::KvClient {
+    client.kv_client().max_decoding_message_size(REPLY_LIMIT)
+}
+
 /// How long to wait before retrying etcd after a failure: 100 ms doubling to 1 s.
 #[derive(Debug)]
 struct Backoff(Duration);
@@ -428,14 +438,14 @@ pub(crate) async fn follow(
     first: Option<tokio::sync::oneshot::Sender<()>>,
     keys_only: bool,
 ) {
-    let mut client = client;
+    let client = client;
     let mut first = first;
     let mut backoff = Backoff::new();
     let mut next: Option<i64> = None;
     while !stop.is_cancelled() {
         let start = match next {
             Some(rev) => rev,
-            None => match client
+            None => match kv(&client)
                 .get(
                     prefix.as_str(),
                     Some(if keys_only {
@@ -480,7 +490,12 @@ pub(crate) async fn follow(
             // No previous values: etcd reads each one back from its store (a range per event),
             // which made the 3,333 deletes of a dead node's lease arrive about a second late.
             .with_start_revision(start);
-        let mut stream = match client.watch(prefix.as_str(), Some(options)).await {
+        let mut stream = match client
+            .watch_client()
+            .max_decoding_message_size(REPLY_LIMIT)
+            .watch(prefix.as_str(), Some(options))
+            .await
+        {
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!("etcd watch {prefix} failed: {e}");

@@ -46,7 +46,7 @@ pub use crate::{
     discovery::EtcdDiscovery,
     durable::{MAX_DURABLE_PAYLOAD, MAX_DURABLE_PER_DEVICE},
     etcd::EtcdOptions,
-    node::{ClusterNode, ClusterOptions, ServiceEntry},
+    node::{ClusterNode, ClusterOptions, MIN_SECRET_LEN, ServiceEntry},
     routing::{ROUTING_SERVICE, SECRET_METADATA_KEY},
 };
 

@@ -98,11 +98,14 @@ pub struct ClusterOptions {
     durable_ack_timeout: Duration,
 }
 
+/// The shortest cluster secret a node accepts.
+pub const MIN_SECRET_LEN: usize = 16;
+
 impl ClusterOptions {
     /// A node named `name` (unique in the cluster, no `/`), on `etcd`, reaching other nodes with
     /// `tls` (which must trust their certificates), authenticating routing requests with
-    /// `secret` (the same on every node; keep it as secret as a private key: it lets its holder
-    /// push to any device).
+    /// `secret` (the same on every node, at least [`MIN_SECRET_LEN`] bytes; keep it as secret as
+    /// a private key: it lets its holder push to any device).
     pub fn new(
         name: impl Into<String>,
         etcd: EtcdOptions,
@@ -280,6 +283,12 @@ impl ClusterNode {
             return Err(ClusterError::Config(format!(
                 "node name `{}` must be non-empty, without `/`",
                 options.name
+            )));
+        }
+        // Routing requests authenticate with it: an empty one would let anyone through.
+        if options.secret.len() < MIN_SECRET_LEN {
+            return Err(ClusterError::Config(format!(
+                "the cluster secret must be at least {MIN_SECRET_LEN} bytes"
             )));
         }
         let advertise = options.advertise.unwrap_or(bound);
@@ -1180,6 +1189,8 @@ async fn track_identities(
                     if let Some(id) = conn.client_id() {
                         bound.insert(conn.id(), id.clone());
                         record_presence(&session, &state, &prefix, &id, conn.id()).await;
+                        // Its `Bound` event may be among the missed: its backlog too.
+                        state.durable.kick(&state.etcd, &server, &id);
                     }
                 }
                 let recorded: Vec<String> = lock(&state.mine).keys().cloned().collect();

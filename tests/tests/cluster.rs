@@ -866,3 +866,54 @@ async fn a_device_acknowledging_by_hand_gets_a_backlog_once_each_however_long_th
     );
     assert_eq!(pending_after_acks(&node, "device-4").await, 0);
 }
+
+/// A backlog whose one read from etcd (256 messages) is far above the etcd client's default
+/// 4 MiB reply limit is delivered: 300 messages of 60 KiB.
+#[tokio::test]
+async fn a_backlog_of_large_durable_messages_is_delivered() {
+    let Some(etcd) = etcd_or_skip() else { return };
+    let dev = DevCertificate::localhost().unwrap();
+    let options = etcd_options(&etcd, Duration::from_secs(5));
+    let (server, node) = node(&dev, &options, "a").await;
+    for i in 0..300u32 {
+        let mut payload = vec![7u8; 60 * 1024];
+        payload[..4].copy_from_slice(&i.to_be_bytes());
+        node.send_durable(
+            "big-device",
+            "Device",
+            "Cmd",
+            Metadata::new(),
+            payload,
+            Duration::from_secs(120),
+        )
+        .await
+        .unwrap();
+    }
+    let (_device, mut rx) = device(&dev, server.local_addr().unwrap(), "big-device").await;
+    for i in 0..300u32 {
+        let msg = next_push(&mut rx).await;
+        assert_eq!(msg.payload.len(), 60 * 1024);
+        assert_eq!(msg.payload[..4], i.to_be_bytes(), "message {i} in order");
+    }
+    node.shutdown(Duration::from_secs(1)).await;
+}
+
+/// A node refuses a short (or empty) secret: routing requests carry none, and an empty one
+/// would match them.
+#[tokio::test]
+async fn a_node_refuses_a_short_cluster_secret() {
+    let Some(etcd) = etcd_or_skip() else { return };
+    let dev = DevCertificate::localhost().unwrap();
+    let server = Server::builder().dev_certificate(&dev).build().unwrap();
+    server.bind("127.0.0.1:0").await.unwrap();
+    for secret in ["", "short"] {
+        let options = ClusterOptions::new(
+            "a",
+            etcd_options(&etcd, Duration::from_secs(5)),
+            ClientTls::new().trust(dev.certificate()),
+            secret,
+        );
+        let err = ClusterNode::start(&server, options).await.unwrap_err();
+        assert!(matches!(err, ClusterError::Config(_)), "{err:?}");
+    }
+}

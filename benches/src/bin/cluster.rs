@@ -57,7 +57,7 @@ struct Cli {
     durable_only: bool,
 }
 
-const SECRET: &str = "bench-secret";
+const SECRET: &str = "bench-cluster-secret";
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {

@@ -532,10 +532,10 @@ impl Drop for CloseUnlessKept {
     }
 }
 
-/// The client was closed (or its last handle dropped) while the supervisor held `conn`: closes
-/// it, and whatever connection the client still shows.
-fn close_for_good(inner: &ClientInner, conn: &Connection) {
-    conn.close_with(CloseCode::NORMAL, b"client closed");
+/// The client was closed (or its last handle dropped): closes the connection it still shows,
+/// if `close` (or the drop) did not take it first (a reconnect that ended just after). The
+/// supervisor's connection is always the one shown until then.
+fn close_for_good(inner: &ClientInner) {
     if let Some(current) = inner.current.send_replace(None) {
         current.close_with(CloseCode::NORMAL, b"client closed");
     }
@@ -544,14 +544,17 @@ fn close_for_good(inner: &ClientInner, conn: &Connection) {
 async fn supervise(inner: Arc<ClientInner>, mut conn: Connection) {
     loop {
         let closed = tokio::select! {
-            e = conn.quic().closed() => e,
+            // A client closed by `close` also sees its connection closed: one `Disconnected`
+            // event, the one `close` sends.
+            biased;
             () = inner.closed.cancelled() => {
-                // `close` (or the last handle's drop) closed what it found; a connection it
-                // could not see yet (set just after) is closed here.
-                close_for_good(&inner, &conn);
+                // `close` (or the last handle's drop) took and closed what it found; what is
+                // still shown (set just after) is closed here.
+                close_for_good(&inner);
                 inner.side.record(crate::metrics::Event::ClientDisconnected);
                 return;
             }
+            e = conn.quic().closed() => e,
         };
         inner.current.send_replace(None);
         inner.side.record(crate::metrics::Event::ClientDisconnected);
@@ -598,7 +601,8 @@ async fn supervise(inner: Arc<ClientInner>, mut conn: Connection) {
         inner.current.send_replace(Some(conn.clone()));
         if inner.closed.is_cancelled() {
             // Closed while the reconnect ended: `close` may have found no connection to close.
-            close_for_good(&inner, &conn);
+            close_for_good(&inner);
+            inner.side.record(crate::metrics::Event::ClientDisconnected);
             return;
         }
         let _ = inner.events.send(ClientEvent::Reconnected {
@@ -801,10 +805,12 @@ impl Client {
     /// reconnecting: its server is gone or unreachable). Dropping the last handle instead closes without waiting, so a
     /// process that exits at once may leave the server waiting for its idle timeout.
     pub async fn close(&self) {
+        // Taken before the supervisor hears of the close (it would take it otherwise, and this
+        // would neither flush its CONNECTION_CLOSE nor report it).
+        let conn = self.inner.current.send_replace(None);
         self.inner.closed.cancel();
         // Closed for good: a place on the caller's runtime goes to the next client.
         self.inner.link.driver.give_back_place();
-        let conn = self.inner.current.send_replace(None);
         if let Some(conn) = &conn {
             if self.inner.link.owns_endpoint {
                 conn.close_with(CloseCode::NORMAL, b"client closed");

@@ -1159,8 +1159,8 @@ fn admit(
     let fits_alone = {
         let mine = sizes.by_identity.get(identity).copied().unwrap_or_default();
         limits.per_identity_messages > 0
-            && sizes.total.messages - mine.messages < limits.total_messages
-            && sizes.total.bytes - mine.bytes + bytes <= limits.total_bytes
+            && sizes.total.messages.saturating_sub(mine.messages) < limits.total_messages
+            && sizes.total.bytes.saturating_sub(mine.bytes) + bytes <= limits.total_bytes
     };
     if !fits_alone {
         return Err(full(sizes));
@@ -1453,11 +1453,18 @@ impl Durable {
 
     async fn run(self: Arc<Self>, identity: String) {
         loop {
+            let used = self.connection(&identity).map(|c| c.id());
             let end = self.deliver(&identity).await;
             {
                 let mut running = lock(&self.running);
                 let more = running.get(&identity).copied().unwrap_or(false);
-                if end == RunEnd::Done && more {
+                // A run that stopped because its connection was taken over goes on at once on
+                // the new one (not a second later).
+                let moved = end == RunEnd::Stopped
+                    && self
+                        .connection(&identity)
+                        .is_some_and(|c| Some(c.id()) != used);
+                if (end == RunEnd::Done && more) || moved {
                     running.insert(identity.clone(), false);
                     continue;
                 }
@@ -1895,7 +1902,9 @@ impl Durable {
                 service_path: m.service_path,
                 service_method: m.service_method,
                 size: m.payload.len(),
-                expires_at: UNIX_EPOCH + Duration::from_millis(m.expires_ms),
+                expires_at: UNIX_EPOCH
+                    .checked_add(Duration::from_millis(m.expires_ms))
+                    .unwrap_or(UNIX_EPOCH + Duration::from_secs(u64::from(u32::MAX))),
             })
             .collect())
     }
@@ -1965,8 +1974,10 @@ async fn sweep(durable: Weak<Durable>) {
     }
 }
 
-/// A client's view of the durable messages of one id space (a server, or a cluster): what it
-/// delivered (in order) and acknowledged, to deliver in order and drop duplicates.
+/// A client's view of the durable messages of each id space (a store or cluster and an
+/// identity, or a server without a named space): what it delivered (in order) and
+/// acknowledged, to deliver in order and drop duplicates. The `server` parameters below name
+/// a space.
 #[derive(Debug, Default)]
 pub(crate) struct Inbox {
     state: Mutex<Spaces>,

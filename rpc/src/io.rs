@@ -389,8 +389,8 @@ impl IoRuntime {
 
     /// `fut` bounded by `limit` (see [`within`]), driven by the task that awaits it, wherever
     /// that runs; the timer, when one is needed, is this I/O thread's (the caller's runtime
-    /// for [`caller`](Self::caller)). An application task that pushes or calls through a
-    /// connection driven here so needs no timer of its own runtime.
+    /// for [`caller`](Self::caller)). An application task that pushes through a connection
+    /// driven here so needs no timer of its own runtime.
     pub(crate) async fn within<F: Future>(
         &self,
         limit: Duration,

@@ -727,9 +727,12 @@ impl Server {
                     }
                 }
                 Err(e) => {
-                    let message = e.to_string();
+                    // The I/O thread stopped (shutdown): each push's connection was closed.
                     for i in members {
-                        results[i] = Some(Err(Error::Internal(message.clone())));
+                        results[i] = Some(Err(match &e {
+                            Error::ConnectionLost(c) => Error::ConnectionLost(c.clone()),
+                            other => Error::Internal(other.to_string()),
+                        }));
                     }
                 }
             }

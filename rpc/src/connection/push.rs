@@ -164,8 +164,8 @@ impl Connection {
     /// from the task that awaits it: an application task pushes without a hand-over to the
     /// I/O thread that drives the connection (measured on 2 cores, 16 application tasks
     /// pushing 32 B to one client: 86-89k pushes/s handed over, 805-865k written by the task
-    /// itself; BENCHMARKS.md). The push timer runs on the connection's I/O thread, so the
-    /// caller's runtime needs no timers.
+    /// itself; BENCHMARKS.md). The push timer runs on the connection's I/O thread (a server
+    /// on its own I/O threads, the default), so the caller's runtime needs no timers then.
     async fn send_push_frame(&self, frame: Bytes, timeout: Duration) -> Result<()> {
         self.push_here(frame, timeout).await
     }

@@ -124,13 +124,17 @@ impl Registry {
 
     /// Binds `conn` to `client_id`: the id now finds `conn`, and the id `conn` held before, if
     /// any, no longer finds anything. Returns the live connection that held `client_id` before
-    /// (for the caller to close as taken over). A connection that already left the registry, or
-    /// that another connection took an identity over from, is not bound.
+    /// (for the caller to close as taken over). A connection that already left the registry, is
+    /// closed (a hello answered after its client gave up), or that another connection took an
+    /// identity over from, is not bound.
     pub(crate) fn bind(&self, client_id: String, conn: &Connection) -> Option<Connection> {
         let previous;
         {
             let mut inner = self.lock();
-            if !inner.conns.contains_key(&conn.id()) || inner.taken_over.contains(&conn.id()) {
+            if !inner.conns.contains_key(&conn.id())
+                || inner.taken_over.contains(&conn.id())
+                || conn.is_closed()
+            {
                 return None;
             }
             if let Some(old) = conn.client_id() {

@@ -248,15 +248,35 @@ impl Session {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        // One transaction per batch: etcd 3.4 takes up to 128 operations in one.
-        for batch in desired.chunks(128) {
+        // A device's presence goes back only where no other node wrote it meanwhile (absent, or
+        // still this node's): a device that moved to another node while this one was away from
+        // etcd must not be pulled back (the other node would close its live connection as
+        // taken over). Other keys (the node's own, its services) go back as they are.
+        let presence = crate::keys::presences(&self.options.prefix);
+        // One transaction per batch: etcd 3.4 takes up to 128 operations in one (a guarded put
+        // counts as two puts).
+        for batch in desired.chunks(64) {
             let ops: Vec<TxnOp> = batch
                 .iter()
                 .map(|(k, v)| {
-                    TxnOp::put(
-                        k.as_str(),
-                        v.as_str(),
-                        Some(PutOptions::new().with_lease(lease)),
+                    let put = || {
+                        TxnOp::put(
+                            k.as_str(),
+                            v.as_str(),
+                            Some(PutOptions::new().with_lease(lease)),
+                        )
+                    };
+                    if !k.starts_with(&presence) {
+                        return put();
+                    }
+                    let if_ours = Txn::new()
+                        .when([Compare::value(k.as_str(), CompareOp::Equal, v.as_str())])
+                        .and_then([put()]);
+                    TxnOp::txn(
+                        Txn::new()
+                            .when([Compare::version(k.as_str(), CompareOp::Equal, 0)])
+                            .and_then([put()])
+                            .or_else([TxnOp::txn(if_ours)]),
                     )
                 })
                 .collect();

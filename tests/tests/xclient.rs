@@ -497,6 +497,47 @@ async fn a_bidirectional_xclient_connects_to_a_server_that_starts_late() {
     x.close().await;
 }
 
+/// A discovery that never answers.
+struct Silent(tokio::sync::watch::Sender<quicx::discovery::Endpoints>);
+
+impl quicx::discovery::Discovery for Silent {
+    async fn endpoints(&self) -> quicx::discovery::Endpoints {
+        std::future::pending().await
+    }
+
+    fn watch(&self) -> tokio::sync::watch::Receiver<quicx::discovery::Endpoints> {
+        self.0.subscribe()
+    }
+}
+
+/// The call timeout bounds the wait for a discovery's first answer too.
+#[tokio::test]
+async fn a_call_waits_for_a_silent_discovery_no_longer_than_its_timeout() {
+    let dev = DevCertificate::localhost().unwrap();
+    let silent = Silent(tokio::sync::watch::Sender::new(Default::default()));
+    let x = XClient::new(
+        "Who",
+        FailMode::Failfast,
+        SelectMode::RandomSelect,
+        silent,
+        ClientOption {
+            call_timeout: Some(Duration::from_millis(200)),
+            ..option(&dev)
+        },
+    )
+    .unwrap();
+    let started = Instant::now();
+    let result = tokio::time::timeout(Duration::from_secs(5), x.call::<_, String>("Name", &()))
+        .await
+        .expect("the call returned");
+    assert!(result.is_err(), "{result:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
 /// A selector of our own: always the last endpoint.
 #[derive(Debug)]
 struct Last;

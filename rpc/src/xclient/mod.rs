@@ -8,6 +8,7 @@ mod builder;
 mod endpoints;
 
 use std::{
+    borrow::Cow,
     fmt,
     sync::{Arc, Weak, atomic::Ordering},
     time::Duration,
@@ -245,14 +246,36 @@ impl XClient {
         }
     }
 
-    /// Waits for the discovery's first answer if no endpoint is known yet (mDNS and similar
-    /// backends may not have answered).
-    async fn await_endpoints(&self) {
-        if self.inner.members.len() == 0 {
-            let list = self.inner.discovery.endpoints().await;
-            if !list.is_empty() {
-                self.inner.apply(&list);
-            }
+    /// Waits, at most `limit` (the call's timeout), for the discovery's first answer if no
+    /// endpoint is known yet (mDNS and similar backends may not have answered); returns how
+    /// long it waited.
+    async fn await_endpoints(&self, limit: Option<Duration>) -> Duration {
+        if self.inner.members.len() != 0 {
+            return Duration::ZERO;
+        }
+        let started = std::time::Instant::now();
+        let answer = self.inner.discovery.endpoints();
+        let list = match limit {
+            Some(t) => within(t, answer).await.ok(),
+            None => Some(answer.await),
+        };
+        if let Some(list) = list.filter(|l| !l.is_empty()) {
+            self.inner.apply(&list);
+        }
+        started.elapsed()
+    }
+
+    /// [`await_endpoints`](Self::await_endpoints) within the call's timeout, and the call's
+    /// options with what is left of it.
+    async fn endpoints_for<'o>(&self, options: &'o CallOptions) -> Cow<'o, CallOptions> {
+        let timeout = options.timeout.or(self.inner.option.call_timeout);
+        let waited = self.await_endpoints(timeout).await;
+        match timeout {
+            Some(t) if !waited.is_zero() => Cow::Owned(CallOptions {
+                timeout: Some(t.saturating_sub(waited)),
+                ..options.clone()
+            }),
+            _ => Cow::Borrowed(options),
         }
     }
 
@@ -283,8 +306,8 @@ impl XClient {
         R: DeserializeOwned,
     {
         let payload = options.codec.encode(args)?;
-        self.await_endpoints().await;
-        let reply = self.inner.invoke(method, &payload, options).await?;
+        let options = self.endpoints_for(options).await;
+        let reply = self.inner.invoke(method, &payload, &options).await?;
         options.codec.decode(&reply.payload)
     }
 
@@ -295,9 +318,9 @@ impl XClient {
         payload: &[u8],
         options: &CallOptions,
     ) -> Result<RawReply> {
-        self.await_endpoints().await;
+        let options = self.endpoints_for(options).await;
         let payload = Bytes::copy_from_slice(payload);
-        self.inner.invoke(method, &payload, options).await
+        self.inner.invoke(method, &payload, &options).await
     }
 
     /// Calls `method` on every endpoint at once (rpcx's `Broadcast`) and returns each
@@ -313,7 +336,7 @@ impl XClient {
     {
         let options = CallOptions::default();
         let payload: Bytes = options.codec.encode(args)?;
-        self.await_endpoints().await;
+        self.await_endpoints(self.inner.option.call_timeout).await;
         let members = self.inner.members.all();
         if members.is_empty() {
             return Err(Error::NoEndpoints(self.inner.service_path.clone()));
@@ -350,7 +373,7 @@ impl XClient {
     {
         let options = CallOptions::default();
         let payload: Bytes = options.codec.encode(args)?;
-        self.await_endpoints().await;
+        self.await_endpoints(self.inner.option.call_timeout).await;
         let members = self.inner.members.all();
         let deadline = Deadline::after(self.inner.option.call_timeout);
         let mut pending: FuturesUnordered<_> = members
@@ -376,7 +399,7 @@ impl XClient {
     pub async fn oneway<A: Serialize + ?Sized>(&self, method: &str, args: &A) -> Result<()> {
         let options = CallOptions::default();
         let payload = options.codec.encode(args)?;
-        self.await_endpoints().await;
+        self.await_endpoints(self.inner.option.call_timeout).await;
         let info = SelectInfo {
             service_path: &self.inner.service_path,
             service_method: method,

@@ -137,6 +137,9 @@ pub(crate) struct Session {
     revoking: std::sync::atomic::AtomicBool,
     /// The etcd revision at which every wanted key was last put again (0: not yet).
     healed_at: std::sync::atomic::AtomicI64,
+    /// A wanted key could not be written (no lease yet, or the put failed while the lease
+    /// lived on): every key is put again at the next keep-alive tick.
+    dirty: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Session {
@@ -158,6 +161,7 @@ impl Session {
             stop: CancellationToken::new(),
             revoking: std::sync::atomic::AtomicBool::new(false),
             healed_at: std::sync::atomic::AtomicI64::new(0),
+            dirty: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -177,7 +181,11 @@ impl Session {
     /// `None` if etcd could not take it now (it is put again when etcd is back).
     pub(crate) async fn put(&self, key: String, value: String) -> Option<i64> {
         self.desired().insert(key.clone(), value.clone());
-        let lease = (*self.lease.borrow())?;
+        let Some(lease) = *self.lease.borrow() else {
+            // Being granted: the keys it puts may have been read before this one came.
+            self.dirty.store(true, std::sync::atomic::Ordering::Release);
+            return None;
+        };
         let mut client = self.client.clone();
         match client
             .put(key, value, Some(PutOptions::new().with_lease(lease)))
@@ -185,7 +193,8 @@ impl Session {
         {
             Ok(r) => r.header().map(|h| h.revision()),
             Err(e) => {
-                tracing::debug!("etcd put failed (put again when etcd is back): {e}");
+                tracing::debug!("etcd put failed (put again at the next keep-alive): {e}");
+                self.dirty.store(true, std::sync::atomic::Ordering::Release);
                 None
             }
         }
@@ -356,6 +365,9 @@ impl Session {
             let mut heal = true;
             loop {
                 if heal {
+                    // What is wanted from here on is in this put, or marks itself again.
+                    self.dirty
+                        .store(false, std::sync::atomic::Ordering::Release);
                     if let Err(e) = self.put_all(&mut client, lease).await {
                         if is_lease_lost(&e) {
                             // Expired while etcd was away: grant a new one, put everything.
@@ -407,6 +419,20 @@ impl Session {
                     }
                     if keeper.keep_alive().await.is_err() {
                         break;
+                    }
+                    if self.dirty.swap(false, std::sync::atomic::Ordering::AcqRel) {
+                        // A put missed while the lease lived on: put everything again.
+                        if let Err(e) = self.put_all(&mut client, lease).await {
+                            self.dirty.store(true, std::sync::atomic::Ordering::Release);
+                            if is_lease_lost(&e) {
+                                tracing::warn!(
+                                    "the node's etcd lease was lost: granting a new one"
+                                );
+                                self.lease.send_replace(None);
+                                continue 'grant;
+                            }
+                            tracing::debug!("etcd re-put failed: {e}");
+                        }
                     }
                     match tokio::time::timeout(self.options.lease_ttl, stream.message()).await {
                         Ok(Ok(Some(r))) if r.ttl() > 0 => {}

@@ -140,6 +140,9 @@ pub(crate) struct Session {
     /// A wanted key could not be written (no lease yet, or the put failed while the lease
     /// lived on): every key is put again at the next keep-alive tick.
     dirty: std::sync::atomic::AtomicBool,
+    /// Deletes that failed (key, the value it held): tried again at each keep-alive tick, so
+    /// a device that left is not listed here until this node's lease ends.
+    failed_removals: Mutex<Vec<(String, String)>>,
 }
 
 impl std::fmt::Debug for Session {
@@ -162,6 +165,7 @@ impl Session {
             revoking: std::sync::atomic::AtomicBool::new(false),
             healed_at: std::sync::atomic::AtomicI64::new(0),
             dirty: std::sync::atomic::AtomicBool::new(false),
+            failed_removals: Mutex::default(),
         })
     }
 
@@ -209,11 +213,34 @@ impl Session {
                 desired.remove(key);
             }
         }
-        let txn = Txn::new()
-            .when([Compare::value(key, CompareOp::Equal, value)])
-            .and_then([TxnOp::delete(key, None)]);
-        if let Err(e) = self.client.clone().txn(txn).await {
-            tracing::debug!("etcd delete of {key} failed: {e}");
+        if let Err(e) = self.client.clone().txn(delete_if(key, value)).await {
+            tracing::debug!("etcd delete of {key} failed (tried again): {e}");
+            self.failed_removals
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((key.to_owned(), value.to_owned()));
+        }
+    }
+
+    /// Tries the deletes that failed again; keeps the ones that fail again.
+    async fn retry_removals(&self, client: &mut Client) {
+        let failed = std::mem::take(
+            &mut *self
+                .failed_removals
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        for (key, value) in failed {
+            // Wanted again meanwhile (the device came back): not ours to delete.
+            if self.desired().get(&key).is_some_and(|v| *v == value) {
+                continue;
+            }
+            if client.txn(delete_if(&key, &value)).await.is_err() {
+                self.failed_removals
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((key, value));
+            }
         }
     }
 
@@ -420,6 +447,7 @@ impl Session {
                     if keeper.keep_alive().await.is_err() {
                         break;
                     }
+                    self.retry_removals(&mut client).await;
                     if self.dirty.swap(false, std::sync::atomic::Ordering::AcqRel) {
                         // A put missed while the lease lived on: put everything again.
                         if let Err(e) = self.put_all(&mut client, lease).await {
@@ -448,6 +476,13 @@ impl Session {
             }
         }
     }
+}
+
+/// Deletes `key` if it still holds `value` (another node may have written it since).
+fn delete_if(key: &str, value: &str) -> Txn {
+    Txn::new()
+        .when([Compare::value(key, CompareOp::Equal, value)])
+        .and_then([TxnOp::delete(key, None)])
 }
 
 fn is_lease_lost(e: &etcd_client::Error) -> bool {

@@ -457,13 +457,15 @@ impl Server {
             }
             let server = self.clone();
             let io = io.clone();
+            // Given back however the task ends (or if it never runs): a panic in an interceptor
+            // must not keep the place (after `max_connections` of them, every handshake was
+            // refused).
+            let place = Admitted {
+                server: server.clone(),
+                ip,
+            };
             tokio::spawn(async move {
-                // Given back however the task ends: a panic in an interceptor must not keep
-                // the place (after `max_connections` of them, every handshake was refused).
-                let _place = Admitted {
-                    server: server.clone(),
-                    ip,
-                };
+                let _place = place;
                 server.handle_incoming(incoming, local, io).await;
             });
         }

@@ -274,6 +274,7 @@ impl XClientBuilder {
             option,
             closed: CancellationToken::new(),
             discovery: self.discovery,
+            applying: std::sync::Mutex::new(()),
         });
         let mut watch = inner.discovery.watch();
         let initial = watch.borrow_and_update().clone();
@@ -286,8 +287,9 @@ impl XClientBuilder {
                     changed = watch.changed() => if changed.is_err() { break },
                     () = closed.cancelled() => break,
                 }
-                let list = watch.borrow_and_update().clone();
                 let Some(inner) = weak.upgrade() else { break };
+                let _applying = inner.applying.lock().unwrap_or_else(|p| p.into_inner());
+                let list = watch.borrow_and_update().clone();
                 inner.apply(&list);
             }
         });

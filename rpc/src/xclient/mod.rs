@@ -94,6 +94,9 @@ struct Core {
     option: ClientOption,
     closed: CancellationToken,
     discovery: Box<dyn DynDiscovery>,
+    /// Held while a list is read from the discovery and applied (by the watch task, or a call
+    /// waiting for a first answer): the last to apply applies the newest list.
+    applying: std::sync::Mutex<()>,
 }
 
 /// Decrements a member's in-flight count when dropped.
@@ -259,8 +262,19 @@ impl XClient {
             Some(t) => within(t, answer).await.ok(),
             None => Some(answer.await),
         };
-        if let Some(list) = list.filter(|l| !l.is_empty()) {
-            self.inner.apply(&list);
+        if let Some(list) = list {
+            // The newest list if the discovery published one meanwhile (the watch task may
+            // have applied it already: applying an older one would undo that).
+            let _applying = self
+                .inner
+                .applying
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let latest = self.inner.discovery.watch().borrow().clone();
+            let list = if latest.is_empty() { list } else { latest };
+            if !list.is_empty() {
+                self.inner.apply(&list);
+            }
         }
         started.elapsed()
     }

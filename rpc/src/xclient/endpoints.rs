@@ -253,7 +253,10 @@ impl Core {
                 };
             }
         }
-        if self.closed.is_cancelled() {
+        // A member discovery removed is drained, never connected again (a retry of a call that
+        // picked it would open a connection nobody closes).
+        if self.closed.is_cancelled() || !self.members.all().iter().any(|m| Arc::ptr_eq(m, member))
+        {
             return Err(Error::NotConnected(NotConnected::Closed));
         }
         let mut attempt = {
@@ -345,11 +348,11 @@ impl Core {
             .collect();
         let removed = self.members.replace(&wanted);
         for member in removed {
-            let drain = self.option.call_timeout.unwrap_or(Duration::from_secs(10));
+            // Calls in flight finish, each within its own timeout (a call's `CallOptions`
+            // may give it longer than the XClient's call timeout).
             tokio::spawn(async move {
-                let deadline = Instant::now() + drain;
-                while member.in_flight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
+                while member.in_flight.load(Ordering::Acquire) > 0 {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 if let Some(client) = member.client() {
                     client.close().await;

@@ -9,7 +9,7 @@ use std::{
 
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, PutOptions,
-    Txn, TxnOp, WatchOptions,
+    Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -137,9 +137,10 @@ pub(crate) struct Session {
     revoking: std::sync::atomic::AtomicBool,
     /// The etcd revision at which every wanted key was last put again (0: not yet).
     healed_at: std::sync::atomic::AtomicI64,
-    /// A wanted key could not be written (no lease yet, or the put failed while the lease
-    /// lived on): every key is put again at the next keep-alive tick.
-    dirty: std::sync::atomic::AtomicBool,
+    /// Wanted keys that are not in etcd with their value: a put missed (no lease yet, or it
+    /// failed while the lease lived on), or a device's presence another node held when this
+    /// one put it back. Put again every keep-alive period by [`repair`](Self::repair).
+    missed: Mutex<std::collections::BTreeSet<String>>,
     /// Deletes that failed (key, the value it held): tried again at each keep-alive tick, so
     /// a device that left is not listed here until this node's lease ends.
     failed_removals: Mutex<Vec<(String, String)>>,
@@ -164,7 +165,7 @@ impl Session {
             stop: CancellationToken::new(),
             revoking: std::sync::atomic::AtomicBool::new(false),
             healed_at: std::sync::atomic::AtomicI64::new(0),
-            dirty: std::sync::atomic::AtomicBool::new(false),
+            missed: Mutex::default(),
             failed_removals: Mutex::default(),
         })
     }
@@ -187,18 +188,22 @@ impl Session {
         self.desired().insert(key.clone(), value.clone());
         let Some(lease) = *self.lease.borrow() else {
             // Being granted: the keys it puts may have been read before this one came.
-            self.dirty.store(true, std::sync::atomic::Ordering::Release);
+            self.miss([key]);
             return None;
         };
         let mut client = self.client.clone();
         match client
-            .put(key, value, Some(PutOptions::new().with_lease(lease)))
+            .put(
+                key.clone(),
+                value,
+                Some(PutOptions::new().with_lease(lease)),
+            )
             .await
         {
             Ok(r) => r.header().map(|h| h.revision()),
             Err(e) => {
                 tracing::debug!("etcd put failed (put again at the next keep-alive): {e}");
-                self.dirty.store(true, std::sync::atomic::Ordering::Release);
+                self.miss([key]);
                 None
             }
         }
@@ -219,6 +224,42 @@ impl Session {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .push((key.to_owned(), value.to_owned()));
+        }
+    }
+
+    /// Every `every` while a lease lives, until stopped: puts the missed keys again and tries
+    /// the failed deletes again. On a task of its own, so a slow etcd never delays the
+    /// keep-alives (a lease that lapsed would drop every key of the node).
+    async fn repair(self: Arc<Self>, every: Duration) {
+        let mut client = self.client.clone();
+        loop {
+            tokio::select! {
+                () = self.stop.cancelled() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+            let Some(lease) = *self.lease.borrow() else {
+                continue;
+            };
+            self.retry_removals(&mut client).await;
+            let missed =
+                std::mem::take(&mut *self.missed.lock().unwrap_or_else(|e| e.into_inner()));
+            let keys: Vec<(String, String)> = {
+                let desired = self.desired();
+                missed
+                    .into_iter()
+                    .filter_map(|k| desired.get(&k).cloned().map(|v| (k, v)))
+                    .collect()
+            };
+            if keys.is_empty() {
+                continue;
+            }
+            match self.put_keys(&mut client, lease, &keys).await {
+                Ok(skipped) => self.miss(skipped),
+                Err(e) => {
+                    tracing::debug!("etcd re-put failed (tried again): {e}");
+                    self.miss(keys.into_iter().map(|(k, _)| k));
+                }
+            }
         }
     }
 
@@ -278,20 +319,31 @@ impl Session {
         }
     }
 
-    async fn put_all(&self, client: &mut Client, lease: i64) -> Result<(), etcd_client::Error> {
-        let desired: Vec<(String, String)> = self
-            .desired()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        // A device's presence goes back only where no other node wrote it meanwhile (absent, or
-        // still this node's): a device that moved to another node while this one was away from
-        // etcd must not be pulled back (the other node would close its live connection as
-        // taken over). Other keys (the node's own, its services) go back as they are.
+    /// Marks keys as missed (see `missed`).
+    fn miss(&self, keys: impl IntoIterator<Item = String>) {
+        self.missed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(keys);
+    }
+
+    /// Puts `keys` under `lease`, 64 per transaction; returns the presence keys another node
+    /// holds (not put). A device's presence goes back only where no other node wrote it
+    /// meanwhile (absent, or still this node's): a device that moved to another node while this
+    /// one was away from etcd must not be pulled back (the other node would close its live
+    /// connection as taken over). Skipped keys are tried again (`missed`): when the other
+    /// node's record was a stale one, it deletes it and this node's goes in. Other keys (the
+    /// node's own, its services) go back as they are.
+    async fn put_keys(
+        &self,
+        client: &mut Client,
+        lease: i64,
+        keys: &[(String, String)],
+    ) -> Result<Vec<String>, etcd_client::Error> {
         let presence = crate::keys::presences(&self.options.prefix);
-        // One transaction per batch: etcd 3.4 takes up to 128 operations in one (a guarded put
-        // counts as two puts).
-        for batch in desired.chunks(64) {
+        let mut skipped = Vec::new();
+        // etcd 3.4 takes up to 128 operations in one transaction (a guarded put counts two).
+        for batch in keys.chunks(64) {
             let ops: Vec<TxnOp> = batch
                 .iter()
                 .map(|(k, v)| {
@@ -317,11 +369,40 @@ impl Session {
                 })
                 .collect();
             let r = client.txn(Txn::new().and_then(ops)).await?;
+            for ((k, _), op) in batch.iter().zip(r.op_responses()) {
+                let TxnOpResponse::Txn(absent) = op else {
+                    continue;
+                };
+                let ours = absent.succeeded()
+                    || absent
+                        .op_responses()
+                        .first()
+                        .is_some_and(|o| matches!(o, TxnOpResponse::Txn(t) if t.succeeded()));
+                if !ours {
+                    skipped.push(k.clone());
+                }
+            }
             if let Some(h) = r.header() {
                 self.healed_at
                     .store(h.revision(), std::sync::atomic::Ordering::Relaxed);
             }
         }
+        Ok(skipped)
+    }
+
+    async fn put_all(&self, client: &mut Client, lease: i64) -> Result<(), etcd_client::Error> {
+        let desired: Vec<(String, String)> = self
+            .desired()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        // What is wanted from here on is in this put, or marks itself missed again.
+        self.missed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        let skipped = self.put_keys(client, lease, &desired).await?;
+        self.miss(skipped);
         // A key given up (`remove_if`) or given a new value while these puts were on their way
         // may have been overwritten here with the old value: where it still holds that value,
         // delete it or put the new one.
@@ -375,6 +456,7 @@ impl Session {
         let mut client = self.client.clone();
         let mut backoff = Backoff::new();
         let tick = self.options.lease_ttl / 3;
+        tokio::spawn(self.clone().repair(tick));
         'grant: while !self.stop.is_cancelled() {
             let lease = match client.lease_grant(self.options.lease_secs(), None).await {
                 Ok(r) => r.id(),
@@ -392,9 +474,6 @@ impl Session {
             let mut heal = true;
             loop {
                 if heal {
-                    // What is wanted from here on is in this put, or marks itself again.
-                    self.dirty
-                        .store(false, std::sync::atomic::Ordering::Release);
                     if let Err(e) = self.put_all(&mut client, lease).await {
                         if is_lease_lost(&e) {
                             // Expired while etcd was away: grant a new one, put everything.
@@ -446,21 +525,6 @@ impl Session {
                     }
                     if keeper.keep_alive().await.is_err() {
                         break;
-                    }
-                    self.retry_removals(&mut client).await;
-                    if self.dirty.swap(false, std::sync::atomic::Ordering::AcqRel) {
-                        // A put missed while the lease lived on: put everything again.
-                        if let Err(e) = self.put_all(&mut client, lease).await {
-                            self.dirty.store(true, std::sync::atomic::Ordering::Release);
-                            if is_lease_lost(&e) {
-                                tracing::warn!(
-                                    "the node's etcd lease was lost: granting a new one"
-                                );
-                                self.lease.send_replace(None);
-                                continue 'grant;
-                            }
-                            tracing::debug!("etcd re-put failed: {e}");
-                        }
                     }
                     match tokio::time::timeout(self.options.lease_ttl, stream.message()).await {
                         Ok(Ok(Some(r))) if r.ttl() > 0 => {}

@@ -36,6 +36,8 @@ pub(super) struct Member {
     connecting: Mutex<Option<Attempt>>,
     health: Mutex<Health>,
     pub(super) in_flight: AtomicUsize,
+    /// A bidirectional XClient's loop that connects this endpoint runs (one at a time).
+    retrying: std::sync::atomic::AtomicBool,
 }
 
 /// Failures of one endpoint: a breaker that opens for a cool-down after each failure episode.
@@ -53,6 +55,7 @@ impl Member {
             connecting: Mutex::new(None),
             health: Mutex::default(),
             in_flight: AtomicUsize::new(0),
+            retrying: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -253,10 +256,16 @@ impl Core {
                 };
             }
         }
-        // A member discovery removed is drained, never connected again (a retry of a call that
-        // picked it would open a connection nobody closes).
-        if self.closed.is_cancelled() || !self.members.all().iter().any(|m| Arc::ptr_eq(m, member))
-        {
+        // An endpoint discovery removed is drained, never connected again (a retry of a call
+        // that picked it would open a connection nobody closes). By address: a member replaced
+        // for new metadata (a weight) is still listed.
+        let listed = || {
+            self.members
+                .all()
+                .iter()
+                .any(|m| m.endpoint.address == member.endpoint.address)
+        };
+        if self.closed.is_cancelled() || !listed() {
             return Err(Error::NotConnected(NotConnected::Closed));
         }
         let mut attempt = {
@@ -349,9 +358,10 @@ impl Core {
         let removed = self.members.replace(&wanted);
         for member in removed {
             // Calls in flight finish, each within its own timeout (a call's `CallOptions`
-            // may give it longer than the XClient's call timeout).
+            // may give it longer than the XClient's call timeout), for 10 minutes at most.
             tokio::spawn(async move {
-                while member.in_flight.load(Ordering::Acquire) > 0 {
+                let deadline = Instant::now() + Duration::from_secs(600);
+                while member.in_flight.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 if let Some(client) = member.client() {
@@ -365,23 +375,31 @@ impl Core {
             // doubling to 5 s, while it is listed and the XClient is open. Once connected, the
             // client's own supervisor keeps it so.
             for member in self.members.all() {
-                let inner = self.clone();
+                if member.retrying.swap(true, Ordering::AcqRel) {
+                    continue;
+                }
+                // Weak: an XClient dropped without `close` ends its loops too.
+                let core = Arc::downgrade(self);
                 tokio::spawn(async move {
                     let mut backoff = Duration::from_millis(100);
                     loop {
+                        let Some(inner) = core.upgrade() else { break };
                         let connected = inner
                             .client_for(&member, inner.option.connect_timeout)
                             .await;
-                        let listed = || inner.members.all().iter().any(|m| Arc::ptr_eq(m, &member));
-                        if connected.is_ok() || inner.closed.is_cancelled() || !listed() {
-                            return;
+                        let listed = inner.members.all().iter().any(|m| Arc::ptr_eq(m, &member));
+                        if connected.is_ok() || inner.closed.is_cancelled() || !listed {
+                            break;
                         }
+                        let closed = inner.closed.clone();
+                        drop(inner);
                         tokio::select! {
                             () = tokio::time::sleep(backoff) => {}
-                            () = inner.closed.cancelled() => return,
+                            () = closed.cancelled() => break,
                         }
                         backoff = (backoff * 2).min(Duration::from_secs(5));
                     }
+                    member.retrying.store(false, Ordering::Release);
                 });
             }
         }

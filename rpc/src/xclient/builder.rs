@@ -275,6 +275,7 @@ impl XClientBuilder {
             closed: CancellationToken::new(),
             discovery: self.discovery,
             applying: std::sync::Mutex::new(()),
+            watched: std::sync::atomic::AtomicU64::new(0),
         });
         let mut watch = inner.discovery.watch();
         let initial = watch.borrow_and_update().clone();
@@ -291,6 +292,9 @@ impl XClientBuilder {
                 let _applying = inner.applying.lock().unwrap_or_else(|p| p.into_inner());
                 let list = watch.borrow_and_update().clone();
                 inner.apply(&list);
+                inner
+                    .watched
+                    .fetch_add(1, std::sync::atomic::Ordering::Release);
             }
         });
         Ok(XClient { inner })

@@ -97,6 +97,8 @@ struct Core {
     /// Held while a list is read from the discovery and applied (by the watch task, or a call
     /// waiting for a first answer): the last to apply applies the newest list.
     applying: std::sync::Mutex<()>,
+    /// Lists the watch task applied (under `applying`).
+    watched: std::sync::atomic::AtomicU64,
 }
 
 /// Decrements a member's in-flight count when dropped.
@@ -257,6 +259,7 @@ impl XClient {
             return Duration::ZERO;
         }
         let started = std::time::Instant::now();
+        let watched = self.inner.watched.load(Ordering::Acquire);
         let answer = self.inner.discovery.endpoints();
         let list = match limit {
             Some(t) => within(t, answer).await.ok(),
@@ -270,10 +273,13 @@ impl XClient {
                 .applying
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            let latest = self.inner.discovery.watch().borrow().clone();
-            let list = if latest.is_empty() { list } else { latest };
-            if !list.is_empty() {
-                self.inner.apply(&list);
+            // Unless the watch task applied a list since this call asked: that one is newer.
+            if self.inner.watched.load(Ordering::Acquire) == watched {
+                let latest = self.inner.discovery.watch().borrow().clone();
+                let list = if latest.is_empty() { list } else { latest };
+                if !list.is_empty() {
+                    self.inner.apply(&list);
+                }
             }
         }
         started.elapsed()

@@ -143,7 +143,7 @@ pub(crate) struct Session {
     missed: Mutex<std::collections::BTreeSet<String>>,
     /// Deletes that failed (key, the value it held): tried again at each keep-alive tick, so
     /// a device that left is not listed here until this node's lease ends.
-    failed_removals: Mutex<Vec<(String, String)>>,
+    failed_removals: Mutex<BTreeMap<String, String>>,
 }
 
 impl std::fmt::Debug for Session {
@@ -223,7 +223,7 @@ impl Session {
             self.failed_removals
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .push((key.to_owned(), value.to_owned()));
+                .insert(key.to_owned(), value.to_owned());
         }
     }
 
@@ -253,12 +253,17 @@ impl Session {
             if keys.is_empty() {
                 continue;
             }
-            match self.put_keys(&mut client, lease, &keys).await {
-                Ok(skipped) => self.miss(skipped),
-                Err(e) => {
-                    tracing::debug!("etcd re-put failed (tried again): {e}");
-                    self.miss(keys.into_iter().map(|(k, _)| k));
+            let repaired = match self.put_keys(&mut client, lease, &keys).await {
+                Ok((skipped, _)) => {
+                    self.miss(skipped);
+                    // A device that left while these were on their way: not put back.
+                    self.undo_overtaken(&mut client, lease, keys.clone()).await
                 }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = repaired {
+                tracing::debug!("etcd re-put failed (tried again): {e}");
+                self.miss(keys.into_iter().map(|(k, _)| k));
             }
         }
     }
@@ -280,7 +285,8 @@ impl Session {
                 self.failed_removals
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .push((key, value));
+                    .entry(key)
+                    .or_insert(value);
             }
         }
     }
@@ -339,9 +345,10 @@ impl Session {
         client: &mut Client,
         lease: i64,
         keys: &[(String, String)],
-    ) -> Result<Vec<String>, etcd_client::Error> {
+    ) -> Result<(Vec<String>, i64), etcd_client::Error> {
         let presence = crate::keys::presences(&self.options.prefix);
         let mut skipped = Vec::new();
+        let mut revision = 0;
         // etcd 3.4 takes up to 128 operations in one transaction (a guarded put counts two).
         for batch in keys.chunks(64) {
             let ops: Vec<TxnOp> = batch
@@ -383,33 +390,44 @@ impl Session {
                 }
             }
             if let Some(h) = r.header() {
-                self.healed_at
-                    .store(h.revision(), std::sync::atomic::Ordering::Relaxed);
+                revision = revision.max(h.revision());
             }
         }
-        Ok(skipped)
+        Ok((skipped, revision))
     }
 
     async fn put_all(&self, client: &mut Client, lease: i64) -> Result<(), etcd_client::Error> {
-        let desired: Vec<(String, String)> = self
-            .desired()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
         // What is wanted from here on is in this put, or marks itself missed again.
         self.missed
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
-        let skipped = self.put_keys(client, lease, &desired).await?;
+        let desired: Vec<(String, String)> = self
+            .desired()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let (skipped, revision) = self.put_keys(client, lease, &desired).await?;
         self.miss(skipped);
-        // A key given up (`remove_if`) or given a new value while these puts were on their way
-        // may have been overwritten here with the old value: where it still holds that value,
-        // delete it or put the new one.
+        self.undo_overtaken(client, lease, desired).await?;
+        // Every key wanted when this began holds its value from here (or is retried).
+        self.healed_at
+            .fetch_max(revision, std::sync::atomic::Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// After `put` (keys and the values put): a key given up (`remove_if`) or given a new value
+    /// while those puts were on their way may have been overwritten with the old value: where
+    /// it still holds that value, delete it or put the new one.
+    async fn undo_overtaken(
+        &self,
+        client: &mut Client,
+        lease: i64,
+        put: Vec<(String, String)>,
+    ) -> Result<(), etcd_client::Error> {
         let changed: Vec<(String, String, Option<String>)> = {
             let now = self.desired();
-            desired
-                .into_iter()
+            put.into_iter()
                 .filter_map(|(k, v)| {
                     let wanted = now.get(&k).cloned();
                     (wanted.as_ref() != Some(&v)).then_some((k, v, wanted))

@@ -256,18 +256,24 @@ impl Core {
                 };
             }
         }
-        // An endpoint discovery removed is drained, never connected again (a retry of a call
-        // that picked it would open a connection nobody closes). By address: a member replaced
-        // for new metadata (a weight) is still listed.
-        let listed = || {
-            self.members
-                .all()
-                .iter()
-                .any(|m| m.endpoint.address == member.endpoint.address)
-        };
-        if self.closed.is_cancelled() || !listed() {
+        if self.closed.is_cancelled() {
             return Err(Error::NotConnected(NotConnected::Closed));
         }
+        // Only a listed member connects: an endpoint discovery removed is drained, never
+        // connected again (a retry of a call that picked it would open a connection nobody
+        // closes); a member replaced for new metadata (a weight) connects as its replacement.
+        let current = self
+            .members
+            .all()
+            .into_iter()
+            .find(|m| m.endpoint.address == member.endpoint.address);
+        let member = match current {
+            None => return Err(Error::NotConnected(NotConnected::Closed)),
+            Some(current) if !Arc::ptr_eq(&current, member) => {
+                return Box::pin(self.client_for(&current, within)).await;
+            }
+            Some(_) => member,
+        };
         let mut attempt = {
             let mut connecting = member.connecting.lock().unwrap_or_else(|p| p.into_inner());
             match connecting.as_ref() {

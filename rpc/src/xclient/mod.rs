@@ -273,7 +273,8 @@ impl XClient {
                 .applying
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            // Unless the watch task applied a list since this call asked: that one is newer.
+            // Unless the watch task applied a list since this call asked: that one is the
+            // discovery's newer view (an empty one included).
             if self.inner.watched.load(Ordering::Acquire) == watched {
                 let latest = self.inner.discovery.watch().borrow().clone();
                 let list = if latest.is_empty() { list } else { latest };

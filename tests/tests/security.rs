@@ -115,13 +115,17 @@ async fn the_real_device_takes_its_identity_over_with_the_right_credentials() {
     assert_ne!(new, old);
     let taken = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
-            if let Ok(ServerEvent::TakenOver {
-                client_id,
-                old: o,
-                new: n,
-            }) = events.recv().await
-            {
-                break (client_id, o, n);
+            match events.recv().await {
+                Ok(ServerEvent::TakenOver {
+                    client_id,
+                    old: o,
+                    new: n,
+                }) => break (client_id, o, n),
+                // Subscribers hear of the takeover before the old connection's end.
+                Ok(ServerEvent::Disconnected { conn, .. }) => {
+                    assert_ne!(conn, old, "Disconnected before TakenOver");
+                }
+                _ => {}
             }
         }
     })

@@ -188,12 +188,14 @@ impl Connection {
                     durable.kick(&id);
                 }
                 if let Some(old) = taken {
-                    old.close_with(CloseCode::TAKEN_OVER, b"taken over");
+                    // Told before it is closed: subscribers see `TakenOver` before the old
+                    // connection's `Disconnected`.
                     registry.emit(crate::ServerEvent::TakenOver {
                         client_id: id,
-                        old,
+                        old: old.clone(),
                         new: self.clone(),
                     });
+                    old.close_with(CloseCode::TAKEN_OVER, b"taken over");
                 }
             }
             None => self.set_client_id_local(Some(id)),

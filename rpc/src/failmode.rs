@@ -26,7 +26,8 @@ pub enum FailMode {
     /// If no reply came within
     /// [`ClientOption::backup_latency`](crate::ClientOption::backup_latency), send the call to a
     /// second endpoint as well; the first successful reply wins and the other attempt is
-    /// cancelled.
+    /// cancelled. A transport failure of the first before then sends it to the second at once;
+    /// a handler's error is the answer.
     Failbackup,
 }
 
@@ -100,7 +101,17 @@ impl Policy {
                 let primary = attempt(first.clone());
                 tokio::pin!(primary);
                 tokio::select! {
-                    result = &mut primary => return result,
+                    result = &mut primary => match result {
+                        // A transport failure before the backup was due: the backup goes at
+                        // once, as it would have for a slow answer.
+                        Err(e) if e.is_transport() => {
+                            return match pick(std::slice::from_ref(&first)) {
+                                Ok(second) => attempt(second).await,
+                                Err(_) => Err(e),
+                            };
+                        }
+                        other => return other,
+                    },
                     () = tokio::time::sleep(self.backup_latency) => {}
                 }
                 let Ok(second) = pick(std::slice::from_ref(&first)) else {
@@ -263,6 +274,16 @@ mod tests {
         // A failed backup leaves the answer to the first.
         let fake = Fake::new(vec![vec![(50, Ok(0))], vec![(0, Err(lost()))]]);
         assert_eq!(run(FailMode::Failbackup, &fake).await.unwrap(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failbackup_sends_to_the_backup_at_once_when_the_first_fails_fast() {
+        let fake = Fake::new(vec![vec![(1, Err(lost()))], vec![(0, Ok(1))]]);
+        assert_eq!(run(FailMode::Failbackup, &fake).await.unwrap(), 1);
+        assert_eq!(fake.log(), [0, 1]);
+        // With no second endpoint, the failure is the answer.
+        let fake = Fake::new(vec![vec![(1, Err(lost()))]]);
+        assert!(run(FailMode::Failbackup, &fake).await.is_err());
     }
 
     #[tokio::test(start_paused = true)]

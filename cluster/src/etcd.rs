@@ -14,7 +14,7 @@ use etcd_client::{
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::ClusterError;
+use crate::{ClusterError, lock};
 
 /// Where etcd is and how a node uses it.
 ///
@@ -171,7 +171,7 @@ impl Session {
     }
 
     fn desired(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, String>> {
-        self.desired.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.desired)
     }
 
     /// Waits until the keys are in etcd under a lease, up to `timeout`.
@@ -220,10 +220,7 @@ impl Session {
         }
         if let Err(e) = self.client.clone().txn(delete_if(key, value)).await {
             tracing::debug!("etcd delete of {key} failed (tried again): {e}");
-            self.failed_removals
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(key.to_owned(), value.to_owned());
+            lock(&self.failed_removals).insert(key.to_owned(), value.to_owned());
         }
     }
 
@@ -241,8 +238,7 @@ impl Session {
                 continue;
             };
             self.retry_removals(&mut client).await;
-            let missed =
-                std::mem::take(&mut *self.missed.lock().unwrap_or_else(|e| e.into_inner()));
+            let missed = std::mem::take(&mut *lock(&self.missed));
             let keys: Vec<(String, String)> = {
                 let desired = self.desired();
                 missed
@@ -270,23 +266,14 @@ impl Session {
 
     /// Tries the deletes that failed again; keeps the ones that fail again.
     async fn retry_removals(&self, client: &mut Client) {
-        let failed = std::mem::take(
-            &mut *self
-                .failed_removals
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()),
-        );
+        let failed = std::mem::take(&mut *lock(&self.failed_removals));
         for (key, value) in failed {
             // Wanted again meanwhile (the device came back): not ours to delete.
             if self.desired().get(&key).is_some_and(|v| *v == value) {
                 continue;
             }
             if client.txn(delete_if(&key, &value)).await.is_err() {
-                self.failed_removals
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .entry(key)
-                    .or_insert(value);
+                lock(&self.failed_removals).entry(key).or_insert(value);
             }
         }
     }
@@ -327,10 +314,7 @@ impl Session {
 
     /// Marks keys as missed (see `missed`).
     fn miss(&self, keys: impl IntoIterator<Item = String>) {
-        self.missed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend(keys);
+        lock(&self.missed).extend(keys);
     }
 
     /// Puts `keys` under `lease`, 64 per transaction; returns the presence keys another node
@@ -398,10 +382,7 @@ impl Session {
 
     async fn put_all(&self, client: &mut Client, lease: i64) -> Result<(), etcd_client::Error> {
         // What is wanted from here on is in this put, or marks itself missed again.
-        self.missed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        lock(&self.missed).clear();
         let desired: Vec<(String, String)> = self
             .desired()
             .iter()
@@ -601,7 +582,6 @@ pub(crate) async fn follow(
     first: Option<tokio::sync::oneshot::Sender<()>>,
     keys_only: bool,
 ) {
-    let client = client;
     let mut first = first;
     let mut backoff = Backoff::new();
     let mut next: Option<i64> = None;

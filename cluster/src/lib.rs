@@ -40,7 +40,13 @@ mod keys;
 mod node;
 mod routing;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Locks `m`, taking over a lock whose holder panicked (what it guards stays consistent: every
+/// update under these locks is a single insert or removal).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 pub use crate::{
     discovery::EtcdDiscovery,

@@ -42,15 +42,20 @@ pub const MSG_SPACE_KEY: &str = "quicx-msg-space";
 /// `bind_client_id` after a login): a space per identity keeps what it acknowledged for one
 /// from hiding the other's messages.
 pub fn msg_space(base: &str, identity: &str) -> String {
+    use std::fmt::Write;
     let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
     digest.update(base.as_bytes());
     digest.update(&[0]);
     digest.update(identity.as_bytes());
-    digest.finish().as_ref()[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    let mut space = String::with_capacity(MSG_SPACE_LEN);
+    for b in &digest.finish().as_ref()[..MSG_SPACE_LEN / 2] {
+        let _ = write!(space, "{b:02x}");
+    }
+    space
 }
+
+/// The length of every id space [`msg_space`] makes.
+const MSG_SPACE_LEN: usize = 16;
 
 /// Metadata key, present (`1`) when the message was sent before and not acknowledged.
 pub const MSG_REDELIVERED_KEY: &str = "quicx-msg-redelivered";
@@ -353,9 +358,9 @@ pub(crate) struct Store {
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     sizes: Arc<Mutex<Sizes>>,
     pub(crate) counters: Arc<DurableCounters>,
-    /// A random number drawn when the store file was created: with an identity, the id space
-    /// its messages carry (`quicx-msg-space`).
-    pub(crate) store_id: u64,
+    /// The store's name in id spaces (`quicx-msg-space`, see [`msg_space`]): a random number
+    /// drawn when the store file was created, in hex.
+    space_base: String,
 }
 
 /// Message ids are reserved on the disk this many at a time (one fsynced commit per block), so
@@ -446,7 +451,7 @@ impl Store {
             thread: Mutex::new(Some(thread)),
             sizes,
             counters,
-            store_id,
+            space_base: format!("{store_id:016x}"),
         })
     }
 
@@ -1396,7 +1401,8 @@ impl Durable {
             probe.insert(key, u64::MAX.to_string());
         }
         probe.insert(MSG_REDELIVERED_KEY, "1");
-        probe.insert(MSG_SPACE_KEY, self.space(identity));
+        // Every space has the same length.
+        probe.insert(MSG_SPACE_KEY, "0".repeat(MSG_SPACE_LEN));
         let header = crate::wire::PushHeaderRef {
             service_path,
             service_method,
@@ -1425,7 +1431,7 @@ impl Durable {
 
     /// The id space of `identity`'s messages from this store ([`msg_space`]).
     fn space(&self, identity: &str) -> String {
-        msg_space(&format!("{:016x}", self.store.store_id), identity)
+        msg_space(&self.store.space_base, identity)
     }
 
     /// Starts a delivery run for `identity` (if it is bound), or tells the one going that more
@@ -2138,6 +2144,8 @@ impl Acker {
 mod tests {
     use redb::TableHandle;
 
+    use super::*;
+
     #[test]
     fn an_inbox_keeps_at_most_max_spaces_and_forgets_the_least_recently_used() {
         let inbox = Inbox::default();
@@ -2155,7 +2163,7 @@ mod tests {
     #[test]
     fn a_msg_space_is_short_stable_and_tells_stores_and_identities_apart() {
         let space = msg_space("0123", "device-7");
-        assert_eq!(space.len(), 16);
+        assert_eq!(space.len(), MSG_SPACE_LEN);
         assert_eq!(space, msg_space("0123", "device-7"), "stable");
         assert_ne!(space, msg_space("0123", "device-8"));
         assert_ne!(space, msg_space("0124", "device-7"));
@@ -2163,8 +2171,6 @@ mod tests {
         assert_ne!(msg_space("ab", "c"), msg_space("a", "bc"));
         assert_eq!(msg_space("cluster/q", &"x".repeat(1000)).len(), 16);
     }
-
-    use super::*;
 
     /// A store file in a fresh directory, removed on drop.
     struct Dir(std::path::PathBuf);

@@ -112,20 +112,26 @@ async fn until(limit: Duration, mut check: impl FnMut() -> bool) -> Option<Durat
     None
 }
 
-/// A device in manual-ack mode connected to `server` as `id`, once `node` lists it.
 /// Stores `n` durable commands for `device` through `node`, one at a time, each carrying its
 /// number (4 bytes, big-endian); their ids.
 async fn numbered_commands(node: &ClusterNode, device: &str, n: u32) -> Vec<u64> {
+    numbered_commands_of(node, device, n, 4).await
+}
+
+/// [`numbered_commands`] with payloads of `size` bytes (at least 4), the number first.
+async fn numbered_commands_of(node: &ClusterNode, device: &str, n: u32, size: usize) -> Vec<u64> {
     let mut ids = Vec::new();
     for i in 0..n {
+        let mut payload = vec![7u8; size];
+        payload[..4].copy_from_slice(&i.to_be_bytes());
         let id = node
             .send_durable(
                 device,
                 "Device",
                 "Cmd",
                 Metadata::new(),
-                i.to_be_bytes(),
-                Duration::from_secs(60),
+                payload,
+                Duration::from_secs(120),
             )
             .await
             .unwrap();
@@ -875,20 +881,7 @@ async fn a_backlog_of_large_durable_messages_is_delivered() {
     let dev = DevCertificate::localhost().unwrap();
     let options = etcd_options(&etcd, Duration::from_secs(5));
     let (server, node) = node(&dev, &options, "a").await;
-    for i in 0..300u32 {
-        let mut payload = vec![7u8; 60 * 1024];
-        payload[..4].copy_from_slice(&i.to_be_bytes());
-        node.send_durable(
-            "big-device",
-            "Device",
-            "Cmd",
-            Metadata::new(),
-            payload,
-            Duration::from_secs(120),
-        )
-        .await
-        .unwrap();
-    }
+    numbered_commands_of(&node, "big-device", 300, 60 * 1024).await;
     let (_device, mut rx) = device(&dev, server.local_addr().unwrap(), "big-device").await;
     for i in 0..300u32 {
         let msg = next_push(&mut rx).await;

@@ -43,8 +43,7 @@ impl Connection {
         data: impl AsRef<[u8]>,
     ) -> Result<()> {
         let frame = self.push_frame(service_path, service_method, metadata, data.as_ref())?;
-        self.send_push_frame(frame, self.inner.side.push_timeout)
-            .await
+        self.push_here(frame, self.inner.side.push_timeout).await
     }
 
     /// [`send_message`](Self::send_message) with a postcard-encoded value (decode it with
@@ -161,17 +160,12 @@ impl Connection {
     }
 
     /// Sends an already encoded push frame on a new unidirectional stream, within `timeout`,
-    /// from the task that awaits it: an application task pushes without a hand-over to the
-    /// I/O thread that drives the connection (measured on 2 cores, 16 application tasks
-    /// pushing 32 B to one client: 86-89k pushes/s handed over, 805-865k written by the task
-    /// itself; BENCHMARKS.md). The push timer runs on the connection's I/O thread (a server
-    /// on its own I/O threads, the default), so the caller's runtime needs no timers then.
-    async fn send_push_frame(&self, frame: Bytes, timeout: Duration) -> Result<()> {
-        self.push_here(frame, timeout).await
-    }
-
-    /// The push itself, from any task (broadcasts call it for many connections from one task on
-    /// the thread that drives them).
+    /// from the task that awaits it (broadcasts call it for many connections from one task on
+    /// the thread that drives them). An application task pushes without a hand-over to the I/O
+    /// thread that drives the connection (measured on 2 cores, 16 application tasks pushing
+    /// 32 B to one client: 86-89k pushes/s handed over, 805-865k written by the task itself;
+    /// BENCHMARKS.md). The push timer runs on the connection's I/O thread (a server on its own
+    /// I/O threads, the default), so the caller's runtime needs no timers then.
     pub(crate) async fn push_here(&self, frame: Bytes, timeout: Duration) -> Result<()> {
         let push = async {
             // Fails at once if the connection is gone.

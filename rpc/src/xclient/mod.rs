@@ -266,15 +266,13 @@ impl XClient {
             None => Some(answer.await),
         };
         if let Some(list) = list {
-            // The newest list if the discovery published one meanwhile (the watch task may
-            // have applied it already: applying an older one would undo that).
             let _applying = self
                 .inner
                 .applying
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
-            // Unless the watch task applied a list since this call asked: that one is the
-            // discovery's newer view (an empty one included).
+            // Not if the watch task applied a list since this call asked: that is the
+            // discovery's newer view (an empty one included). Else the newest list published.
             if self.inner.watched.load(Ordering::Acquire) == watched {
                 let latest = self.inner.discovery.watch().borrow().clone();
                 let list = if latest.is_empty() { list } else { latest };

@@ -218,7 +218,25 @@ impl PushSender {
         self.counters.dropped.load(Ordering::Relaxed)
     }
 
+    /// Hands `msg` to the application and counts the outcome: waits while the channel is full
+    /// under [`FullPolicy::Backpressure`].
     pub(crate) async fn deliver(&self, msg: PushMessage) -> Delivery {
+        match self.try_deliver(msg) {
+            Ok(delivery) => delivery,
+            Err(msg) => self.deliver_waiting(msg).await,
+        }
+    }
+
+    /// [`deliver`](Self::deliver) without waiting: gives `msg` back when the channel is full
+    /// under [`FullPolicy::Backpressure`] (then [`deliver_waiting`](Self::deliver_waiting)).
+    /// The common case thus builds no future to move the message into. Waiting senders hold
+    /// the channel's permits (it is fair), so this never overtakes them.
+    // The message comes back by value on the rare full path; boxing it would allocate per push.
+    #[allow(clippy::result_large_err)]
+    pub(crate) fn try_deliver(
+        &self,
+        msg: PushMessage,
+    ) -> std::result::Result<Delivery, PushMessage> {
         let result = match (&self.target, self.policy) {
             (Target::Handler(handler), _) => std::panic::catch_unwind(
                 std::panic::AssertUnwindSafe(|| handler(msg)),
@@ -230,14 +248,30 @@ impl PushSender {
                 );
                 Delivery::Dropped
             }),
-            (Target::Channel(tx), FullPolicy::Backpressure) => {
-                tx.send(msg).await.map_err(|_| Delivery::Closed)
-            }
-            (Target::Channel(tx), FullPolicy::Drop) => tx.try_send(msg).map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => Delivery::Dropped,
-                mpsc::error::TrySendError::Closed(_) => Delivery::Closed,
-            }),
+            (Target::Channel(tx), policy) => match tx.try_send(msg) {
+                Ok(()) => Ok(()),
+                Err(mpsc::error::TrySendError::Full(msg)) => match policy {
+                    FullPolicy::Backpressure => return Err(msg),
+                    FullPolicy::Drop => Err(Delivery::Dropped),
+                },
+                Err(mpsc::error::TrySendError::Closed(_)) => Err(Delivery::Closed),
+            },
         };
+        Ok(self.count(result))
+    }
+
+    /// Waits for room in the channel, then hands `msg` over (the slow path of
+    /// [`deliver`](Self::deliver)).
+    pub(crate) async fn deliver_waiting(&self, msg: PushMessage) -> Delivery {
+        let Target::Channel(tx) = &self.target else {
+            // A handler never waits: `try_deliver` always takes the message.
+            return self.try_deliver(msg).unwrap_or(Delivery::Dropped);
+        };
+        let result = tx.send(msg).await.map_err(|_| Delivery::Closed);
+        self.count(result)
+    }
+
+    fn count(&self, result: std::result::Result<(), Delivery>) -> Delivery {
         match result {
             Ok(()) => {
                 self.counters.delivered.fetch_add(1, Ordering::Relaxed);

@@ -228,6 +228,17 @@ enum Undispatched {
 /// Hands a push to the application's channel, counting it in the client's metrics.
 async fn deliver(conn: &Connection, sink: &PushSender, msg: PushMessage) -> Delivery {
     let delivery = sink.deliver(msg).await;
+    recorded(conn, delivery)
+}
+
+/// [`deliver`] once the channel was found full: waits for room.
+async fn deliver_waiting(conn: &Connection, sink: &PushSender, msg: PushMessage) -> Delivery {
+    let delivery = sink.deliver_waiting(msg).await;
+    recorded(conn, delivery)
+}
+
+/// Counts a push handed to the application in the client's metrics.
+fn recorded(conn: &Connection, delivery: Delivery) -> Delivery {
     let side = &conn.inner.side;
     side.record(crate::metrics::Event::ClientPushReceived);
     if delivery == Delivery::Dropped {
@@ -933,7 +944,12 @@ async fn accept_pushes(conn: &Connection, sink: Option<&PushSender>) {
         }
         match push_message(conn, raw) {
             Ok(msg) => {
-                if deliver(conn, sink, msg).await == Delivery::Dropped {
+                // Without waiting where it can: no future to move the message into.
+                let delivery = match sink.try_deliver(msg) {
+                    Ok(delivery) => recorded(conn, delivery),
+                    Err(msg) => deliver_waiting(conn, sink, msg).await,
+                };
+                if delivery == Delivery::Dropped {
                     tracing::debug!(
                         conn = conn.id(),
                         "push dropped: channel full or handler panicked"

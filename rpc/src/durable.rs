@@ -330,10 +330,12 @@ enum Op {
         ids: Vec<u64>,
         reply: oneshot::Sender<Result<u64>>,
     },
-    /// Everything up to `upto` was acknowledged.
+    /// Everything up to `upto` was acknowledged; `redelivered` lists (in id order) the
+    /// acknowledged ids that were sent more than once.
     Ack {
         identity: String,
         upto: u64,
+        redelivered: Vec<u64>,
         reply: oneshot::Sender<Result<u64>>,
     },
 }
@@ -527,12 +529,15 @@ impl Store {
     }
 
     /// Marks everything of `identity` up to `upto` acknowledged; returns how many messages that
-    /// were pending it covers.
-    async fn ack(&self, identity: &str, upto: u64) -> Result<u64> {
+    /// were pending it covers. Those are counted as delivered (and, of them, the ids in
+    /// `redelivered` as redelivered): a message that expired, overflowed or was
+    /// cancelled after it went out is not pending any more and not counted again.
+    async fn ack(&self, identity: &str, upto: u64, redelivered: Vec<u64>) -> Result<u64> {
         let identity = identity.to_owned();
         self.op(|reply| Op::Ack {
             identity,
             upto,
+            redelivered,
             reply,
         })
         .await
@@ -647,6 +652,7 @@ fn write_loop(
             }
         }
         let mut replies = Vec::with_capacity(batch.len());
+        let mut tally = AckTally::default();
         let appends = batch
             .iter()
             .filter(|op| matches!(op, Op::Append { .. }))
@@ -684,6 +690,7 @@ fn write_loop(
                     counters,
                     limits: &limits,
                     open: HashMap::new(),
+                    tally: &mut tally,
                 };
                 for op in ops_left.by_ref() {
                     match op {
@@ -706,11 +713,17 @@ fn write_loop(
                         Op::Ack {
                             identity,
                             upto,
+                            redelivered,
                             reply,
-                        } => replies.push((reply, Ok(w.ack(&identity, upto)?))),
+                        } => replies.push((reply, Ok(w.ack(&identity, upto, &redelivered)?))),
                     }
                 }
                 meta.insert("next_id", next).map_err(store_error)?;
+                // Counted with the pending sizes they changed (both under the sizes' lock), so
+                // that `Stats` never shows a message neither pending nor delivered. A failed
+                // commit recounts the sizes and fails the acknowledgements: those messages go
+                // out again and are counted again (a disk failure is the one double count).
+                w.tally.count(counters);
             }
             txn.commit().map_err(store_error)
         })();
@@ -894,6 +907,33 @@ struct Writing<'a, 't> {
     /// lookup and its close a write of the table's root: once per transaction, not per
     /// operation).
     open: HashMap<String, (u64, Queue<'t>)>,
+    /// The messages this transaction's acknowledgements cover.
+    tally: &'a mut AckTally,
+}
+
+/// Messages acknowledged in one transaction.
+#[derive(Default)]
+struct AckTally {
+    delivered: u64,
+    redelivered: u64,
+}
+
+impl AckTally {
+    fn count(&self, counters: &DurableCounters) {
+        counters
+            .delivered
+            .fetch_add(self.delivered, Ordering::Relaxed);
+        counters
+            .redelivered
+            .fetch_add(self.redelivered, Ordering::Relaxed);
+        if self.delivered > 0 {
+            metrics::counter!(crate::metrics::names::DURABLE_DELIVERED).increment(self.delivered);
+        }
+        if self.redelivered > 0 {
+            metrics::counter!(crate::metrics::names::DURABLE_REDELIVERED)
+                .increment(self.redelivered);
+        }
+    }
 }
 
 type Queue<'t> = redb::Table<'t, u64, &'static [u8]>;
@@ -1021,19 +1061,25 @@ impl<'t> Writing<'_, 't> {
 
     /// Everything of `identity` up to `upto` is acknowledged: one write of the mark, not one
     /// removal per message. How many pending messages that covered.
-    fn ack(&mut self, identity: &str, upto: u64) -> Result<u64> {
+    fn ack(&mut self, identity: &str, upto: u64, redelivered: &[u64]) -> Result<u64> {
         let Some(acked) = self.acked(identity)?.filter(|&acked| acked < upto) else {
             return Ok(0);
         };
         let mut sizes = Vec::new();
+        let mut covered_redelivered = 0;
         for entry in self
             .queue(identity)?
             .range(acked + 1..=upto)
             .map_err(store_error)?
         {
-            let (_, v) = entry.map_err(store_error)?;
+            let (k, v) = entry.map_err(store_error)?;
             sizes.push(v.value().len() as u64);
+            if redelivered.binary_search(&k.value()).is_ok() {
+                covered_redelivered += 1;
+            }
         }
+        self.tally.delivered += sizes.len() as u64;
+        self.tally.redelivered += covered_redelivered;
         for &bytes in &sizes {
             self.sizes.sub(identity, bytes);
             self.acked_left.add(identity, bytes);
@@ -1268,6 +1314,8 @@ struct AckWriter {
     identity: String,
     /// The highest id acknowledged and not yet recorded (0: none).
     gathered: u64,
+    /// Of the acknowledged ids not yet recorded, those sent more than once (in id order).
+    gathered_redelivered: Vec<u64>,
     running: Option<tokio::task::JoinHandle<Result<u64>>>,
     failed: bool,
 }
@@ -1278,15 +1326,17 @@ impl AckWriter {
             store,
             identity: identity.to_owned(),
             gathered: 0,
+            gathered_redelivered: Vec::new(),
             running: None,
             failed: false,
         }
     }
 
-    /// Records that everything the run sent up to `upto` is acknowledged: now if no write
-    /// runs, else with the next one.
-    fn add(&mut self, upto: u64) {
+    /// Records that everything the run sent up to `upto` is acknowledged (of it, the ids in
+    /// `redelivered` were sent more than once): now if no write runs, else with the next one.
+    fn add(&mut self, (upto, redelivered): (u64, Vec<u64>)) {
         self.gathered = self.gathered.max(upto);
+        self.gathered_redelivered.extend(redelivered);
         if let Some(result) = self
             .running
             .as_mut()
@@ -1302,7 +1352,12 @@ impl AckWriter {
         if self.running.is_none() && self.gathered > 0 {
             let (store, who) = (self.store.clone(), self.identity.clone());
             let upto = std::mem::take(&mut self.gathered);
-            self.running = Some(tokio::spawn(async move { store.ack(&who, upto).await }));
+            let mut redelivered = std::mem::take(&mut self.gathered_redelivered);
+            // In id order for the writer's lookups (usually empty, so nothing to sort).
+            redelivered.sort_unstable();
+            self.running = Some(tokio::spawn(async move {
+                store.ack(&who, upto, redelivered).await
+            }));
         }
     }
 
@@ -1592,7 +1647,7 @@ impl Durable {
             }
             drop(results);
             // Recorded while the next batch goes out (the next read starts after the last id).
-            acks.add(self.count_acked(&acked));
+            acks.add(self.acked(&acked));
             if let Some(e) = failed {
                 tracing::debug!("durable delivery to {identity} stopped: {e}");
                 acks.finish().await;
@@ -1684,23 +1739,20 @@ impl Durable {
         }
     }
 
-    /// Counts acknowledged messages (id, whether redelivered, in id order) as delivered; the
-    /// highest id (0 for none).
-    fn count_acked(&self, acked: &[(u64, bool)]) -> u64 {
-        let redelivered = acked.iter().filter(|(_, r)| *r).count() as u64;
-        let n = acked.len() as u64;
-        let c = &self.store.counters;
-        c.delivered.fetch_add(n, Ordering::Relaxed);
-        c.redelivered.fetch_add(redelivered, Ordering::Relaxed);
-        metrics::counter!(crate::metrics::names::DURABLE_DELIVERED).increment(n);
-        if redelivered > 0 {
-            metrics::counter!(crate::metrics::names::DURABLE_REDELIVERED).increment(redelivered);
-        }
+    /// Forgets the attempts of acknowledged messages (id, whether redelivered, in id order);
+    /// the highest id (0 for none) and the redelivered ids, for the [`AckWriter`] (which
+    /// counts them once the store recorded them).
+    fn acked(&self, acked: &[(u64, bool)]) -> (u64, Vec<u64>) {
         let mut attempted = lock(&self.attempted);
         for (id, _) in acked {
             attempted.remove(id);
         }
-        acked.last().map_or(0, |(id, _)| *id)
+        let redelivered = acked
+            .iter()
+            .filter(|(_, r)| *r)
+            .map(|(id, _)| *id)
+            .collect();
+        (acked.last().map_or(0, |(id, _)| *id), redelivered)
     }
 
     /// A delivery run on one durable stream (`quicx/2`, `docs/PROTOCOL.md` §4): records go out
@@ -1865,7 +1917,7 @@ impl Durable {
                         flight.unacked.drain(..n).collect()
                     };
                     window.add_permits(acked.len());
-                    acks.add(self.count_acked(&acked));
+                    acks.add(self.acked(&acked));
                     if writer_done && lock(&flight).unacked.is_empty() {
                         break RunEnd::Done;
                     }
@@ -2250,7 +2302,7 @@ mod tests {
         for n in 0..10 {
             sent.push(store.append("d", message(n)).await.unwrap());
         }
-        assert_eq!(store.ack("d", sent[3]).await.unwrap(), 4);
+        assert_eq!(store.ack("d", sent[3], Vec::new()).await.unwrap(), 4);
         // Acknowledged, not yet removed: neither pending nor cancellable.
         assert_eq!(store.pending_of("d"), 6);
         assert_eq!(store.remove("d", vec![sent[1]]).await.unwrap(), 0);
@@ -2263,8 +2315,8 @@ mod tests {
         assert_eq!(store.pending_total(), 6);
         assert_eq!(ids(&store.read_after("d", 0, 100).unwrap()), sent[4..]);
         // A stale acknowledgement changes nothing; the last one drops the queue whole.
-        assert_eq!(store.ack("d", sent[2]).await.unwrap(), 0);
-        assert_eq!(store.ack("d", sent[9]).await.unwrap(), 6);
+        assert_eq!(store.ack("d", sent[2], Vec::new()).await.unwrap(), 0);
+        assert_eq!(store.ack("d", sent[9], Vec::new()).await.unwrap(), 6);
         assert_eq!(store.pending_total(), 0);
         assert!(queue_keys(&store, "d").is_empty());
         // The identity starts a new queue.
@@ -2291,7 +2343,10 @@ mod tests {
             for n in 0..40 {
                 sent.push(store.append("d", big(round * 40 + n)).await.unwrap());
             }
-            store.ack("d", sent[sent.len() - 11]).await.unwrap();
+            store
+                .ack("d", sent[sent.len() - 11], Vec::new())
+                .await
+                .unwrap();
             longest = longest.max(queue_keys(&store, "d").len());
         }
         // 4,790 acknowledged: without the bound all of them would still be in the queue.
@@ -2320,7 +2375,7 @@ mod tests {
         for n in 0..300 {
             sent.push(store.append("a", big(n)).await.unwrap());
         }
-        assert_eq!(store.ack("a", sent[199]).await.unwrap(), 200);
+        assert_eq!(store.ack("a", sent[199], Vec::new()).await.unwrap(), 200);
         assert_eq!(
             queue_keys(&store, "a").len(),
             300,
@@ -2373,7 +2428,7 @@ mod tests {
             for n in 0..3 {
                 sent.push(store.append(identity, message(n)).await.unwrap());
             }
-            assert_eq!(store.ack(identity, sent[1]).await.unwrap(), 2);
+            assert_eq!(store.ack(identity, sent[1], Vec::new()).await.unwrap(), 2);
         }
         identities.push("b".into());
         let before = stored_bytes(&store, &identities);
@@ -2466,7 +2521,7 @@ mod tests {
         }
         // Cancel the third, acknowledge up to the fourth (over the gap).
         assert_eq!(store.remove("d", vec![sent[2]]).await.unwrap(), 1);
-        assert_eq!(store.ack("d", sent[3]).await.unwrap(), 3);
+        assert_eq!(store.ack("d", sent[3], Vec::new()).await.unwrap(), 3);
         assert_eq!(store.pending_of("d"), 2);
         // Room for 4 more before the oldest pending (not an acknowledged one) is dropped.
         for n in 6..11 {
@@ -2480,6 +2535,32 @@ mod tests {
         let store = dir.open(limits);
         assert_eq!(store.pending_of("d"), 6);
         assert_eq!(store.pending_total(), 6);
+        close(store).await;
+    }
+
+    #[tokio::test]
+    async fn an_acknowledgement_counts_only_what_it_took_from_pending() {
+        let dir = Dir::new("tally");
+        let store = dir.open(DurableLimits::default());
+        let mut sent = Vec::new();
+        for n in 0..4 {
+            sent.push(store.append("d", message(n)).await.unwrap());
+        }
+        // The second and third went out twice; the second expired (or was cancelled) before
+        // the device's acknowledgement of all four came back.
+        assert_eq!(store.remove("d", vec![sent[1]]).await.unwrap(), 1);
+        let covered = store
+            .ack("d", sent[3], vec![sent[1], sent[2]])
+            .await
+            .unwrap();
+        assert_eq!(covered, 3);
+        let c = &store.counters;
+        assert_eq!(c.delivered.load(Ordering::Relaxed), 3);
+        assert_eq!(c.redelivered.load(Ordering::Relaxed), 1);
+        // The same acknowledgement again covers nothing.
+        assert_eq!(store.ack("d", sent[3], vec![sent[2]]).await.unwrap(), 0);
+        assert_eq!(c.delivered.load(Ordering::Relaxed), 3);
+        assert_eq!(c.redelivered.load(Ordering::Relaxed), 1);
         close(store).await;
     }
 

@@ -570,6 +570,67 @@ pub(crate) enum Change {
     Delete { key: String },
 }
 
+/// Keys per read of a snapshot: a prefix holding a large fleet's presence is read in pages
+/// at one revision, so neither etcd nor this process builds one huge reply.
+pub(crate) const SNAPSHOT_PAGE: i64 = 1000;
+
+/// The first key after every key that starts with `prefix` (etcd's range end for a prefix);
+/// `[0]` (every key from the start key on, in etcd's terms) when the prefix is empty or all
+/// `0xff` bytes.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+/// Every key under `prefix` (key, value, last write's revision) as of one revision, read
+/// `page` keys at a time, and that revision. Fails if a read fails, including when etcd
+/// compacted that revision away between two pages (the caller reads again).
+pub(crate) async fn snapshot(
+    client: &Client,
+    prefix: &str,
+    keys_only: bool,
+    page: i64,
+) -> Result<(i64, Vec<(String, String, i64)>), etcd_client::Error> {
+    let end = prefix_end(prefix.as_bytes());
+    let mut from = prefix.as_bytes().to_vec();
+    // 0: the latest, for the first page; the pages after it read that page's revision.
+    let mut revision = 0;
+    let mut kvs = Vec::new();
+    loop {
+        let mut options = GetOptions::new().with_range(end.clone()).with_limit(page);
+        if keys_only {
+            options = options.with_keys_only();
+        }
+        if revision > 0 {
+            options = options.with_revision(revision);
+        }
+        let r = kv(client).get(from.clone(), Some(options)).await?;
+        if revision == 0 {
+            revision = r.header().map_or(0, |h| h.revision());
+        }
+        kvs.extend(r.kvs().iter().filter_map(|kv| {
+            Some((
+                kv.key_str().ok()?.to_owned(),
+                kv.value_str().unwrap_or_default().to_owned(),
+                kv.mod_revision(),
+            ))
+        }));
+        match r.kvs().last() {
+            Some(last) if r.more() => {
+                from = last.key().to_vec();
+                from.push(0);
+            }
+            _ => return Ok((revision, kvs)),
+        }
+    }
+}
+
 /// Follows every key under `prefix` until `stop`: a snapshot, then the changes, in revision
 /// order. While etcd is unreachable nothing is reported (the last known state stands); when it
 /// comes back the watch resumes from the last revision seen (or resyncs with a new snapshot if
@@ -588,31 +649,8 @@ pub(crate) async fn follow(
     while !stop.is_cancelled() {
         let start = match next {
             Some(rev) => rev,
-            None => match kv(&client)
-                .get(
-                    prefix.as_str(),
-                    Some(if keys_only {
-                        GetOptions::new().with_prefix().with_keys_only()
-                    } else {
-                        GetOptions::new().with_prefix()
-                    }),
-                )
-                .await
-            {
-                Ok(r) => {
-                    let rev = r.header().map_or(0, |h| h.revision());
-                    let kvs = r
-                        .kvs()
-                        .iter()
-                        .filter_map(|kv| {
-                            let value = kv.value_str().unwrap_or_default();
-                            Some((
-                                kv.key_str().ok()?.to_owned(),
-                                value.to_owned(),
-                                kv.mod_revision(),
-                            ))
-                        })
-                        .collect();
+            None => match snapshot(&client, &prefix, keys_only, SNAPSHOT_PAGE).await {
+                Ok((rev, kvs)) => {
                     apply(Change::Reset(kvs));
                     if let Some(first) = first.take() {
                         let _ = first.send(());
@@ -700,4 +738,17 @@ pub(crate) async fn delete_prefix(client: &mut Client, prefix: &str) -> Result<(
         .await
         .map(drop)
         .map_err(ClusterError::etcd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_end;
+
+    #[test]
+    fn a_prefix_ends_at_its_last_byte_that_can_grow() {
+        assert_eq!(prefix_end(b"/q/presence/"), b"/q/presence0");
+        assert_eq!(prefix_end(b"a\xff\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff"), [0]);
+        assert_eq!(prefix_end(b""), [0]);
+    }
 }

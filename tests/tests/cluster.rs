@@ -893,6 +893,43 @@ async fn a_backlog_of_large_durable_messages_is_delivered() {
 
 /// A node refuses a short (or empty) secret: routing requests carry none, and an empty one
 /// would match them.
+/// A node reads a prefix in pages of a thousand keys at one revision: a presence larger than a
+/// page arrives whole, with nothing lost or repeated at the page boundaries.
+#[tokio::test]
+async fn a_presence_larger_than_a_snapshot_page_is_read_whole() {
+    let Some(etcd) = etcd_or_skip() else { return };
+    let options = etcd_options(&etcd, Duration::from_secs(5));
+    // 2,345 devices held by a node that is not running: more than two pages.
+    let mut client = etcd_client::Client::connect([etcd.endpoint()], None)
+        .await
+        .unwrap();
+    let n = 2345;
+    let ids: Vec<String> = (0..n).map(|i| format!("far-{i:05}")).collect();
+    for chunk in ids.chunks(100) {
+        let puts: Vec<_> = chunk
+            .iter()
+            .map(|id| {
+                etcd_client::TxnOp::put(
+                    format!("/quicx-test/presence/{id}"),
+                    r#"{"node":"elsewhere","conn":7}"#,
+                    None,
+                )
+            })
+            .collect();
+        client
+            .txn(etcd_client::Txn::new().and_then(puts))
+            .await
+            .unwrap();
+    }
+    let dev = DevCertificate::localhost().unwrap();
+    let (_server, node) = node(&dev, &options, "reader").await;
+    let located: Vec<_> = ids.iter().filter_map(|id| node.locate(id)).collect();
+    assert_eq!(located.len(), n, "every device of the snapshot is known");
+    assert!(located.iter().all(|at| at == "elsewhere"));
+    assert_eq!(node.locate("far-99999"), None);
+    node.shutdown(Duration::ZERO).await;
+}
+
 #[tokio::test]
 async fn a_node_refuses_a_short_cluster_secret() {
     let Some(etcd) = etcd_or_skip() else { return };

@@ -68,6 +68,11 @@ struct Cli {
     /// (the same while the run holds 64 clients or fewer; the fleet scenario holds more).
     #[arg(long)]
     client_on_caller_runtime: bool,
+    /// quicx clients on `Placement::IoThread`: each call handed to the client I/O thread that
+    /// drives the connection, instead of the default `Placement::Auto`, which drives the
+    /// connection on the caller's runtime (for the process's first 64 clients)
+    #[arg(long, conflicts_with = "client_on_caller_runtime")]
+    client_on_io_thread: bool,
     /// quicx clients receive pushes through `quicx::push_handler` (a function called where the
     /// pushes are read, as the raw quinn client counts them) instead of a `push_channel` read by
     /// a task
@@ -523,6 +528,9 @@ fn main() -> anyhow::Result<()> {
     };
     if cli.client_on_caller_runtime {
         systems::CLIENT_ON_CALLER_RUNTIME.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    if cli.client_on_io_thread {
+        systems::CLIENT_ON_IO_THREAD.store(true, std::sync::atomic::Ordering::Relaxed);
     }
     if cli.push_handler {
         systems::PUSH_HANDLER.store(true, std::sync::atomic::Ordering::Relaxed);

@@ -306,6 +306,10 @@ async fn serve_quicx(dev: &DevCertificate, system: System) -> anyhow::Result<Soc
 pub(crate) static CLIENT_ON_CALLER_RUNTIME: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
 
+/// quicx clients on `Placement::IoThread` (`--client-on-io-thread`).
+pub(crate) static CLIENT_ON_IO_THREAD: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 /// `--push-handler`: quicx clients count pushes in a `quicx::push_handler`.
 pub(crate) static PUSH_HANDLER: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
@@ -329,6 +333,9 @@ pub(crate) async fn quicx_client(
     }
     if CLIENT_ON_CALLER_RUNTIME.load(Ordering::Relaxed) {
         builder = builder.placement(quicx::Placement::CallerRuntime);
+    }
+    if CLIENT_ON_IO_THREAD.load(Ordering::Relaxed) {
+        builder = builder.placement(quicx::Placement::IoThread);
     }
     if let Some(endpoint) = endpoint {
         builder = builder.endpoint(endpoint);

@@ -598,7 +598,12 @@ pub(crate) async fn snapshot(
     page: i64,
 ) -> Result<(i64, Vec<(String, String, i64)>), etcd_client::Error> {
     let end = prefix_end(prefix.as_bytes());
-    let mut from = prefix.as_bytes().to_vec();
+    // etcd names the first key `[0]`, as an empty key is refused.
+    let mut from = if prefix.is_empty() {
+        vec![0]
+    } else {
+        prefix.as_bytes().to_vec()
+    };
     // 0: the latest, for the first page; the pages after it read that page's revision.
     let mut revision = 0;
     let mut kvs = Vec::new();
@@ -612,7 +617,14 @@ pub(crate) async fn snapshot(
         }
         let r = kv(client).get(from.clone(), Some(options)).await?;
         if revision == 0 {
-            revision = r.header().map_or(0, |h| h.revision());
+            // The pages after the first read its revision: without one they could not.
+            revision = r
+                .header()
+                .map(|h| h.revision())
+                .filter(|&rev| rev > 0)
+                .ok_or_else(|| {
+                    etcd_client::Error::InvalidArgs("etcd replied without a revision".into())
+                })?;
         }
         kvs.extend(r.kvs().iter().filter_map(|kv| {
             Some((

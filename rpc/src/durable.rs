@@ -720,9 +720,8 @@ fn write_loop(
                 }
                 meta.insert("next_id", next).map_err(store_error)?;
                 // Counted with the pending sizes they changed (both under the sizes' lock), so
-                // that `Stats` never shows a message neither pending nor delivered. A failed
-                // commit recounts the sizes and fails the acknowledgements: those messages go
-                // out again and are counted again (a disk failure is the one double count).
+                // that `Stats` never shows a message neither pending nor delivered; a failed
+                // commit recounts the sizes and takes these back.
                 w.tally.count(counters);
             }
             txn.commit().map_err(store_error)
@@ -739,6 +738,7 @@ fn write_loop(
                 }
                 metrics::gauge!(crate::metrics::names::DURABLE_PENDING)
                     .set(lock(sizes).total.messages as f64);
+                tally.record();
                 for (reply, result) in replies {
                     let _ = reply.send(result);
                 }
@@ -750,6 +750,7 @@ fn write_loop(
                     *lock(sizes) = fresh;
                     acked_left = left;
                 }
+                tally.uncount(counters);
                 // Those applied and those the failure kept from being applied alike.
                 let failed = replies
                     .into_iter()
@@ -916,16 +917,37 @@ struct Writing<'a, 't> {
 struct AckTally {
     delivered: u64,
     redelivered: u64,
+    /// Whether [`count`](Self::count) ran (a transaction can fail before it).
+    counted: bool,
 }
 
 impl AckTally {
-    fn count(&self, counters: &DurableCounters) {
+    /// Counts the acknowledged messages in the store's counters (read by `Stats`).
+    fn count(&mut self, counters: &DurableCounters) {
+        self.counted = true;
         counters
             .delivered
             .fetch_add(self.delivered, Ordering::Relaxed);
         counters
             .redelivered
             .fetch_add(self.redelivered, Ordering::Relaxed);
+    }
+
+    /// Takes them back: their transaction failed.
+    fn uncount(&self, counters: &DurableCounters) {
+        if !self.counted {
+            return;
+        }
+        counters
+            .delivered
+            .fetch_sub(self.delivered, Ordering::Relaxed);
+        counters
+            .redelivered
+            .fetch_sub(self.redelivered, Ordering::Relaxed);
+    }
+
+    /// Counts them in the metrics (monotonic: only once committed).
+    fn record(&self) {
         if self.delivered > 0 {
             metrics::counter!(crate::metrics::names::DURABLE_DELIVERED).increment(self.delivered);
         }
@@ -1314,8 +1336,11 @@ struct AckWriter {
     identity: String,
     /// The highest id acknowledged and not yet recorded (0: none).
     gathered: u64,
-    /// Of the acknowledged ids not yet recorded, those sent more than once (in id order).
+    /// Of the acknowledged ids not yet recorded, those sent more than once.
     gathered_redelivered: Vec<u64>,
+    /// Those of the running write: gathered again if it fails (the next write covers its
+    /// range too, the mark being cumulative).
+    writing_redelivered: Vec<u64>,
     running: Option<tokio::task::JoinHandle<Result<u64>>>,
     failed: bool,
 }
@@ -1327,6 +1352,7 @@ impl AckWriter {
             identity: identity.to_owned(),
             gathered: 0,
             gathered_redelivered: Vec::new(),
+            writing_redelivered: Vec::new(),
             running: None,
             failed: false,
         }
@@ -1355,6 +1381,7 @@ impl AckWriter {
             let mut redelivered = std::mem::take(&mut self.gathered_redelivered);
             // In id order for the writer's lookups (usually empty, so nothing to sort).
             redelivered.sort_unstable();
+            self.writing_redelivered.clone_from(&redelivered);
             self.running = Some(tokio::spawn(async move {
                 store.ack(&who, upto, redelivered).await
             }));
@@ -1376,7 +1403,9 @@ impl AckWriter {
     /// The running write ended with `result`: start the next.
     fn done(&mut self, result: Result<u64>) {
         self.running = None;
+        let written = std::mem::take(&mut self.writing_redelivered);
         if let Err(e) = result {
+            self.gathered_redelivered.extend(written);
             tracing::error!(
                 "recording the acknowledgements of {} failed: {e}",
                 self.identity

@@ -42,7 +42,10 @@ pub struct Stats {
     pub buffered_request_bytes: u64,
     /// Durable messages pending in the store, over all identities (servers with a store).
     pub durable_pending: u64,
-    /// Durable messages acknowledged by their devices (and removed).
+    /// Durable messages acknowledged by their devices (and removed). Each message counts once
+    /// in one of `durable_delivered`, `durable_expired`, `durable_overflowed` or a cancel:
+    /// one that expired, overflowed or was cancelled after it went out and before its
+    /// acknowledgement came is not counted here again.
     pub durable_delivered: u64,
     /// Of those, messages sent more than once before their acknowledgement.
     pub durable_redelivered: u64,

@@ -238,6 +238,23 @@ pub enum HandshakeError {
 }
 
 impl Error {
+    /// A copy of a refusal that does not come from the transport (the server refused the
+    /// hello or the credentials, or the configuration is wrong), for the callers that waited
+    /// on one connection attempt; `None` for the other kinds.
+    pub(crate) fn copy_of_refusal(&self) -> Option<Self> {
+        Some(match self {
+            Self::HelloRefused(m) => Self::HelloRefused(m.clone()),
+            Self::Unauthenticated(m) => Self::Unauthenticated(m.clone()),
+            Self::PermissionDenied(m) => Self::PermissionDenied(m.clone()),
+            Self::RateLimited(m) => Self::RateLimited(m.clone()),
+            Self::Config(m) => Self::Config(m.clone()),
+            Self::Tls(m) => Self::Tls(m.clone()),
+            Self::Protocol(p) => Self::Protocol(p.clone()),
+            Self::Internal(m) => Self::Internal(m.clone()),
+            _ => return None,
+        })
+    }
+
     /// Whether the error came from the transport (connection lost, deadline, handshake, refused
     /// stream) rather than from the remote handler. Fail modes retry only these.
     pub fn is_transport(&self) -> bool {

@@ -278,6 +278,56 @@ async fn handler_errors_are_not_retried() {
     }
 }
 
+/// Refused credentials reach the caller as themselves, at once: no fail mode retries them on
+/// another endpoint, and the endpoint (which answered) does not cool down.
+#[tokio::test]
+async fn refused_credentials_are_returned_as_such_and_not_retried() {
+    let dev = DevCertificate::localhost().unwrap();
+    let refused = Arc::new(AtomicUsize::new(0));
+    let mut servers = Vec::new();
+    for _ in 0..2 {
+        let count = refused.clone();
+        let server =
+            Server::builder()
+                .dev_certificate(&dev)
+                .authenticator(quicx::Authenticator::new(move |_hello: quicx::Hello| {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        Err::<String, _>(quicx::Refusal::Unauthenticated("wrong token".into()))
+                    }
+                }))
+                .build()
+                .unwrap();
+        let addr = server.bind("127.0.0.1:0").await.unwrap();
+        servers.push((
+            server,
+            Endpoint::parse(&addr.to_string())
+                .unwrap()
+                .with_server_name("localhost"),
+        ));
+    }
+    let discovery = MultipleServersDiscovery::new(servers.iter().map(|(_, e)| e.clone()).collect());
+    let x = XClient::new(
+        "Who",
+        FailMode::Failover,
+        SelectMode::RoundRobin,
+        discovery,
+        ClientOption {
+            client_id: Some("device-1".into()),
+            token: Some("not-it".into()),
+            retries: 3,
+            ..option(&dev)
+        },
+    )
+    .unwrap();
+    for _ in 0..2 {
+        let err = x.call::<_, String>("Name", &()).await.unwrap_err();
+        assert!(matches!(err, Error::Unauthenticated(_)), "{err:?}");
+    }
+    // One hello per call: the refusal was not tried on the other endpoint.
+    assert_eq!(refused.load(Ordering::SeqCst), 2);
+}
+
 #[tokio::test]
 async fn static_list_updates_reach_a_live_xclient() {
     let dev = DevCertificate::localhost().unwrap();

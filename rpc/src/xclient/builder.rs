@@ -48,9 +48,13 @@ pub struct ClientOption {
     /// [`ClientBuilder::token`](crate::ClientBuilder::token)).
     pub token: Option<String>,
     /// After a transport failure an endpoint is avoided for this long, doubling with each
-    /// further failure of the endpoint up to 32×, and reset by the next success (a breaker that
-    /// closes again, unlike rpcx's). Failures while the endpoint already cools down (other
-    /// callers failing on the same dead server) do not count again. Default 1 s.
+    /// further failure of the endpoint up to 32× (and never more than a day), and reset by the
+    /// next success (a breaker that closes again, unlike rpcx's). Failures while the endpoint
+    /// already cools down (other callers failing on the same dead server) do not count again,
+    /// nor does a caller's own deadline or its giving up on a connection attempt that others
+    /// share. A refusal of the credentials or hello is no transport failure: it is returned to
+    /// the caller as itself ([`Error::Unauthenticated`](crate::Error::Unauthenticated),
+    /// [`Error::HelloRefused`](crate::Error::HelloRefused)), not retried elsewhere. Default 1 s.
     pub endpoint_cooldown: Duration,
     /// Where the connections are driven.
     pub placement: Placement,

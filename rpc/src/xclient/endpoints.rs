@@ -24,7 +24,20 @@ use crate::{
 
 /// A connection attempt in flight; its outcome once it is known (the error as text: it
 /// belongs to the task that made the attempt).
-type Attempt = watch::Receiver<Option<Result<Client, String>>>;
+/// The longest an endpoint cools down, however long `endpoint_cooldown` and its doublings.
+const MAX_COOLDOWN: Duration = Duration::from_secs(24 * 3600);
+
+type Attempt = watch::Receiver<Option<Result<Client, Arc<Error>>>>;
+
+/// Clears a member's connection attempt when the task that makes it ends, panics included (the
+/// callers waiting on it then see the attempt gone, and the next caller starts another).
+struct ClearAttempt(Arc<Member>);
+
+impl Drop for ClearAttempt {
+    fn drop(&mut self) {
+        *self.0.connecting.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+}
 
 /// One endpoint and its lazily opened client.
 #[derive(Debug)]
@@ -112,7 +125,9 @@ impl Member {
         }
         health.failures = health.failures.saturating_add(1);
         let factor = 1u32 << (health.failures - 1).min(5);
-        health.down_until = Some(now + cooldown * factor);
+        // Saturated, so that a cool-down meant as "for ever" (`Duration::MAX`) cannot overflow.
+        let wait = cooldown.saturating_mul(factor).min(MAX_COOLDOWN);
+        health.down_until = Some(now + wait);
     }
 
     /// The cool-down left, for tests and logs.
@@ -222,7 +237,9 @@ impl Core {
     }
 
     fn reconnect_in_background(&self, member: Arc<Member>) {
-        if member.connecting() {
+        // A bidirectional member's client reconnects by itself (its supervisor): nothing to
+        // start, and a task per pick would pile up while the server stays down.
+        if member.connecting() || (self.bidirectional && member.client().is_some()) {
             return;
         }
         let Some(inner) = self.weak.upgrade() else {
@@ -287,8 +304,10 @@ impl Core {
                         .ok_or(Error::NotConnected(NotConnected::Closed))?;
                     let member = member.clone();
                     tokio::spawn(async move {
+                        let _clear = ClearAttempt(member.clone());
                         let result = inner.connect(&member).await;
-                        member.record(result.is_err(), inner.option.endpoint_cooldown);
+                        // A refusal (credentials, hello) comes from a server that is up.
+                        let failed = result.as_ref().is_err_and(Error::is_transport);
                         let shared = match result {
                             Ok(client) => {
                                 *member.client.lock().unwrap_or_else(|p| p.into_inner()) =
@@ -301,11 +320,14 @@ impl Core {
                                     // mDNS verifies the announcement and forgets a crashed server.
                                     inner.discovery.report_unreachable(&member.endpoint);
                                 }
-                                Err(e.to_string())
+                                Err(Arc::new(e))
                             }
                         };
-                        *member.connecting.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                        drop(_clear);
                         let _ = tx.send(Some(shared));
+                        // Last: a caller that gave up waiting meanwhile does not count against
+                        // the endpoint, and this outcome is the one that stands.
+                        member.record(failed, inner.option.endpoint_cooldown);
                     });
                     rx
                 }
@@ -315,9 +337,13 @@ impl Core {
         match outcome {
             Ok(Ok(done)) => match done.as_ref() {
                 Some(Ok(client)) => Ok(client.clone()),
-                Some(Err(cause)) => Err(Error::NotConnected(NotConnected::ConnectFailed {
-                    endpoint: member.endpoint.address.clone(),
-                    cause: cause.clone(),
+                // A refusal (credentials, hello, configuration) reaches every caller as itself:
+                // fail modes do not retry it elsewhere. A transport failure is shared as text.
+                Some(Err(cause)) => Err(cause.copy_of_refusal().unwrap_or_else(|| {
+                    Error::NotConnected(NotConnected::ConnectFailed {
+                        endpoint: member.endpoint.address.clone(),
+                        cause: cause.to_string(),
+                    })
                 })),
                 None => Err(Error::ConnectTimeout(within)),
             },
@@ -453,5 +479,13 @@ mod tests {
         member.record(true, cooldown);
         let health = member.health.lock().unwrap();
         assert_eq!(health.failures, 2);
+    }
+
+    #[test]
+    fn a_cool_down_meant_as_for_ever_is_capped_not_an_overflow() {
+        let member = Member::new(Endpoint::parse("quic@127.0.0.1:1").unwrap(), None);
+        member.record(true, Duration::MAX);
+        let down = member.down_for().unwrap();
+        assert!(down <= MAX_COOLDOWN && down > MAX_COOLDOWN / 2, "{down:?}");
     }
 }

@@ -144,12 +144,20 @@ impl Core {
         let connect_within = deadline.left().map_or(self.option.connect_timeout, |l| {
             l.min(self.option.connect_timeout)
         });
+        // Whether this attempt's own timeout (not the call's deadline) bounds it.
+        let mut attempt_bound = false;
         let result = async {
             let client = self.client_for(member, connect_within).await?;
             let conn = client.connection().await?;
             let timeout = match (deadline.left(), self.option.attempt_timeout) {
-                (Some(left), Some(attempt)) => Some(left.min(attempt)),
-                (left, attempt) => left.or(attempt),
+                (Some(left), Some(attempt)) => {
+                    attempt_bound = attempt <= left;
+                    Some(left.min(attempt))
+                }
+                (left, attempt) => {
+                    attempt_bound = left.is_none() && attempt.is_some();
+                    left.or(attempt)
+                }
             };
             let options = CallOptions {
                 timeout,
@@ -159,10 +167,17 @@ impl Core {
                 .await
         }
         .await;
-        member.record(
-            result.as_ref().is_err_and(Error::is_transport),
-            self.option.endpoint_cooldown,
-        );
+        let failed = match &result {
+            // The connection attempt this caller waited on records its own outcome.
+            Err(Error::ConnectTimeout(_)) => None,
+            // The caller's deadline passed, not the endpoint's: no verdict on the endpoint.
+            Err(Error::DeadlineExceeded { remote: false }) if !attempt_bound => None,
+            Err(e) => Some(e.is_transport()),
+            Ok(_) => Some(false),
+        };
+        if let Some(failed) = failed {
+            member.record(failed, self.option.endpoint_cooldown);
+        }
         if matches!(result, Err(Error::PeerUnresponsive(_))) {
             self.discovery.report_unreachable(&member.endpoint);
         }

@@ -55,8 +55,10 @@ pub enum SelectMode {
     /// Smooth weighted round robin (nginx's): endpoint weights decide the share, picks are
     /// spread evenly.
     WeightedRoundRobin,
-    /// The same key always goes to the same endpoint while it is present (rendezvous hashing:
-    /// when an endpoint leaves, only its keys move).
+    /// The same key always goes to the same endpoint while it is present and usable
+    /// (rendezvous hashing: when an endpoint leaves, only its keys move). While an XClient's
+    /// endpoint is still connecting or cooling down after a failure, its keys go to the others
+    /// and come back once it is usable again.
     ConsistentHash,
     /// Prefers endpoints with a lower QUIC round-trip time (weight ∝ 1/rtt²); endpoints not yet
     /// measured are tried as if they were the fastest.

@@ -354,10 +354,18 @@ impl Core {
 
     /// One connection attempt to a member, within the connect timeout.
     async fn connect(&self, member: &Member) -> Result<Client> {
-        let addr = tokio::net::lookup_host(member.endpoint.address.as_str())
-            .await?
-            .next()
-            .ok_or_else(|| Error::Config(format!("`{}` resolved to nothing", member.endpoint)))?;
+        // The name's lookup counts against the connect timeout too: a slow resolver must not
+        // keep the endpoint's attempt (and the callers waiting on it) open past it.
+        let timeout = self.option.connect_timeout;
+        let started = std::time::Instant::now();
+        let addr = tokio::time::timeout(
+            timeout,
+            tokio::net::lookup_host(member.endpoint.address.as_str()),
+        )
+        .await
+        .map_err(|_| Error::ConnectTimeout(timeout))??
+        .next()
+        .ok_or_else(|| Error::Config(format!("`{}` resolved to nothing", member.endpoint)))?;
         // Each endpoint's connection placed on its own (`Placement::Auto`: the caller's runtime
         // for the process's first clients, then the client I/O threads in turn).
         let mut link = self.link.clone();
@@ -370,7 +378,7 @@ impl Core {
             self.session.clone(),
             self.events.clone(),
             (addr, &member.endpoint.server_name),
-            self.option.connect_timeout,
+            timeout.saturating_sub(started.elapsed()),
         )
         .await
     }

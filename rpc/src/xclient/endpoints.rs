@@ -54,7 +54,7 @@ pub(super) struct Member {
 }
 
 /// Failures of one endpoint: a breaker that opens for a cool-down after each failure episode.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, Copy)]
 struct Health {
     failures: u32,
     down_until: Option<Instant>,
@@ -179,7 +179,14 @@ impl Members {
             }
             let member = match old.remove(&endpoint.address) {
                 Some(member) if member.endpoint == *endpoint => member,
-                Some(member) => Arc::new(Member::new(endpoint.clone(), member.client())),
+                // New metadata (a weight, a group) for the same server: its connection and its
+                // breaker carry over, so a server that is down stays avoided.
+                Some(member) => {
+                    let fresh = Member::new(endpoint.clone(), member.client());
+                    *fresh.health.lock().unwrap_or_else(|p| p.into_inner()) =
+                        *member.health.lock().unwrap_or_else(|p| p.into_inner());
+                    Arc::new(fresh)
+                }
                 None => Arc::new(Member::new(endpoint.clone(), None)),
             };
             members.push(member);
@@ -487,6 +494,23 @@ mod tests {
         member.record(true, cooldown);
         let health = member.health.lock().unwrap();
         assert_eq!(health.failures, 2);
+    }
+
+    #[test]
+    fn a_member_replaced_for_new_metadata_keeps_its_cool_down() {
+        let members = Members::default();
+        let a = Endpoint::parse("quic@127.0.0.1:1").unwrap();
+        assert!(members.replace(&[&a]).is_empty());
+        members.all()[0].record(true, Duration::from_secs(60));
+        let heavier = a.clone().with_weight(5);
+        // The old member is replaced, not removed: nothing to drain.
+        assert!(members.replace(&[&heavier]).is_empty());
+        let now = members.all();
+        assert_eq!(now[0].endpoint, heavier);
+        assert!(
+            now[0].cooling_down(Instant::now()),
+            "the breaker carried over"
+        );
     }
 
     #[test]

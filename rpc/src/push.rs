@@ -219,7 +219,8 @@ impl PushSender {
     }
 
     /// Hands `msg` to the application and counts the outcome: waits while the channel is full
-    /// under [`FullPolicy::Backpressure`].
+    /// under [`FullPolicy::Backpressure`]. Tried without waiting first, which uses none of the
+    /// task's cooperative budget (`Sender::send` does).
     pub(crate) async fn deliver(&self, msg: PushMessage) -> Delivery {
         match self.try_deliver(msg) {
             Ok(delivery) => delivery,
@@ -228,15 +229,11 @@ impl PushSender {
     }
 
     /// [`deliver`](Self::deliver) without waiting: gives `msg` back when the channel is full
-    /// under [`FullPolicy::Backpressure`] (then [`deliver_waiting`](Self::deliver_waiting)).
-    /// The common case thus builds no future to move the message into. Waiting senders hold
-    /// the channel's permits (it is fair), so this never overtakes them.
+    /// under [`FullPolicy::Backpressure`]. Waiting senders hold the channel's permits (it is
+    /// fair), so this never overtakes them.
     // The message comes back by value on the rare full path; boxing it would allocate per push.
     #[allow(clippy::result_large_err)]
-    pub(crate) fn try_deliver(
-        &self,
-        msg: PushMessage,
-    ) -> std::result::Result<Delivery, PushMessage> {
+    fn try_deliver(&self, msg: PushMessage) -> std::result::Result<Delivery, PushMessage> {
         let result = match (&self.target, self.policy) {
             (Target::Handler(handler), _) => std::panic::catch_unwind(
                 std::panic::AssertUnwindSafe(|| handler(msg)),
@@ -262,7 +259,7 @@ impl PushSender {
 
     /// Waits for room in the channel, then hands `msg` over (the slow path of
     /// [`deliver`](Self::deliver)).
-    pub(crate) async fn deliver_waiting(&self, msg: PushMessage) -> Delivery {
+    async fn deliver_waiting(&self, msg: PushMessage) -> Delivery {
         let Target::Channel(tx) = &self.target else {
             // A handler never waits: `try_deliver` always takes the message.
             return self.try_deliver(msg).unwrap_or(Delivery::Dropped);

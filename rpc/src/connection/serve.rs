@@ -228,17 +228,6 @@ enum Undispatched {
 /// Hands a push to the application's channel, counting it in the client's metrics.
 async fn deliver(conn: &Connection, sink: &PushSender, msg: PushMessage) -> Delivery {
     let delivery = sink.deliver(msg).await;
-    recorded(conn, delivery)
-}
-
-/// [`deliver`] once the channel was found full: waits for room.
-async fn deliver_waiting(conn: &Connection, sink: &PushSender, msg: PushMessage) -> Delivery {
-    let delivery = sink.deliver_waiting(msg).await;
-    recorded(conn, delivery)
-}
-
-/// Counts a push handed to the application in the client's metrics.
-fn recorded(conn: &Connection, delivery: Delivery) -> Delivery {
     let side = &conn.inner.side;
     side.record(crate::metrics::Event::ClientPushReceived);
     if delivery == Delivery::Dropped {
@@ -944,17 +933,13 @@ async fn accept_pushes(conn: &Connection, sink: Option<&PushSender>) {
         }
         match push_message(conn, raw) {
             Ok(msg) => {
-                // Without waiting where it can. A push taken at once uses no cooperative
-                // budget (quinn's reads use none either), so this loop keeps its thread until
-                // the pushes buffered so far are read or the channel is full, and the reader
-                // then takes them as one batch: bounded by the channel's capacity and the
-                // connection's push limit. Yielding every 128 pushes instead (tokio's budget)
-                // measured 630-815k pushes/s against 763-893k (BENCHMARKS.md).
-                let delivery = match sink.try_deliver(msg) {
-                    Ok(delivery) => recorded(conn, delivery),
-                    Err(msg) => deliver_waiting(conn, sink, msg).await,
-                };
-                if delivery == Delivery::Dropped {
+                // A push the channel takes at once uses no cooperative budget (quinn's reads
+                // use none either), so this loop keeps its thread until the pushes buffered so
+                // far are read or the channel is full, and the reader then takes them as one
+                // batch: bounded by the channel's capacity and the connection's push limit.
+                // Yielding every 128 pushes instead (tokio's budget) measured 630-815k
+                // pushes/s against 763-893k (BENCHMARKS.md).
+                if deliver(conn, sink, msg).await == Delivery::Dropped {
                     tracing::debug!(
                         conn = conn.id(),
                         "push dropped: channel full or handler panicked"

@@ -572,7 +572,7 @@ pub(crate) enum Change {
 
 /// Keys per read of a snapshot: a prefix holding a large fleet's presence is read in pages
 /// at one revision, so neither etcd nor this process builds one huge reply.
-pub(crate) const SNAPSHOT_PAGE: i64 = 1000;
+const SNAPSHOT_PAGE: i64 = 1000;
 
 /// The first key after every key that starts with `prefix` (etcd's range end for a prefix);
 /// `[0]` (every key from the start key on, in etcd's terms) when the prefix is empty or all
@@ -589,13 +589,12 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 }
 
 /// Every key under `prefix` (key, value, last write's revision) as of one revision, read
-/// `page` keys at a time, and that revision. Fails if a read fails, including when etcd
+/// [`SNAPSHOT_PAGE`] keys at a time, and that revision. Fails if a read fails, including when etcd
 /// compacted that revision away between two pages (the caller reads again).
-pub(crate) async fn snapshot(
+async fn snapshot(
     client: &Client,
     prefix: &str,
     keys_only: bool,
-    page: i64,
 ) -> Result<(i64, Vec<(String, String, i64)>), etcd_client::Error> {
     let end = prefix_end(prefix.as_bytes());
     // etcd names the first key `[0]`, as an empty key is refused.
@@ -608,7 +607,9 @@ pub(crate) async fn snapshot(
     let mut revision = 0;
     let mut kvs = Vec::new();
     loop {
-        let mut options = GetOptions::new().with_range(end.clone()).with_limit(page);
+        let mut options = GetOptions::new()
+            .with_range(end.clone())
+            .with_limit(SNAPSHOT_PAGE);
         if keys_only {
             options = options.with_keys_only();
         }
@@ -661,7 +662,7 @@ pub(crate) async fn follow(
     while !stop.is_cancelled() {
         let start = match next {
             Some(rev) => rev,
-            None => match snapshot(&client, &prefix, keys_only, SNAPSHOT_PAGE).await {
+            None => match snapshot(&client, &prefix, keys_only).await {
                 Ok((rev, kvs)) => {
                     apply(Change::Reset(kvs));
                     if let Some(first) = first.take() {

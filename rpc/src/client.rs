@@ -428,9 +428,7 @@ struct CloseOnDrop(Arc<ClientInner>);
 impl Drop for CloseOnDrop {
     fn drop(&mut self) {
         self.0.closed.cancel();
-        if let Some(conn) = self.0.current.send_replace(None) {
-            conn.close_with(CloseCode::NORMAL, b"client dropped");
-        }
+        close_for_good(&self.0, b"client dropped");
     }
 }
 
@@ -535,9 +533,9 @@ impl Drop for CloseUnlessKept {
 /// The client was closed (or its last handle dropped): closes the connection it still shows,
 /// if `close` (or the drop) did not take it first (a reconnect that ended just after). The
 /// supervisor's connection is always the one shown until then.
-fn close_for_good(inner: &ClientInner) {
+fn close_for_good(inner: &ClientInner, reason: &[u8]) {
     if let Some(current) = inner.current.send_replace(None) {
-        current.close_with(CloseCode::NORMAL, b"client closed");
+        current.close_with(CloseCode::NORMAL, reason);
     }
 }
 
@@ -550,7 +548,7 @@ async fn supervise(inner: Arc<ClientInner>, mut conn: Connection) {
             () = inner.closed.cancelled() => {
                 // `close` (or the last handle's drop) took and closed what it found; what is
                 // still shown (set just after) is closed here.
-                close_for_good(&inner);
+                close_for_good(&inner, b"client closed");
                 inner.side.record(crate::metrics::Event::ClientDisconnected);
                 return;
             }
@@ -601,7 +599,7 @@ async fn supervise(inner: Arc<ClientInner>, mut conn: Connection) {
         inner.current.send_replace(Some(conn.clone()));
         if inner.closed.is_cancelled() {
             // Closed while the reconnect ended: `close` may have found no connection to close.
-            close_for_good(&inner);
+            close_for_good(&inner, b"client closed");
             inner.side.record(crate::metrics::Event::ClientDisconnected);
             return;
         }

@@ -42,16 +42,11 @@ pub const MSG_SPACE_KEY: &str = "quicx-msg-space";
 /// `bind_client_id` after a login): a space per identity keeps what it acknowledged for one
 /// from hiding the other's messages.
 pub fn msg_space(base: &str, identity: &str) -> String {
-    use std::fmt::Write;
     let mut digest = ring::digest::Context::new(&ring::digest::SHA256);
     digest.update(base.as_bytes());
     digest.update(&[0]);
     digest.update(identity.as_bytes());
-    let mut space = String::with_capacity(MSG_SPACE_LEN);
-    for b in &digest.finish().as_ref()[..MSG_SPACE_LEN / 2] {
-        let _ = write!(space, "{b:02x}");
-    }
-    space
+    crate::trace::hex(&digest.finish().as_ref()[..MSG_SPACE_LEN / 2])
 }
 
 /// The length of every id space [`msg_space`] makes.

@@ -367,7 +367,9 @@ impl IoRuntime {
     }
 
     /// Runs `fut` on the I/O thread and returns its output; directly when already on it.
-    /// Dropping the returned future cancels `fut`.
+    /// Dropping the returned future cancels `fut`. Fails with
+    /// `ConnectionLost(LocallyClosed)` when the I/O thread stopped (its server shut down)
+    /// before `fut` finished, and with `Internal` if `fut` panicked.
     pub(crate) async fn run<F>(&self, fut: F) -> Result<F::Output>
     where
         F: Future + Send + 'static,

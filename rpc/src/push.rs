@@ -224,16 +224,22 @@ impl PushSender {
     pub(crate) async fn deliver(&self, msg: PushMessage) -> Delivery {
         match self.try_deliver(msg) {
             Ok(delivery) => delivery,
-            Err(msg) => self.deliver_waiting(msg).await,
+            Err((tx, msg)) => {
+                let result = tx.send(msg).await.map_err(|_| Delivery::Closed);
+                self.count(result)
+            }
         }
     }
 
-    /// [`deliver`](Self::deliver) without waiting: gives `msg` back when the channel is full
-    /// under [`FullPolicy::Backpressure`]. Waiting senders hold the channel's permits (it is
-    /// fair), so this never overtakes them.
+    /// [`deliver`](Self::deliver) without waiting: gives `msg` back, with the channel to wait
+    /// on, when the channel is full under [`FullPolicy::Backpressure`]. Waiting senders hold
+    /// the channel's permits (it is fair), so this never overtakes them.
     // The message comes back by value on the rare full path; boxing it would allocate per push.
     #[allow(clippy::result_large_err)]
-    fn try_deliver(&self, msg: PushMessage) -> std::result::Result<Delivery, PushMessage> {
+    fn try_deliver(
+        &self,
+        msg: PushMessage,
+    ) -> std::result::Result<Delivery, (&mpsc::Sender<PushMessage>, PushMessage)> {
         let result = match (&self.target, self.policy) {
             (Target::Handler(handler), _) => std::panic::catch_unwind(
                 std::panic::AssertUnwindSafe(|| handler(msg)),
@@ -248,24 +254,13 @@ impl PushSender {
             (Target::Channel(tx), policy) => match tx.try_send(msg) {
                 Ok(()) => Ok(()),
                 Err(mpsc::error::TrySendError::Full(msg)) => match policy {
-                    FullPolicy::Backpressure => return Err(msg),
+                    FullPolicy::Backpressure => return Err((tx, msg)),
                     FullPolicy::Drop => Err(Delivery::Dropped),
                 },
                 Err(mpsc::error::TrySendError::Closed(_)) => Err(Delivery::Closed),
             },
         };
         Ok(self.count(result))
-    }
-
-    /// Waits for room in the channel, then hands `msg` over (the slow path of
-    /// [`deliver`](Self::deliver)).
-    async fn deliver_waiting(&self, msg: PushMessage) -> Delivery {
-        let Target::Channel(tx) = &self.target else {
-            // A handler never waits: `try_deliver` always takes the message.
-            return self.try_deliver(msg).unwrap_or(Delivery::Dropped);
-        };
-        let result = tx.send(msg).await.map_err(|_| Delivery::Closed);
-        self.count(result)
     }
 
     fn count(&self, result: std::result::Result<(), Delivery>) -> Delivery {

@@ -279,8 +279,15 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn failbackup_sends_to_the_backup_at_once_when_the_first_fails_fast() {
         let fake = Fake::new(vec![vec![(1, Err(lost()))], vec![(0, Ok(1))]]);
+        let started = tokio::time::Instant::now();
         assert_eq!(run(FailMode::Failbackup, &fake).await.unwrap(), 1);
         assert_eq!(fake.log(), [0, 1]);
+        // At the first's failure (1 ms), not after the backup latency.
+        assert!(
+            started.elapsed() < Duration::from_millis(5),
+            "{:?}",
+            started.elapsed()
+        );
         // With no second endpoint, the failure is the answer.
         let fake = Fake::new(vec![vec![(1, Err(lost()))]]);
         assert!(run(FailMode::Failbackup, &fake).await.is_err());

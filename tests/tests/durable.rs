@@ -205,8 +205,6 @@ async fn an_online_device_receives_a_durable_message_at_once() {
     assert_eq!(server.stats().durable_pending, 0);
 }
 
-/// Through a push handler, durable messages are acknowledged once the handler returned: the
-/// store empties, and nothing comes twice.
 /// A sender that stops waiting for `send_durable` (its own timeout) after the message reached
 /// the store does not hold the message back: a bound device still gets it at once.
 #[tokio::test]
@@ -240,6 +238,8 @@ async fn a_durable_send_abandoned_before_its_commit_is_still_delivered_at_once()
     }
 }
 
+/// Through a push handler, durable messages are acknowledged once the handler returned: the
+/// store empties, and nothing comes twice.
 #[tokio::test]
 async fn a_push_handler_receives_durable_messages_and_they_are_acknowledged() {
     let (dev, _store, server) = started(DurableLimits::default()).await;
@@ -873,9 +873,10 @@ async fn after_a_crash_with_an_fsync_interval_new_messages_get_ids_the_device_ne
     };
     // The first commit reserves ids on the disk; the ones after it are in memory only.
     send(1).await;
-    assert_eq!(&next(&mut rx).await.payload[..], b"0");
+    let msg = next(&mut rx).await;
+    assert_eq!(&msg.payload[..], b"0");
+    let mut seen = vec![msg.durable_id().unwrap()];
     send(5).await;
-    let mut seen = Vec::new();
     for i in 0..5 {
         let msg = next(&mut rx).await;
         assert_eq!(std::str::from_utf8(&msg.payload).unwrap(), i.to_string());
@@ -884,12 +885,17 @@ async fn after_a_crash_with_an_fsync_interval_new_messages_get_ids_the_device_ne
     first.kill();
     let _restarted = durable_server_with(&pem, &first.addr.to_string(), &store, every);
     // The device and the operator reconnect by themselves; the operator sends 5 more.
-    until(Duration::from_secs(10), async || {
-        ops.call::<_, ()>("Ops", "Send", &("device-12", 5u32))
-            .await
-            .is_ok()
-    })
-    .await;
+    assert!(
+        // Each try is bounded by the call timeout; one cut short by the deadline could have
+        // sent, so none is cut shorter.
+        until(Duration::from_secs(10), async || {
+            ops.call::<_, ()>("Ops", "Send", &("device-12", 5u32))
+                .await
+                .is_ok()
+        })
+        .await,
+        "the operator reconnected and sent"
+    );
     for i in 0..5 {
         let msg = next(&mut rx).await;
         assert_eq!(std::str::from_utf8(&msg.payload).unwrap(), i.to_string());
@@ -955,11 +961,14 @@ async fn a_delivery_run_stops_sending_to_a_connection_its_identity_left() {
     };
     count(first_msg);
     let (mut on_first, mut on_second) = (1usize, 0usize);
+    // One bound for the whole drain, not one per message.
+    let stuck = tokio::time::sleep(Duration::from_secs(60));
+    tokio::pin!(stuck);
     while on_first + on_second < N {
         tokio::select! {
             Some(m) = first_rx.recv() => { count(m); on_first += 1; }
             Some(m) = second_rx.recv() => { count(m); on_second += 1; }
-            () = tokio::time::sleep(Duration::from_secs(10)) => {
+            () = &mut stuck => {
                 panic!("stuck at {on_first} + {on_second} of {N}");
             }
         }

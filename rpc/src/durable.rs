@@ -611,6 +611,7 @@ fn write_loop(
 ) {
     // With `Fsync::Interval`, when the oldest commit not yet on the disk was made.
     let mut unsynced_since: Option<std::time::Instant> = None;
+    let mut last_batch = 1;
     loop {
         let next = match (limits.fsync, unsynced_since) {
             (Fsync::Interval(every), Some(since)) => {
@@ -639,13 +640,21 @@ fn write_loop(
             Fsync::Interval(every) if every.is_zero() => true,
             Fsync::Interval(every) => unsynced_since.is_some_and(|s| s.elapsed() >= every),
         };
+        // Everything waiting, and what is still coming of the previous commit's size (`LINGER`).
         let mut batch = vec![first];
-        while batch.len() < 1024 {
+        let linger_until = std::time::Instant::now() + LINGER;
+        while batch.len() < MAX_BATCH {
             match ops.try_recv() {
                 Ok(op) => batch.push(op),
+                Err(std::sync::mpsc::TryRecvError::Empty)
+                    if batch.len() < last_batch && std::time::Instant::now() < linger_until =>
+                {
+                    std::thread::yield_now()
+                }
                 Err(_) => break,
             }
         }
+        last_batch = batch.len();
         let mut replies = Vec::with_capacity(batch.len());
         let mut tally = AckTally::default();
         let appends = batch
@@ -758,6 +767,17 @@ fn write_loop(
         }
     }
 }
+
+/// The most operations one commit takes.
+const MAX_BATCH: usize = 1024;
+
+/// How long a commit waits for as many operations as the previous one took. Senders answered by
+/// one commit send their next messages one after another: without the wait, the first few made
+/// a commit of their own and the rest the next one (64 senders in flight measured commits of 24
+/// and 40 in turn, two fsyncs per round), each commit paying a whole fsync. A sender alone waits
+/// for nobody (the previous commit took one operation); when fewer come than before, one commit
+/// waits this long and the next expects fewer.
+const LINGER: Duration = Duration::from_micros(200);
 
 /// How long the writer keeps looking for the next operation before it sleeps: a sender that
 /// waits for each commit sends its next one within a few tens of µs, and finding it awake saves

@@ -1,5 +1,6 @@
 //! What a handler knows about the call it serves.
 
+use crate::sync::Lock;
 use std::{
     sync::{Arc, Mutex},
     time::Instant,
@@ -109,20 +110,10 @@ impl Context {
 
     /// Adds a pair to the response metadata.
     pub fn set_reply_metadata(&self, key: impl Into<String>, value: impl Into<String>) {
-        self.inner
-            .reply_metadata
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key, value);
+        self.inner.reply_metadata.locked().insert(key, value);
     }
 
     pub(crate) fn take_reply_metadata(&self) -> Metadata {
-        std::mem::take(
-            &mut *self
-                .inner
-                .reply_metadata
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()),
-        )
+        std::mem::take(&mut *self.inner.reply_metadata.locked())
     }
 }

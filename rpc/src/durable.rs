@@ -8,6 +8,7 @@
 //! the same run, `0` for the first); the receipt is the acknowledgement. Either way clients
 //! deliver in order and drop ids they already acknowledged.
 
+use crate::sync::Lock;
 use std::{
     collections::{HashMap, HashSet, VecDeque},
     path::Path,
@@ -373,10 +374,6 @@ impl std::fmt::Debug for Store {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 impl Store {
     /// Opens (or creates) the store at `path`. A file that is not a redb database, or one redb
     /// cannot repair, is [`Error::Store`] with redb's reason; never a panic.
@@ -457,17 +454,17 @@ impl Store {
     }
 
     fn db(&self) -> Result<Arc<Database>> {
-        lock(&self.db).clone().ok_or_else(Self::closed)
+        self.db.locked().clone().ok_or_else(Self::closed)
     }
 
     /// Closes the store: the writer commits what is queued and stops, and the file is released
     /// once reads in progress end (blocking: run it off the async threads).
     fn close(&self) {
-        drop(lock(&self.writer).take());
-        if let Some(thread) = lock(&self.thread).take() {
+        drop(self.writer.locked().take());
+        if let Some(thread) = self.thread.locked().take() {
             let _ = thread.join();
         }
-        drop(lock(&self.db).take());
+        drop(self.db.locked().take());
     }
 
     async fn op(&self, make: impl FnOnce(oneshot::Sender<Result<u64>>) -> Op) -> Result<u64> {
@@ -486,7 +483,7 @@ impl Store {
         make: impl FnOnce(oneshot::Sender<Result<u64>>) -> Op,
     ) -> Result<oneshot::Receiver<Result<u64>>> {
         let (tx, rx) = oneshot::channel();
-        let writer = lock(&self.writer).clone().ok_or_else(Self::closed)?;
+        let writer = self.writer.locked().clone().ok_or_else(Self::closed)?;
         writer
             .send(make(tx))
             .map_err(|_| Error::Store("the store's writer stopped".into()))?;
@@ -588,11 +585,12 @@ impl Store {
     }
 
     pub(crate) fn pending_total(&self) -> u64 {
-        lock(&self.sizes).total.messages
+        self.sizes.locked().total.messages
     }
 
     pub(crate) fn pending_of(&self, identity: &str) -> u64 {
-        lock(&self.sizes)
+        self.sizes
+            .locked()
             .by_identity
             .get(identity)
             .map_or(0, |s| s.messages)
@@ -689,7 +687,7 @@ fn write_loop(
                 let mut w = Writing {
                     txn: &txn,
                     queues: &mut queues,
-                    sizes: &mut lock(sizes),
+                    sizes: &mut sizes.locked(),
                     acked_left: &mut acked_left,
                     counters,
                     limits: &limits,
@@ -741,7 +739,7 @@ fn write_loop(
                     unsynced_since.get_or_insert_with(std::time::Instant::now);
                 }
                 metrics::gauge!(crate::metrics::names::DURABLE_PENDING)
-                    .set(lock(sizes).total.messages as f64);
+                    .set(sizes.locked().total.messages as f64);
                 tally.record();
                 for (reply, result) in replies {
                     let _ = reply.send(result);
@@ -751,7 +749,7 @@ fn write_loop(
                 tracing::error!("durable store commit failed: {e}");
                 // What this transaction changed in memory is now wrong: count again.
                 if let Ok((fresh, left)) = recount(db) {
-                    *lock(sizes) = fresh;
+                    *sizes.locked() = fresh;
                     acked_left = left;
                 }
                 tally.uncount(counters);
@@ -1542,7 +1540,7 @@ impl Durable {
         if self.store.pending_of(identity) == 0 {
             return;
         }
-        let mut running = lock(&self.running);
+        let mut running = self.running.locked();
         // Offline: its next hello kicks (a run now would only find it gone).
         if !running.contains_key(identity) && self.connection(identity).is_none() {
             return;
@@ -1561,7 +1559,7 @@ impl Durable {
             let used = self.connection(&identity).map(|c| c.id());
             let end = self.deliver(&identity).await;
             {
-                let mut running = lock(&self.running);
+                let mut running = self.running.locked();
                 let more = running.get(&identity).copied().unwrap_or(false);
                 // A run that stopped because its connection was taken over goes on at once on
                 // the new one (not a second later).
@@ -1740,7 +1738,7 @@ impl Durable {
                 expired.push(id);
                 continue;
             }
-            let redelivered = lock(&self.attempted).contains(&id);
+            let redelivered = self.attempted.locked().contains(&id);
             let mut metadata = message.metadata;
             metadata.insert(MSG_ID_KEY, id.to_string());
             metadata.insert(MSG_SPACE_KEY, space.clone());
@@ -1758,7 +1756,7 @@ impl Durable {
         }
         if !expired.is_empty() {
             {
-                let mut attempted = lock(&self.attempted);
+                let mut attempted = self.attempted.locked();
                 for id in &expired {
                     attempted.remove(id);
                 }
@@ -1772,7 +1770,7 @@ impl Durable {
 
     /// Remembers that `ids` went out (once they really did), for the redelivered mark.
     fn attempted(&self, ids: impl IntoIterator<Item = u64>) {
-        let mut attempted = lock(&self.attempted);
+        let mut attempted = self.attempted.locked();
         for id in ids {
             if attempted.len() >= MAX_ATTEMPTED {
                 // Ids of messages that expired or overflowed after an attempt: only the
@@ -1787,7 +1785,7 @@ impl Durable {
     /// the highest id (0 for none) and the redelivered ids, for the [`AckWriter`] (which
     /// counts them once the store recorded them).
     fn acked(&self, acked: &[(u64, bool)]) -> (u64, Vec<u64>) {
-        let mut attempted = lock(&self.attempted);
+        let mut attempted = self.attempted.locked();
         for (id, _) in acked {
             attempted.remove(id);
         }
@@ -1873,7 +1871,7 @@ impl Durable {
                 permits.forget();
                 window.add_permits(STREAM_BATCH - sends.len());
                 {
-                    let mut flight = lock(&flight);
+                    let mut flight = flight.locked();
                     if flight.unacked.is_empty() {
                         flight.since = tokio::time::Instant::now();
                     }
@@ -1885,7 +1883,7 @@ impl Durable {
                 send.write_chunk(buf.into()).await?;
                 // Those acknowledged while the write waited for flow control are gone already:
                 // only the others can come again.
-                let acked = lock(&flight).acked;
+                let acked = flight.locked().acked;
                 self.attempted(sends.iter().map(|m| m.id).filter(|id| *id > acked));
             }
         };
@@ -1895,7 +1893,7 @@ impl Durable {
         let mut acks = AckWriter::new(self.store.clone(), identity);
         let end = loop {
             let waiting_since = {
-                let flight = lock(&flight);
+                let flight = flight.locked();
                 (!flight.unacked.is_empty()).then_some(flight.since)
             };
             // With nothing due now, the writer may send (and then wait on flow control or the
@@ -1915,7 +1913,7 @@ impl Durable {
                         tracing::debug!("durable delivery to {identity} stopped: {e}");
                         break RunEnd::Stopped;
                     }
-                    if lock(&flight).unacked.is_empty() {
+                    if flight.locked().unacked.is_empty() {
                         break RunEnd::Done;
                     }
                 }
@@ -1929,7 +1927,7 @@ impl Durable {
                     };
                     // Cumulative acknowledgements, 8 bytes each: the highest counts, none may
                     // name an id not sent yet, stale ones are ignored.
-                    let last_sent = lock(&flight).last_sent;
+                    let last_sent = flight.locked().last_sent;
                     let mut bogus = None;
                     for &byte in chunk.iter() {
                         partial[have] = byte;
@@ -1950,7 +1948,7 @@ impl Durable {
                         break RunEnd::Stopped;
                     }
                     let acked: Vec<(u64, bool)> = {
-                        let mut flight = lock(&flight);
+                        let mut flight = flight.locked();
                         let n = flight.unacked.partition_point(|(id, _)| *id <= highest);
                         if n == 0 {
                             // Nothing new: the acknowledgement timer goes on.
@@ -1962,7 +1960,7 @@ impl Durable {
                     };
                     window.add_permits(acked.len());
                     acks.add(self.acked(&acked));
-                    if writer_done && lock(&flight).unacked.is_empty() {
+                    if writer_done && flight.locked().unacked.is_empty() {
                         break RunEnd::Done;
                     }
                 }
@@ -2019,7 +2017,7 @@ impl Durable {
 
     /// Cancels a pending message; whether it was pending.
     pub(crate) async fn cancel(&self, identity: &str, id: u64) -> Result<bool> {
-        lock(&self.attempted).remove(&id);
+        self.attempted.locked().remove(&id);
         Ok(self.store.remove(identity, vec![id]).await? > 0)
     }
 
@@ -2161,7 +2159,7 @@ impl Inbox {
         loop {
             let notified = self.changed.notified();
             {
-                let mut state = lock(&self.state);
+                let mut state = self.state.locked();
                 let s = space_state(&mut state, server);
                 if s.conn != conn {
                     *s = InboxState {
@@ -2188,7 +2186,7 @@ impl Inbox {
 
     /// `id` was handed to the application on `conn`.
     pub(crate) fn delivered(&self, server: &str, conn: u64, id: u64) {
-        let mut state = lock(&self.state);
+        let mut state = self.state.locked();
         let s = space_state(&mut state, server);
         if s.conn == conn {
             s.delivered = s.delivered.max(id);
@@ -2199,7 +2197,8 @@ impl Inbox {
 
     /// Whether `id` was acknowledged to `server` before (on any connection).
     pub(crate) fn is_acked(&self, server: &str, id: u64) -> bool {
-        lock(&self.state)
+        self.state
+            .locked()
             .by_name
             .get(server)
             .is_some_and(|s| id <= s.acked)
@@ -2207,7 +2206,7 @@ impl Inbox {
 
     /// `id` was acknowledged.
     pub(crate) fn acked(&self, server: &str, id: u64) {
-        let mut state = lock(&self.state);
+        let mut state = self.state.locked();
         let s = space_state(&mut state, server);
         s.acked = s.acked.max(id);
     }
@@ -2232,7 +2231,7 @@ impl Acker {
     }
 
     pub(crate) fn ack(&self) -> bool {
-        lock(&self.0).take().is_some_and(|tx| tx.send(()).is_ok())
+        self.0.locked().take().is_some_and(|tx| tx.send(()).is_ok())
     }
 }
 
@@ -2250,7 +2249,7 @@ mod tests {
             inbox.acked(&format!("s{i}"), 1);
             inbox.acked("kept", 5);
         }
-        assert_eq!(lock(&inbox.state).by_name.len(), MAX_SPACES);
+        assert_eq!(inbox.state.locked().by_name.len(), MAX_SPACES);
         assert!(inbox.is_acked("kept", 5), "used last: kept");
         assert!(!inbox.is_acked("s0", 1), "used least recently: forgotten");
         assert!(inbox.is_acked("s1", 1));

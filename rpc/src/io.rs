@@ -28,6 +28,7 @@
 //! (handing every call to another thread cost more than it saved: c=64 fell from 187k to 67k
 //! calls/s).
 
+use crate::sync::Lock;
 use std::{
     cell::Cell,
     future::Future,
@@ -288,7 +289,7 @@ impl IoRuntime {
     /// The process's client I/O threads, started by the first caller.
     fn shared_clients() -> Result<std::sync::MutexGuard<'static, Vec<Self>>> {
         static SHARED: std::sync::Mutex<Vec<IoRuntime>> = std::sync::Mutex::new(Vec::new());
-        let mut shared = SHARED.lock().unwrap_or_else(|p| p.into_inner());
+        let mut shared = SHARED.locked();
         if shared.is_empty() {
             for i in 0..cores() {
                 shared.push(Self::start(&format!("quicx-client-io-{i}"))?);
@@ -415,7 +416,7 @@ impl IoRuntime {
     /// Stops the thread (servers, after shutdown).
     pub(crate) fn stop(&self) {
         if let Some(stop) = self.dedicated.as_ref().map(|d| &d.stop) {
-            if let Some(tx) = stop.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            if let Some(tx) = stop.locked().take() {
                 let _ = tx.send(());
             }
         }
@@ -475,7 +476,7 @@ pub(crate) fn handler_pool() -> Result<tokio::runtime::Handle> {
     if let Some(handle) = HANDLE.get() {
         return Ok(handle.clone());
     }
-    let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
+    let mut pool = POOL.locked();
     if let Some(runtime) = pool.as_ref() {
         return Ok(runtime.handle().clone());
     }

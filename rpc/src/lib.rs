@@ -222,6 +222,7 @@ mod selector;
 mod server;
 mod service;
 mod stats;
+mod sync;
 mod tls;
 pub mod trace;
 mod wire;

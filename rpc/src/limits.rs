@@ -1,6 +1,7 @@
 //! Limits against abuse: call rates per connection and per identity (GCRA, the `governor`
 //! crate), connections per source address.
 
+use crate::sync::Lock;
 use std::{
     collections::HashMap,
     net::IpAddr,
@@ -150,7 +151,7 @@ impl Limiters {
         let Some(max) = self.connections_per_ip else {
             return true;
         };
-        let mut per_ip = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        let mut per_ip = self.per_ip.locked();
         let count = per_ip.entry(ip).or_insert(0);
         if *count >= max {
             return false;
@@ -164,7 +165,7 @@ impl Limiters {
         if self.connections_per_ip.is_none() {
             return;
         }
-        let mut per_ip = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        let mut per_ip = self.per_ip.locked();
         if let Some(count) = per_ip.get_mut(&ip) {
             *count -= 1;
             if *count == 0 {

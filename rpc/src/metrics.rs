@@ -35,6 +35,7 @@
 //! With the `prometheus` feature, `install_prometheus` installs `metrics-exporter-prometheus`
 //! and serves the text format on `http://ADDR/metrics`.
 
+use crate::sync::ReadWrite;
 use std::{
     collections::HashMap,
     sync::{Arc, OnceLock, RwLock},
@@ -163,10 +164,11 @@ impl MethodSeries {
 
     /// The counter of `status`, created on first use.
     fn counter(&self, status: &'static str) -> Counter {
-        if let Some(c) = read(&self.calls).get(status) {
+        if let Some(c) = self.calls.read_locked().get(status) {
             return c.clone();
         }
-        write(&self.calls)
+        self.calls
+            .write_locked()
             .entry(status)
             .or_insert_with(|| {
                 metrics::counter!(
@@ -178,14 +180,6 @@ impl MethodSeries {
             })
             .clone()
     }
-}
-
-fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    lock.read().unwrap_or_else(|e| e.into_inner())
-}
-
-fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    lock.write().unwrap_or_else(|e| e.into_inner())
 }
 
 /// How many (series name, service, method) series each thread keeps handles of.
@@ -280,13 +274,16 @@ impl SeriesCache {
 
     /// The shared series of (service, method), created on first use.
     fn shared(&self, service: &str, method: &str) -> Arc<MethodSeries> {
-        if let Some(s) = read(&self.by_service)
+        if let Some(s) = self
+            .by_service
+            .read_locked()
             .get(service)
             .and_then(|m| m.get(method))
         {
             return s.clone();
         }
-        write(&self.by_service)
+        self.by_service
+            .write_locked()
             .entry(service.to_owned())
             .or_default()
             .entry(method.to_owned())

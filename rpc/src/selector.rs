@@ -1,5 +1,6 @@
 //! Selectors: which endpoint serves the next call.
 
+use crate::sync::Lock;
 use std::{
     collections::HashMap,
     fmt,
@@ -125,7 +126,7 @@ pub struct WeightedRoundRobin {
 
 impl Selector for WeightedRoundRobin {
     fn select(&self, candidates: &[Candidate<'_>], _info: &SelectInfo<'_>) -> usize {
-        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let mut current = self.current.locked();
         current.retain(|address, _| candidates.iter().any(|c| c.endpoint.address == *address));
         let total: i64 = candidates
             .iter()

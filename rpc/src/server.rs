@@ -1,5 +1,6 @@
 //! The server: accepts connections, serves calls, keeps a registry of clients, pushes.
 
+use crate::sync::Lock;
 use std::{
     fmt,
     net::SocketAddr,
@@ -360,11 +361,7 @@ impl Server {
             .await?
             .next()
             .ok_or_else(|| Error::Config("the listen address resolved to nothing".into()))?;
-        let mut endpoints = self
-            .inner
-            .endpoints
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut endpoints = self.inner.endpoints.locked();
         if !endpoints.is_empty() {
             return Err(Error::Config("the server is already listening".into()));
         }
@@ -411,8 +408,7 @@ impl Server {
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.inner
             .endpoints
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .locked()
             .first()
             .and_then(|e| e.local_addr().ok())
     }
@@ -767,11 +763,7 @@ impl Server {
     /// tasks, waits for the same shutdown; a later `drain` is ignored.
     pub async fn shutdown(&self, drain: Duration) -> bool {
         let mut done = {
-            let mut started = self
-                .inner
-                .shutdown
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut started = self.inner.shutdown.locked();
             match started.as_ref() {
                 Some(rx) => rx.clone(),
                 None => {
@@ -805,12 +797,7 @@ impl Server {
         for conn in self.connections() {
             conn.close_with(CloseCode::SHUTDOWN, b"server shutdown");
         }
-        let endpoints = self
-            .inner
-            .endpoints
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let endpoints = self.inner.endpoints.locked().clone();
         for endpoint in &endpoints {
             endpoint.close(CloseCode::SHUTDOWN.into(), b"server shutdown");
         }

@@ -1,5 +1,6 @@
 //! Services: named sets of methods, each an async handler.
 
+use crate::sync::ReadWrite;
 use std::{
     collections::HashMap,
     fmt,
@@ -359,14 +360,11 @@ pub(crate) enum Lookup {
 
 impl Services {
     pub(crate) fn register(&self, path: impl Into<String>, service: Service) {
-        self.0
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(path.into(), Arc::new(service));
+        self.0.write_locked().insert(path.into(), Arc::new(service));
     }
 
     pub(crate) fn lookup(&self, path: &str, method: &str) -> Lookup {
-        let map = self.0.read().unwrap_or_else(|p| p.into_inner());
+        let map = self.0.read_locked();
         match map.get(path) {
             None => Lookup::UnknownService,
             Some(service) => match service.handler(method) {

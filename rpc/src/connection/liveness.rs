@@ -16,6 +16,7 @@
 //! tick late means the runtime driving the connection stalled (a task blocked it): the socket
 //! was not read meanwhile either, so that silence is not held against the peer.
 
+use crate::sync::Lock;
 use std::{
     sync::{
         Arc, Mutex,
@@ -42,7 +43,7 @@ pub(super) struct Liveness {
 
 impl Liveness {
     pub(super) fn gave_up_after(&self) -> Option<Duration> {
-        *self.gave_up.lock().unwrap_or_else(|p| p.into_inner())
+        *self.gave_up.locked()
     }
 }
 
@@ -137,11 +138,7 @@ async fn probe(weak: std::sync::Weak<ConnInner>, limit: Duration) {
             continue;
         }
         if silent >= limit {
-            *inner
-                .liveness
-                .gave_up
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()) = Some(silent);
+            *inner.liveness.gave_up.locked() = Some(silent);
             tracing::debug!(conn = inner.id, ?silent, "peer unresponsive: closing");
             inner
                 .quic

@@ -15,6 +15,7 @@ pub(crate) mod registry;
 mod serve;
 pub(crate) mod side;
 
+use crate::sync::Lock;
 use std::{
     fmt,
     net::SocketAddr,
@@ -163,11 +164,7 @@ impl Connection {
     /// The application identity bound to this connection (a device id), if any: declared by the
     /// client in its hello, taken from its certificate under mTLS, or bound by a handler.
     pub fn client_id(&self) -> Option<String> {
-        self.inner
-            .client_id
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.inner.client_id.locked().clone()
     }
 
     /// Binds this connection to an application identity: a handler calls it after its own
@@ -272,11 +269,7 @@ impl Connection {
     }
 
     pub(crate) fn set_client_id_local(&self, id: Option<String>) {
-        *self
-            .inner
-            .client_id
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = id;
+        *self.inner.client_id.locked() = id;
     }
 
     /// Address of the server end of this connection (the peer on a client, the local side on a

@@ -1,5 +1,6 @@
 //! The server's view of its clients: every connection, and the identity index.
 
+use crate::sync::Lock;
 use std::{collections::HashMap, fmt, sync::Mutex};
 
 use tokio::sync::broadcast;
@@ -46,24 +47,14 @@ impl Registry {
 
     /// Sends `event` to the subscribers (none once the events ended).
     pub(crate) fn emit(&self, event: ServerEvent) {
-        if let Some(events) = self
-            .events
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
+        if let Some(events) = self.events.locked().as_ref() {
             let _ = events.send(event);
         }
     }
 
     /// A new subscriber; one that is closed at once after the events ended.
     pub(crate) fn subscribe(&self) -> broadcast::Receiver<ServerEvent> {
-        match self
-            .events
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-        {
+        match self.events.locked().as_ref() {
             Some(events) => events.subscribe(),
             None => broadcast::channel(1).1,
         }
@@ -71,7 +62,7 @@ impl Registry {
 
     /// Ends the events: each subscriber gets what was sent so far, then `Closed`.
     pub(crate) fn end_events(&self) {
-        drop(self.events.lock().unwrap_or_else(|p| p.into_inner()).take());
+        drop(self.events.locked().take());
     }
 
     /// Returns once no connection is left (at once if none is).
@@ -86,7 +77,7 @@ impl Registry {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, RegistryInner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner.locked()
     }
 
     pub(crate) fn len(&self) -> usize {

@@ -1,5 +1,6 @@
 //! Building an [`XClient`]: the builder and [`ClientOption`] (rpcx's `client.Option`).
 
+use crate::sync::Lock;
 use std::{sync::Arc, time::Duration};
 
 use tokio::sync::broadcast;
@@ -293,7 +294,7 @@ impl XClientBuilder {
                     () = closed.cancelled() => break,
                 }
                 let Some(inner) = weak.upgrade() else { break };
-                let _applying = inner.applying.lock().unwrap_or_else(|p| p.into_inner());
+                let _applying = inner.applying.locked();
                 let list = watch.borrow_and_update().clone();
                 inner.apply(&list);
                 inner

@@ -1,6 +1,7 @@
 //! The endpoints of an XClient: their connections (opened lazily, one attempt at a time), their
 //! health (cool-downs after failures), and picking one for a call.
 
+use crate::sync::Lock;
 use std::{
     collections::HashMap,
     sync::{
@@ -35,7 +36,7 @@ struct ClearAttempt(Arc<Member>);
 
 impl Drop for ClearAttempt {
     fn drop(&mut self) {
-        *self.0.connecting.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *self.0.connecting.locked() = None;
     }
 }
 
@@ -73,10 +74,7 @@ impl Member {
     }
 
     pub(super) fn client(&self) -> Option<Client> {
-        self.client
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.client.locked().clone()
     }
 
     /// The client, if its connection is up now.
@@ -91,30 +89,23 @@ impl Member {
     }
 
     fn cooling_down(&self, now: Instant) -> bool {
-        let health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        let health = self.health.locked();
         health.down_until.is_some_and(|t| now < t)
     }
 
     fn failed_before(&self) -> bool {
-        self.health
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .failures
-            > 0
+        self.health.locked().failures > 0
     }
 
     fn connecting(&self) -> bool {
-        self.connecting
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
+        self.connecting.locked().is_some()
     }
 
     /// Records the outcome of an attempt. A transport failure opens the breaker for the
     /// cool-down, doubled per failure episode up to 32×; failures that arrive while it is open
     /// (other callers failing on the same dead server) do not count again. A success closes it.
     pub(super) fn record(&self, failed: bool, cooldown: Duration) {
-        let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        let mut health = self.health.locked();
         if !failed {
             *health = Health::default();
             return;
@@ -133,7 +124,7 @@ impl Member {
     /// The cool-down left, for tests and logs.
     #[cfg(test)]
     fn down_for(&self) -> Option<Duration> {
-        let health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        let health = self.health.locked();
         health
             .down_until
             .map(|t| t.saturating_duration_since(Instant::now()))
@@ -146,25 +137,21 @@ pub(super) struct Members(Mutex<Vec<Arc<Member>>>);
 
 impl Members {
     pub(super) fn all(&self) -> Vec<Arc<Member>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.0.locked().clone()
     }
 
     pub(super) fn len(&self) -> usize {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).len()
+        self.0.locked().len()
     }
 
     pub(super) fn take_all(&self) -> Vec<Arc<Member>> {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain(..)
-            .collect()
+        self.0.locked().drain(..).collect()
     }
 
     /// Takes a new list: keeps members (and their connections) of endpoints still listed, adds
     /// new ones; returns the removed ones.
     pub(super) fn replace(&self, wanted: &[&Endpoint]) -> Vec<Arc<Member>> {
-        let mut members = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut members = self.0.locked();
         let mut old: HashMap<String, Arc<Member>> = members
             .drain(..)
             .map(|m| (m.endpoint.address.clone(), m))
@@ -183,8 +170,7 @@ impl Members {
                 // breaker carry over, so a server that is down stays avoided.
                 Some(member) => {
                     let fresh = Member::new(endpoint.clone(), member.client());
-                    *fresh.health.lock().unwrap_or_else(|p| p.into_inner()) =
-                        *member.health.lock().unwrap_or_else(|p| p.into_inner());
+                    *fresh.health.locked() = *member.health.locked();
                     Arc::new(fresh)
                 }
                 None => Arc::new(Member::new(endpoint.clone(), None)),
@@ -299,7 +285,7 @@ impl Core {
             Some(_) => member,
         };
         let mut attempt = {
-            let mut connecting = member.connecting.lock().unwrap_or_else(|p| p.into_inner());
+            let mut connecting = member.connecting.locked();
             match connecting.as_ref() {
                 Some(rx) => rx.clone(),
                 None => {
@@ -317,8 +303,7 @@ impl Core {
                         let failed = result.as_ref().is_err_and(Error::is_transport);
                         let shared = match result {
                             Ok(client) => {
-                                *member.client.lock().unwrap_or_else(|p| p.into_inner()) =
-                                    Some(client.clone());
+                                *member.client.locked() = Some(client.clone());
                                 Ok(client)
                             }
                             Err(e) => {

@@ -7,6 +7,7 @@
 mod builder;
 mod endpoints;
 
+use crate::sync::Lock;
 use std::{
     borrow::Cow,
     fmt,
@@ -281,11 +282,7 @@ impl XClient {
             None => Some(answer.await),
         };
         if let Some(list) = list {
-            let _applying = self
-                .inner
-                .applying
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let _applying = self.inner.applying.locked();
             // Not if the watch task applied a list since this call asked: that is the
             // discovery's newer view (an empty one included). Else the newest list published.
             if self.inner.watched.load(Ordering::Acquire) == watched {

@@ -610,6 +610,8 @@ fn write_loop(
     // With `Fsync::Interval`, when the oldest commit not yet on the disk was made.
     let mut unsynced_since: Option<std::time::Instant> = None;
     let mut last_batch = 1;
+    // The next message id, as the last commit left it (read from the store after a failure).
+    let mut next_id: Option<u64> = None;
     loop {
         let next = match (limits.fsync, unsynced_since) {
             (Fsync::Interval(every), Some(since)) => {
@@ -661,14 +663,18 @@ fn write_loop(
             .count() as u64;
         let mut ops_left = batch.into_iter();
         let mut reserving = None;
+        let mut committing_next = 0;
         let outcome = (|| -> Result<()> {
             let mut txn = db.begin_write().map_err(store_error)?;
-            let mut next = txn
-                .open_table(META)
-                .map_err(store_error)?
-                .get("next_id")
-                .map_err(store_error)?
-                .map_or(1, |v| v.value());
+            let mut next = match next_id {
+                Some(next) => next,
+                None => txn
+                    .open_table(META)
+                    .map_err(store_error)?
+                    .get("next_id")
+                    .map_err(store_error)?
+                    .map_or(1, |v| v.value()),
+            };
             // The ids of this commit beyond the reservation: reserve the next block, on the
             // disk with them.
             reserving = (next + appends > reserved).then_some(next + appends + ID_BLOCK);
@@ -721,6 +727,7 @@ fn write_loop(
                     }
                 }
                 meta.insert("next_id", next).map_err(store_error)?;
+                committing_next = next;
                 // Counted with the pending sizes they changed (both under the sizes' lock), so
                 // that `Stats` never shows a message neither pending nor delivered; a failed
                 // commit recounts the sizes and takes these back.
@@ -730,6 +737,7 @@ fn write_loop(
         })();
         match outcome {
             Ok(()) => {
+                next_id = Some(committing_next);
                 if let Some(upto) = reserving {
                     reserved = upto;
                 }
@@ -747,6 +755,7 @@ fn write_loop(
             }
             Err(e) => {
                 tracing::error!("durable store commit failed: {e}");
+                next_id = None;
                 // What this transaction changed in memory is now wrong: count again.
                 if let Ok((fresh, left)) = recount(db) {
                     *sizes.locked() = fresh;

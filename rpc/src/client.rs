@@ -705,10 +705,8 @@ impl Client {
         A: Serialize + ?Sized,
         R: DeserializeOwned,
     {
-        self.connection()
-            .await?
-            .call(service_path, service_method, args)
-            .await
+        let conn = self.connection().await?;
+        conn.call(service_path, service_method, args).await
     }
 
     /// A call with metadata, timeout and codec.
@@ -723,9 +721,8 @@ impl Client {
         A: Serialize + ?Sized,
         R: DeserializeOwned,
     {
-        self.connection()
-            .await?
-            .call_with(service_path, service_method, args, options)
+        let conn = self.connection().await?;
+        conn.call_with(service_path, service_method, args, options)
             .await
     }
 
@@ -738,10 +735,8 @@ impl Client {
         service_method: &str,
         args: &A,
     ) -> Result<()> {
-        self.connection()
-            .await?
-            .oneway(service_path, service_method, args)
-            .await
+        let conn = self.connection().await?;
+        conn.oneway(service_path, service_method, args).await
     }
 
     /// A call with raw payload bytes.
@@ -752,9 +747,8 @@ impl Client {
         payload: &[u8],
         options: &CallOptions,
     ) -> Result<RawReply> {
-        self.connection()
-            .await?
-            .call_raw(service_path, service_method, payload, options)
+        let conn = self.connection().await?;
+        conn.call_raw(service_path, service_method, payload, options)
             .await
     }
 

@@ -390,14 +390,35 @@ impl IoRuntime {
         };
         futures_util::future::Either::Right(async move {
             let mut task = AbortOnDrop(handle.spawn(fut));
-            (&mut task.0).await.map_err(|e| {
-                if e.is_cancelled() {
-                    // The I/O thread stopped (its server shut down): what ran there was closed.
-                    Error::ConnectionLost(quinn::ConnectionError::LocallyClosed)
-                } else {
-                    Error::Internal(format!("quicx I/O task failed: {e}"))
-                }
-            })
+            (&mut task.0).await.map_err(io_task_failed)
+        })
+    }
+
+    /// [`run`](Self::run) for the future `make` builds, built where it runs: the returned
+    /// future holds `make` (what the work needs), not the work's future, which lives in the
+    /// I/O thread's task. Same contract as `run`.
+    pub(crate) fn run_built<M, F>(
+        &self,
+        make: M,
+    ) -> impl Future<Output = Result<F::Output>> + use<M, F>
+    where
+        M: FnOnce() -> F + Send + 'static,
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        use futures_util::FutureExt;
+        let Some(handle) = self
+            .dedicated
+            .as_ref()
+            .filter(|_| !self.is_current())
+            .map(|d| d.handle.clone())
+        else {
+            // Here already: built now, boxed so that the caller's future stays small.
+            return futures_util::future::Either::Left(Box::pin(make()).map(Ok));
+        };
+        futures_util::future::Either::Right(async move {
+            let mut task = AbortOnDrop(handle.spawn(async move { make().await }));
+            (&mut task.0).await.map_err(io_task_failed)
         })
     }
 
@@ -427,6 +448,16 @@ impl IoRuntime {
                 let _ = tx.send(());
             }
         }
+    }
+}
+
+/// The error of a task on an I/O thread that did not finish.
+fn io_task_failed(e: tokio::task::JoinError) -> Error {
+    if e.is_cancelled() {
+        // The I/O thread stopped (its server shut down): what ran there was closed.
+        Error::ConnectionLost(quinn::ConnectionError::LocallyClosed)
+    } else {
+        Error::Internal(format!("quicx I/O task failed: {e}"))
     }
 }
 

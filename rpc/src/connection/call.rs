@@ -204,15 +204,22 @@ impl Connection {
         options: &CallOptions,
         reply: Reply,
     ) -> Result<RawReply> {
-        let (metadata, call) = self.outgoing(service_path, service_method, options)?;
-        let header = self.request_header(service_path, service_method, &metadata, options, reply);
-        let frame = Frame::encode(
-            FrameKind::Request,
-            &header,
-            payload,
-            &self.inner.side.limits,
-        );
-        let frame = self.refused_locally(frame.map_err(Error::from), &call)?;
+        // The header and metadata end here, not held across the round trip.
+        let (frame, call) = {
+            let (metadata, call) = self.outgoing(service_path, service_method, options)?;
+            let header =
+                self.request_header(service_path, service_method, &metadata, options, reply);
+            let frame = Frame::encode(
+                FrameKind::Request,
+                &header,
+                payload,
+                &self.inner.side.limits,
+            );
+            (
+                self.refused_locally(frame.map_err(Error::from), &call)?,
+                call,
+            )
+        };
         self.round_trip(frame, call, options.timeout, reply).await
     }
 
@@ -370,13 +377,14 @@ impl Connection {
         } else {
             let conn = self.clone();
             let (path, method) = (call.service_path.to_owned(), call.service_method.to_owned());
-            io.run(
+            // Built on the I/O thread: this future holds what builds it, not the round trip.
+            io.run_built(move || {
                 async move {
                     conn.round_trip_here(frame, &path, &method, timeout, reply)
                         .await
                 }
-                .instrument(span),
-            )
+                .instrument(span)
+            })
             .await
             .and_then(|r| r)
         };

@@ -1,8 +1,12 @@
 //! Locks that outlive a panic.
 //!
-//! Every lock in this crate guards state that stays consistent between statements (a map, a
+//! The locks in this crate guard state that stays consistent between statements (a map, a
 //! counter, a slot), so a panic while one was held leaves nothing half-changed: the next holder
 //! takes the lock as it is instead of spreading the panic to every connection of the process.
+//! One exception: the durable store's pending sizes, which its writer thread holds for a whole
+//! transaction. A panic there ends that thread (every later durable send fails with
+//! `Error::Store`) and leaves the sizes, which `Stats` and the pending gauges read, half-counted
+//! until the store is opened again.
 
 use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 

@@ -379,19 +379,11 @@ impl IoRuntime {
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        use futures_util::FutureExt;
-        let Some(handle) = self
-            .dedicated
-            .as_ref()
-            .filter(|_| !self.is_current())
-            .map(|d| d.handle.clone())
-        else {
-            return futures_util::future::Either::Left(fut.map(Ok));
-        };
-        futures_util::future::Either::Right(async move {
-            let mut task = AbortOnDrop(handle.spawn(fut));
-            (&mut task.0).await.map_err(io_task_failed)
-        })
+        use futures_util::{FutureExt, future::Either};
+        match self.elsewhere() {
+            None => Either::Left(fut.map(Ok)),
+            Some(handle) => Either::Right(run_there(handle, move || fut)),
+        }
     }
 
     /// [`run`](Self::run) for the future `make` builds, built where it runs: the returned
@@ -406,20 +398,20 @@ impl IoRuntime {
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        use futures_util::FutureExt;
-        let Some(handle) = self
-            .dedicated
+        use futures_util::{FutureExt, future::Either};
+        match self.elsewhere() {
+            // Here already: built now, boxed so that the caller's future stays small.
+            None => Either::Left(Box::pin(make()).map(Ok)),
+            Some(handle) => Either::Right(run_there(handle, make)),
+        }
+    }
+
+    /// The I/O thread's runtime, when the caller is not on it (`None`: run here).
+    fn elsewhere(&self) -> Option<tokio::runtime::Handle> {
+        self.dedicated
             .as_ref()
             .filter(|_| !self.is_current())
             .map(|d| d.handle.clone())
-        else {
-            // Here already: built now, boxed so that the caller's future stays small.
-            return futures_util::future::Either::Left(Box::pin(make()).map(Ok));
-        };
-        futures_util::future::Either::Right(async move {
-            let mut task = AbortOnDrop(handle.spawn(async move { make().await }));
-            (&mut task.0).await.map_err(io_task_failed)
-        })
     }
 
     /// `fut` bounded by `limit` (see [`within`]), driven by the task that awaits it, wherever
@@ -449,6 +441,18 @@ impl IoRuntime {
             }
         }
     }
+}
+
+/// Runs the future `make` builds as a task on `handle` (built there, at the first poll);
+/// dropping the returned future aborts the task. See [`IoRuntime::run`].
+async fn run_there<M, F>(handle: tokio::runtime::Handle, make: M) -> Result<F::Output>
+where
+    M: FnOnce() -> F + Send + 'static,
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let mut task = AbortOnDrop(handle.spawn(async move { make().await }));
+    (&mut task.0).await.map_err(io_task_failed)
 }
 
 /// The error of a task on an I/O thread that did not finish.

@@ -271,12 +271,40 @@ pub(crate) struct PushHeader {
     pub(crate) metadata: Metadata,
 }
 
-/// [`PushHeader`] borrowed, for encoding (same bytes on the wire).
+/// [`PushHeader`] borrowed, for encoding (same bytes on the wire); its metadata is a
+/// [`Metadata`] or a [`MetadataWith`].
 #[derive(Debug, Serialize)]
-pub(crate) struct PushHeaderRef<'a> {
+pub(crate) struct PushHeaderRef<'a, M = Metadata> {
     pub(crate) service_path: &'a str,
     pub(crate) service_method: &'a str,
-    pub(crate) metadata: &'a Metadata,
+    pub(crate) metadata: &'a M,
+}
+
+/// Metadata encoded as `base` followed by the pairs of `extra` (keys `base` does not have): the
+/// same bytes as a [`Metadata`] holding all of them, without building one.
+#[derive(Debug)]
+pub(crate) struct MetadataWith<'a> {
+    pub(crate) base: &'a Metadata,
+    pub(crate) extra: &'a [(&'a str, &'a str)],
+}
+
+impl Serialize for MetadataWith<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        // `Metadata` is a newtype of a sequence of pairs.
+        struct Pairs<'b>(&'b MetadataWith<'b>);
+        impl Serialize for Pairs<'_> {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                let (base, extra) = (self.0.base, self.0.extra);
+                let mut seq = serializer.serialize_seq(Some(base.len() + extra.len()))?;
+                for pair in base.iter().chain(extra.iter().copied()) {
+                    seq.serialize_element(&pair)?;
+                }
+                seq.end()
+            }
+        }
+        serializer.serialize_newtype_struct("Metadata", &Pairs(self))
+    }
 }
 
 /// Header of a hello frame (kind `0x04`).
@@ -630,9 +658,9 @@ pub(crate) async fn read_frame_within(
 
 /// Appends one durable record (v2) to `buf`: the frame prefix with kind `0x05`, the push
 /// header, the payload's length (u32, big-endian) and the payload.
-pub(crate) fn encode_record(
+pub(crate) fn encode_record<M: Serialize>(
     buf: &mut Vec<u8>,
-    header: &PushHeaderRef<'_>,
+    header: &PushHeaderRef<'_, M>,
     payload: &[u8],
     limits: &Limits,
 ) -> Result<(), FrameError> {

@@ -1383,7 +1383,7 @@ pub(crate) struct Durable {
     /// Identities with a run going, and whether more arrived since it read the store.
     running: Mutex<HashMap<String, bool>>,
     /// Messages sent once and not acknowledged (for the redelivered mark and count).
-    attempted: Mutex<HashSet<u64>>,
+    attempted: Arc<Mutex<HashSet<u64>>>,
     limits: DurableLimits,
     /// The frame limits of the server's connections (a message above them is refused).
     frames: crate::wire::Limits,
@@ -1596,6 +1596,79 @@ enum RunEnd {
     Stopped,
 }
 
+/// The next records of a durable stream, read and encoded on a blocking thread.
+struct Encoded {
+    /// The records, back to back, as they go on the stream.
+    buf: Vec<u8>,
+    /// The messages in `buf`, in id order: id and whether it went out before.
+    sent: Vec<(u64, bool)>,
+    /// The highest id read (where the next read starts).
+    last: u64,
+    /// Expired and corrupt messages read past, to be removed.
+    expired: Vec<u64>,
+    corrupt: Vec<u64>,
+}
+
+/// Reads the next messages of `identity` after `after` and encodes them as durable records
+/// (blocking: a store read). `None` once the store has nothing more. Reads on past pages that
+/// hold only expired or corrupt messages, so a batch is never empty.
+fn read_records(
+    store: &Store,
+    attempted: &Mutex<HashSet<u64>>,
+    identity: &str,
+    space: &str,
+    mut after: u64,
+    limits: &crate::wire::Limits,
+) -> Result<Option<Encoded>> {
+    let (mut expired, mut corrupt) = (Vec::new(), Vec::new());
+    loop {
+        let mut page = store.read_after(identity, after, STREAM_BATCH)?;
+        let Some(last) = page.last else {
+            // Nothing more; what was read past is still removed.
+            return Ok(
+                (!expired.is_empty() || !corrupt.is_empty()).then(|| Encoded {
+                    buf: Vec::new(),
+                    sent: Vec::new(),
+                    last: after,
+                    expired,
+                    corrupt,
+                }),
+            );
+        };
+        after = last;
+        corrupt.append(&mut page.corrupt);
+        let now = now_ms();
+        let mut buf = Vec::with_capacity(page.raw.len() + 64 * page.messages.len());
+        let mut sent = Vec::with_capacity(page.messages.len());
+        let mut id = String::new();
+        {
+            let attempted = attempted.locked();
+            for m in &page.messages {
+                if m.expires_ms <= now {
+                    expired.push(m.id);
+                    continue;
+                }
+                let out = Outgoing {
+                    id: m.id,
+                    redelivered: attempted.contains(&m.id),
+                    raw: page.raw.slice(m.at.clone()),
+                };
+                out.encode_record(&mut buf, space, &mut id, limits)?;
+                sent.push((out.id, out.redelivered));
+            }
+        }
+        if !sent.is_empty() {
+            return Ok(Some(Encoded {
+                buf,
+                sent,
+                last,
+                expired,
+                corrupt,
+            }));
+        }
+    }
+}
+
 impl Durable {
     pub(crate) fn open(
         path: &Path,
@@ -1608,7 +1681,7 @@ impl Durable {
             store,
             registry: Arc::downgrade(registry),
             running: Mutex::default(),
-            attempted: Mutex::default(),
+            attempted: Arc::default(),
             limits,
             frames,
             sweeping: std::sync::atomic::AtomicBool::new(false),
@@ -1856,12 +1929,8 @@ impl Durable {
                 return Ok(None);
             };
             *after = last;
-            if !page.corrupt.is_empty() {
-                // Never deliverable: removed, so that they do not hold the queue forever.
-                let corrupt = std::mem::take(&mut page.corrupt);
-                let n = self.store.remove(identity, corrupt).await.unwrap_or(0);
-                tracing::error!("removed {n} corrupt durable messages of {identity}");
-            }
+            self.remove_corrupt(identity, std::mem::take(&mut page.corrupt))
+                .await;
             let sends = self.prepare(identity, page).await;
             if !sends.is_empty() {
                 return Ok(Some(sends));
@@ -1890,17 +1959,7 @@ impl Durable {
                 });
             }
         }
-        if !expired.is_empty() {
-            {
-                let mut attempted = self.attempted.locked();
-                for id in &expired {
-                    attempted.remove(id);
-                }
-            }
-            let n = self.store.remove(identity, expired).await.unwrap_or(0);
-            self.store.counters.expired.fetch_add(n, Ordering::Relaxed);
-            metrics::counter!(crate::metrics::names::DURABLE_EXPIRED).increment(n);
-        }
+        self.remove_expired(identity, expired).await;
         sends
     }
 
@@ -1933,6 +1992,48 @@ impl Durable {
         (acked.last().map_or(0, |(id, _)| *id), redelivered)
     }
 
+    /// The outcome of a [`read_records`] job: removes what it read past (expired messages are
+    /// counted, corrupt ones logged), then the records, `None` when there were none.
+    async fn records_read(
+        &self,
+        identity: &str,
+        job: tokio::task::JoinHandle<Result<Option<Encoded>>>,
+    ) -> Result<Option<Encoded>> {
+        let Some(mut read) = job.await.map_err(store_error)?? else {
+            return Ok(None);
+        };
+        self.remove_corrupt(identity, std::mem::take(&mut read.corrupt))
+            .await;
+        self.remove_expired(identity, std::mem::take(&mut read.expired))
+            .await;
+        Ok((!read.sent.is_empty()).then_some(read))
+    }
+
+    /// Removes messages whose stored bytes do not decode: never deliverable, they would hold
+    /// the queue forever.
+    async fn remove_corrupt(&self, identity: &str, corrupt: Vec<u64>) {
+        if !corrupt.is_empty() {
+            let n = self.store.remove(identity, corrupt).await.unwrap_or(0);
+            tracing::error!("removed {n} corrupt durable messages of {identity}");
+        }
+    }
+
+    /// Removes expired messages read on the way, and counts them.
+    async fn remove_expired(&self, identity: &str, expired: Vec<u64>) {
+        if expired.is_empty() {
+            return;
+        }
+        {
+            let mut attempted = self.attempted.locked();
+            for id in &expired {
+                attempted.remove(id);
+            }
+        }
+        let n = self.store.remove(identity, expired).await.unwrap_or(0);
+        self.store.counters.expired.fetch_add(n, Ordering::Relaxed);
+        metrics::counter!(crate::metrics::names::DURABLE_EXPIRED).increment(n);
+    }
+
     /// A delivery run on one durable stream (`quicx/2`, `docs/PROTOCOL.md` §4): records go out
     /// `STREAM_BATCH` per write while fewer than `STREAM_WINDOW` wait for their acknowledgement;
     /// each cumulative acknowledgement is recorded in the store (group-committed with whatever
@@ -1940,10 +2041,20 @@ impl Durable {
     /// everything sent was acknowledged; `Stopped` when the device refuses a message, the
     /// stream or connection fails, or no acknowledgement comes for `ack_timeout`.
     async fn deliver_stream(&self, identity: &str, conn: &Connection) -> RunEnd {
+        // Records are read and encoded on a blocking thread, the next batch while the one before
+        // is written: the connection's I/O thread only writes them.
+        let limits = conn.limits();
+        let space = self.space(identity);
+        let read = |after: u64| {
+            let (store, attempted) = (self.store.clone(), self.attempted.clone());
+            let (identity, space) = (identity.to_owned(), space.clone());
+            tokio::task::spawn_blocking(move || {
+                read_records(&store, &attempted, &identity, &space, after, &limits)
+            })
+        };
         // Something to send first: a stream is never opened for nothing.
-        let mut after = 0u64;
-        let first = match self.next_sends(identity, &mut after, STREAM_BATCH).await {
-            Ok(Some(sends)) => sends,
+        let first = match self.records_read(identity, read(0)).await {
+            Ok(Some(first)) => first,
             Ok(None) => return RunEnd::Done,
             Err(e) => {
                 tracing::error!("reading durable messages of {identity} failed: {e}");
@@ -1963,8 +2074,6 @@ impl Durable {
                 return RunEnd::Stopped;
             }
         };
-        let limits = conn.limits();
-        let space = self.space(identity);
         let window = tokio::sync::Semaphore::new(STREAM_WINDOW);
         let flight = Mutex::new(Flight {
             unacked: VecDeque::new(),
@@ -1974,50 +2083,49 @@ impl Durable {
         });
         let writer = async {
             let mut next = Some(first);
+            let mut ahead = None;
             loop {
                 let permits = window
                     .acquire_many(STREAM_BATCH as u32)
                     .await
                     .map_err(store_error)?;
-                let sends = match next.take() {
-                    Some(sends) => sends,
+                let batch = match next.take() {
+                    Some(batch) => batch,
                     // The identity moved to another connection (a re-bind, a takeover): what
                     // went out is acknowledged or not, and the next run sends the rest there.
                     None if !self.still_bound(identity, conn) => {
                         send.finish()?;
                         return Ok(());
                     }
-                    None => match self.next_sends(identity, &mut after, STREAM_BATCH).await? {
-                        Some(sends) => sends,
-                        None => {
-                            send.finish()?;
-                            return Ok::<_, Error>(());
+                    None => {
+                        let job = ahead
+                            .take()
+                            .expect("a read is ahead of every batch but the first");
+                        match self.records_read(identity, job).await? {
+                            Some(batch) => batch,
+                            None => {
+                                send.finish()?;
+                                return Ok::<_, Error>(());
+                            }
                         }
-                    },
+                    }
                 };
-                let mut buf =
-                    Vec::with_capacity(sends.iter().map(|m| m.raw.len() + 64).sum::<usize>());
-                let mut id = String::new();
-                for m in &sends {
-                    m.encode_record(&mut buf, &space, &mut id, &limits)?;
-                }
+                ahead = Some(read(batch.last));
                 permits.forget();
-                window.add_permits(STREAM_BATCH - sends.len());
+                window.add_permits(STREAM_BATCH - batch.sent.len());
                 {
                     let mut flight = flight.locked();
                     if flight.unacked.is_empty() {
                         flight.since = tokio::time::Instant::now();
                     }
-                    flight.last_sent = sends.last().map_or(flight.last_sent, |m| m.id);
-                    flight
-                        .unacked
-                        .extend(sends.iter().map(|m| (m.id, m.redelivered)));
+                    flight.last_sent = batch.sent.last().map_or(flight.last_sent, |m| m.0);
+                    flight.unacked.extend(batch.sent.iter().copied());
                 }
-                send.write_chunk(buf.into()).await?;
+                send.write_chunk(batch.buf.into()).await?;
                 // Those acknowledged while the write waited for flow control are gone already:
                 // only the others can come again.
                 let acked = flight.locked().acked;
-                self.attempted(sends.iter().map(|m| m.id).filter(|id| *id > acked));
+                self.attempted(batch.sent.iter().map(|m| m.0).filter(|id| *id > acked));
             }
         };
         let mut writer = Box::pin(writer);

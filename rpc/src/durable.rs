@@ -112,6 +112,9 @@ const STREAM_WINDOW: usize = 4096;
 const RECHECK: Duration = Duration::from_millis(200);
 /// Messages read from the store and written to a durable stream at a time.
 const STREAM_BATCH: usize = 1024;
+/// Bytes a durable record adds to a message's stored bytes, about (lengths, the delivery keys
+/// with a 20-digit id and the redelivered mark): what a batch's buffer reserves per record.
+const RECORD_EXTRA: usize = 112;
 
 /// What a server does when a durable message would exceed a bound.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -253,7 +256,8 @@ struct Stored {
 }
 
 /// A stored message decoded in place (the same postcard bytes as [`Stored`]): its strings and
-/// payload borrowed from what was read, so that a delivery allocates nothing per message.
+/// payload borrowed from what was read, so that a delivery allocates nothing per message but
+/// the stored metadata's pairs (none when the sender gave none).
 #[derive(Debug, Deserialize)]
 struct StoredRef<'a> {
     service_path: &'a str,
@@ -583,7 +587,8 @@ impl Store {
             match postcard::from_bytes::<StoredRef<'_>>(bytes) {
                 Ok(m) => {
                     if raw.capacity() == 0 {
-                        raw.reserve((bytes.len() * limit).min(READ_BYTES + bytes.len()));
+                        let want = bytes.len().saturating_mul(limit);
+                        raw.reserve(want.min(READ_BYTES).max(bytes.len()));
                     }
                     let at = raw.len()..raw.len() + bytes.len();
                     raw.extend_from_slice(bytes);
@@ -1602,8 +1607,13 @@ struct Encoded {
     buf: Vec<u8>,
     /// The messages in `buf`, in id order: id and whether it went out before.
     sent: Vec<(u64, bool)>,
+    /// Where this read started (after this id).
+    from: u64,
     /// The highest id read (where the next read starts).
     last: u64,
+    /// When the first of the records expires (Unix ms): a batch read ahead and still
+    /// unwritten then is read again, so that an expired message never goes out.
+    expires_ms: u64,
     /// Expired and corrupt messages read past, to be removed.
     expired: Vec<u64>,
     corrupt: Vec<u64>,
@@ -1617,10 +1627,11 @@ fn read_records(
     attempted: &Mutex<HashSet<u64>>,
     identity: &str,
     space: &str,
-    mut after: u64,
+    from: u64,
     limits: &crate::wire::Limits,
 ) -> Result<Option<Encoded>> {
     let (mut expired, mut corrupt) = (Vec::new(), Vec::new());
+    let mut after = from;
     loop {
         let mut page = store.read_after(identity, after, STREAM_BATCH)?;
         let Some(last) = page.last else {
@@ -1629,7 +1640,9 @@ fn read_records(
                 (!expired.is_empty() || !corrupt.is_empty()).then(|| Encoded {
                     buf: Vec::new(),
                     sent: Vec::new(),
+                    from,
                     last: after,
+                    expires_ms: u64::MAX,
                     expired,
                     corrupt,
                 }),
@@ -1638,30 +1651,36 @@ fn read_records(
         after = last;
         corrupt.append(&mut page.corrupt);
         let now = now_ms();
-        let mut buf = Vec::with_capacity(page.raw.len() + 64 * page.messages.len());
-        let mut sent = Vec::with_capacity(page.messages.len());
-        let mut id = String::new();
-        {
+        let (live, gone): (Vec<&RawMessage>, Vec<&RawMessage>) =
+            page.messages.iter().partition(|m| m.expires_ms > now);
+        expired.extend(gone.iter().map(|m| m.id));
+        // The marks first: the lock is every device's, and not held while encoding.
+        let redelivered: Vec<bool> = {
             let attempted = attempted.locked();
-            for m in &page.messages {
-                if m.expires_ms <= now {
-                    expired.push(m.id);
-                    continue;
-                }
-                let out = Outgoing {
-                    id: m.id,
-                    redelivered: attempted.contains(&m.id),
-                    raw: page.raw.slice(m.at.clone()),
-                };
-                out.encode_record(&mut buf, space, &mut id, limits)?;
-                sent.push((out.id, out.redelivered));
-            }
+            live.iter().map(|m| attempted.contains(&m.id)).collect()
+        };
+        // A record adds the header's lengths and the delivery keys to the stored bytes.
+        let mut buf = Vec::with_capacity(page.raw.len() + RECORD_EXTRA * live.len());
+        let mut sent = Vec::with_capacity(live.len());
+        let mut id = String::new();
+        let mut expires_ms = u64::MAX;
+        for (m, redelivered) in live.into_iter().zip(redelivered) {
+            let out = Outgoing {
+                id: m.id,
+                redelivered,
+                raw: page.raw.slice(m.at.clone()),
+            };
+            out.encode_record(&mut buf, space, &mut id, limits)?;
+            sent.push((out.id, out.redelivered));
+            expires_ms = expires_ms.min(m.expires_ms);
         }
         if !sent.is_empty() {
             return Ok(Some(Encoded {
                 buf,
                 sent,
+                from,
                 last,
+                expires_ms,
                 expired,
                 corrupt,
             }));
@@ -2109,6 +2128,22 @@ impl Durable {
                             }
                         }
                     }
+                };
+                // Read ahead of its window: if a message expired since, read it again (the
+                // expired one is then removed, never sent).
+                let batch = if batch.expires_ms <= now_ms() {
+                    if let Some(job) = ahead.take() {
+                        job.abort();
+                    }
+                    match self.records_read(identity, read(batch.from)).await? {
+                        Some(batch) => batch,
+                        None => {
+                            send.finish()?;
+                            return Ok(());
+                        }
+                    }
+                } else {
+                    batch
                 };
                 ahead = Some(read(batch.last));
                 permits.forget();

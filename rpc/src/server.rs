@@ -634,8 +634,8 @@ impl Server {
         self.durable()?.pending(client_id).await
     }
 
-    /// Cancels a pending durable message; whether it was still pending (a message on its way
-    /// to the device may still arrive).
+    /// Cancels a pending durable message; whether it was still pending. A message a delivery
+    /// run has already read (it reads a batch ahead of the one it writes) may still arrive.
     pub async fn cancel_durable(&self, client_id: &str, id: u64) -> Result<bool> {
         self.durable()?.cancel(client_id, id).await
     }

@@ -291,7 +291,8 @@ pub(crate) struct MetadataWith<'a> {
 impl Serialize for MetadataWith<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeSeq;
-        // `Metadata` is a newtype of a sequence of pairs.
+        // `Metadata` is a (transparent) newtype of a sequence of pairs: postcard writes either
+        // as the sequence.
         struct Pairs<'b>(&'b MetadataWith<'b>);
         impl Serialize for Pairs<'_> {
             fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {

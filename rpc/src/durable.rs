@@ -1408,7 +1408,29 @@ impl std::fmt::Debug for Durable {
 struct Outgoing {
     id: u64,
     redelivered: bool,
+    /// Unix milliseconds.
+    expires_ms: u64,
     raw: Bytes,
+}
+
+/// A page's messages to send, and the ids of those that expired: each to send notes whether
+/// it went out before without an acknowledgement (it goes out marked redelivered). The marks
+/// are read under `attempted`'s lock, every device's, and nothing else is done under it.
+fn outgoing(page: &Page, attempted: &Mutex<HashSet<u64>>) -> (Vec<Outgoing>, Vec<u64>) {
+    let now = now_ms();
+    let (live, expired): (Vec<&RawMessage>, Vec<&RawMessage>) =
+        page.messages.iter().partition(|m| m.expires_ms > now);
+    let attempted = attempted.locked();
+    let sends = live
+        .into_iter()
+        .map(|m| Outgoing {
+            id: m.id,
+            redelivered: attempted.contains(&m.id),
+            expires_ms: m.expires_ms,
+            raw: page.raw.slice(m.at.clone()),
+        })
+        .collect();
+    (sends, expired.into_iter().map(|m| m.id).collect())
 }
 
 impl Outgoing {
@@ -1416,18 +1438,33 @@ impl Outgoing {
         postcard::from_bytes(&self.raw).expect("decoded when read")
     }
 
-    /// The message's metadata as it goes out: with its id, id space and, when it went out
-    /// before, the redelivered mark (and `prev`, on `quicx/1`).
+    /// The keys a delivery adds to the stored metadata, in this order: the id (`id`, its
+    /// digits), the id space, the redelivered mark when it went out before, and `prev` (on
+    /// `quicx/1`). The first `n` of the array.
+    fn delivery_keys<'k>(
+        &self,
+        id: &'k str,
+        space: &'k str,
+        prev: Option<&'k str>,
+    ) -> ([(&'static str, &'k str); 4], usize) {
+        let mut keys = [(MSG_ID_KEY, id), (MSG_SPACE_KEY, space), ("", ""), ("", "")];
+        let mut n = 2;
+        if self.redelivered {
+            keys[n] = (MSG_REDELIVERED_KEY, "1");
+            n += 1;
+        }
+        if let Some(prev) = prev {
+            keys[n] = (MSG_PREV_KEY, prev);
+            n += 1;
+        }
+        (keys, n)
+    }
+
+    /// The message's metadata as it goes out ([`delivery_keys`](Self::delivery_keys) set).
     fn metadata(&self, space: &str, prev: Option<u64>) -> Metadata {
         let (id, prev) = (self.id.to_string(), prev.map(|p| p.to_string()));
-        let mut extra = vec![(MSG_ID_KEY, id.as_str()), (MSG_SPACE_KEY, space)];
-        if self.redelivered {
-            extra.push((MSG_REDELIVERED_KEY, "1"));
-        }
-        if let Some(prev) = &prev {
-            extra.push((MSG_PREV_KEY, prev.as_str()));
-        }
-        self.stored().metadata_with(&extra)
+        let (keys, n) = self.delivery_keys(&id, space, prev.as_deref());
+        self.stored().metadata_with(&keys[..n])
     }
 
     /// Appends the message as a durable record (v2) to `buf`: the stored metadata with the
@@ -1444,13 +1481,8 @@ impl Outgoing {
         let stored = self.stored();
         id.clear();
         let _ = write!(id, "{}", self.id);
-        let mut extra = [(MSG_ID_KEY, id.as_str()), (MSG_SPACE_KEY, space), ("", "")];
-        let extra = if self.redelivered {
-            extra[2] = (MSG_REDELIVERED_KEY, "1");
-            &extra[..]
-        } else {
-            &extra[..2]
-        };
+        let (keys, n) = self.delivery_keys(id, space, None);
+        let extra = &keys[..n];
         // The delivery keys are the server's: stored metadata that names one (a sender's) is
         // replaced, as `Metadata::insert` would, on the slower path.
         let owned;
@@ -1650,30 +1682,16 @@ fn read_records(
         };
         after = last;
         corrupt.append(&mut page.corrupt);
-        let now = now_ms();
-        let (live, gone): (Vec<&RawMessage>, Vec<&RawMessage>) =
-            page.messages.iter().partition(|m| m.expires_ms > now);
-        expired.extend(gone.iter().map(|m| m.id));
-        // The marks first: the lock is every device's, and not held while encoding.
-        let redelivered: Vec<bool> = {
-            let attempted = attempted.locked();
-            live.iter().map(|m| attempted.contains(&m.id)).collect()
-        };
+        let (sends, gone) = outgoing(&page, attempted);
+        expired.extend(gone);
         // A record adds the header's lengths and the delivery keys to the stored bytes.
-        let mut buf = Vec::with_capacity(page.raw.len() + RECORD_EXTRA * live.len());
-        let mut sent = Vec::with_capacity(live.len());
+        let mut buf = Vec::with_capacity(page.raw.len() + RECORD_EXTRA * sends.len());
         let mut id = String::new();
-        let mut expires_ms = u64::MAX;
-        for (m, redelivered) in live.into_iter().zip(redelivered) {
-            let out = Outgoing {
-                id: m.id,
-                redelivered,
-                raw: page.raw.slice(m.at.clone()),
-            };
-            out.encode_record(&mut buf, space, &mut id, limits)?;
-            sent.push((out.id, out.redelivered));
-            expires_ms = expires_ms.min(m.expires_ms);
+        for m in &sends {
+            m.encode_record(&mut buf, space, &mut id, limits)?;
         }
+        let sent: Vec<(u64, bool)> = sends.iter().map(|m| (m.id, m.redelivered)).collect();
+        let expires_ms = sends.iter().map(|m| m.expires_ms).min().unwrap_or(u64::MAX);
         if !sent.is_empty() {
             return Ok(Some(Encoded {
                 buf,
@@ -1961,23 +1979,7 @@ impl Durable {
     /// expired ones and notes which of the rest went out before without an acknowledgement
     /// (they go out marked redelivered).
     async fn prepare(&self, identity: &str, page: Page) -> Vec<Outgoing> {
-        let now = now_ms();
-        let mut expired = Vec::new();
-        let mut sends = Vec::with_capacity(page.messages.len());
-        {
-            let attempted = self.attempted.locked();
-            for m in &page.messages {
-                if m.expires_ms <= now {
-                    expired.push(m.id);
-                    continue;
-                }
-                sends.push(Outgoing {
-                    id: m.id,
-                    redelivered: attempted.contains(&m.id),
-                    raw: page.raw.slice(m.at.clone()),
-                });
-            }
-        }
+        let (sends, expired) = outgoing(&page, &self.attempted);
         self.remove_expired(identity, expired).await;
         sends
     }
@@ -2589,6 +2591,20 @@ mod tests {
         }
     }
 
+    /// Appends `make(n)` for each `n` of `ns` to `identity`'s queue; their ids.
+    async fn append_all(
+        store: &Store,
+        identity: &str,
+        ns: std::ops::Range<u64>,
+        make: fn(u64) -> Stored,
+    ) -> Vec<u64> {
+        let mut ids = Vec::new();
+        for n in ns {
+            ids.push(store.append(identity, make(n)).await.unwrap());
+        }
+        ids
+    }
+
     /// Closes a store (blocking, so off the test's async thread).
     async fn close(store: Store) {
         tokio::task::spawn_blocking(move || store.close())
@@ -2617,6 +2633,7 @@ mod tests {
             let out = Outgoing {
                 id: 42,
                 redelivered,
+                expires_ms: stored.expires_ms,
                 raw: postcard::to_allocvec(&stored).unwrap().into(),
             };
             let (mut got, mut scratch) = (Vec::new(), String::new());
@@ -2662,10 +2679,7 @@ mod tests {
     async fn acknowledged_messages_stay_acknowledged_across_a_reopen() {
         let dir = Dir::new("reopen");
         let store = dir.open(DurableLimits::default());
-        let mut sent = Vec::new();
-        for n in 0..10 {
-            sent.push(store.append("d", message(n)).await.unwrap());
-        }
+        let sent = append_all(&store, "d", 0..10, message).await;
         assert_eq!(store.ack("d", sent[3], Vec::new()).await.unwrap(), 4);
         // Acknowledged, not yet removed: neither pending nor cancellable.
         assert_eq!(store.pending_of("d"), 6);
@@ -2735,10 +2749,7 @@ mod tests {
             .per_identity(1_000, 1 << 30)
             .total(10_000, 400_000);
         let store = dir.open(limits);
-        let mut sent = Vec::new();
-        for n in 0..300 {
-            sent.push(store.append("a", big(n)).await.unwrap());
-        }
+        let sent = append_all(&store, "a", 0..300, big).await;
         assert_eq!(store.ack("a", sent[199], Vec::new()).await.unwrap(), 200);
         assert_eq!(
             queue_keys(&store, "a").len(),
@@ -2788,10 +2799,7 @@ mod tests {
         );
         let mut identities: Vec<String> = (0..200).map(|d| format!("d{d}")).collect();
         for identity in &identities {
-            let mut sent = Vec::new();
-            for n in 0..3 {
-                sent.push(store.append(identity, message(n)).await.unwrap());
-            }
+            let sent = append_all(&store, identity, 0..3, message).await;
             assert_eq!(store.ack(identity, sent[1], Vec::new()).await.unwrap(), 2);
         }
         identities.push("b".into());
@@ -2879,10 +2887,7 @@ mod tests {
             .per_identity(6, 1 << 20)
             .overflow(Overflow::DropOldest);
         let store = dir.open(limits);
-        let mut sent = Vec::new();
-        for n in 0..6 {
-            sent.push(store.append("d", message(n)).await.unwrap());
-        }
+        let mut sent = append_all(&store, "d", 0..6, message).await;
         // Cancel the third, acknowledge up to the fourth (over the gap).
         assert_eq!(store.remove("d", vec![sent[2]]).await.unwrap(), 1);
         assert_eq!(store.ack("d", sent[3], Vec::new()).await.unwrap(), 3);
@@ -2906,10 +2911,7 @@ mod tests {
     async fn an_acknowledgement_counts_only_what_it_took_from_pending() {
         let dir = Dir::new("tally");
         let store = dir.open(DurableLimits::default());
-        let mut sent = Vec::new();
-        for n in 0..4 {
-            sent.push(store.append("d", message(n)).await.unwrap());
-        }
+        let sent = append_all(&store, "d", 0..4, message).await;
         // The second and third went out twice; the second expired (or was cancelled) before
         // the device's acknowledgement of all four came back.
         assert_eq!(store.remove("d", vec![sent[1]]).await.unwrap(), 1);
@@ -2932,10 +2934,7 @@ mod tests {
     async fn a_corrupt_message_is_reported_and_read_past() {
         let dir = Dir::new("corrupt");
         let store = dir.open(DurableLimits::default());
-        let mut sent = Vec::new();
-        for n in 0..3 {
-            sent.push(store.append("d", message(n)).await.unwrap());
-        }
+        let sent = append_all(&store, "d", 0..3, message).await;
         {
             let txn = store.db().unwrap().begin_write().unwrap();
             txn.open_table(queue_table(&queue_name("d")))

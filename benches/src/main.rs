@@ -83,6 +83,12 @@ struct Cli {
     /// I/O thread that drives the connection
     #[arg(long)]
     push_from_app: bool,
+    /// The handler-cpu scenario's quicx clients share one UDP socket on a fixed port, so the
+    /// kernel puts all their connections on one server I/O thread: the worst case of
+    /// `SO_REUSEPORT`'s hashing, which otherwise happens in about one run in eight with 4
+    /// connections on 2 threads
+    #[arg(long)]
+    handler_one_socket: bool,
 }
 
 /// What to measure.
@@ -534,6 +540,9 @@ fn main() -> anyhow::Result<()> {
     }
     if cli.push_handler {
         systems::PUSH_HANDLER.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    if cli.handler_one_socket {
+        systems::HANDLER_ONE_SOCKET.store(true, std::sync::atomic::Ordering::Relaxed);
     }
     if cli.push_from_app {
         systems::PUSH_FROM_APP.store(true, std::sync::atomic::Ordering::Relaxed);

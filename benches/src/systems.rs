@@ -310,6 +310,24 @@ pub(crate) static CLIENT_ON_CALLER_RUNTIME: std::sync::atomic::AtomicBool =
 pub(crate) static CLIENT_ON_IO_THREAD: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
 
+/// `--handler-one-socket`: the handler-cpu scenario's quicx clients share one socket.
+pub(crate) static HANDLER_ONE_SOCKET: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// The one socket of `--handler-one-socket`, on a fixed port (one socket, not one per client
+/// I/O thread).
+fn one_socket() -> anyhow::Result<quicx::ClientEndpoint> {
+    static ENDPOINT: std::sync::OnceLock<quicx::ClientEndpoint> = std::sync::OnceLock::new();
+    if let Some(endpoint) = ENDPOINT.get() {
+        return Ok(endpoint.clone());
+    }
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let endpoint = quicx::ClientEndpoint::bind(std::net::SocketAddr::from(([127, 0, 0, 1], port)))?;
+    Ok(ENDPOINT.get_or_init(|| endpoint).clone())
+}
+
 /// `--push-handler`: quicx clients count pushes in a `quicx::push_handler`.
 pub(crate) static PUSH_HANDLER: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
@@ -864,7 +882,12 @@ pub(crate) async fn work_caller(
 ) -> anyhow::Result<(Caller, Box<dyn std::any::Any + Send>)> {
     Ok(match info.system {
         System::Quicx | System::QuicxSecured | System::QuicxNoMetrics | System::QuicxPrometheus => {
-            let client = quicx_client(info, None, None).await?;
+            let endpoint = if HANDLER_ONE_SOCKET.load(Ordering::Relaxed) {
+                Some(one_socket()?)
+            } else {
+                None
+            };
+            let client = quicx_client(info, endpoint.as_ref(), None).await?;
             let keep = client.clone();
             let (method, amount) = match work {
                 Work::Spin(us) => ("Spin", us),

@@ -70,6 +70,11 @@ struct Cli {
     /// receipt per durable message instead of a durable stream (the drain before `quicx/2`).
     #[arg(long)]
     quicx1: bool,
+    /// Also run quicx (fsync per commit) with the device's messages counted in a
+    /// `quicx::push_handler` (a function called where the messages are read, as the MQTT client
+    /// reads its event loop in the receiving task) instead of a `push_channel` read by a task.
+    #[arg(long)]
+    push_handler: bool,
     /// Leave mosquitto out.
     #[arg(long)]
     no_mosquitto: bool,
@@ -256,13 +261,24 @@ const DEVICE: &str = "device-1";
 const SERIAL_DEVICE: &str = "device-serial";
 const TTL: Duration = Duration::from_secs(3600);
 
+/// How the drained device takes its messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Device {
+    /// `quicx/2`, through a `push_channel` read by a task.
+    Channel,
+    /// `quicx/2`, through a `push_handler`.
+    Handler,
+    /// Pinned to `quicx/1`, through a `push_channel`.
+    V1,
+}
+
 async fn quicx_run(
     cli: &Cli,
     dev: &DevCertificate,
     base: &Path,
     size: usize,
     fsync: Fsync,
-    v1_only: bool,
+    device: Device,
 ) -> anyhow::Result<Row> {
     let dir = TempDir::new(base, "quicx")?;
     let n = cli.messages;
@@ -278,14 +294,17 @@ async fn quicx_run(
         .build()?;
     server.bind("127.0.0.1:0").await?;
     let addr = server.local_addr().context("bound")?;
-    let result = quicx_measure(cli, dev, &server, addr, size, v1_only)
+    let result = quicx_measure(cli, dev, &server, addr, size, device)
         .await
         .map(|row| Row {
             system: match fsync {
                 Fsync::Interval(every) => {
                     format!("quicx (redb, flushed every {} ms)", every.as_millis())
                 }
-                _ if v1_only => "quicx/1 device (redb, fsync per commit)".into(),
+                _ if device == Device::V1 => "quicx/1 device (redb, fsync per commit)".into(),
+                _ if device == Device::Handler => {
+                    "quicx, push_handler (redb, fsync per commit)".into()
+                }
                 _ => "quicx (redb, fsync per commit)".into(),
             },
             ..row
@@ -301,7 +320,7 @@ async fn quicx_measure(
     server: &Server,
     addr: SocketAddr,
     size: usize,
-    v1_only: bool,
+    device: Device,
 ) -> anyhow::Result<Row> {
     let n = cli.messages;
     let phase = Duration::from_secs(cli.phase_secs);
@@ -353,36 +372,66 @@ async fn quicx_measure(
     }
 
     // Drain: the device connects and receives everything.
-    let mut check = Check::new(n);
-    let (tx, mut rx) = push_channel(4096);
+    let ids = Arc::new(ids);
+    let check = Arc::new(std::sync::Mutex::new(Check::new(n)));
+    let see = {
+        let (check, ids) = (check.clone(), ids.clone());
+        move |m: &quicx::PushMessage| {
+            let id = m.durable_id();
+            let mut check = check.lock().unwrap_or_else(|e| e.into_inner());
+            check.see(&m.payload, |seq| {
+                id.filter(|id| ids.get(seq as usize) == Some(id))
+            });
+            check.all_of(stored)
+        }
+    };
+    // With a handler, `all` is told when the last one arrived; with a channel, a task reads it.
+    let all = Arc::new(tokio::sync::Notify::new());
+    let (sink, rx) = if device == Device::Handler {
+        let (see, all) = (see.clone(), all.clone());
+        let sink = quicx::push_handler(move |m| {
+            if see(&m) {
+                all.notify_one();
+            }
+        });
+        (sink, None)
+    } else {
+        let (tx, rx) = push_channel(4096);
+        (tx, Some(rx))
+    };
     let cpu = cpu_time();
     let start = Instant::now();
     let deadline = tokio::time::Instant::now() + phase;
     let mut tls = ClientTls::new().trust(dev.certificate());
-    if v1_only {
+    if device == Device::V1 {
         tls = tls.with_alpn(vec![quicx::ALPN.to_vec()]);
     }
     let client = quicx::Client::builder()
         .tls(tls)
         .client_id(DEVICE)
-        .push_channel(tx)
+        .push_channel(sink)
         .connect_addr(addr, "localhost")
         .await?;
-    while !check.all_of(stored) {
-        match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(Some(m)) => {
-                let id = m.durable_id();
-                check.see(&m.payload, |seq| {
-                    id.filter(|id| ids.get(seq as usize) == Some(id))
-                });
+    let rx = match rx {
+        Some(mut rx) => {
+            loop {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(m)) if see(&m) => break,
+                    Ok(Some(_)) => {}
+                    Ok(None) => bail!("quicx: the push channel closed"),
+                    Err(_) => break,
+                }
             }
-            Ok(None) => bail!("quicx: the push channel closed"),
-            Err(_) => break,
+            Some(rx)
         }
-    }
+        None => {
+            let _ = tokio::time::timeout_at(deadline, all.notified()).await;
+            None
+        }
+    };
     let drain_time = start.elapsed();
     let mut notes = vec![cores(cpu_time() - cpu, drain_time)];
-    let received = check.unique;
+    let received = check.lock().unwrap_or_else(|e| e.into_inner()).unique;
     // How long until every acknowledgement is committed (the store is empty for the device).
     let empty_limit = Instant::now() + Duration::from_secs(10);
     while Instant::now() < empty_limit && !server.durable_pending(DEVICE).await?.is_empty() {
@@ -399,19 +448,22 @@ async fn quicx_measure(
             "{left} messages still pending 10 s after the drain"
         ));
     }
-    // Anything more (a duplicate) within a moment?
+    // Anything more (a duplicate) within a moment? (A handler counts them where it runs.)
     let quiet = tokio::time::Instant::now() + Duration::from_millis(300);
-    while let Ok(Some(m)) = tokio::time::timeout_at(quiet, rx.recv()).await {
-        let id = m.durable_id();
-        check.see(&m.payload, |seq| {
-            id.filter(|id| ids.get(seq as usize) == Some(id))
-        });
+    match rx {
+        Some(mut rx) => {
+            while let Ok(Some(m)) = tokio::time::timeout_at(quiet, rx.recv()).await {
+                see(&m);
+            }
+        }
+        None => tokio::time::sleep_until(quiet).await,
     }
     let stats = server.stats();
     if stats.durable_redelivered > 0 {
         notes.push(format!("{} redeliveries", stats.durable_redelivered));
     }
     client.close().await;
+    let check = check.lock().unwrap_or_else(|e| e.into_inner()).clone();
     Ok(Row {
         system: "quicx (redb, fsync per commit)".into(),
         payload: size,
@@ -1177,15 +1229,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         let phase = Duration::from_secs(cli.phase_secs);
         ceilings.push((size, quinn_ceiling(&dev, size, cli.messages, phase).await?));
         eprintln!("quicx, {}...", size_label(size));
-        rows.push(quicx_run(&cli, &dev, &base, size, Fsync::EveryCommit, false).await?);
+        rows.push(quicx_run(&cli, &dev, &base, size, Fsync::EveryCommit, Device::Channel).await?);
+        if cli.push_handler {
+            eprintln!("quicx, device with a push_handler, {}...", size_label(size));
+            rows.push(
+                quicx_run(&cli, &dev, &base, size, Fsync::EveryCommit, Device::Handler).await?,
+            );
+        }
         if cli.quicx1 {
             eprintln!("quicx, device on quicx/1, {}...", size_label(size));
-            rows.push(quicx_run(&cli, &dev, &base, size, Fsync::EveryCommit, true).await?);
+            rows.push(quicx_run(&cli, &dev, &base, size, Fsync::EveryCommit, Device::V1).await?);
         }
         if cli.fsync_interval_ms > 0 {
             let every = Duration::from_millis(cli.fsync_interval_ms);
             eprintln!("quicx flushed every {every:?}, {}...", size_label(size));
-            rows.push(quicx_run(&cli, &dev, &base, size, Fsync::Interval(every), false).await?);
+            rows.push(
+                quicx_run(
+                    &cli,
+                    &dev,
+                    &base,
+                    size,
+                    Fsync::Interval(every),
+                    Device::Channel,
+                )
+                .await?,
+            );
         }
         if let Ok(bin) = &mosquitto {
             for &v in &variants {

@@ -83,10 +83,10 @@ struct Cli {
     /// I/O thread that drives the connection
     #[arg(long)]
     push_from_app: bool,
-    /// The handler-cpu scenario's quicx clients share one UDP socket on a fixed port, so the
-    /// kernel puts all their connections on one server I/O thread: the worst case of
-    /// `SO_REUSEPORT`'s hashing, which otherwise happens in about one run in eight with 4
-    /// connections on 2 threads
+    /// The quicx clients that call the work methods (the handler-cpu scenario's, and the blocking
+    /// scenario's busy connection) share one UDP socket on a fixed port, so the kernel puts all
+    /// their connections on one server I/O thread: the worst case of `SO_REUSEPORT`'s hashing,
+    /// which otherwise happens in about one run in eight with 4 connections on 2 threads
     #[arg(long)]
     handler_one_socket: bool,
 }

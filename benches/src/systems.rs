@@ -310,7 +310,7 @@ pub(crate) static CLIENT_ON_CALLER_RUNTIME: std::sync::atomic::AtomicBool =
 pub(crate) static CLIENT_ON_IO_THREAD: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
 
-/// `--handler-one-socket`: the handler-cpu scenario's quicx clients share one socket.
+/// `--handler-one-socket`: the quicx clients of [`work_caller`] share one socket.
 pub(crate) static HANDLER_ONE_SOCKET: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
 

@@ -225,26 +225,156 @@ impl StableKeys {
         }
     }
 
-    fn endpoint_config(&self) -> quinn::EndpointConfig {
+    /// The endpoint config of I/O thread `shard` of a server's shared port: its connection ids
+    /// name it (see [`ShardCid`]).
+    fn endpoint_config(&self, shard: Shard) -> quinn::EndpointConfig {
         let mut config = quinn::EndpointConfig::new(self.reset.clone());
-        let cid = self.cid;
-        config.cid_generator(move || {
-            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid))
-        });
+        let key = self.cid;
+        config.cid_generator(move || Box::new(ShardCid { key, shard }));
         config
     }
+}
+
+/// Which of a server's I/O threads (its endpoints on one shared port) an endpoint is: `index`
+/// of `count`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Shard {
+    pub(crate) index: usize,
+    pub(crate) count: usize,
+}
+
+impl Shard {
+    /// Whether packets can be steered by connection id to this many shards: the first byte of
+    /// a connection id names the shard, so at most 255 of them (one needs no steering).
+    fn steerable(self) -> bool {
+        SHARDED_PORTS && (2..=255).contains(&self.count)
+    }
+}
+
+/// Connection ids of 8 bytes, the first of which names the I/O thread that issued them
+/// (`byte % count == index`, the rest of it random), the next two random, the last five a
+/// keyed hash of the first three (as quinn's `HashedConnectionIdGenerator`, so garbage is
+/// told from ids this server issued without a lookup). The server's sockets steer each packet
+/// by that byte (`steer_by_connection_id`), so a connection's packets reach the thread that
+/// owns it whatever address they come from: a client behind a NAT that rebinds, and clients
+/// that share few addresses (a gateway, a load balancer), are not tied to the kernel's hash of
+/// their address. An observer learns which of the server's threads a connection is on, and
+/// nothing more than that links two ids of one connection.
+#[derive(Debug, Clone, Copy)]
+struct ShardCid {
+    key: u64,
+    shard: Shard,
+}
+
+/// Bytes of a [`ShardCid`] that are hashed (the shard byte and two random ones) ...
+const CID_NONCE: usize = 3;
+/// ... and its length.
+const CID_LEN: usize = 8;
+
+impl ShardCid {
+    fn signature(&self, nonce: &[u8]) -> [u8; CID_LEN - CID_NONCE] {
+        use std::hash::Hasher;
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        hasher.write_u64(self.key);
+        hasher.write(nonce);
+        let mut signature = [0; CID_LEN - CID_NONCE];
+        signature.copy_from_slice(&hasher.finish().to_le_bytes()[..CID_LEN - CID_NONCE]);
+        signature
+    }
+}
+
+impl quinn_proto::ConnectionIdGenerator for ShardCid {
+    fn generate_cid(&mut self) -> quinn_proto::ConnectionId {
+        use rand::RngExt;
+        let mut bytes = [0u8; CID_LEN];
+        rand::rng().fill(&mut bytes[..CID_NONCE]);
+        if self.shard.steerable() {
+            // A random byte with `byte % count == index` (the largest multiple of `count` that
+            // fits below 256 keeps every such byte equally likely).
+            let count = self.shard.count;
+            let span = 256 / count * count;
+            let r = usize::from(bytes[0]) % span;
+            bytes[0] = u8::try_from(r - r % count + self.shard.index).unwrap_or(0);
+        }
+        let signature = self.signature(&bytes[..CID_NONCE]);
+        bytes[CID_NONCE..].copy_from_slice(&signature);
+        quinn_proto::ConnectionId::new(&bytes)
+    }
+
+    fn validate(
+        &self,
+        cid: &quinn_proto::ConnectionId,
+    ) -> std::result::Result<(), quinn_proto::InvalidCid> {
+        if cid.len() == CID_LEN && cid[CID_NONCE..] == self.signature(&cid[..CID_NONCE]) {
+            Ok(())
+        } else {
+            Err(quinn_proto::InvalidCid)
+        }
+    }
+
+    fn cid_len(&self) -> usize {
+        CID_LEN
+    }
+
+    fn cid_lifetime(&self) -> Option<std::time::Duration> {
+        None
+    }
+}
+
+/// Makes the kernel hand each datagram that reaches the server's shared port to the socket
+/// (in the order they were bound) named by the first byte of its destination connection id,
+/// modulo `count`: byte 1 of a short-header packet, byte 6 of a long-header one (after the
+/// first byte, the version and the id's length). A client's first packets carry an id it chose
+/// at random, so new connections spread evenly over the threads whatever their addresses; every
+/// later packet carries an id the owning thread issued ([`ShardCid`]). A datagram too short to
+/// hold the byte goes to the first socket. Set on any socket of the group, it applies to all.
+#[cfg(target_os = "linux")]
+fn steer_by_connection_id(socket: &socket2::Socket, count: usize) -> std::io::Result<()> {
+    use nix::libc::{
+        BPF_A, BPF_ABS, BPF_ALU, BPF_B, BPF_JA, BPF_JMP, BPF_JSET, BPF_K, BPF_LD, BPF_MOD, BPF_RET,
+        sock_filter, sock_fprog,
+    };
+    let op = |code: u32, jt: u8, jf: u8, k: u32| sock_filter {
+        code: u16::try_from(code).unwrap_or_default(),
+        jt,
+        jf,
+        k,
+    };
+    let count = u32::try_from(count).map_err(std::io::Error::other)?;
+    let mut program = [
+        // A = first byte; long header (0x80 set)?
+        op(BPF_LD | BPF_B | BPF_ABS, 0, 0, 0),
+        op(BPF_JMP | BPF_JSET | BPF_K, 0, 2, 0x80),
+        // Long header: A = first byte of the destination connection id.
+        op(BPF_LD | BPF_B | BPF_ABS, 0, 0, 6),
+        op(BPF_JMP | BPF_JA, 0, 0, 1),
+        // Short header: the same, right after the first byte.
+        op(BPF_LD | BPF_B | BPF_ABS, 0, 0, 1),
+        op(BPF_ALU | BPF_MOD | BPF_K, 0, 0, count),
+        op(BPF_RET | BPF_A, 0, 0, 0),
+    ];
+    let fprog = sock_fprog {
+        len: program.len() as u16,
+        filter: program.as_mut_ptr(),
+    };
+    nix::sys::socket::setsockopt(
+        socket,
+        nix::sys::socket::sockopt::AttachReusePortCbpf,
+        &fprog,
+    )
+    .map_err(std::io::Error::from)
 }
 
 /// Whether several sockets can share a port with the kernel spreading peers over them
 /// (`SO_REUSEPORT` load balancing: Linux).
 pub(crate) const SHARDED_PORTS: bool = cfg!(target_os = "linux");
 
-/// Binds a UDP socket with the requested buffer sizes, for a quinn endpoint; with `shared_port`,
-/// one of several sockets of a server's port (`SO_REUSEPORT`).
+/// Binds a UDP socket with the requested buffer sizes, for a quinn endpoint; with a `shard`,
+/// one of several sockets of a server's port (`SO_REUSEPORT`), steered by connection id.
 pub(crate) fn bind_socket(
     addr: SocketAddr,
     buffer: usize,
-    shared_port: bool,
+    shard: Option<Shard>,
 ) -> Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
@@ -253,17 +383,23 @@ pub(crate) fn bind_socket(
         let _ = socket.set_only_v6(false);
     }
     #[cfg(target_os = "linux")]
-    if shared_port {
+    if shard.is_some() {
         socket.set_reuse_port(true)?;
     }
     #[cfg(not(target_os = "linux"))]
-    let _ = shared_port;
+    let _ = shard;
     if buffer > 0 {
         // The kernel caps these at net.core.{r,w}mem_max; failures are not fatal.
         let _ = socket.set_recv_buffer_size(buffer);
         let _ = socket.set_send_buffer_size(buffer);
     }
     socket.bind(&addr.into())?;
+    #[cfg(target_os = "linux")]
+    if let Some(shard) = shard.filter(|s| s.steerable()) {
+        // Each socket sets it again as the group grows; indices past the sockets bound so far
+        // fall back to the kernel's hash until the last one joins.
+        steer_by_connection_id(&socket, shard.count)?;
+    }
     tracing::debug!(
         %addr,
         recv_buffer = socket.recv_buffer_size().unwrap_or(0),
@@ -277,14 +413,58 @@ pub(crate) fn bind_socket(
 pub(crate) fn endpoint(
     addr: SocketAddr,
     buffer: usize,
-    server: Option<(quinn::ServerConfig, StableKeys)>,
+    server: Option<(quinn::ServerConfig, StableKeys, Shard)>,
 ) -> Result<quinn::Endpoint> {
-    let socket = bind_socket(addr, buffer, server.is_some() && SHARDED_PORTS)?;
+    let shard = server
+        .as_ref()
+        .map(|(_, _, shard)| *shard)
+        .filter(|_| SHARDED_PORTS);
+    let socket = bind_socket(addr, buffer, shard)?;
     let runtime = quinn::default_runtime()
         .ok_or_else(|| Error::Config("quicx needs a tokio runtime".into()))?;
     let (config, server) = match server {
-        Some((server, keys)) => (keys.endpoint_config(), Some(server)),
+        Some((server, keys, shard)) => (keys.endpoint_config(shard), Some(server)),
         None => (quinn::EndpointConfig::default(), None),
     };
     Ok(quinn::Endpoint::new(config, server, socket, runtime)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quinn_proto::ConnectionIdGenerator as _;
+
+    #[test]
+    fn connection_ids_name_their_shard_and_are_told_from_garbage() {
+        for count in [2, 3, 4, 7, 64, 255] {
+            for index in [0, count / 2, count - 1] {
+                let mut g = ShardCid {
+                    key: 7,
+                    shard: Shard { index, count },
+                };
+                let mut first_bytes = std::collections::HashSet::new();
+                for _ in 0..200 {
+                    let cid = g.generate_cid();
+                    assert_eq!(cid.len(), CID_LEN);
+                    assert_eq!(usize::from(cid[0]) % count, index, "{count}/{index}");
+                    assert!(g.validate(&cid).is_ok());
+                    let mut bad = cid[..].to_vec();
+                    bad[1] ^= 1;
+                    assert!(g.validate(&quinn_proto::ConnectionId::new(&bad)).is_err());
+                    first_bytes.insert(cid[0]);
+                }
+                // The rest of the first byte stays random (where there is room for it).
+                if count <= 64 {
+                    assert!(first_bytes.len() > 1, "{count}/{index}: {first_bytes:?}");
+                }
+            }
+        }
+        // Another server's key does not validate this one's ids.
+        let mut ours = ShardCid {
+            key: 7,
+            shard: Shard { index: 0, count: 2 },
+        };
+        let theirs = ShardCid { key: 8, ..ours };
+        assert!(theirs.validate(&ours.generate_cid()).is_err());
+    }
 }

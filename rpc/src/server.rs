@@ -140,11 +140,12 @@ impl ServerBuilder {
     }
 
     /// How many I/O threads (default: one per core). Each has its own endpoint on the server's
-    /// port (`SO_REUSEPORT`, Linux; elsewhere one thread): the kernel spreads clients over them
-    /// and keeps each client's packets on one thread, which drives that connection, its streams
-    /// and its short handlers. A client whose address changes mid-connection (NAT rebinding)
-    /// may land on another thread, which answers with a stateless reset; the client then
-    /// reconnects at once.
+    /// port (`SO_REUSEPORT`, Linux; elsewhere one thread), and drives its connections, their
+    /// streams and their short handlers. The kernel hands each packet to the thread its
+    /// destination connection id names (up to 255 threads; beyond that, by the client's
+    /// address): a new connection goes to a thread picked by the random id the client chose,
+    /// whatever its address, and keeps it when its address changes (NAT rebinding) or when
+    /// many clients share few addresses (a gateway, a load balancer).
     #[must_use]
     pub fn io_threads(mut self, n: usize) -> Self {
         self.io_threads = Some(n.max(1));
@@ -374,8 +375,11 @@ impl Server {
         // the sockets that share the port are bound right after it is released.
         let local = std::net::UdpSocket::bind(addr)?.local_addr()?;
         let mut bound = Vec::with_capacity(self.inner.io.len());
-        for io in &self.inner.io {
-            // The socket and the endpoint driver belong to the I/O thread.
+        let count = self.inner.io.len();
+        for (index, io) in self.inner.io.iter().enumerate() {
+            // The socket and the endpoint driver belong to the I/O thread. Bound in order: the
+            // kernel numbers the sockets of the port as they join, and packets are steered to
+            // them by those numbers (`config::Shard`).
             let _io = io.enter();
             bound.push(config::endpoint(
                 local,
@@ -383,6 +387,7 @@ impl Server {
                 Some((
                     self.inner.quinn_config.clone(),
                     self.inner.stable_keys.clone(),
+                    config::Shard { index, count },
                 )),
             )?);
         }

@@ -285,3 +285,124 @@ async fn large_payloads_travel_as_their_own_chunk_both_ways() {
         assert!(reply.payload.iter().eq(payload.iter()), "size {size}");
     }
 }
+
+/// Connections that share one client address still spread over the server's I/O threads: the
+/// server steers packets by connection id, not by the kernel's hash of the address (which put
+/// every connection from one socket on one thread).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_from_one_address_spread_over_io_threads() {
+    let t = server_with_threads(4).await;
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // A fixed port: one socket, so every connection has the same address.
+    let endpoint = quicx::ClientEndpoint::bind(([127, 0, 0, 1], port).into()).unwrap();
+    let mut threads = HashSet::new();
+    let mut clients = Vec::new();
+    for _ in 0..16 {
+        let client = t
+            .client()
+            .endpoint(&endpoint)
+            .connect(&t.address())
+            .await
+            .unwrap();
+        let thread: String = client.call("Exec", "Where", &()).await.unwrap();
+        assert!(thread.starts_with("quicx-server-io"), "{thread}");
+        threads.insert(thread);
+        clients.push(client);
+    }
+    // Each connection lands on a thread picked by its first, random connection id: 16 on one
+    // of 4 threads would happen once in a billion runs.
+    assert!(threads.len() >= 2, "all 16 connections on {threads:?}");
+    for c in clients {
+        c.close().await;
+    }
+    t.server.shutdown(Duration::from_secs(1)).await;
+}
+
+/// A NAT in front of a client that can move the client to a new outside port at any time, as
+/// NATs do when a mapping expires: datagrams from the client go out from the current upstream
+/// socket, replies to a previous one are lost.
+struct RebindingNat {
+    addr: std::net::SocketAddr,
+    rebind: tokio::sync::mpsc::UnboundedSender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RebindingNat {
+    async fn start(server: std::net::SocketAddr) -> Self {
+        use tokio::net::UdpSocket;
+        let front = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = front.local_addr().unwrap();
+        let (rebind, mut rebinds) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let task = tokio::spawn(async move {
+            let mut upstream = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let mut client = None;
+            let (mut out, mut back) = (vec![0u8; 65_536], vec![0u8; 65_536]);
+            loop {
+                tokio::select! {
+                    r = front.recv_from(&mut out) => {
+                        let Ok((n, from)) = r else { return };
+                        client = Some(from);
+                        let _ = upstream.send_to(&out[..n], server).await;
+                    }
+                    r = upstream.recv(&mut back) => {
+                        let Ok(n) = r else { return };
+                        if let Some(client) = client {
+                            let _ = front.send_to(&back[..n], client).await;
+                        }
+                    }
+                    r = rebinds.recv() => {
+                        if r.is_none() {
+                            return;
+                        }
+                        upstream = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+                    }
+                }
+            }
+        });
+        Self { addr, rebind, task }
+    }
+}
+
+impl Drop for RebindingNat {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A client whose outside address changes mid-connection (NAT rebinding) keeps its connection
+/// and its I/O thread on a server with several: its packets carry the connection's id, which
+/// names the thread, from whatever address. (Steered by the address, they reached another
+/// thread three times in four here, which answered with a stateless reset.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_whose_nat_rebinds_keeps_its_connection_and_thread() {
+    let t = server_with_threads(4).await;
+    let nat = RebindingNat::start(t.addr).await;
+    let client = t.client().connect(&nat.addr.to_string()).await.unwrap();
+    let first: String = client.call("Exec", "Where", &()).await.unwrap();
+    let remote = t.server.connections()[0].remote_address();
+    for round in 0..8 {
+        nat.rebind.send(()).unwrap();
+        let thread: String =
+            tokio::time::timeout(Duration::from_secs(5), client.call("Exec", "Where", &()))
+                .await
+                .unwrap_or_else(|_| panic!("rebind {round}: the call hung"))
+                .unwrap_or_else(|e| panic!("rebind {round}: {e}"));
+        assert_eq!(
+            thread, first,
+            "rebind {round}: the connection moved threads"
+        );
+    }
+    let connections = t.server.connections();
+    assert_eq!(connections.len(), 1, "the client reconnected");
+    assert_ne!(
+        connections[0].remote_address(),
+        remote,
+        "the server saw the new address"
+    );
+    client.close().await;
+    t.server.shutdown(Duration::from_secs(1)).await;
+}

@@ -397,8 +397,14 @@ pub(crate) fn bind_socket(
     #[cfg(target_os = "linux")]
     if let Some(shard) = shard.filter(|s| s.steerable()) {
         // Each socket sets it again as the group grows; indices past the sockets bound so far
-        // fall back to the kernel's hash until the last one joins.
-        steer_by_connection_id(&socket, shard.count)?;
+        // fall back to the kernel's hash until the last one joins. A kernel without it (before
+        // Linux 4.5) keeps the hash: connections still work, a rebinding client may be reset.
+        if let Err(e) = steer_by_connection_id(&socket, shard.count) {
+            tracing::warn!(
+                "packets cannot be steered by connection id ({e}): the kernel's hash of the \
+                 client's address picks the I/O thread"
+            );
+        }
     }
     tracing::debug!(
         %addr,

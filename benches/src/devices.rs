@@ -34,6 +34,19 @@ pub(crate) struct Fleet {
     pub(crate) broadcast_client_cpu_ms: f64,
     /// CPU the server process used over the same time, ms (0 when it shares this process).
     pub(crate) broadcast_server_cpu_ms: f64,
+    /// UDP datagrams sent on this machine over the same time, per device (both directions:
+    /// everything runs on loopback; 0 where `/proc/net/snmp` is not there). Anything else
+    /// sending UDP meanwhile counts too.
+    pub(crate) broadcast_datagrams_per_device: f64,
+}
+
+/// UDP datagrams this machine sent so far (`/proc/net/snmp`, Linux).
+fn udp_datagrams_sent() -> Option<u64> {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (names, values) = (udp.next()?, udp.next()?);
+    let column = names.split_whitespace().position(|n| n == "OutDatagrams")?;
+    values.split_whitespace().nth(column)?.parse().ok()
 }
 
 enum Held {
@@ -82,6 +95,7 @@ pub(crate) async fn fleet(
     };
     let client_cpu0 = load::cpu_time();
     let server_cpu0 = server_pid.map(load::cpu_time_of);
+    let sent0 = udp_datagrams_sent();
     let started = Instant::now();
     let server_us = match &held {
         Held::Quicx(clients) => {
@@ -101,6 +115,10 @@ pub(crate) async fn fleet(
     };
     systems::wait_count(&received, n as u64, Duration::from_secs(30)).await?;
     let broadcast_ms = started.elapsed().as_secs_f64() * 1e3;
+    let broadcast_datagrams_per_device = match (sent0, udp_datagrams_sent()) {
+        (Some(before), Some(after)) => after.saturating_sub(before) as f64 / n as f64,
+        _ => 0.0,
+    };
     let broadcast_client_cpu_ms = (load::cpu_time() - client_cpu0).as_secs_f64() * 1e3;
     let broadcast_server_cpu_ms = match (server_pid, server_cpu0) {
         (Some(pid), Some(before)) => {
@@ -129,6 +147,7 @@ pub(crate) async fn fleet(
         broadcast_server_ms: server_us as f64 / 1e3,
         broadcast_client_cpu_ms,
         broadcast_server_cpu_ms,
+        broadcast_datagrams_per_device,
     })
 }
 

@@ -184,7 +184,7 @@ pub(crate) fn markdown(records: &[Record], machine: &str, settings: &str) -> Str
     if !fleets.is_empty() {
         let _ = writeln!(
             md,
-            "## Many devices\n\n| layout | system | clients | handshakes/s | server KiB per idle connection | broadcast to all (ms) | of which the server's call (ms) | CPU ms during it: client, server |\n|---|---|---|---|---|---|---|---|"
+            "## Many devices\n\n| layout | system | clients | handshakes/s | server KiB per idle connection | broadcast to all (ms) | of which the server's call (ms) | CPU ms during it: client, server | UDP datagrams during it, per device |\n|---|---|---|---|---|---|---|---|---|"
         );
         for r in fleets {
             if let Some(f) = r.fleet {
@@ -195,7 +195,7 @@ pub(crate) fn markdown(records: &[Record], machine: &str, settings: &str) -> Str
                 };
                 let _ = writeln!(
                     md,
-                    "| {} | {} | {} | {:.0} | {mem} | {:.0} | {:.0} | {:.0}, {:.0} |",
+                    "| {} | {} | {} | {:.0} | {mem} | {:.0} | {:.0} | {:.0}, {:.0} | {:.1} |",
                     r.layout,
                     r.system_name,
                     f.clients,
@@ -203,7 +203,8 @@ pub(crate) fn markdown(records: &[Record], machine: &str, settings: &str) -> Str
                     f.broadcast_ms,
                     f.broadcast_server_ms,
                     f.broadcast_client_cpu_ms,
-                    f.broadcast_server_cpu_ms
+                    f.broadcast_server_cpu_ms,
+                    f.broadcast_datagrams_per_device
                 );
             }
         }

@@ -8,7 +8,8 @@
 //! several times (BENCHMARKS.md has the numbers). So a quicx server runs **one I/O thread per
 //! core**, each with its own endpoint on a `SO_REUSEPORT` socket of the same port (Linux; one
 //! thread elsewhere): the kernel hands each packet to the socket its destination connection id
-//! names (`config::ShardCid`), so each connection, its streams and its short handlers live on
+//! names (`config::ShardCid`; the address hash where that cannot be set up, see
+//! `ServerBuilder::io_threads`), so each connection, its streams and its short handlers live on
 //! one thread whatever address its packets come from, and connections spread over all cores.
 //! A handler whose polls hold its I/O thread longer than [`INLINE_BUDGET`] twice within 1,024
 //! polls marks its method slow: the method's later calls run on the handler pool, so one slow method never

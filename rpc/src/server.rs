@@ -141,11 +141,17 @@ impl ServerBuilder {
 
     /// How many I/O threads (default: one per core). Each has its own endpoint on the server's
     /// port (`SO_REUSEPORT`, Linux; elsewhere one thread), and drives its connections, their
-    /// streams and their short handlers. The kernel hands each packet to the thread its
-    /// destination connection id names (up to 255 threads; beyond that, by the client's
-    /// address): a new connection goes to a thread picked by the random id the client chose,
-    /// whatever its address, and keeps it when its address changes (NAT rebinding) or when
-    /// many clients share few addresses (a gateway, a load balancer).
+    /// streams and their short handlers. On Linux the kernel hands each packet to the thread its
+    /// destination connection id names (up to 256 threads; the sockets' receive offload is
+    /// turned off for it): a new connection goes to a thread picked by the random id its client
+    /// chose, so connections spread over the threads even when many share one address (a
+    /// gateway, a load balancer), and a client whose address changes (NAT rebinding) keeps its
+    /// connection and thread. Beyond 256 threads, or where the kernel refuses the steering
+    /// program (logged), the kernel's hash of the client's address picks the thread: a
+    /// rebinding client may then reach another thread, which answers with a stateless reset,
+    /// and the client reconnects at once. A stateless reset that a client sends the server
+    /// reaches the connection's thread only by chance (one in `n`): otherwise the server
+    /// notices the client is gone at the liveness probe or the idle timeout.
     #[must_use]
     pub fn io_threads(mut self, n: usize) -> Self {
         self.io_threads = Some(n.max(1));

@@ -331,7 +331,7 @@ impl quinn_proto::ConnectionIdGenerator for ShardCid {
 /// and such a batch (datagrams of one client address, which may belong to several connections)
 /// goes to one socket: [`endpoint`] turns GRO off on steered sockets.
 #[cfg(target_os = "linux")]
-fn steer_by_connection_id(socket: &socket2::Socket, count: usize) -> std::io::Result<()> {
+fn steer_by_connection_id(socket: &impl std::os::fd::AsFd, count: usize) -> std::io::Result<()> {
     use nix::libc::{
         BPF_A, BPF_ABS, BPF_ALU, BPF_B, BPF_JA, BPF_JMP, BPF_JSET, BPF_K, BPF_LD, BPF_MOD, BPF_RET,
         sock_filter, sock_fprog,
@@ -367,16 +367,16 @@ fn steer_by_connection_id(socket: &socket2::Socket, count: usize) -> std::io::Re
     .map_err(std::io::Error::from)
 }
 
-/// Whether several sockets can share a port with the kernel spreading peers over them
-/// (`SO_REUSEPORT` load balancing: Linux).
+/// Whether several sockets can share a port, each packet going to one of them (`SO_REUSEPORT`:
+/// Linux).
 pub(crate) const SHARDED_PORTS: bool = cfg!(target_os = "linux");
 
-/// Binds a UDP socket with the requested buffer sizes, for a quinn endpoint; with a `shard`,
-/// one of several sockets of a server's port (`SO_REUSEPORT`), steered by connection id.
+/// Binds a UDP socket with the requested buffer sizes, for a quinn endpoint; with `shared_port`,
+/// one of several sockets of a server's port (`SO_REUSEPORT`).
 pub(crate) fn bind_socket(
     addr: SocketAddr,
     buffer: usize,
-    shard: Option<Shard>,
+    shared_port: bool,
 ) -> Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
@@ -385,29 +385,17 @@ pub(crate) fn bind_socket(
         let _ = socket.set_only_v6(false);
     }
     #[cfg(target_os = "linux")]
-    if shard.is_some() {
+    if shared_port {
         socket.set_reuse_port(true)?;
     }
     #[cfg(not(target_os = "linux"))]
-    let _ = shard;
+    let _ = shared_port;
     if buffer > 0 {
         // The kernel caps these at net.core.{r,w}mem_max; failures are not fatal.
         let _ = socket.set_recv_buffer_size(buffer);
         let _ = socket.set_send_buffer_size(buffer);
     }
     socket.bind(&addr.into())?;
-    #[cfg(target_os = "linux")]
-    if let Some(shard) = shard.filter(|s| s.steerable()) {
-        // Each socket sets it again as the group grows; indices past the sockets bound so far
-        // fall back to the kernel's hash until the last one joins. A kernel without it (before
-        // Linux 4.5) keeps the hash: connections still work, a rebinding client may be reset.
-        if let Err(e) = steer_by_connection_id(&socket, shard.count) {
-            tracing::warn!(
-                "packets cannot be steered by connection id ({e}): the kernel's hash of the \
-                 client's address picks the I/O thread"
-            );
-        }
-    }
     tracing::debug!(
         %addr,
         recv_buffer = socket.recv_buffer_size().unwrap_or(0),
@@ -417,33 +405,44 @@ pub(crate) fn bind_socket(
     Ok(socket.into())
 }
 
-/// Builds a quinn endpoint on `addr`; a server's with its stable keys, on a shared port.
+/// Builds a quinn endpoint on `addr`; a server's with its stable keys, on a shared port, its
+/// packets steered to it by connection id where the kernel allows (see
+/// `steer_by_connection_id`).
 pub(crate) fn endpoint(
     addr: SocketAddr,
     buffer: usize,
     server: Option<(quinn::ServerConfig, StableKeys, Shard)>,
 ) -> Result<quinn::Endpoint> {
-    let shard = server
-        .as_ref()
-        .map(|(_, _, shard)| *shard)
-        .filter(|_| SHARDED_PORTS);
-    let socket = bind_socket(addr, buffer, shard)?;
+    let shard = server.as_ref().map(|(_, _, shard)| *shard);
+    let socket = bind_socket(addr, buffer, shard.is_some() && SHARDED_PORTS)?;
+    // Each socket sets the program again as the group grows; indices past the sockets bound so
+    // far fall back to the kernel's hash until the last one joins. A kernel without it (before
+    // Linux 4.5) keeps the hash: connections still work, a rebinding client may be reset.
+    #[cfg(target_os = "linux")]
+    let steered = match shard.filter(|s| s.steerable()) {
+        Some(shard) => match steer_by_connection_id(&socket, shard.count) {
+            Ok(()) => Some(socket.try_clone()?),
+            Err(e) => {
+                tracing::warn!(
+                    "packets cannot be steered by connection id ({e}): the kernel's hash of \
+                     the client's address picks the I/O thread"
+                );
+                None
+            }
+        },
+        None => None,
+    };
     let runtime = quinn::default_runtime()
         .ok_or_else(|| Error::Config("quicx needs a tokio runtime".into()))?;
-    // quinn turns the socket's receive offload on; a steered socket must not merge datagrams
-    // of different connections (see `steer_by_connection_id`).
-    #[cfg(target_os = "linux")]
-    let no_gro = shard
-        .filter(|s| s.steerable())
-        .map(|_| socket.try_clone())
-        .transpose()?;
     let (config, server) = match server {
         Some((server, keys, shard)) => (keys.endpoint_config(shard), Some(server)),
         None => (quinn::EndpointConfig::default(), None),
     };
     let endpoint = quinn::Endpoint::new(config, server, socket, runtime)?;
+    // quinn turns the socket's receive offload on; a steered socket must not merge datagrams
+    // of different connections (see `steer_by_connection_id`).
     #[cfg(target_os = "linux")]
-    if let Some(socket) = no_gro {
+    if let Some(socket) = steered {
         if let Err(e) =
             nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::UdpGroSegment, &false)
         {

@@ -505,7 +505,8 @@ pin_project_lite::pin_project! {
     /// The future of [`within`]: `fut` held once, in place. An `async fn` wrapper holds it
     /// twice (its argument, then what it awaits), and a call's future nests several: with one,
     /// `Client::call_raw`'s future was 5,112 bytes and `XClient::call_raw`'s 49,528; with this
-    /// (and `IoRuntime::run` made the same way), 1,784 and 6,760 (`-Zprint-type-sizes`).
+    /// (and `IoRuntime::run` made the same way, `run_built` for the round trip), 1,384 and
+    /// 5,752 (`-Zprint-type-sizes`).
     pub(crate) struct Within<'c, F> {
         #[pin]
         fut: F,

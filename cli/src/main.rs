@@ -1,12 +1,15 @@
 //! `quicx`, the command-line tool of quicx (what grpcurl is to gRPC): calls any method with JSON
-//! arguments and prints the JSON reply, lists and pushes to the clients of a server and prints its
-//! counters through the server's admin service (`Server::enable_admin`), and browses mDNS.
+//! arguments and prints the JSON reply, lists and pushes to the clients of a server, lists and
+//! cancels the durable messages waiting for its devices and prints its counters through the
+//! server's admin service (`Server::enable_admin`), and browses mDNS.
 //!
 //! ```text
 //! quicx call 127.0.0.1:8972 Arith.Mul '{"a":10,"b":20}' --ca cert.pem    # {"c":200}
 //! quicx clients 127.0.0.1:8972 --ca cert.pem --client-id ops --token "$OPS_TOKEN"
 //! quicx push 127.0.0.1:8972 device-7 Command.Reboot '{"delay_s":5}' --ca cert.pem --client-id ops --token "$OPS_TOKEN"
 //! quicx stats 127.0.0.1:8972 --ca cert.pem --client-id ops --token "$OPS_TOKEN"
+//! quicx durable 127.0.0.1:8972 [device-7] --ca cert.pem --client-id ops --token "$OPS_TOKEN"
+//! quicx cancel 127.0.0.1:8972 device-7 41 --ca cert.pem --client-id ops --token "$OPS_TOKEN"
 //! quicx discover Arith --timeout 3s
 //! ```
 //!
@@ -80,6 +83,34 @@ enum Command {
         /// Metadata of the pushed message (repeatable).
         #[arg(long, short, value_name = "KEY=VALUE", value_parser = parse_pair)]
         metadata: Vec<(String, String)>,
+        #[command(flatten)]
+        connect: ConnectOptions,
+    },
+    /// Print what a server's durable store holds, as JSON (admin service): the totals and the
+    /// identities with the most pending messages, or with CLIENT_ID that identity's pending
+    /// messages, oldest first.
+    Durable {
+        /// The server, `host:port`.
+        addr: String,
+        /// List this identity's pending messages.
+        #[arg(value_name = "CLIENT_ID")]
+        target: Option<String>,
+        /// How many identities to list, largest backlog first (without CLIENT_ID).
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[command(flatten)]
+        connect: ConnectOptions,
+    },
+    /// Cancel a pending durable message (admin service). Prints `true` if it was pending,
+    /// `false` if not (already delivered, expired or cancelled).
+    Cancel {
+        /// The server, `host:port`.
+        addr: String,
+        /// The identity the message waits for.
+        #[arg(value_name = "CLIENT_ID")]
+        target: String,
+        /// The message id (from `quicx durable ADDR CLIENT_ID`).
+        id: u64,
         #[command(flatten)]
         connect: ConnectOptions,
     },
@@ -325,6 +356,43 @@ async fn run(command: Command) -> Result<(), Failure> {
         Command::Clients { addr, connect } => {
             let reply =
                 call_once(&addr, &connect, (ADMIN_SERVICE, "Clients"), b"null", &[]).await?;
+            print(&reply)
+        }
+        Command::Durable {
+            addr,
+            target,
+            limit,
+            connect,
+        } => {
+            let args = match target {
+                Some(client_id) => serde_json::json!({ "client_id": client_id }),
+                None => serde_json::json!({ "limit": limit }),
+            };
+            let reply = call_once(
+                &addr,
+                &connect,
+                (ADMIN_SERVICE, "Durable"),
+                args.to_string().as_bytes(),
+                &[],
+            )
+            .await?;
+            print(&reply)
+        }
+        Command::Cancel {
+            addr,
+            target,
+            id,
+            connect,
+        } => {
+            let args = serde_json::json!({ "client_id": target, "id": id });
+            let reply = call_once(
+                &addr,
+                &connect,
+                (ADMIN_SERVICE, "CancelDurable"),
+                args.to_string().as_bytes(),
+                &[],
+            )
+            .await?;
             print(&reply)
         }
         Command::Stats { addr, connect } => {

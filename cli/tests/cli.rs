@@ -10,8 +10,9 @@ use std::{
 };
 
 use quicx::{
-    Authenticator, Client, ClientTls, Context, DevCertificate, DevCertificateAuthority, Hello,
-    PushReceiver, Refusal, Server, ServerTls, Service, push_channel,
+    Authenticator, Client, ClientTls, Context, DevCertificate, DevCertificateAuthority,
+    DurableLimits, Hello, Metadata, PushReceiver, Refusal, Server, ServerBuilder, ServerTls,
+    Service, push_channel,
 };
 use serde::{Deserialize, Serialize};
 
@@ -78,8 +79,13 @@ fn arith() -> Service {
 }
 
 async fn fixture() -> Fixture {
+    fixture_with(|builder| builder).await
+}
+
+/// [`fixture`] with more settings on the server's builder.
+async fn fixture_with(more: impl FnOnce(ServerBuilder) -> ServerBuilder) -> Fixture {
     let dev = DevCertificate::localhost().unwrap();
-    let server = Server::builder()
+    let server = more(Server::builder())
         .dev_certificate(&dev)
         .authenticator(Authenticator::new(|hello: Hello| async move {
             match hello.token.as_deref() {
@@ -389,6 +395,118 @@ async fn stats_count_the_calls_made() {
     let stats = f.server.stats();
     assert_eq!(stats.calls_served, calls + 2);
     assert_eq!(stats.call_handler_errors, 1);
+}
+
+#[tokio::test]
+async fn durable_lists_backlogs_and_messages_and_cancel_withdraws_one() {
+    // A server without a store says so.
+    let plain = fixture().await;
+    let message = failure(&plain.quicx("durable", &[], ADMIN).await, 1, "remote");
+    assert!(message.contains("no durable store"), "{message}");
+
+    let store = TempDir::new();
+    let path = store.0.join("store.redb");
+    let f = fixture_with(|b| b.durable_store(&path, DurableLimits::default())).await;
+    let ttl = Duration::from_secs(600);
+    let mut ids = Vec::new();
+    for (who, size) in [
+        ("device-7", 10),
+        ("device-8", 5),
+        ("device-7", 20),
+        ("device-7", 30),
+    ] {
+        let id = f
+            .server
+            .send_durable(
+                who,
+                "Command",
+                "Run",
+                Metadata::new(),
+                vec![b'x'; size],
+                ttl,
+            )
+            .await
+            .unwrap();
+        ids.push(id);
+    }
+
+    let overview: serde_json::Value =
+        serde_json::from_str(&success(&f.quicx("durable", &[], ADMIN).await)).unwrap();
+    assert_eq!(overview["pending"], 4, "{overview}");
+    assert_eq!(overview["identities"], 2, "{overview}");
+    // Bytes as the bounds count them: the payload and the stored header, the same for each
+    // message here (same service, method, metadata and TTL).
+    let largest = overview["largest"].as_array().unwrap();
+    let names: Vec<&str> = largest
+        .iter()
+        .map(|b| b["identity"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["device-7", "device-8"], "{overview}");
+    let counts: Vec<u64> = largest
+        .iter()
+        .map(|b| b["messages"].as_u64().unwrap())
+        .collect();
+    assert_eq!(counts, [3, 1], "{overview}");
+    let header = largest[1]["bytes"].as_u64().unwrap() - 5;
+    assert_eq!(largest[0]["bytes"], 60 + 3 * header, "{overview}");
+    assert_eq!(overview["pending_bytes"], 65 + 4 * header, "{overview}");
+    let top: serde_json::Value = serde_json::from_str(&success(
+        &f.quicx("durable", &["--limit", "1"], ADMIN).await,
+    ))
+    .unwrap();
+    assert_eq!(top["largest"].as_array().unwrap().len(), 1, "{top}");
+    assert_eq!(top["largest"][0]["identity"], "device-7", "{top}");
+
+    let listed: serde_json::Value =
+        serde_json::from_str(&success(&f.quicx("durable", &["device-7"], ADMIN).await)).unwrap();
+    let rows = listed.as_array().unwrap();
+    let listed_ids: Vec<u64> = rows.iter().map(|r| r["id"].as_u64().unwrap()).collect();
+    assert_eq!(listed_ids, [ids[0], ids[2], ids[3]], "{listed}");
+    let sizes: Vec<u64> = rows.iter().map(|r| r["size"].as_u64().unwrap()).collect();
+    assert_eq!(sizes, [10, 20, 30], "{listed}");
+    assert_eq!(rows[0]["service_method"], "Run", "{listed}");
+    let expires_in = rows[0]["expires_in_ms"].as_u64().unwrap();
+    assert!((1..=600_000).contains(&expires_in), "{listed}");
+
+    // Cancel the middle one: `true`, then `false` once it is gone.
+    let middle = ids[2].to_string();
+    assert_eq!(
+        success(&f.quicx("cancel", &["device-7", &middle], ADMIN).await).trim(),
+        "true"
+    );
+    assert_eq!(
+        success(&f.quicx("cancel", &["device-7", &middle], ADMIN).await).trim(),
+        "false"
+    );
+    let stats: serde_json::Value =
+        serde_json::from_str(&success(&f.quicx("stats", &[], ADMIN).await)).unwrap();
+    assert_eq!(stats["durable_pending"], 3, "{stats}");
+    assert_eq!(stats["durable_pending_bytes"], 45 + 3 * header, "{stats}");
+    assert_eq!(stats["durable_pending_identities"], 2, "{stats}");
+
+    // Only admins see the store.
+    let device = ["--client-id", "device-7", "--token", "secret-of-device-7"];
+    failure(
+        &f.quicx("durable", &[], &device).await,
+        1,
+        "permission-denied",
+    );
+    failure(
+        &f.quicx("cancel", &["device-7", &middle], &device).await,
+        1,
+        "permission-denied",
+    );
+
+    // The device gets what was not cancelled, in order.
+    let (client, mut pushes) = f.device("device-7").await;
+    for size in [10, 30] {
+        let msg = tokio::time::timeout(Duration::from_secs(10), pushes.recv())
+            .await
+            .expect("the durable message arrives")
+            .unwrap();
+        assert_eq!(msg.payload.len(), size);
+    }
+    client.close().await;
 }
 
 #[tokio::test]

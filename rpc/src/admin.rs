@@ -1,6 +1,6 @@
-//! The admin service: the connected clients, pushes to one of them, and the server's counters,
-//! for the identities a server names. What the `quicx` command-line tool's `clients`, `push` and
-//! `stats` call.
+//! The admin service: the connected clients, pushes to one of them, the durable store's
+//! backlogs, and the server's counters, for the identities a server names. What the `quicx`
+//! command-line tool's `clients`, `push`, `durable`, `cancel` and `stats` call.
 
 use std::{collections::BTreeMap, collections::HashSet, sync::Arc};
 
@@ -41,6 +41,9 @@ impl Server {
     /// |---|---|---|
     /// | `Clients` | – | `[{"id":3,"remote_address":"10.0.0.7:50412","client_id":"device-7","rtt_ms":1.25}, ..]`: every open connection (the caller's too), ordered by [`Connection::id`](crate::Connection::id); `client_id` is `null` for a connection without identity; `rtt_ms` is QUIC's current estimate |
     /// | `Push` | `{"client_id":"device-7","service_path":"Command","service_method":"Reboot","payload":{"delay_s":5},"metadata":{"k":"v"}}` (`payload` defaults to `null`, `metadata` to none) | `null`, once the push was handed to QUIC |
+    /// | `Durable` | `null` or `{"limit":20}` | `{"pending":12,"pending_bytes":3400,"identities":3,"largest":[{"identity":"device-7","messages":10,"bytes":3000}, ..]}`: the durable store's totals and its `limit` (default 20, at most 1,000) largest backlogs, most first ([`durable_backlog`](Self::durable_backlog)) |
+    /// | `Durable` | `{"client_id":"device-7"}` | `[{"id":41,"service_path":"Command","service_method":"Reboot","size":14,"expires_in_ms":59000}, ..]`: that identity's pending messages, oldest first ([`durable_pending`](Self::durable_pending)) |
+    /// | `CancelDurable` | `{"client_id":"device-7","id":41}` | `true` if it was pending and is now cancelled, `false` if not pending ([`cancel_durable`](Self::cancel_durable)) |
     /// | `Stats` | – | the [`Stats`](crate::Stats) counters as an object: `{"calls_served":12,"open_connections":2, ..}`, one field per counter, named as in `Stats`, taken while the call runs: `calls_served` counts this call |
     ///
     /// `Push` sends `payload`'s JSON text as the push's bytes to the connection bound to
@@ -110,6 +113,8 @@ impl Server {
         });
         let clients = admin.clone();
         let push = admin.clone();
+        let durable = admin.clone();
+        let cancel = admin.clone();
         let stats = admin;
         self.register(
             ADMIN_SERVICE,
@@ -121,6 +126,14 @@ impl Server {
                 .raw_method("Push", move |ctx: Context, args: Bytes| {
                     let push = push.clone();
                     async move { push.push(&ctx, &args).await }
+                })
+                .raw_method("Durable", move |ctx: Context, args: Bytes| {
+                    let admin = durable.clone();
+                    async move { admin.durable(&ctx, &args).await }
+                })
+                .raw_method("CancelDurable", move |ctx: Context, args: Bytes| {
+                    let admin = cancel.clone();
+                    async move { admin.cancel_durable(&ctx, &args).await }
                 })
                 .raw_method("Stats", move |ctx: Context, _args: Bytes| {
                     let admin = stats.clone();
@@ -158,7 +171,93 @@ struct PushArgs {
     metadata: BTreeMap<String, String>,
 }
 
+/// The arguments of `Durable` (all optional: `null` is no arguments).
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DurableArgs {
+    #[serde(default)]
+    client_id: Option<String>,
+    #[serde(default)]
+    limit: Option<usize>,
+}
+
+/// The arguments of `CancelDurable`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CancelArgs {
+    client_id: String,
+    id: u64,
+}
+
+/// Most backlogs `Durable` lists.
+const MAX_BACKLOGS: usize = 1_000;
+
+/// One pending message in `Durable`'s reply.
+#[derive(Serialize)]
+struct PendingRow {
+    id: u64,
+    service_path: String,
+    service_method: String,
+    size: usize,
+    expires_in_ms: u64,
+}
+
+/// A store failure (or no store) as the admin service answers it.
+fn store_failure(e: crate::Error) -> ServiceError {
+    ServiceError::new(ServiceError::APPLICATION, e.to_string())
+}
+
 impl Admin {
+    async fn durable(&self, ctx: &Context, args: &[u8]) -> Result<Bytes, ServiceError> {
+        let server = self.authorize(ctx)?;
+        let args: Option<DurableArgs> = Codec::Json
+            .decode(args)
+            .map_err(|e| ServiceError::status(status::DECODE_ERROR, e.to_string()))?;
+        let args = args.unwrap_or_default();
+        if let Some(client_id) = args.client_id {
+            let now = std::time::SystemTime::now();
+            let rows: Vec<PendingRow> = server
+                .durable_pending(&client_id)
+                .await
+                .map_err(store_failure)?
+                .into_iter()
+                .map(|m| PendingRow {
+                    id: m.id,
+                    service_path: m.service_path,
+                    service_method: m.service_method,
+                    size: m.size,
+                    expires_in_ms: m
+                        .expires_at
+                        .duration_since(now)
+                        .map_or(0, |d| d.as_millis() as u64),
+                })
+                .collect();
+            return json(&rows);
+        }
+        let largest = server
+            .durable_backlog(args.limit.unwrap_or(20).min(MAX_BACKLOGS))
+            .map_err(store_failure)?;
+        let s = server.stats();
+        json(&serde_json::json!({
+            "pending": s.durable_pending,
+            "pending_bytes": s.durable_pending_bytes,
+            "identities": s.durable_pending_identities,
+            "largest": largest,
+        }))
+    }
+
+    async fn cancel_durable(&self, ctx: &Context, args: &[u8]) -> Result<Bytes, ServiceError> {
+        let server = self.authorize(ctx)?;
+        let args: CancelArgs = Codec::Json
+            .decode(args)
+            .map_err(|e| ServiceError::status(status::DECODE_ERROR, e.to_string()))?;
+        let cancelled = server
+            .cancel_durable(&args.client_id, args.id)
+            .await
+            .map_err(store_failure)?;
+        json(&cancelled)
+    }
+
     /// The server, if the caller holds an admin identity; the refusal otherwise.
     fn authorize(&self, ctx: &Context) -> Result<Server, ServiceError> {
         match ctx.conn().client_id() {
@@ -242,6 +341,8 @@ fn stats_object(server: &Server) -> serde_json::Value {
         "auth_failures": s.auth_failures,
         "buffered_request_bytes": s.buffered_request_bytes,
         "durable_pending": s.durable_pending,
+        "durable_pending_bytes": s.durable_pending_bytes,
+        "durable_pending_identities": s.durable_pending_identities,
         "durable_delivered": s.durable_delivered,
         "durable_redelivered": s.durable_redelivered,
         "durable_expired": s.durable_expired,

@@ -226,6 +226,19 @@ impl DurableLimits {
     }
 }
 
+/// The backlog of one identity: what waits in the store for it
+/// ([`Server::durable_backlog`](crate::Server::durable_backlog)).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct DurableBacklog {
+    /// The client identity the messages wait for.
+    pub identity: String,
+    /// Messages pending for it (expired ones the sweeper has not dropped yet included).
+    pub messages: u64,
+    /// Their stored bytes, payload and header, as [`DurableLimits`] counts them.
+    pub bytes: u64,
+}
+
 /// A message waiting in the store for its device ([`Server::durable_pending`](crate::Server::durable_pending)).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -316,6 +329,52 @@ impl Sizes {
             self.total.messages = self.total.messages.saturating_sub(s.messages);
             self.total.bytes = self.total.bytes.saturating_sub(s.bytes);
         }
+    }
+
+    /// Sets the store's gauges to these sizes.
+    fn record(&self) {
+        use crate::metrics::names;
+        metrics::gauge!(names::DURABLE_PENDING).set(self.total.messages as f64);
+        metrics::gauge!(names::DURABLE_PENDING_BYTES).set(self.total.bytes as f64);
+        metrics::gauge!(names::DURABLE_PENDING_IDENTITIES).set(self.by_identity.len() as f64);
+    }
+
+    /// The `limit` identities with the most pending messages, most first (ties: most bytes,
+    /// then by name). One pass over the identities, keeping `limit` of them.
+    fn largest(&self, limit: usize) -> Vec<DurableBacklog> {
+        let key = |(identity, size): (&String, &Size)| {
+            (
+                std::cmp::Reverse((size.messages, size.bytes)),
+                identity.clone(),
+            )
+        };
+        let mut heap =
+            std::collections::BinaryHeap::with_capacity(limit.saturating_add(1).min(1024));
+        for entry in &self.by_identity {
+            if limit == 0 {
+                break;
+            }
+            let (rank, identity) = key(entry);
+            if heap.len() < limit {
+                heap.push((rank, identity));
+            } else if heap
+                .peek()
+                .is_some_and(|worst| (&rank, &identity) < (&worst.0, &worst.1))
+            {
+                heap.pop();
+                heap.push((rank, identity));
+            }
+        }
+        heap.into_sorted_vec()
+            .into_iter()
+            .map(
+                |(std::cmp::Reverse((messages, bytes)), identity)| DurableBacklog {
+                    identity,
+                    messages,
+                    bytes,
+                },
+            )
+            .collect()
     }
 
     fn sub(&mut self, identity: &str, bytes: u64) {
@@ -454,6 +513,7 @@ impl Store {
         };
         migrate_legacy(&db)?;
         let (sizes, acked_left) = recount(&db)?;
+        sizes.record();
         let db = Arc::new(db);
         let sizes = Arc::new(Mutex::new(sizes));
         let counters = Arc::new(DurableCounters::default());
@@ -627,6 +687,21 @@ impl Store {
         self.sizes.locked().total.messages
     }
 
+    /// Pending messages and bytes over all identities, and how many identities have some.
+    pub(crate) fn pending_sizes(&self) -> (u64, u64, u64) {
+        let sizes = self.sizes.locked();
+        (
+            sizes.total.messages,
+            sizes.total.bytes,
+            sizes.by_identity.len() as u64,
+        )
+    }
+
+    /// The `limit` identities with the most pending messages, most first.
+    pub(crate) fn largest_backlogs(&self, limit: usize) -> Vec<DurableBacklog> {
+        self.sizes.locked().largest(limit)
+    }
+
     pub(crate) fn pending_of(&self, identity: &str) -> u64 {
         self.sizes
             .locked()
@@ -790,8 +865,7 @@ fn write_loop(
                 } else {
                     unsynced_since.get_or_insert_with(std::time::Instant::now);
                 }
-                metrics::gauge!(crate::metrics::names::DURABLE_PENDING)
-                    .set(sizes.locked().total.messages as f64);
+                sizes.locked().record();
                 tally.record();
                 for (reply, result) in replies {
                     let _ = reply.send(result);
@@ -802,6 +876,7 @@ fn write_loop(
                 next_id = None;
                 // What this transaction changed in memory is now wrong: count again.
                 if let Ok((fresh, left)) = recount(db) {
+                    fresh.record();
                     *sizes.locked() = fresh;
                     acked_left = left;
                 }
@@ -2518,6 +2593,34 @@ mod tests {
     use redb::TableHandle;
 
     use super::*;
+
+    #[test]
+    fn the_largest_backlogs_come_most_first_ties_by_bytes_then_name() {
+        let mut sizes = Sizes::default();
+        for (who, n, bytes) in [
+            ("c", 2, 10),
+            ("a", 2, 10),
+            ("b", 2, 30),
+            ("d", 5, 1),
+            ("e", 1, 99),
+        ] {
+            for _ in 0..n {
+                sizes.add(who, bytes);
+            }
+        }
+        let order = |limit| -> Vec<String> {
+            sizes
+                .largest(limit)
+                .into_iter()
+                .map(|b| b.identity)
+                .collect()
+        };
+        assert_eq!(order(10), ["d", "b", "a", "c", "e"]);
+        assert_eq!(order(3), ["d", "b", "a"]);
+        assert!(order(0).is_empty());
+        let top = &sizes.largest(1)[0];
+        assert_eq!((top.messages, top.bytes), (5, 5));
+    }
 
     #[test]
     fn an_inbox_keeps_at_most_max_spaces_and_forgets_the_least_recently_used() {

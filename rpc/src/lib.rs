@@ -237,8 +237,8 @@ pub use crate::{
     connection::{CallOptions, Connection, RawReply},
     context::Context,
     durable::{
-        DurableLimits, Fsync, MSG_ID_KEY, MSG_PREV_KEY, MSG_REDELIVERED_KEY, MSG_SPACE_KEY,
-        Overflow, PendingMessage, msg_space,
+        DurableBacklog, DurableLimits, Fsync, MSG_ID_KEY, MSG_PREV_KEY, MSG_REDELIVERED_KEY,
+        MSG_SPACE_KEY, Overflow, PendingMessage, msg_space,
     },
     error::{Error, FramePart, HandshakeError, NotConnected, ProtocolError, Result, ServiceError},
     events::{ClientEvent, DisconnectReason, ServerEvent},

@@ -22,6 +22,8 @@
 //! | `quicx_client_pushes_received_total` | counter | |
 //! | `quicx_client_push_dropped_total` | counter | (dropped by this client's full push channel) |
 //! | `quicx_durable_pending` | gauge | (durable messages in a server's store) |
+//! | `quicx_durable_pending_bytes` | gauge | (their stored bytes, payload and header) |
+//! | `quicx_durable_pending_identities` | gauge | (identities with at least one pending message) |
 //! | `quicx_durable_delivered_total`, `_redelivered_total`, `_expired_total`, `_overflowed_total` | counter | |
 //!
 //! `status` is [`status::name`](crate::status::name) of the reply's code (`ok`,
@@ -76,6 +78,10 @@ pub mod names {
     pub const CLIENT_PUSH_DROPPED: &str = "quicx_client_push_dropped_total";
     /// Durable messages pending in a server's store.
     pub const DURABLE_PENDING: &str = "quicx_durable_pending";
+    /// Stored bytes (payload and header) of the durable messages pending in a server's store.
+    pub const DURABLE_PENDING_BYTES: &str = "quicx_durable_pending_bytes";
+    /// Identities with durable messages pending in a server's store.
+    pub const DURABLE_PENDING_IDENTITIES: &str = "quicx_durable_pending_identities";
     /// Durable messages acknowledged by their devices.
     pub const DURABLE_DELIVERED: &str = "quicx_durable_delivered_total";
     /// Durable messages acknowledged after more than one delivery.

@@ -558,7 +558,11 @@ impl Server {
         if let Some(d) = self.inner.side.durable() {
             let c = &d.store.counters;
             let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-            stats.durable_pending = d.store.pending_total();
+            (
+                stats.durable_pending,
+                stats.durable_pending_bytes,
+                stats.durable_pending_identities,
+            ) = d.store.pending_sizes();
             stats.durable_delivered = get(&c.delivered);
             stats.durable_redelivered = get(&c.redelivered);
             stats.durable_expired = get(&c.expired);
@@ -643,6 +647,15 @@ impl Server {
     /// The durable messages pending for `client_id`, oldest first (expired ones excluded).
     pub async fn durable_pending(&self, client_id: &str) -> Result<Vec<crate::PendingMessage>> {
         self.durable()?.pending(client_id).await
+    }
+
+    /// The `limit` identities with the most durable messages pending, most first (ties: most
+    /// bytes, then by name), from the counts the store keeps in memory: no disk read. With
+    /// [`Stats::durable_pending_identities`](crate::Stats::durable_pending_identities), what an
+    /// operator looks at to find the devices that stay away (`quicx durable ADDR`). Empty when
+    /// nothing is pending.
+    pub fn durable_backlog(&self, limit: usize) -> Result<Vec<crate::DurableBacklog>> {
+        Ok(self.durable()?.store.largest_backlogs(limit))
     }
 
     /// Cancels a pending durable message; whether it was still pending. A message a delivery

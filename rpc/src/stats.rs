@@ -42,6 +42,12 @@ pub struct Stats {
     pub buffered_request_bytes: u64,
     /// Durable messages pending in the store, over all identities (servers with a store).
     pub durable_pending: u64,
+    /// Their stored bytes, payload and header, as
+    /// [`DurableLimits`](crate::DurableLimits) counts them.
+    pub durable_pending_bytes: u64,
+    /// Identities with at least one durable message pending
+    /// ([`Server::durable_backlog`](crate::Server::durable_backlog) names the largest).
+    pub durable_pending_identities: u64,
     /// Durable messages acknowledged by their devices (and removed). Each message counts once
     /// in one of `durable_delivered`, `durable_expired`, `durable_overflowed` or a cancel:
     /// one that expired, overflowed or was cancelled after it went out and before its
@@ -70,6 +76,8 @@ impl Counters {
             auth_failures: get(&self.auth_failures),
             buffered_request_bytes: 0,
             durable_pending: 0,
+            durable_pending_bytes: 0,
+            durable_pending_identities: 0,
             durable_delivered: 0,
             durable_redelivered: 0,
             durable_expired: 0,

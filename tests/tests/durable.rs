@@ -1150,6 +1150,79 @@ async fn drop_oldest_drops_nothing_when_that_would_not_make_room() {
     assert_eq!(server.stats().durable_overflowed, 1);
 }
 
+/// The per-identity byte bound and the total message bound, under each policy; the backlog
+/// names the identities with the most pending, most first.
+#[tokio::test]
+async fn per_identity_bytes_and_total_messages_are_bounds_too() {
+    let ttl = Duration::from_secs(60);
+    for overflow in [Overflow::Refuse, Overflow::DropOldest] {
+        let (_dev, _store, server) = started(
+            DurableLimits::default()
+                .per_identity(100, 1000)
+                .total(5, 1 << 30)
+                .overflow(overflow),
+        )
+        .await;
+        let send = async |who: &str, size: usize| {
+            server
+                .send_durable(who, "Device", "M", Metadata::new(), vec![7u8; size], ttl)
+                .await
+        };
+        // Bytes of one identity: two 400-byte messages fit in 1,000, a third does not.
+        let first = send("a", 400).await.unwrap();
+        let second = send("a", 400).await.unwrap();
+        let third = send("a", 400).await;
+        let pending = |who: &'static str| {
+            let server = &server;
+            async move {
+                server
+                    .durable_pending(who)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .map(|p| p.id)
+                    .collect::<Vec<u64>>()
+            }
+        };
+        match overflow {
+            Overflow::Refuse => {
+                let err = third.unwrap_err();
+                assert!(matches!(err, Error::StoreFull(_)), "{err:?}");
+                assert_eq!(pending("a").await, [first, second]);
+                assert_eq!(server.stats().durable_overflowed, 0);
+            }
+            _ => {
+                assert_eq!(pending("a").await, [second, third.unwrap()]);
+                assert_eq!(server.stats().durable_overflowed, 1);
+            }
+        }
+        // Messages in all: 2 of `a` and 3 others make 5; a sixth, of a new identity, does not
+        // fit. Dropping the oldest drops only the new identity's own messages, and it has none:
+        // refused under both policies.
+        for who in ["b", "c", "d"] {
+            send(who, 10).await.unwrap();
+        }
+        let err = send("e", 10).await.unwrap_err();
+        assert!(matches!(err, Error::StoreFull(_)), "{overflow:?}: {err:?}");
+        let stats = server.stats();
+        assert_eq!(stats.durable_pending, 5);
+        assert_eq!(stats.durable_pending_identities, 4);
+        let backlog = server.durable_backlog(2).unwrap();
+        let names: Vec<(&str, u64)> = backlog
+            .iter()
+            .map(|b| (b.identity.as_str(), b.messages))
+            .collect();
+        assert_eq!(names, [("a", 2), ("b", 1)], "{overflow:?}");
+        assert!(backlog[0].bytes >= 800, "{backlog:?}");
+        // Under DropOldest, one of `a` makes room for another of `a`.
+        if overflow == Overflow::DropOldest {
+            send("a", 10).await.unwrap();
+            assert_eq!(server.stats().durable_pending, 5);
+            assert_eq!(server.stats().durable_overflowed, 2);
+        }
+    }
+}
+
 #[tokio::test]
 async fn overflow_refuses_or_drops_the_oldest_and_cancel_removes() {
     let dev = DevCertificate::localhost().unwrap();
@@ -1231,10 +1304,11 @@ async fn a_corrupt_or_truncated_store_is_a_clear_error_or_recovered() {
     assert!(matches!(err, Error::Store(_)), "{err:?}");
     assert!(err.to_string().contains("store.redb"), "{err}");
 
-    // A real store cut in half.
-    let store = TempStore::new();
+    // A real store, cut at several points: each start either refuses with a clear error or
+    // comes up with messages that are the ones sent (whole, in order) and takes new ones.
+    let original = TempStore::new();
     {
-        let server = server(&dev, &store, DurableLimits::default()).await;
+        let server = server(&dev, &original, DurableLimits::default()).await;
         for i in 0..200 {
             server
                 .send_durable(
@@ -1250,29 +1324,73 @@ async fn a_corrupt_or_truncated_store_is_a_clear_error_or_recovered() {
         }
         server.shutdown(Duration::ZERO).await;
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let len = std::fs::metadata(store.file()).unwrap().len();
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .open(store.file())
-        .unwrap();
-    file.set_len(len / 2).unwrap();
-    drop(file);
-    match Server::builder()
-        .dev_certificate(&dev)
-        .durable_store(store.file(), DurableLimits::default())
-        .build()
-    {
-        Ok(recovered) => {
-            // The database repaired what it could; whatever it lists can be read.
-            let pending = recovered.durable_pending("d").await.unwrap();
-            eprintln!("truncated store recovered with {} messages", pending.len());
-        }
-        Err(e) => {
-            assert!(matches!(e, Error::Store(_)), "{e:?}");
-            eprintln!("truncated store refused: {e}");
+    let bytes = std::fs::read(original.file()).unwrap();
+    let (mut recovered, mut refused) = (0, 0);
+    for cut in [
+        bytes.len() / 4,
+        bytes.len() / 2,
+        bytes.len() * 3 / 4,
+        bytes.len() - 1,
+    ] {
+        let store = TempStore::new();
+        std::fs::write(store.file(), &bytes[..cut]).unwrap();
+        match Server::builder()
+            .dev_certificate(&dev)
+            .insecure_accept_unverified_client_ids()
+            .durable_store(store.file(), DurableLimits::default())
+            .build()
+        {
+            Ok(server) => {
+                recovered += 1;
+                let pending = server.durable_pending("d").await.unwrap();
+                assert!(pending.len() <= 200, "cut at {cut}");
+                assert!(
+                    pending.windows(2).all(|w| w[0].id < w[1].id),
+                    "cut at {cut}: ids in order"
+                );
+                assert!(
+                    pending
+                        .iter()
+                        .all(|p| p.size == 512 && p.service_method == "M"),
+                    "cut at {cut}: whole messages"
+                );
+                let id = server
+                    .send_durable(
+                        "d",
+                        "Device",
+                        "M",
+                        Metadata::new(),
+                        b"new",
+                        Duration::from_secs(60),
+                    )
+                    .await
+                    .unwrap_or_else(|e| {
+                        panic!("cut at {cut}: a recovered store takes new messages: {e}")
+                    });
+                assert!(
+                    pending.iter().all(|p| p.id < id),
+                    "cut at {cut}: ids keep growing"
+                );
+                // What it lists, it delivers: whole and in order.
+                server.bind("127.0.0.1:0").await.unwrap();
+                let (_d, mut rx) = device(&dev, server.local_addr().unwrap(), "d", false).await;
+                for p in &pending {
+                    let m = next(&mut rx).await;
+                    assert_eq!(m.durable_id(), Some(p.id), "cut at {cut}");
+                    assert_eq!(m.payload.len(), 512);
+                    assert!(m.payload.iter().all(|&b| b == m.payload[0]));
+                }
+                assert_eq!(&next(&mut rx).await.payload[..], b"new");
+                server.shutdown(Duration::ZERO).await;
+            }
+            Err(e) => {
+                refused += 1;
+                assert!(matches!(e, Error::Store(_)), "cut at {cut}: {e:?}");
+                assert!(e.to_string().contains("store.redb"), "cut at {cut}: {e}");
+            }
         }
     }
+    eprintln!("a truncated store: recovered {recovered} times, refused {refused} times of 4");
 }
 
 #[tokio::test]

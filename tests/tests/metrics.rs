@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use quicx::{
-    Authenticator, Context, DevCertificate, Error, Hello, Refusal, Server, Service, ServiceError,
-    push_channel,
+    Authenticator, Context, DevCertificate, DurableLimits, Error, Hello, Metadata, Refusal, Server,
+    Service, ServiceError, push_channel,
 };
 use quicx_tests::client_builder;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -39,8 +39,11 @@ async fn the_metrics_endpoint_serves_the_named_series_with_matching_values() {
     quicx::metrics::install_prometheus(metrics_addr).unwrap();
 
     let dev = DevCertificate::localhost().unwrap();
+    let store = std::env::temp_dir().join(format!("quicx-metrics-{}", std::process::id()));
+    std::fs::create_dir_all(&store).unwrap();
     let server = Server::builder()
         .dev_certificate(&dev)
+        .durable_store(store.join("store.redb"), DurableLimits::default())
         .authenticator(Authenticator::new(|hello: Hello| async move {
             match hello.token.as_deref() {
                 Some("good") => Ok(hello.client_id),
@@ -97,6 +100,24 @@ async fn the_metrics_endpoint_serves_the_named_series_with_matching_values() {
             .unwrap()
             .unwrap();
     }
+    // Durable messages: 2 to the connected device (delivered and acknowledged), 3 to one that
+    // is away (pending).
+    let ttl = Duration::from_secs(600);
+    for (who, n) in [("device-1", 2), ("device-9", 3)] {
+        for _ in 0..n {
+            server
+                .send_durable(who, "Device", "Run", Metadata::new(), [0u8; 100], ttl)
+                .await
+                .unwrap();
+        }
+    }
+    for _ in 0..2 {
+        let msg = tokio::time::timeout(Duration::from_secs(5), pushes.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(msg.durable_id().is_some());
+    }
     let refused = client_builder(&dev)
         .client_id("device-2")
         .token("bad")
@@ -109,7 +130,9 @@ async fn the_metrics_endpoint_serves_the_named_series_with_matching_values() {
     let mut text = String::new();
     for _ in 0..100 {
         text = scrape(metrics_addr).await;
-        if value(&text, "quicx_server_connections") == Some(1.0) {
+        if value(&text, "quicx_server_connections") == Some(1.0)
+            && value(&text, "quicx_durable_delivered_total") == Some(2.0)
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -152,7 +175,17 @@ async fn the_metrics_endpoint_serves_the_named_series_with_matching_values() {
     expect(r#"quicx_client_handshakes_total{result="ok"}"#, 1.0);
     expect(r#"quicx_client_handshakes_total{result="failed"}"#, 1.0);
     expect("quicx_client_connections", 1.0);
-    expect("quicx_client_pushes_received_total", 3.0);
+    expect("quicx_client_pushes_received_total", 5.0);
+    expect("quicx_durable_pending", 3.0);
+    expect("quicx_durable_pending_identities", 1.0);
+    expect("quicx_durable_delivered_total", 2.0);
+    let stats = server.stats();
+    assert_eq!(stats.durable_pending_identities, 1);
+    assert!(stats.durable_pending_bytes >= 300, "{stats:?}");
+    expect(
+        "quicx_durable_pending_bytes",
+        stats.durable_pending_bytes as f64,
+    );
     assert!(
         text.contains("# TYPE quicx_server_call_duration_seconds histogram"),
         "{text}"
@@ -162,4 +195,6 @@ async fn the_metrics_endpoint_serves_the_named_series_with_matching_values() {
         "an unknown method gets no server series: {text}"
     );
     device.close().await;
+    server.shutdown(Duration::from_secs(1)).await;
+    let _ = std::fs::remove_dir_all(&store);
 }

@@ -1,7 +1,9 @@
 //! Durable messages of a cluster, kept in etcd so they survive the loss of the node that
 //! accepted them: any node the device connects to delivers them.
 //!
-//! Key: `{prefix}/durable/{hex(client_id)}/{node}-{counter}`; value: postcard of [`Stored`].
+//! Key: `{prefix}/durable/{hex(client_id)}/{node}-{counter}.{size}`, where `size` is the
+//! value's length (so a read of the keys alone tells a device's pending bytes); value: postcard
+//! of [`Stored`].
 //! Not under any lease: a message stays until acknowledged, cancelled or expired. Its id (what
 //! the device sees under `quicx-msg-id`) is the key's etcd create revision, so ids grow across
 //! the whole cluster and a device drops a message it already acknowledged whichever node sends
@@ -15,9 +17,13 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use etcd_client::{Client, GetOptions, SortOrder, SortTarget, Txn, TxnOp};
+use std::collections::{HashMap, VecDeque};
+
+use etcd_client::{
+    Client, Compare, CompareOp, GetOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
+};
 use futures_util::{StreamExt, stream};
-use quicx::{MSG_ID_KEY, MSG_PREV_KEY, MSG_SPACE_KEY, Metadata};
+use quicx::{MSG_ID_KEY, MSG_PREV_KEY, MSG_SPACE_KEY, Metadata, Overflow, PendingMessage};
 use serde::{Deserialize, Serialize};
 
 use tokio_util::sync::CancellationToken;
@@ -31,8 +37,189 @@ pub const MAX_DURABLE_PAYLOAD: usize = 64 * 1024;
 const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(30);
 
-/// Most messages pending per device in a cluster.
+/// The default bound on messages pending per device in a cluster
+/// ([`ClusterDurableLimits::per_device`]).
 pub const MAX_DURABLE_PER_DEVICE: i64 = 1_000;
+/// Sends to one device that lose a race with another node's send (the device's messages
+/// changed between the read and the write) try again this many times.
+const STORE_TRIES: usize = 16;
+
+/// Bounds of a cluster's durable messages, which etcd holds (keep them well below etcd's
+/// backend quota, `--quota-backend-bytes`, 2 GiB by default: etcd refuses every write, presence
+/// records included, once it is full).
+///
+/// - **Per device** the bounds are exact across the cluster: a send reads the device's pending
+///   keys and writes only if no other send wrote to that device meanwhile (an etcd transaction
+///   comparing the revision), else it reads again; sends to one device through one node go one
+///   after another, sends to different devices side by side.
+/// - **In all** the bounds are checked against what this node's watch of etcd shows, which
+///   trails other nodes' sends by the watch's delay (milliseconds): sends through several nodes
+///   at the same moment can overshoot them by as many messages as were in flight.
+/// - Bytes are stored bytes: the payload and its header (service, method, metadata).
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct ClusterDurableLimits {
+    /// Pending messages per device (default [`MAX_DURABLE_PER_DEVICE`], 1,000).
+    pub per_device_messages: u64,
+    /// Pending bytes per device (default 64 MiB: as many of the largest messages,
+    /// [`MAX_DURABLE_PAYLOAD`], as the per-device message bound takes).
+    pub per_device_bytes: u64,
+    /// Pending messages in the cluster (default 1,000,000).
+    pub total_messages: u64,
+    /// Pending bytes in the cluster (default 1 GiB, half of etcd's default backend quota).
+    pub total_bytes: u64,
+    /// What a message over a bound does (default [`Overflow::Refuse`]: [`ClusterError::DurableFull`];
+    /// [`Overflow::DropOldest`] drops the device's oldest messages until the new one fits, and
+    /// refuses it if even all of them would not make room).
+    pub overflow: Overflow,
+}
+
+impl Default for ClusterDurableLimits {
+    fn default() -> Self {
+        Self {
+            per_device_messages: MAX_DURABLE_PER_DEVICE as u64,
+            per_device_bytes: 64 << 20,
+            total_messages: 1_000_000,
+            total_bytes: 1 << 30,
+            overflow: Overflow::Refuse,
+        }
+    }
+}
+
+impl ClusterDurableLimits {
+    /// Sets the per-device bounds.
+    #[must_use]
+    pub fn per_device(mut self, messages: u64, bytes: u64) -> Self {
+        self.per_device_messages = messages;
+        self.per_device_bytes = bytes;
+        self
+    }
+
+    /// Sets the cluster-wide bounds.
+    #[must_use]
+    pub fn total(mut self, messages: u64, bytes: u64) -> Self {
+        self.total_messages = messages;
+        self.total_bytes = bytes;
+        self
+    }
+
+    /// Sets the overflow policy.
+    #[must_use]
+    pub fn overflow(mut self, overflow: Overflow) -> Self {
+        self.overflow = overflow;
+        self
+    }
+}
+
+/// Pending messages and bytes.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Size {
+    messages: u64,
+    bytes: u64,
+}
+
+/// The cluster's durable messages as this node's watch of etcd shows them.
+#[derive(Debug, Default)]
+struct View {
+    by_device: HashMap<String, Size>,
+    total: Size,
+}
+
+impl View {
+    fn add(&mut self, device: String, bytes: u64) {
+        let s = self.by_device.entry(device).or_default();
+        s.messages += 1;
+        s.bytes += bytes;
+        self.total.messages += 1;
+        self.total.bytes += bytes;
+    }
+
+    fn sub(&mut self, device: &str, bytes: u64) {
+        if let Some(s) = self.by_device.get_mut(device) {
+            s.messages = s.messages.saturating_sub(1);
+            s.bytes = s.bytes.saturating_sub(bytes);
+            if s.messages == 0 {
+                self.by_device.remove(device);
+            }
+        }
+        self.total.messages = self.total.messages.saturating_sub(1);
+        self.total.bytes = self.total.bytes.saturating_sub(bytes);
+    }
+
+    fn record(&self) {
+        metrics::gauge!(CLUSTER_PENDING).set(self.total.messages as f64);
+        metrics::gauge!(CLUSTER_PENDING_BYTES).set(self.total.bytes as f64);
+        metrics::gauge!(CLUSTER_PENDING_DEVICES).set(self.by_device.len() as f64);
+    }
+}
+
+/// Metric names of the cluster's durable messages (as this node's watch shows them).
+const CLUSTER_PENDING: &str = "quicx_cluster_durable_pending";
+const CLUSTER_PENDING_BYTES: &str = "quicx_cluster_durable_pending_bytes";
+const CLUSTER_PENDING_DEVICES: &str = "quicx_cluster_durable_pending_devices";
+
+/// What one node counted of the cluster's durable messages ([`ClusterNode::durable_stats`](crate::ClusterNode::durable_stats)).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ClusterDurableStats {
+    /// Messages pending in the cluster, as this node's watch of etcd shows them.
+    pub pending: u64,
+    /// Their stored bytes.
+    pub pending_bytes: u64,
+    /// Devices with at least one message pending.
+    pub pending_devices: u64,
+    /// Messages this node delivered and removed once acknowledged.
+    pub delivered: u64,
+    /// Messages this node removed because their TTL passed.
+    pub expired: u64,
+    /// Messages this node dropped to make room ([`Overflow::DropOldest`]).
+    pub overflowed: u64,
+}
+
+/// The counters of [`ClusterDurableStats`] this node keeps.
+#[derive(Debug, Default)]
+struct Counters {
+    delivered: AtomicU64,
+    expired: AtomicU64,
+    overflowed: AtomicU64,
+}
+
+/// Stored bytes of a message whose key does not say (a key written before keys carried the
+/// size): counted as the largest a message can be, so a bound is never undercounted.
+const UNKNOWN_SIZE: u64 = MAX_DURABLE_PAYLOAD as u64 + 64 * 1024;
+
+/// The stored size a key names.
+fn size_of_key(key: &[u8]) -> u64 {
+    let name = key.rsplit(|&b| b == b'/').next().unwrap_or_default();
+    std::str::from_utf8(name)
+        .ok()
+        .and_then(|n| n.rsplit_once('.'))
+        .and_then(|(_, size)| size.parse().ok())
+        .unwrap_or(UNKNOWN_SIZE)
+}
+
+/// A device's pending keys, oldest first, and the etcd revision they were read at (or that this
+/// node's last write to the device made): valid while no other node wrote to the device since,
+/// which a store's transaction checks. Deletes meanwhile (deliveries, expiries, cancels) only
+/// make it count too much, so a send re-reads before it refuses or drops anything.
+#[derive(Debug)]
+struct DeviceKeys {
+    revision: i64,
+    keys: VecDeque<(Vec<u8>, u64)>,
+}
+
+impl DeviceKeys {
+    fn size(&self) -> Size {
+        Size {
+            messages: self.keys.len() as u64,
+            bytes: self.keys.iter().map(|(_, b)| b).sum(),
+        }
+    }
+}
+
+/// Per device, the lock its sends through this node take in turn, with the keys the last one
+/// read.
+type DeviceSlot = Arc<tokio::sync::Mutex<Option<DeviceKeys>>>;
 /// Messages read from etcd at a time by a delivery run.
 const READ_BATCH: i64 = 256;
 /// Pushes with receipt in flight to one device during a delivery run.
@@ -84,6 +271,11 @@ pub(crate) struct ClusterDurable {
     /// How long a delivery waits for the device's acknowledgement.
     ack_timeout: Duration,
     space: String,
+    limits: ClusterDurableLimits,
+    /// Devices being sent to through this node now.
+    sending: Mutex<HashMap<String, DeviceSlot>>,
+    view: Mutex<View>,
+    counters: Arc<Counters>,
 }
 
 impl ClusterDurable {
@@ -91,6 +283,7 @@ impl ClusterDurable {
         prefix: &str,
         node: &str,
         ack_timeout: Duration,
+        limits: ClusterDurableLimits,
         stop: CancellationToken,
     ) -> Self {
         let start = SystemTime::now()
@@ -104,6 +297,55 @@ impl ClusterDurable {
             stop,
             ack_timeout,
             space: format!("cluster{prefix}"),
+            limits,
+            sending: Mutex::default(),
+            view: Mutex::default(),
+            counters: Arc::default(),
+        }
+    }
+
+    fn view(&self) -> std::sync::MutexGuard<'_, View> {
+        self.view.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The watch read every durable key anew.
+    pub(crate) fn view_reset<'a>(&self, keys: impl IntoIterator<Item = &'a str>) {
+        let mut fresh = View::default();
+        for key in keys {
+            if let Some(device) = self.device_of(key) {
+                fresh.add(device, size_of_key(key.as_bytes()));
+            }
+        }
+        fresh.record();
+        *self.view() = fresh;
+    }
+
+    /// The watch saw a durable message written.
+    pub(crate) fn view_put(&self, device: String, key: &str) {
+        let mut view = self.view();
+        view.add(device, size_of_key(key.as_bytes()));
+        view.record();
+    }
+
+    /// The watch saw a durable message removed.
+    pub(crate) fn view_delete(&self, key: &str) {
+        if let Some(device) = self.device_of(key) {
+            let mut view = self.view();
+            view.sub(&device, size_of_key(key.as_bytes()));
+            view.record();
+        }
+    }
+
+    pub(crate) fn stats(&self) -> ClusterDurableStats {
+        let view = self.view();
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        ClusterDurableStats {
+            pending: view.total.messages,
+            pending_bytes: view.total.bytes,
+            pending_devices: view.by_device.len() as u64,
+            delivered: get(&self.counters.delivered),
+            expired: get(&self.counters.expired),
+            overflowed: get(&self.counters.overflowed),
         }
     }
 
@@ -118,7 +360,8 @@ impl ClusterDurable {
     }
 
     /// Stores a message in etcd; its id once committed (etcd commits are durable on a
-    /// quorum).
+    /// quorum). Sends to one device through this node take turns (see
+    /// [`ClusterDurableLimits`]).
     pub(crate) async fn store(
         &self,
         client: &mut Client,
@@ -134,20 +377,6 @@ impl ClusterDurable {
                 payload.len()
             )));
         }
-        let prefix = self.device_prefix(client_id);
-        let pending = client
-            .get(
-                prefix.as_str(),
-                Some(GetOptions::new().with_prefix().with_count_only()),
-            )
-            .await
-            .map_err(ClusterError::etcd)?
-            .count();
-        if pending >= MAX_DURABLE_PER_DEVICE {
-            return Err(ClusterError::DurableFull(format!(
-                "`{client_id}` has {pending} pending messages (at most {MAX_DURABLE_PER_DEVICE})"
-            )));
-        }
         let stored = Stored {
             service_path: service_path.to_owned(),
             service_method: service_method.to_owned(),
@@ -157,16 +386,177 @@ impl ClusterDurable {
         };
         let value =
             postcard::to_allocvec(&stored).map_err(|e| ClusterError::Config(e.to_string()))?;
+        let size = value.len() as u64;
+        let limits = self.limits;
+        if size > limits.per_device_bytes || size > limits.total_bytes {
+            return Err(ClusterError::DurableFull(format!(
+                "a message of {size} stored bytes is above the bounds (per device {}, in all {})",
+                limits.per_device_bytes, limits.total_bytes
+            )));
+        }
+        let prefix = self.device_prefix(client_id);
         let key = format!(
-            "{prefix}{}-{:020}",
+            "{prefix}{}-{:020}.{size}",
             self.node,
             self.counter.fetch_add(1, Ordering::Relaxed)
-        );
-        let put = client
-            .put(key, value, None)
+        )
+        .into_bytes();
+        let slot = {
+            let mut sending = self.sending.lock().unwrap_or_else(|e| e.into_inner());
+            sending.entry(client_id.to_owned()).or_default().clone()
+        };
+        let result = async {
+            let mut keys = slot.lock().await;
+            // What the last send through this node left, if it succeeded; read anew otherwise.
+            let mut cached = keys.take();
+            for _ in 0..STORE_TRIES {
+                let (known, fresh) = match cached.take() {
+                    Some(known) => (known, false),
+                    None => (self.read_keys(client, &prefix).await?, true),
+                };
+                let drop = match self.room(client_id, &known, size) {
+                    Ok(0) => 0,
+                    // Refusing or dropping on keys that may be stale: read again first.
+                    _ if !fresh => continue,
+                    Ok(drop) => drop,
+                    Err(e) => return Err(e),
+                };
+                let mut ops = vec![TxnOp::put(key.clone(), value.clone(), None)];
+                ops.extend(
+                    known
+                        .keys
+                        .iter()
+                        .take(drop)
+                        .map(|(k, _)| TxnOp::delete(k.clone(), None)),
+                );
+                // Nothing written to the device since `known` was read (deletes do not move the
+                // keys that are left).
+                let unchanged = Compare::mod_revision(
+                    prefix.as_bytes().to_vec(),
+                    CompareOp::Less,
+                    known.revision + 1,
+                )
+                .with_prefix();
+                let txn = Txn::new().when([unchanged]).and_then(ops);
+                let reply = client.txn(txn).await.map_err(ClusterError::etcd)?;
+                if !reply.succeeded() {
+                    // Another node wrote to the device: read again.
+                    continue;
+                }
+                let revision = reply.header().map_or(0, |h| h.revision());
+                let dropped: i64 = reply
+                    .op_responses()
+                    .iter()
+                    .map(|r| match r {
+                        TxnOpResponse::Delete(d) => d.deleted(),
+                        _ => 0,
+                    })
+                    .sum();
+                if dropped > 0 {
+                    self.counters
+                        .overflowed
+                        .fetch_add(dropped as u64, Ordering::Relaxed);
+                    metrics::counter!(quicx::metrics::names::DURABLE_OVERFLOWED)
+                        .increment(dropped as u64);
+                }
+                let mut left = known;
+                left.keys.drain(..drop);
+                left.keys.push_back((key.clone(), size));
+                left.revision = revision;
+                *keys = Some(left);
+                return Ok(revision);
+            }
+            Err(ClusterError::DurableFull(format!(
+                "`{client_id}`'s messages kept changing under {STORE_TRIES} tries: send again"
+            )))
+        }
+        .await;
+        // The last send to the device forgets its keys.
+        let mut sending = self.sending.lock().unwrap_or_else(|e| e.into_inner());
+        if Arc::strong_count(&slot) == 2 {
+            sending.remove(client_id);
+        }
+        result
+    }
+
+    /// A device's pending keys, oldest first, at the revision of the read.
+    async fn read_keys(
+        &self,
+        client: &mut Client,
+        prefix: &str,
+    ) -> Result<DeviceKeys, ClusterError> {
+        let reply = client
+            .get(
+                prefix,
+                Some(
+                    GetOptions::new()
+                        .with_prefix()
+                        .with_keys_only()
+                        .with_sort(SortTarget::Create, SortOrder::Ascend),
+                ),
+            )
             .await
             .map_err(ClusterError::etcd)?;
-        Ok(put.header().map_or(0, |h| h.revision()))
+        Ok(DeviceKeys {
+            revision: reply.header().map_or(0, |h| h.revision()),
+            keys: reply
+                .kvs()
+                .iter()
+                .map(|kv| (kv.key().to_vec(), size_of_key(kv.key())))
+                .collect(),
+        })
+    }
+
+    /// How many of the device's oldest messages go so that one of `size` bytes fits: 0 when it
+    /// fits as is; [`ClusterError::DurableFull`] when it does not and the policy refuses, or
+    /// when dropping all of them would not make room.
+    fn room(&self, client_id: &str, known: &DeviceKeys, size: u64) -> Result<usize, ClusterError> {
+        let limits = self.limits;
+        let mine = known.size();
+        // The rest of the cluster as the watch shows it, this device's own as just read.
+        let others = {
+            let view = self.view();
+            let seen = view.by_device.get(client_id).copied().unwrap_or_default();
+            Size {
+                messages: view.total.messages.saturating_sub(seen.messages),
+                bytes: view.total.bytes.saturating_sub(seen.bytes),
+            }
+        };
+        let fits = |m: Size| {
+            m.messages < limits.per_device_messages
+                && m.bytes + size <= limits.per_device_bytes
+                && others.messages + m.messages < limits.total_messages
+                && others.bytes + m.bytes + size <= limits.total_bytes
+        };
+        let full = |m: Size| {
+            ClusterError::DurableFull(format!(
+                "`{client_id}` has {} pending messages of {} bytes (at most {} and {} per device; \
+                 {} and {} in all, {} and {} pending for other devices)",
+                m.messages,
+                m.bytes,
+                limits.per_device_messages,
+                limits.per_device_bytes,
+                limits.total_messages,
+                limits.total_bytes,
+                others.messages,
+                others.bytes
+            ))
+        };
+        if fits(mine) {
+            return Ok(0);
+        }
+        if limits.overflow == Overflow::Refuse {
+            return Err(full(mine));
+        }
+        let mut left = mine;
+        for (n, (_, bytes)) in known.keys.iter().enumerate() {
+            left.messages -= 1;
+            left.bytes = left.bytes.saturating_sub(*bytes);
+            if fits(left) {
+                return Ok(n + 1);
+            }
+        }
+        Err(full(mine))
     }
 
     /// Delivers what is pending for `client_id` if this node holds it, in id order (`WINDOW`
@@ -297,9 +687,11 @@ impl ClusterDurable {
                         tracing::error!(
                             "a durable message of {client_id} in etcd is corrupt: dropped"
                         );
-                        gone.push(key);
+                        gone.push((key, Gone::Corrupt));
                     }
-                    Ok(stored) if stored.expires_ms <= now_ms() => gone.push(key),
+                    Ok(stored) if stored.expires_ms <= now_ms() => {
+                        gone.push((key, Gone::Expired));
+                    }
                     Ok(mut stored) => {
                         let id = kv.create_revision();
                         let mut metadata = std::mem::take(&mut stored.metadata);
@@ -339,7 +731,10 @@ impl ClusterDurable {
             loop {
                 if deleting.is_none() && !gone.is_empty() {
                     let (mut etcd, keys) = (client.clone(), std::mem::take(&mut gone));
-                    deleting = Some(Box::pin(async move { delete_all(&mut etcd, keys).await }));
+                    let counters = self.counters.clone();
+                    deleting = Some(Box::pin(async move {
+                        delete_all(&mut etcd, keys, &counters).await
+                    }));
                 }
                 tokio::select! {
                     biased;
@@ -352,7 +747,7 @@ impl ClusterDurable {
                     }
                     next = tokio::time::timeout_at(due, results.next()) => match next {
                         Ok(Some((key, Ok(())))) => {
-                            gone.push(key);
+                            gone.push((key, Gone::Delivered));
                             due = tokio::time::Instant::now() + self.ack_timeout;
                         }
                         Ok(Some((_, Err(e)))) => {
@@ -372,7 +767,7 @@ impl ClusterDurable {
                 Some(deleting) => deleting.await,
                 None => true,
             };
-            deleted &= delete_all(&mut client, std::mem::take(&mut gone)).await;
+            deleted &= delete_all(&mut client, std::mem::take(&mut gone), &self.counters).await;
             if let Some(why) = stopped {
                 tracing::debug!("cluster durable delivery to {client_id} stopped: {why}");
                 return conn.is_closed();
@@ -401,23 +796,136 @@ impl ClusterDurable {
     }
 }
 
+impl ClusterDurable {
+    /// The messages pending for `client_id`, oldest first (expired ones excluded), read from
+    /// etcd in pages.
+    pub(crate) async fn list(
+        &self,
+        client: &mut Client,
+        client_id: &str,
+    ) -> Result<Vec<PendingMessage>, ClusterError> {
+        let (mut all, mut after) = (Vec::new(), 0i64);
+        let now = now_ms();
+        loop {
+            let options = GetOptions::new()
+                .with_prefix()
+                .with_sort(SortTarget::Create, SortOrder::Ascend)
+                .with_min_create_revision(after + 1)
+                .with_limit(READ_BATCH);
+            let page = client
+                .get(self.device_prefix(client_id), Some(options))
+                .await
+                .map_err(ClusterError::etcd)?;
+            let Some(last) = page.kvs().last().map(|kv| kv.create_revision()) else {
+                return Ok(all);
+            };
+            for kv in page.kvs() {
+                let Ok(stored) = postcard::from_bytes::<Stored>(kv.value()) else {
+                    continue;
+                };
+                if stored.expires_ms <= now {
+                    continue;
+                }
+                all.push(PendingMessage::new(
+                    kv.create_revision() as u64,
+                    stored.service_path,
+                    stored.service_method,
+                    stored.payload.len(),
+                    UNIX_EPOCH + Duration::from_millis(stored.expires_ms),
+                ));
+            }
+            after = last;
+        }
+    }
+
+    /// Cancels the message `id` of `client_id`; whether it was pending. One a delivery run
+    /// has already sent may still arrive.
+    pub(crate) async fn cancel(
+        &self,
+        client: &mut Client,
+        client_id: &str,
+        id: i64,
+    ) -> Result<bool, ClusterError> {
+        let found = client
+            .get(
+                self.device_prefix(client_id),
+                Some(
+                    GetOptions::new()
+                        .with_prefix()
+                        .with_keys_only()
+                        .with_min_create_revision(id)
+                        .with_max_create_revision(id),
+                ),
+            )
+            .await
+            .map_err(ClusterError::etcd)?;
+        let mut cancelled = false;
+        for kv in found.kvs() {
+            let deleted = client
+                .delete(kv.key().to_vec(), None)
+                .await
+                .map_err(ClusterError::etcd)?
+                .deleted();
+            cancelled |= deleted > 0;
+        }
+        Ok(cancelled)
+    }
+}
+
+/// Why a durable message leaves etcd.
+#[derive(Debug, Clone, Copy)]
+enum Gone {
+    Delivered,
+    Expired,
+    Corrupt,
+}
+
+impl Counters {
+    /// Counts messages that left etcd.
+    fn count(&self, gone: impl IntoIterator<Item = Gone>) {
+        use quicx::metrics::names;
+        let (mut delivered, mut expired) = (0, 0);
+        for g in gone {
+            match g {
+                Gone::Delivered => delivered += 1,
+                Gone::Expired => expired += 1,
+                Gone::Corrupt => {}
+            }
+        }
+        if delivered > 0 {
+            self.delivered.fetch_add(delivered, Ordering::Relaxed);
+            metrics::counter!(names::DURABLE_DELIVERED).increment(delivered);
+        }
+        if expired > 0 {
+            self.expired.fetch_add(expired, Ordering::Relaxed);
+            metrics::counter!(names::DURABLE_EXPIRED).increment(expired);
+        }
+    }
+}
+
 /// Deletes `keys` from etcd, `DELETES_PER_TXN` to a transaction, one by one where a
-/// transaction is refused (an etcd that takes fewer operations per transaction). False when
-/// some stay: they are sent again by a later run, and a device that acknowledged them drops
-/// them as duplicates.
-async fn delete_all(client: &mut Client, keys: Vec<Vec<u8>>) -> bool {
+/// transaction is refused (an etcd that takes fewer operations per transaction), and counts
+/// what left. False when some stay: they are sent again by a later run, and a device that
+/// acknowledged them drops them as duplicates.
+async fn delete_all(client: &mut Client, keys: Vec<(Vec<u8>, Gone)>, counters: &Counters) -> bool {
     let mut all = true;
     for chunk in keys.chunks(DELETES_PER_TXN) {
         let ops: Vec<TxnOp> = chunk
             .iter()
-            .map(|key| TxnOp::delete(key.clone(), None))
+            .map(|(key, _)| TxnOp::delete(key.clone(), None))
             .collect();
-        if let Err(e) = client.txn(Txn::new().and_then(ops)).await {
-            tracing::debug!("deleting delivered durable messages from etcd in one go: {e}");
-            for key in chunk {
-                if let Err(e) = client.delete(key.clone(), None).await {
-                    tracing::warn!("deleting a delivered durable message from etcd: {e}");
-                    all = false;
+        match client.txn(Txn::new().and_then(ops)).await {
+            Ok(_) => counters.count(chunk.iter().map(|(_, g)| *g)),
+            Err(e) => {
+                tracing::debug!("deleting delivered durable messages from etcd in one go: {e}");
+                for (key, gone) in chunk {
+                    match client.delete(key.clone(), None).await {
+                        Ok(_) => counters.count([*gone]),
+                        Err(e) => {
+                            tracing::warn!("deleting a delivered durable message from etcd: {e}");
+                            all = false;
+                        }
+                    }
                 }
             }
         }

@@ -50,7 +50,9 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 pub use crate::{
     discovery::EtcdDiscovery,
-    durable::{MAX_DURABLE_PAYLOAD, MAX_DURABLE_PER_DEVICE},
+    durable::{
+        ClusterDurableLimits, ClusterDurableStats, MAX_DURABLE_PAYLOAD, MAX_DURABLE_PER_DEVICE,
+    },
     etcd::EtcdOptions,
     node::{ClusterNode, ClusterOptions, MIN_SECRET_LEN, ServiceEntry},
     routing::{ROUTING_SERVICE, SECRET_METADATA_KEY},
@@ -97,7 +99,7 @@ pub enum ClusterError {
     /// A local quicx error (encoding, decoding).
     #[error(transparent)]
     Quicx(Arc<quicx::Error>),
-    /// A durable message was refused: too large, or too many pending for the device.
+    /// A durable message was refused: too large, or over a bound of [`ClusterDurableLimits`].
     #[error("durable message refused: {0}")]
     DurableFull(String),
     /// The node was configured wrongly.

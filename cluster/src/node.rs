@@ -21,7 +21,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::{
     ClusterError, ClusterEvent, EtcdOptions,
-    durable::ClusterDurable,
+    durable::{ClusterDurable, ClusterDurableLimits, ClusterDurableStats},
     etcd::{Change, Session, follow},
     keys::{self, NodeRecord, PresenceRecord, ServiceRecord, to_json},
     routing::{
@@ -96,6 +96,7 @@ pub struct ClusterOptions {
     services: Vec<ServiceEntry>,
     route_timeout: Duration,
     durable_ack_timeout: Duration,
+    durable_limits: ClusterDurableLimits,
 }
 
 /// The shortest cluster secret a node accepts.
@@ -122,6 +123,7 @@ impl ClusterOptions {
             services: Vec::new(),
             route_timeout: Duration::from_secs(5),
             durable_ack_timeout: Duration::from_secs(60),
+            durable_limits: ClusterDurableLimits::default(),
         }
     }
 
@@ -157,6 +159,15 @@ impl ClusterOptions {
         } else {
             timeout
         };
+        self
+    }
+
+    /// The bounds of the durable messages this node accepts
+    /// ([`ClusterNode::send_durable`]; default [`ClusterDurableLimits::default`]). Give every
+    /// node the same.
+    #[must_use]
+    pub fn durable_limits(mut self, limits: ClusterDurableLimits) -> Self {
+        self.durable_limits = limits;
         self
     }
 
@@ -329,6 +340,7 @@ impl ClusterNode {
                 &prefix,
                 &options.name,
                 options.durable_ack_timeout,
+                options.durable_limits,
                 stop.clone(),
             )),
             etcd: client.clone(),
@@ -924,12 +936,20 @@ impl ClusterNode {
     /// node, and delivers it through whichever node holds the device (at once if one does; else
     /// when it next connects to any node). In order per device, each once (see
     /// [`Server::send_durable`](quicx::Server::send_durable) for the guarantees); at most
-    /// [`MAX_DURABLE_PAYLOAD`](crate::MAX_DURABLE_PAYLOAD) bytes and
-    /// [`MAX_DURABLE_PER_DEVICE`](crate::MAX_DURABLE_PER_DEVICE) pending per device.
+    /// [`MAX_DURABLE_PAYLOAD`](crate::MAX_DURABLE_PAYLOAD) bytes, within the node's
+    /// [`ClusterDurableLimits`] (per device exact, in all as this node's watch shows the
+    /// cluster).
     ///
     /// # When it returns
-    /// Once etcd committed it, with its id; [`ClusterError::DurableFull`] over the bounds,
-    /// [`ClusterError::EtcdUnreachable`] if etcd did not take it.
+    /// Once etcd committed it, with its id; [`ClusterError::DurableFull`] over a bound under
+    /// [`Overflow::Refuse`](quicx::Overflow::Refuse) (under
+    /// [`Overflow::DropOldest`](quicx::Overflow::DropOldest) the device's oldest messages are
+    /// dropped in the same etcd transaction, and counted in
+    /// [`ClusterDurableStats::overflowed`]), [`ClusterError::EtcdUnreachable`] if etcd did not
+    /// take it (or answered too slowly: it may then be stored without the caller learning its
+    /// id; find it with [`durable_messages`](Self::durable_messages)). Sends to one device
+    /// through one node take turns: each reads the device's keys once (then keeps them while
+    /// more wait) and writes in an etcd transaction.
     pub async fn send_durable(
         &self,
         client_id: &str,
@@ -956,6 +976,35 @@ impl ClusterNode {
             state.durable.kick(&etcd, &self.inner.server, client_id);
         }
         Ok(id)
+    }
+
+    /// The durable messages pending in etcd for `client_id`, oldest first (expired ones
+    /// excluded; `id` is what the device sees under `quicx-msg-id`).
+    pub async fn durable_messages(
+        &self,
+        client_id: &str,
+    ) -> Result<Vec<quicx::PendingMessage>, ClusterError> {
+        let state = &self.inner.state;
+        state.durable.list(&mut state.etcd.clone(), client_id).await
+    }
+
+    /// Cancels the pending durable message `id` of `client_id`; whether it was still pending.
+    /// A message a delivery run has already sent may still arrive.
+    pub async fn cancel_durable(&self, client_id: &str, id: i64) -> Result<bool, ClusterError> {
+        let state = &self.inner.state;
+        state
+            .durable
+            .cancel(&mut state.etcd.clone(), client_id, id)
+            .await
+    }
+
+    /// The cluster's durable messages as this node sees them (pending, from its watch of etcd)
+    /// and what this node did with them (delivered, expired, dropped to make room). Also
+    /// exported as metrics: `quicx_cluster_durable_pending`, `_pending_bytes` and
+    /// `_pending_devices` (gauges), and the `quicx_durable_delivered_total`, `_expired_total`
+    /// and `_overflowed_total` counters a server's own store counts in too.
+    pub fn durable_stats(&self) -> ClusterDurableStats {
+        self.inner.state.durable.stats()
     }
 
     /// How many durable messages wait in etcd for `client_id`.
@@ -1271,7 +1320,9 @@ impl Shared {
                         .send(ClusterEvent::NodeUp { node: node.clone() });
                 }
             }
-            Change::Reset(_) => {
+            Change::Reset(kvs) => {
+                self.durable
+                    .view_reset(kvs.iter().map(|(k, _, _)| k.as_str()));
                 // Durable messages may have arrived while the watch was down: deliver what the
                 // local devices have waiting.
                 if let Some(server) = server.upgrade() {
@@ -1288,6 +1339,7 @@ impl Shared {
                 revision,
             } => {
                 if let Some(device) = self.durable.device_of(&key) {
+                    self.durable.view_put(device.clone(), &key);
                     if server.upgrade().and_then(|s| s.client(&device)).is_some() {
                         self.durable.kick(&self.etcd, server, &device);
                     }
@@ -1324,6 +1376,7 @@ impl Shared {
                     }
                 }
             }
+            Change::Delete { key } if scope == Scope::Durable => self.durable.view_delete(&key),
             Change::Delete { key } => {
                 if let Some(id) = key.strip_prefix(&presence_prefix) {
                     // Only a record this cache held was ever reported (or readable).

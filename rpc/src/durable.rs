@@ -255,6 +255,26 @@ pub struct PendingMessage {
     pub expires_at: SystemTime,
 }
 
+impl PendingMessage {
+    /// A pending message as a store lists it (for stores other than the server's own, such as
+    /// a cluster's).
+    pub fn new(
+        id: u64,
+        service_path: String,
+        service_method: String,
+        size: usize,
+        expires_at: SystemTime,
+    ) -> Self {
+        Self {
+            id,
+            service_path,
+            service_method,
+            size,
+            expires_at,
+        }
+    }
+}
+
 /// A message as stored.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Stored {

@@ -8,13 +8,14 @@ use std::{
     time::{Duration, Instant},
 };
 
+use quicx::Overflow;
 use quicx::{
     ClientTls, Context, DevCertificate, Error, Metadata, PushReceiver, Server, Service,
     ServiceError, push_channel,
 };
 use quicx_cluster::{
-    ClusterError, ClusterEvent, ClusterNode, ClusterOptions, EtcdDiscovery, EtcdOptions,
-    ServiceEntry,
+    ClusterDurableLimits, ClusterError, ClusterEvent, ClusterNode, ClusterOptions, EtcdDiscovery,
+    EtcdOptions, ServiceEntry,
 };
 use quicx_tests::{
     child::{ChildServer, PemFiles},
@@ -43,6 +44,16 @@ fn etcd_options(etcd: &EtcdServer, ttl: Duration) -> EtcdOptions {
 
 /// A node in this process: a server with `Who.Name` and the node on top.
 async fn node(dev: &DevCertificate, etcd: &EtcdOptions, name: &str) -> (Server, ClusterNode) {
+    node_with(dev, etcd, name, |options| options).await
+}
+
+/// [`node`] with more cluster options.
+async fn node_with(
+    dev: &DevCertificate,
+    etcd: &EtcdOptions,
+    name: &str,
+    more: impl FnOnce(ClusterOptions) -> ClusterOptions,
+) -> (Server, ClusterNode) {
     let server = Server::builder()
         .dev_certificate(dev)
         .insecure_accept_unverified_client_ids()
@@ -70,7 +81,7 @@ async fn node(dev: &DevCertificate, etcd: &EtcdOptions, name: &str) -> (Server, 
         SECRET,
     )
     .service(ServiceEntry::new("Who"));
-    let node = ClusterNode::start(&server, options).await.unwrap();
+    let node = ClusterNode::start(&server, more(options)).await.unwrap();
     (server, node)
 }
 
@@ -700,6 +711,197 @@ async fn a_durable_message_survives_the_node_that_accepted_it() {
     .await
     .unwrap();
     assert_eq!(&next_push(&mut rx).await.payload[..], b"live");
+}
+
+/// Sends one durable message of `size` bytes to `device` through `node` (TTL 60 s).
+async fn durable_of(node: &ClusterNode, device: &str, size: usize) -> Result<i64, ClusterError> {
+    node.send_durable(
+        device,
+        "Device",
+        "Cmd",
+        Metadata::new(),
+        vec![b'x'; size],
+        Duration::from_secs(60),
+    )
+    .await
+}
+
+fn ids_of(pending: &[quicx::PendingMessage]) -> Vec<u64> {
+    pending.iter().map(|p| p.id).collect()
+}
+
+#[tokio::test]
+async fn cluster_durable_bounds_hold_under_each_policy_and_list_and_cancel_work() {
+    let Some(etcd) = etcd_or_skip() else { return };
+    let dev = DevCertificate::localhost().unwrap();
+    let options = etcd_options(&etcd, Duration::from_secs(2));
+    // Node a refuses over the per-device bytes; node b drops the oldest over the per-device
+    // count.
+    let (_sa, a) = node_with(&dev, &options, "a", |o| {
+        o.durable_limits(ClusterDurableLimits::default().per_device(10, 1000))
+    })
+    .await;
+    let (sb, b) = node_with(&dev, &options, "b", |o| {
+        o.durable_limits(
+            ClusterDurableLimits::default()
+                .per_device(3, 1 << 20)
+                .overflow(Overflow::DropOldest),
+        )
+    })
+    .await;
+
+    // Bytes of one device: two 400-byte messages fit in 1,000, a third does not.
+    durable_of(&a, "dev-bytes", 400).await.unwrap();
+    durable_of(&a, "dev-bytes", 400).await.unwrap();
+    let err = durable_of(&a, "dev-bytes", 400).await.unwrap_err();
+    assert!(matches!(err, ClusterError::DurableFull(_)), "{err:?}");
+    assert_eq!(a.durable_pending("dev-bytes").await.unwrap(), 2);
+    // A message above the per-device bytes on its own is refused by either policy.
+    let err = durable_of(&b, "dev-big", 2 << 20).await.unwrap_err();
+    assert!(matches!(err, ClusterError::DurableFull(_)), "{err:?}");
+
+    // Messages of one device, dropping the oldest: 5 sent, the last 3 stay, 2 counted.
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(durable_of(&b, "dev-count", 10).await.unwrap() as u64);
+    }
+    let listed = b.durable_messages("dev-count").await.unwrap();
+    assert_eq!(ids_of(&listed), ids[2..]);
+    assert!(
+        listed
+            .iter()
+            .all(|p| p.size == 10 && p.service_method == "Cmd")
+    );
+    assert_eq!(b.durable_stats().overflowed, 2);
+    // Any node lists them.
+    assert_eq!(
+        ids_of(&a.durable_messages("dev-count").await.unwrap()),
+        ids[2..]
+    );
+
+    // Cancel the middle one; the device gets the other two, in order, and they are counted
+    // as delivered by the node that holds it.
+    assert!(b.cancel_durable("dev-count", ids[3] as i64).await.unwrap());
+    assert!(!b.cancel_durable("dev-count", ids[3] as i64).await.unwrap());
+    assert_eq!(
+        ids_of(&b.durable_messages("dev-count").await.unwrap()),
+        [ids[2], ids[4]]
+    );
+    let (_d, mut rx) = device(&dev, sb.local_addr().unwrap(), "dev-count").await;
+    assert_eq!(next_push(&mut rx).await.durable_id(), Some(ids[2]));
+    assert_eq!(next_push(&mut rx).await.durable_id(), Some(ids[4]));
+    assert_eq!(pending_after_acks(&b, "dev-count").await, 0);
+    assert!(
+        until(Duration::from_secs(5), || b.durable_stats().delivered == 2)
+            .await
+            .is_some(),
+        "{:?}",
+        b.durable_stats()
+    );
+
+    // Each node's watch shows the cluster's backlog: dev-bytes' two messages.
+    for node in [&a, &b] {
+        assert!(
+            until(Duration::from_secs(5), || {
+                let s = node.durable_stats();
+                s.pending == 2 && s.pending_devices == 1 && s.pending_bytes >= 800
+            })
+            .await
+            .is_some(),
+            "{:?}",
+            node.durable_stats()
+        );
+    }
+
+    // In all: a node bounded at 4 messages takes 2 more, then refuses (as its watch shows the
+    // cluster).
+    let (_sc, c) = node_with(&dev, &options, "c", |o| {
+        o.durable_limits(ClusterDurableLimits::default().total(4, 1 << 30))
+    })
+    .await;
+    assert!(
+        until(Duration::from_secs(5), || c.durable_stats().pending == 2)
+            .await
+            .is_some()
+    );
+    durable_of(&c, "dev-total", 10).await.unwrap();
+    assert!(
+        until(Duration::from_secs(5), || c.durable_stats().pending == 3)
+            .await
+            .is_some()
+    );
+    durable_of(&c, "dev-other", 10).await.unwrap();
+    assert!(
+        until(Duration::from_secs(5), || c.durable_stats().pending == 4)
+            .await
+            .is_some()
+    );
+    let err = durable_of(&c, "dev-third", 10).await.unwrap_err();
+    assert!(matches!(err, ClusterError::DurableFull(_)), "{err:?}");
+}
+
+/// Sends racing through two nodes to one device: the per-device bound holds exactly.
+#[tokio::test]
+async fn concurrent_durable_sends_through_two_nodes_never_overshoot_a_device_bound() {
+    let Some(etcd) = etcd_or_skip() else { return };
+    let dev = DevCertificate::localhost().unwrap();
+    let options = etcd_options(&etcd, Duration::from_secs(2));
+    let limits = ClusterDurableLimits::default().per_device(10, 1 << 20);
+    let (_sa, a) = node_with(&dev, &options, "a", |o| o.durable_limits(limits)).await;
+    let (_sb, b) = node_with(&dev, &options, "b", |o| o.durable_limits(limits)).await;
+    let sends = (0..40).map(|i| {
+        let node = if i % 2 == 0 { &a } else { &b };
+        durable_of(node, "dev-race", 10)
+    });
+    let results = futures_util::future::join_all(sends).await;
+    let stored = results.iter().filter(|r| r.is_ok()).count();
+    for r in &results {
+        if let Err(e) = r {
+            assert!(matches!(e, ClusterError::DurableFull(_)), "{e:?}");
+        }
+    }
+    assert_eq!(stored, 10, "{results:?}");
+    assert_eq!(a.durable_pending("dev-race").await.unwrap(), 10);
+}
+
+/// The node that accepted the messages is a process of its own, killed with SIGKILL.
+#[tokio::test]
+async fn durable_messages_survive_a_sigkill_of_the_node_that_accepted_them() {
+    let Some(etcd) = etcd_or_skip() else { return };
+    let dev = DevCertificate::localhost().unwrap();
+    let pem = PemFiles::write(&dev).unwrap();
+    let options = etcd_options(&etcd, Duration::from_secs(2));
+    let (sb, b) = node(&dev, &options, "b").await;
+    let mut doomed = child_node(&pem, &etcd, "doomed", 2);
+    let sender = quicx::Client::builder()
+        .tls(ClientTls::new().trust(dev.certificate()))
+        .connect_addr(doomed.addr, "localhost")
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let id: i64 = sender
+            .call("Durable", "Send", &("device-k", format!("cmd-{i}")))
+            .await
+            .unwrap();
+        ids.push(id as u64);
+    }
+    assert_eq!(b.durable_pending("device-k").await.unwrap(), 3);
+    doomed.kill();
+    // The device connects to node b and gets the commands, in order, once.
+    let (_d, mut rx) = device(&dev, sb.local_addr().unwrap(), "device-k").await;
+    for (i, id) in ids.iter().enumerate() {
+        let msg = next_push(&mut rx).await;
+        assert_eq!(msg.payload, format!("cmd-{i}").as_bytes());
+        assert_eq!(msg.durable_id(), Some(*id));
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), rx.recv())
+            .await
+            .is_err(),
+        "nothing more"
+    );
+    assert_eq!(pending_after_acks(&b, "device-k").await, 0);
 }
 
 #[tokio::test]

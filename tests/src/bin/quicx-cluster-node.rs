@@ -2,13 +2,15 @@
 //!
 //! `quicx-cluster-node <cert.pem> <key.pem> <etcd url> <prefix> <node name> <lease ttl s> <secret>`
 //! serves `Who.Name` (answers the node name) on 127.0.0.1, joins the cluster (registering `Who`),
-//! prints `READY <addr>` once registered, and runs until killed. Hello ids bind unverified
+//! serves `Durable.Send` (`(client_id, payload)`: a durable message through this node, TTL 60 s;
+//! answers its id once etcd committed it), prints `READY <addr>` once registered, and runs until
+//! killed. Hello ids bind unverified
 //! (test devices carry no credentials).
 #![forbid(unsafe_code)]
 
 use std::{io::Write, time::Duration};
 
-use quicx::{ClientTls, Context, Server, ServerTls, Service};
+use quicx::{ClientTls, Context, Metadata, Server, ServerTls, Service, ServiceError};
 use quicx_cluster::{ClusterNode, ClusterOptions, EtcdOptions, ServiceEntry};
 
 #[tokio::main]
@@ -37,12 +39,34 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let etcd = EtcdOptions::new([etcd.as_str()])
         .prefix(prefix.as_str())
         .lease_ttl(Duration::from_secs(ttl.parse()?));
-    let _node = ClusterNode::start(
+    let node = ClusterNode::start(
         &server,
         ClusterOptions::new(name.as_str(), etcd, tls, secret.as_str())
             .service(ServiceEntry::new("Who")),
     )
     .await?;
+    let sender = node.clone();
+    server.register(
+        "Durable",
+        Service::new().method(
+            "Send",
+            move |_ctx: Context, (client_id, payload): (String, String)| {
+                let node = sender.clone();
+                async move {
+                    node.send_durable(
+                        &client_id,
+                        "Device",
+                        "Cmd",
+                        Metadata::new(),
+                        payload,
+                        Duration::from_secs(60),
+                    )
+                    .await
+                    .map_err(|e| ServiceError::new(ServiceError::APPLICATION, e.to_string()))
+                }
+            },
+        ),
+    );
     println!("READY {local}");
     std::io::stdout().flush()?;
     std::future::pending::<()>().await;

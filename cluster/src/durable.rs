@@ -409,11 +409,19 @@ impl ClusterDurable {
             let mut keys = slot.lock().await;
             // What the last send through this node left, if it succeeded; read anew otherwise.
             let mut cached = keys.take();
+            // The first read may come from the etcd member's own copy (no round of the
+            // cluster: the transaction's comparison catches a copy that lags); a read after
+            // anything failed, and one a refusal or a drop is decided on, is linearizable.
+            let mut linearizable = false;
             for _ in 0..STORE_TRIES {
                 let (known, fresh) = match cached.take() {
                     Some(known) => (known, false),
-                    None => (self.read_keys(client, &prefix).await?, true),
+                    None => (
+                        self.read_keys(client, &prefix, linearizable).await?,
+                        linearizable,
+                    ),
                 };
+                linearizable = true;
                 let drop = match self.room(client_id, &known, size) {
                     Ok(0) => 0,
                     // Refusing or dropping on keys that may be stale: read again first.
@@ -479,22 +487,23 @@ impl ClusterDurable {
         result
     }
 
-    /// A device's pending keys, oldest first, at the revision of the read.
+    /// A device's pending keys, oldest first, at the revision of the read (the etcd member's
+    /// own copy unless `linearizable`).
     async fn read_keys(
         &self,
         client: &mut Client,
         prefix: &str,
+        linearizable: bool,
     ) -> Result<DeviceKeys, ClusterError> {
+        let mut options = GetOptions::new()
+            .with_prefix()
+            .with_keys_only()
+            .with_sort(SortTarget::Create, SortOrder::Ascend);
+        if !linearizable {
+            options = options.with_serializable();
+        }
         let reply = client
-            .get(
-                prefix,
-                Some(
-                    GetOptions::new()
-                        .with_prefix()
-                        .with_keys_only()
-                        .with_sort(SortTarget::Create, SortOrder::Ascend),
-                ),
-            )
+            .get(prefix, Some(options))
             .await
             .map_err(ClusterError::etcd)?;
         Ok(DeviceKeys {

@@ -198,10 +198,11 @@ fn size_of_key(key: &[u8]) -> u64 {
         .unwrap_or(UNKNOWN_SIZE)
 }
 
-/// A device's pending keys, oldest first, and the etcd revision they were read at (or that this
-/// node's last write to the device made): valid while no other node wrote to the device since,
-/// which a store's transaction checks. Deletes meanwhile (deliveries, expiries, cancels) only
-/// make it count too much, so a send re-reads before it refuses or drops anything.
+/// A device's pending keys, oldest first, and the etcd revision they were read at (or that
+/// this node's last write to the device made): valid while no other node wrote to the device
+/// since, which a write's transaction checks. Deletes meanwhile (deliveries, expiries, cancels)
+/// only make it count too much, so a batch is planned again on a fresh read before anything in
+/// it is refused or dropped.
 #[derive(Debug)]
 struct DeviceKeys {
     revision: i64,
@@ -217,9 +218,67 @@ impl DeviceKeys {
     }
 }
 
-/// Per device, the lock its sends through this node take in turn, with the keys the last one
-/// read.
-type DeviceSlot = Arc<tokio::sync::Mutex<Option<DeviceKeys>>>;
+/// A send waiting for its device's next write.
+#[derive(Debug)]
+struct Waiting {
+    /// The key without its place and size: `{device prefix}{node}-{counter}`.
+    name: String,
+    value: Vec<u8>,
+    reply: tokio::sync::oneshot::Sender<Result<i64, ClusterError>>,
+}
+
+/// The sends waiting for one device on this node, and whether a task writes them.
+#[derive(Debug, Default)]
+struct DeviceQueue {
+    waiting: VecDeque<Waiting>,
+    writing: bool,
+}
+
+/// A message's id: its key's create revision times this, plus its place in the transaction
+/// that wrote it (a node writes up to [`BATCH`] messages of one device in one transaction).
+pub(crate) const ID_SPAN: i64 = 1024;
+/// Messages of one device in one etcd transaction (with the drops they cause, at most etcd's
+/// default `--max-txn-ops`, 128).
+const BATCH: usize = 64;
+/// Stored bytes of one transaction's messages (etcd's default `--max-request-bytes` is
+/// 1.5 MiB).
+const BATCH_BYTES: u64 = 1 << 20;
+
+/// The place in its transaction a key names (`{node}-{counter}.{place}.{size}`; 0 for a key
+/// written before keys carried it).
+fn place_of_key(key: &[u8]) -> i64 {
+    let name = key.rsplit(|&b| b == b'/').next().unwrap_or_default();
+    let mut parts = std::str::from_utf8(name)
+        .unwrap_or_default()
+        .rsplitn(3, '.');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(_size), Some(place), Some(_)) => place.parse().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// The id of a stored message (what the device sees under `quicx-msg-id`).
+fn id_of(kv: &etcd_client::KeyValue) -> i64 {
+    kv.create_revision() * ID_SPAN + place_of_key(kv.key())
+}
+
+/// What a batch's messages get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    /// Written at this place of the transaction.
+    Kept(usize),
+    /// Given this place (and so an id) and dropped at once to make room for later ones of
+    /// the same batch ([`Overflow::DropOldest`]).
+    DroppedAt(usize),
+    Refused,
+}
+
+/// How a batch is written: each message's fate, and how many of the device's oldest keys go.
+#[derive(Debug)]
+struct Plan {
+    fates: Vec<Fate>,
+    drops: usize,
+}
 /// Messages read from etcd at a time by a delivery run.
 const READ_BATCH: i64 = 256;
 /// Pushes with receipt in flight to one device during a delivery run.
@@ -272,8 +331,10 @@ pub(crate) struct ClusterDurable {
     ack_timeout: Duration,
     space: String,
     limits: ClusterDurableLimits,
-    /// Devices being sent to through this node now.
-    sending: Mutex<HashMap<String, DeviceSlot>>,
+    /// Sends waiting for their device's next write, per device.
+    sending: Mutex<HashMap<String, DeviceQueue>>,
+    /// Each device's keys as its last write left them, while sends to it keep coming.
+    known: Mutex<HashMap<String, DeviceKeys>>,
     view: Mutex<View>,
     counters: Arc<Counters>,
 }
@@ -299,6 +360,7 @@ impl ClusterDurable {
             space: format!("cluster{prefix}"),
             limits,
             sending: Mutex::default(),
+            known: Mutex::default(),
             view: Mutex::default(),
             counters: Arc::default(),
         }
@@ -360,10 +422,11 @@ impl ClusterDurable {
     }
 
     /// Stores a message in etcd; its id once committed (etcd commits are durable on a
-    /// quorum). Sends to one device through this node take turns (see
-    /// [`ClusterDurableLimits`]).
+    /// quorum). Sends to one device through this node are written by one task, many to a
+    /// transaction (see [`ClusterDurableLimits`]). Dropping the future does not withdraw the
+    /// message: it may still be stored.
     pub(crate) async fn store(
-        &self,
+        self: &Arc<Self>,
         client: &mut Client,
         client_id: &str,
         (service_path, service_method): (&str, &str),
@@ -394,97 +457,206 @@ impl ClusterDurable {
                 limits.per_device_bytes, limits.total_bytes
             )));
         }
-        let prefix = self.device_prefix(client_id);
-        let key = format!(
-            "{prefix}{}-{:020}.{size}",
+        let name = format!(
+            "{}{}-{:020}",
+            self.device_prefix(client_id),
             self.node,
             self.counter.fetch_add(1, Ordering::Relaxed)
-        )
-        .into_bytes();
-        let slot = {
+        );
+        let (reply, stored) = tokio::sync::oneshot::channel();
+        let start = {
             let mut sending = self.sending.lock().unwrap_or_else(|e| e.into_inner());
-            sending.entry(client_id.to_owned()).or_default().clone()
+            let queue = sending.entry(client_id.to_owned()).or_default();
+            queue.waiting.push_back(Waiting { name, value, reply });
+            !std::mem::replace(&mut queue.writing, true)
         };
-        let result = async {
-            let mut keys = slot.lock().await;
-            // What the last send through this node left, if it succeeded; read anew otherwise.
-            let mut cached = keys.take();
-            // The first read may come from the etcd member's own copy (no round of the
-            // cluster: the transaction's comparison catches a copy that lags); a read after
-            // anything failed, and one a refusal or a drop is decided on, is linearizable.
-            let mut linearizable = false;
-            for _ in 0..STORE_TRIES {
-                let (known, fresh) = match cached.take() {
-                    Some(known) => (known, false),
-                    None => (
-                        self.read_keys(client, &prefix, linearizable).await?,
-                        linearizable,
-                    ),
+        if start {
+            let (me, client, id) = (self.clone(), client.clone(), client_id.to_owned());
+            tokio::spawn(async move { me.write_queue(client, id).await });
+        }
+        stored.await.unwrap_or_else(|_| {
+            Err(ClusterError::EtcdUnreachable(
+                "the node stopped before the message was written".into(),
+            ))
+        })
+    }
+
+    /// Writes the sends waiting for `client_id`, up to [`BATCH`] to a transaction, until none
+    /// is left. One task per device and node, so a device's writes through a node never race
+    /// each other; a write by another node in between makes the transaction fail and the batch
+    /// is planned again on a new read.
+    async fn write_queue(self: Arc<Self>, mut client: Client, client_id: String) {
+        let prefix = self.device_prefix(&client_id);
+        loop {
+            let batch: Vec<Waiting> = {
+                let mut sending = self.sending.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(queue) = sending.get_mut(&client_id) else {
+                    return;
                 };
-                linearizable = true;
-                let drop = match self.room(client_id, &known, size) {
-                    Ok(0) => 0,
-                    // Refusing or dropping on keys that may be stale: read again first.
-                    _ if !fresh => continue,
-                    Ok(drop) => drop,
-                    Err(e) => return Err(e),
-                };
-                let mut ops = vec![TxnOp::put(key.clone(), value.clone(), None)];
-                ops.extend(
-                    known
-                        .keys
-                        .iter()
-                        .take(drop)
-                        .map(|(k, _)| TxnOp::delete(k.clone(), None)),
-                );
-                // Nothing written to the device since `known` was read (deletes do not move the
-                // keys that are left).
-                let unchanged = Compare::mod_revision(
-                    prefix.as_bytes().to_vec(),
-                    CompareOp::Less,
-                    known.revision + 1,
-                )
-                .with_prefix();
-                let txn = Txn::new().when([unchanged]).and_then(ops);
-                let reply = client.txn(txn).await.map_err(ClusterError::etcd)?;
-                if !reply.succeeded() {
-                    // Another node wrote to the device: read again.
-                    continue;
+                let mut bytes = 0;
+                let mut batch = Vec::new();
+                while let Some(next) = queue.waiting.front() {
+                    let size = next.value.len() as u64;
+                    if batch.len() == BATCH || (!batch.is_empty() && bytes + size > BATCH_BYTES) {
+                        break;
+                    }
+                    bytes += size;
+                    batch.extend(queue.waiting.pop_front());
                 }
-                let revision = reply.header().map_or(0, |h| h.revision());
-                let dropped: i64 = reply
-                    .op_responses()
-                    .iter()
-                    .map(|r| match r {
-                        TxnOpResponse::Delete(d) => d.deleted(),
-                        _ => 0,
-                    })
-                    .sum();
-                if dropped > 0 {
-                    self.counters
-                        .overflowed
-                        .fetch_add(dropped as u64, Ordering::Relaxed);
-                    metrics::counter!(quicx::metrics::names::DURABLE_OVERFLOWED)
-                        .increment(dropped as u64);
+                if batch.is_empty() {
+                    sending.remove(&client_id);
+                    // The last write's keys go with the last send.
+                    self.known
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&client_id);
+                    return;
                 }
-                let mut left = known;
-                left.keys.drain(..drop);
-                left.keys.push_back((key.clone(), size));
-                left.revision = revision;
-                *keys = Some(left);
-                return Ok(revision);
+                batch
+            };
+            let known = self
+                .known
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&client_id);
+            let (replies, left) = self
+                .write_batch(&mut client, &client_id, &prefix, known, &batch)
+                .await;
+            if let Some(left) = left {
+                self.known
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(client_id.clone(), left);
             }
-            Err(ClusterError::DurableFull(format!(
+            for (waiting, result) in batch.into_iter().zip(replies) {
+                let _ = waiting.reply.send(result);
+            }
+        }
+    }
+
+    /// Writes one batch in one transaction: what each send gets, and the device's keys after
+    /// it (`None` when unknown).
+    async fn write_batch(
+        &self,
+        client: &mut Client,
+        client_id: &str,
+        prefix: &str,
+        mut known: Option<DeviceKeys>,
+        batch: &[Waiting],
+    ) -> (Vec<Result<i64, ClusterError>>, Option<DeviceKeys>) {
+        let all = |e: ClusterError| batch.iter().map(|_| Err(e.clone())).collect::<Vec<_>>();
+        let sizes: Vec<u64> = batch.iter().map(|w| w.value.len() as u64).collect();
+        // The first read may come from the etcd member's own copy (no round of the cluster:
+        // the transaction's comparison catches a copy that lags); a read after anything
+        // failed, and one a refusal or a drop is decided on, is linearizable.
+        let mut linearizable = false;
+        for _ in 0..STORE_TRIES {
+            let (keys, fresh) = match known.take() {
+                Some(keys) => (keys, false),
+                None => match self.read_keys(client, prefix, linearizable).await {
+                    Ok(keys) => (keys, linearizable),
+                    Err(e) => return (all(e), None),
+                },
+            };
+            linearizable = true;
+            let plan = self.plan(client_id, &keys, &sizes);
+            let cuts = plan.drops > 0 || plan.fates.iter().any(|f| !matches!(f, Fate::Kept(_)));
+            if cuts && !fresh {
+                // Refusing or dropping on keys that may be stale: read again first.
+                continue;
+            }
+            let names: Vec<Option<Vec<u8>>> = batch
+                .iter()
+                .zip(&plan.fates)
+                .zip(&sizes)
+                .map(|((w, fate), size)| match fate {
+                    Fate::Kept(place) => Some(format!("{}.{place}.{size}", w.name).into_bytes()),
+                    _ => None,
+                })
+                .collect();
+            if names.iter().all(Option::is_none) {
+                let refused = plan
+                    .fates
+                    .iter()
+                    .map(|_| Err(self.full(client_id, &keys)))
+                    .collect();
+                return (refused, Some(keys));
+            }
+            let mut ops: Vec<TxnOp> = batch
+                .iter()
+                .zip(&names)
+                .filter_map(|(w, name)| Some(TxnOp::put(name.clone()?, w.value.clone(), None)))
+                .collect();
+            ops.extend(
+                keys.keys
+                    .iter()
+                    .take(plan.drops)
+                    .map(|(k, _)| TxnOp::delete(k.clone(), None)),
+            );
+            // Nothing written to the device since `keys` was read (deletes do not move the
+            // keys that are left).
+            let unchanged = Compare::mod_revision(
+                prefix.as_bytes().to_vec(),
+                CompareOp::Less,
+                keys.revision + 1,
+            )
+            .with_prefix();
+            let reply = match client.txn(Txn::new().when([unchanged]).and_then(ops)).await {
+                Ok(reply) => reply,
+                Err(e) => return (all(ClusterError::etcd(e)), None),
+            };
+            if !reply.succeeded() {
+                // Another node wrote to the device: read again.
+                continue;
+            }
+            let revision = reply.header().map_or(0, |h| h.revision());
+            let deleted: i64 = reply
+                .op_responses()
+                .iter()
+                .map(|r| match r {
+                    TxnOpResponse::Delete(d) => d.deleted(),
+                    _ => 0,
+                })
+                .sum();
+            let dropped_here = plan
+                .fates
+                .iter()
+                .filter(|f| matches!(f, Fate::DroppedAt(_)))
+                .count() as u64;
+            let dropped = deleted as u64 + dropped_here;
+            if dropped > 0 {
+                self.counters
+                    .overflowed
+                    .fetch_add(dropped, Ordering::Relaxed);
+                metrics::counter!(quicx::metrics::names::DURABLE_OVERFLOWED).increment(dropped);
+            }
+            let mut left = keys;
+            left.keys.drain(..plan.drops);
+            left.keys.extend(
+                names
+                    .iter()
+                    .zip(&sizes)
+                    .filter_map(|(name, size)| Some((name.clone()?, *size))),
+            );
+            left.revision = revision;
+            let results = plan
+                .fates
+                .iter()
+                .map(|fate| match fate {
+                    Fate::Kept(place) | Fate::DroppedAt(place) => {
+                        Ok(revision * ID_SPAN + *place as i64)
+                    }
+                    Fate::Refused => Err(self.full(client_id, &left)),
+                })
+                .collect();
+            return (results, Some(left));
+        }
+        (
+            all(ClusterError::DurableFull(format!(
                 "`{client_id}`'s messages kept changing under {STORE_TRIES} tries: send again"
-            )))
-        }
-        .await;
-        // The last send to the device forgets its keys.
-        let mut sending = self.sending.lock().unwrap_or_else(|e| e.into_inner());
-        if Arc::strong_count(&slot) == 2 {
-            sending.remove(client_id);
-        }
-        result
+            ))),
+            None,
+        )
     }
 
     /// A device's pending keys, oldest first, at the revision of the read (the etcd member's
@@ -506,66 +678,130 @@ impl ClusterDurable {
             .get(prefix, Some(options))
             .await
             .map_err(ClusterError::etcd)?;
+        let mut keys: Vec<(i64, Vec<u8>, u64)> = reply
+            .kvs()
+            .iter()
+            .map(|kv| (id_of(kv), kv.key().to_vec(), size_of_key(kv.key())))
+            .collect();
+        keys.sort_unstable_by_key(|(id, _, _)| *id);
         Ok(DeviceKeys {
             revision: reply.header().map_or(0, |h| h.revision()),
-            keys: reply
-                .kvs()
-                .iter()
-                .map(|kv| (kv.key().to_vec(), size_of_key(kv.key())))
-                .collect(),
+            keys: keys.into_iter().map(|(_, k, size)| (k, size)).collect(),
         })
     }
 
-    /// How many of the device's oldest messages go so that one of `size` bytes fits: 0 when it
-    /// fits as is; [`ClusterError::DurableFull`] when it does not and the policy refuses, or
-    /// when dropping all of them would not make room.
-    fn room(&self, client_id: &str, known: &DeviceKeys, size: u64) -> Result<usize, ClusterError> {
+    /// The other devices' pending messages, as the watch shows them.
+    fn others(&self, client_id: &str) -> Size {
+        let view = self.view();
+        let seen = view.by_device.get(client_id).copied().unwrap_or_default();
+        Size {
+            messages: view.total.messages.saturating_sub(seen.messages),
+            bytes: view.total.bytes.saturating_sub(seen.bytes),
+        }
+    }
+
+    /// Whether a device holding `mine` may take one more message of `size` bytes.
+    fn fits(&self, others: Size, mine: Size, size: u64) -> bool {
         let limits = self.limits;
-        let mine = known.size();
-        // The rest of the cluster as the watch shows it, this device's own as just read.
-        let others = {
-            let view = self.view();
-            let seen = view.by_device.get(client_id).copied().unwrap_or_default();
-            Size {
-                messages: view.total.messages.saturating_sub(seen.messages),
-                bytes: view.total.bytes.saturating_sub(seen.bytes),
+        mine.messages < limits.per_device_messages
+            && mine.bytes + size <= limits.per_device_bytes
+            && others.messages + mine.messages < limits.total_messages
+            && others.bytes + mine.bytes + size <= limits.total_bytes
+    }
+
+    /// The refusal of a message to a device holding `keys`.
+    fn full(&self, client_id: &str, keys: &DeviceKeys) -> ClusterError {
+        let (limits, mine, others) = (self.limits, keys.size(), self.others(client_id));
+        ClusterError::DurableFull(format!(
+            "`{client_id}` has {} pending messages of {} bytes (at most {} and {} per device; \
+             {} and {} in all, {} and {} pending for other devices)",
+            mine.messages,
+            mine.bytes,
+            limits.per_device_messages,
+            limits.per_device_bytes,
+            limits.total_messages,
+            limits.total_bytes,
+            others.messages,
+            others.bytes
+        ))
+    }
+
+    /// What a batch of messages of `sizes` bytes, in send order, does to a device holding
+    /// `keys`: each kept while it fits; over a bound, refused ([`Overflow::Refuse`]), or the
+    /// oldest messages (the device's, then this batch's) dropped until it fits
+    /// ([`Overflow::DropOldest`]; refused if even all of them would not make room, or if
+    /// more would go than one transaction takes).
+    fn plan(&self, client_id: &str, keys: &DeviceKeys, sizes: &[u64]) -> Plan {
+        let others = self.others(client_id);
+        let mut held = keys.size();
+        let mut drops = 0;
+        // This batch's messages kept so far, oldest first: (index in the batch, size).
+        let mut kept: VecDeque<(usize, u64)> = VecDeque::new();
+        let mut fates = vec![Fate::Refused; sizes.len()];
+        let mut place = 0;
+        for (i, &size) in sizes.iter().enumerate() {
+            if self.fits(others, held, size) {
+                fates[i] = Fate::Kept(place);
+                place += 1;
+                held.messages += 1;
+                held.bytes += size;
+                kept.push_back((i, size));
+                continue;
             }
-        };
-        let fits = |m: Size| {
-            m.messages < limits.per_device_messages
-                && m.bytes + size <= limits.per_device_bytes
-                && others.messages + m.messages < limits.total_messages
-                && others.bytes + m.bytes + size <= limits.total_bytes
-        };
-        let full = |m: Size| {
-            ClusterError::DurableFull(format!(
-                "`{client_id}` has {} pending messages of {} bytes (at most {} and {} per device; \
-                 {} and {} in all, {} and {} pending for other devices)",
-                m.messages,
-                m.bytes,
-                limits.per_device_messages,
-                limits.per_device_bytes,
-                limits.total_messages,
-                limits.total_bytes,
-                others.messages,
-                others.bytes
-            ))
-        };
-        if fits(mine) {
-            return Ok(0);
-        }
-        if limits.overflow == Overflow::Refuse {
-            return Err(full(mine));
-        }
-        let mut left = mine;
-        for (n, (_, bytes)) in known.keys.iter().enumerate() {
-            left.messages -= 1;
-            left.bytes = left.bytes.saturating_sub(*bytes);
-            if fits(left) {
-                return Ok(n + 1);
+            if self.limits.overflow == Overflow::Refuse {
+                continue;
             }
+            // Would dropping everything droppable make room?
+            let mut trial = (held, drops, 0usize);
+            let mut room = false;
+            loop {
+                let (h, d, k) = trial;
+                if self.fits(others, h, size) {
+                    room = true;
+                    break;
+                }
+                let next = if d < keys.keys.len() {
+                    keys.keys[d].1
+                } else if k < kept.len() {
+                    kept[k].1
+                } else {
+                    break;
+                };
+                let (nd, nk) = if d < keys.keys.len() {
+                    (d + 1, k)
+                } else {
+                    (d, k + 1)
+                };
+                if nd + sizes.len() > 128 {
+                    break;
+                }
+                trial = (
+                    Size {
+                        messages: h.messages - 1,
+                        bytes: h.bytes.saturating_sub(next),
+                    },
+                    nd,
+                    nk,
+                );
+            }
+            if !room {
+                continue;
+            }
+            let (h, d, k) = trial;
+            held = h;
+            drops = d;
+            for (j, _) in kept.drain(..k) {
+                if let Fate::Kept(p) = fates[j] {
+                    fates[j] = Fate::DroppedAt(p);
+                }
+            }
+            fates[i] = Fate::Kept(place);
+            place += 1;
+            held.messages += 1;
+            held.bytes += size;
+            kept.push_back((i, size));
         }
-        Err(full(mine))
+        Plan { fates, drops }
     }
 
     /// Delivers what is pending for `client_id` if this node holds it, in id order (`WINDOW`
@@ -665,31 +901,23 @@ impl ClusterDurable {
         // the next run), and the last one sent (the next one names it).
         let (mut read_up_to, mut sent_before) = (0i64, 0i64);
         loop {
-            let options = GetOptions::new()
-                .with_prefix()
-                .with_sort(SortTarget::Create, SortOrder::Ascend)
-                .with_min_create_revision(read_up_to + 1)
-                .with_limit(READ_BATCH);
-            let found = match crate::etcd::kv(&client)
-                .get(self.device_prefix(client_id), Some(options))
-                .await
-            {
-                Ok(r) => r,
+            let (page, last) = match self.read_page(&client, client_id, read_up_to).await {
+                Ok(found) => found,
                 Err(e) => {
                     tracing::warn!("reading durable messages of {client_id} from etcd: {e}");
                     return conn.is_closed();
                 }
             };
-            let Some(last) = found.kvs().last().map(|kv| kv.create_revision()) else {
+            if page.is_empty() {
                 return true;
-            };
+            }
             // Per identity: a client re-bound to another identity acknowledged ids of the first
             // that may be above this one's.
             let space = quicx::msg_space(&self.space, client_id);
             // Keys to delete: what was acknowledged, and what can never be delivered.
             let mut gone = Vec::new();
-            let mut sends = Vec::with_capacity(found.kvs().len());
-            for kv in found.kvs() {
+            let mut sends = Vec::with_capacity(page.len());
+            for kv in &page {
                 let key = kv.key().to_vec();
                 match postcard::from_bytes::<Stored>(kv.value()) {
                     Err(_) => {
@@ -702,7 +930,7 @@ impl ClusterDurable {
                         gone.push((key, Gone::Expired));
                     }
                     Ok(mut stored) => {
-                        let id = kv.create_revision();
+                        let id = id_of(kv);
                         let mut metadata = std::mem::take(&mut stored.metadata);
                         metadata.insert(MSG_ID_KEY, id.to_string());
                         metadata.insert(MSG_PREV_KEY, sent_before.to_string());
@@ -806,6 +1034,40 @@ impl ClusterDurable {
 }
 
 impl ClusterDurable {
+    /// Up to [`READ_BATCH`] of a device's messages written after revision `after`, in id
+    /// order, and the last revision they hold, read whole: when more follow, the rest of the
+    /// last revision's messages (one transaction's may straddle the page's end) is read too.
+    async fn read_page(
+        &self,
+        client: &Client,
+        client_id: &str,
+        after: i64,
+    ) -> Result<(Vec<etcd_client::KeyValue>, i64), etcd_client::Error> {
+        let prefix = self.device_prefix(client_id);
+        let mut kv = crate::etcd::kv(client);
+        let options = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Create, SortOrder::Ascend)
+            .with_min_create_revision(after + 1)
+            .with_limit(READ_BATCH);
+        let found = kv.get(prefix.clone(), Some(options)).await?;
+        let mut page = found.kvs().to_vec();
+        let Some(last) = page.last().map(etcd_client::KeyValue::create_revision) else {
+            return Ok((page, after));
+        };
+        if found.more() {
+            let whole = GetOptions::new()
+                .with_prefix()
+                .with_min_create_revision(last)
+                .with_max_create_revision(last);
+            let rest = kv.get(prefix, Some(whole)).await?;
+            page.retain(|kv| kv.create_revision() != last);
+            page.extend(rest.kvs().iter().cloned());
+        }
+        page.sort_unstable_by_key(id_of);
+        Ok((page, last))
+    }
+
     /// The messages pending for `client_id`, oldest first (expired ones excluded), read from
     /// etcd in pages.
     pub(crate) async fn list(
@@ -816,19 +1078,14 @@ impl ClusterDurable {
         let (mut all, mut after) = (Vec::new(), 0i64);
         let now = now_ms();
         loop {
-            let options = GetOptions::new()
-                .with_prefix()
-                .with_sort(SortTarget::Create, SortOrder::Ascend)
-                .with_min_create_revision(after + 1)
-                .with_limit(READ_BATCH);
-            let page = client
-                .get(self.device_prefix(client_id), Some(options))
+            let (kvs, last) = self
+                .read_page(client, client_id, after)
                 .await
                 .map_err(ClusterError::etcd)?;
-            let Some(last) = page.kvs().last().map(|kv| kv.create_revision()) else {
+            if kvs.is_empty() {
                 return Ok(all);
-            };
-            for kv in page.kvs() {
+            }
+            for kv in &kvs {
                 let Ok(stored) = postcard::from_bytes::<Stored>(kv.value()) else {
                     continue;
                 };
@@ -836,7 +1093,7 @@ impl ClusterDurable {
                     continue;
                 }
                 all.push(PendingMessage::new(
-                    kv.create_revision() as u64,
+                    id_of(kv) as u64,
                     stored.service_path,
                     stored.service_method,
                     stored.payload.len(),
@@ -862,14 +1119,14 @@ impl ClusterDurable {
                     GetOptions::new()
                         .with_prefix()
                         .with_keys_only()
-                        .with_min_create_revision(id)
-                        .with_max_create_revision(id),
+                        .with_min_create_revision(id.div_euclid(ID_SPAN))
+                        .with_max_create_revision(id.div_euclid(ID_SPAN)),
                 ),
             )
             .await
             .map_err(ClusterError::etcd)?;
         let mut cancelled = false;
-        for kv in found.kvs() {
+        for kv in found.kvs().iter().filter(|kv| id_of(kv) == id) {
             let deleted = client
                 .delete(kv.key().to_vec(), None)
                 .await
@@ -940,4 +1197,33 @@ async fn delete_all(client: &mut Client, keys: Vec<(Vec<u8>, Gone)>, counters: &
         }
     }
     all
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_name_their_size_and_place() {
+        let key = b"/q/durable/6465/node-1.eu-00000000000000000042.7.130";
+        assert_eq!(size_of_key(key), 130);
+        assert_eq!(place_of_key(key), 7);
+        // Keys written before they carried a place, or a size.
+        assert_eq!(
+            place_of_key(b"/q/durable/6465/node-00000000000000000042.130"),
+            0
+        );
+        assert_eq!(
+            size_of_key(b"/q/durable/6465/node-00000000000000000042.130"),
+            130
+        );
+        assert_eq!(
+            size_of_key(b"/q/durable/6465/node-00000000000000000042"),
+            UNKNOWN_SIZE
+        );
+        assert_eq!(
+            place_of_key(b"/q/durable/6465/node-00000000000000000042"),
+            0
+        );
+    }
 }

@@ -8,6 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use futures_util::StreamExt;
 use quicx::Overflow;
 use quicx::{
     ClientTls, Context, DevCertificate, Error, Metadata, PushReceiver, Server, Service,
@@ -862,6 +863,85 @@ async fn concurrent_durable_sends_through_two_nodes_never_overshoot_a_device_bou
     }
     assert_eq!(stored, 10, "{results:?}");
     assert_eq!(a.durable_pending("dev-race").await.unwrap(), 10);
+}
+
+/// Sends that wait together for one device are written many to an etcd transaction: their ids
+/// still differ and grow in the order written, a backlog whose transactions straddle the pages
+/// a delivery reads arrives whole and in order, and dropping the oldest can drop messages of
+/// the same transaction.
+#[tokio::test]
+async fn a_burst_to_one_device_is_written_in_batches_and_delivered_whole_in_order() {
+    let Some(etcd) = etcd_or_skip() else { return };
+    let dev = DevCertificate::localhost().unwrap();
+    let options = etcd_options(&etcd, Duration::from_secs(2));
+    let (sa, a) = node(&dev, &options, "a").await;
+    let (_sb, b) = node_with(&dev, &options, "b", |o| {
+        o.durable_limits(
+            ClusterDurableLimits::default()
+                .per_device(3, 1 << 20)
+                .overflow(Overflow::DropOldest),
+        )
+    })
+    .await;
+
+    // 600 sends, 50 waiting at a time (transactions of up to 50 do not divide the 256 a
+    // delivery reads at a time).
+    let n = 600u32;
+    let ids: Vec<u64> = futures_util::stream::iter(0..n)
+        .map(|i| {
+            let a = &a;
+            async move {
+                a.send_durable(
+                    "burst",
+                    "Device",
+                    "Cmd",
+                    Metadata::new(),
+                    i.to_be_bytes(),
+                    Duration::from_secs(60),
+                )
+                .await
+                .unwrap() as u64
+            }
+        })
+        .buffered(50)
+        .collect()
+        .await;
+    let mut sorted = ids.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(sorted.len(), ids.len(), "every id differs");
+    let listed = ids_of(&a.durable_messages("burst").await.unwrap());
+    assert_eq!(listed, sorted, "listed whole, in id order");
+    let (_d, mut rx) = device(&dev, sa.local_addr().unwrap(), "burst").await;
+    for id in &sorted {
+        let msg = next_push(&mut rx).await;
+        assert_eq!(msg.durable_id(), Some(*id));
+        // What was sent with this id.
+        let i = ids.iter().position(|x| x == id).unwrap() as u32;
+        assert_eq!(msg.payload[..], i.to_be_bytes());
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), rx.recv())
+            .await
+            .is_err(),
+        "nothing more"
+    );
+    assert_eq!(pending_after_acks(&a, "burst").await, 0);
+
+    // 10 sends at once to a device bounded at 3, dropping the oldest: all return an id, the 3
+    // latest stay, 7 are counted.
+    let sends = (0..10).map(|_| durable_of(&b, "dropping", 10));
+    let mut ids: Vec<u64> = futures_util::future::join_all(sends)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap() as u64)
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(
+        ids_of(&b.durable_messages("dropping").await.unwrap()),
+        ids[7..]
+    );
+    assert_eq!(b.durable_stats().overflowed, 7);
 }
 
 /// The node that accepted the messages is a process of its own, killed with SIGKILL.

@@ -118,27 +118,37 @@ struct Size {
     bytes: u64,
 }
 
+/// One device's durable messages as the watch shows them.
+#[derive(Debug, Default, Clone, Copy)]
+struct DeviceView {
+    size: Size,
+    /// The revision of the last write to the device the watch showed: every write up to it is
+    /// counted (and the deletes the watch showed are not).
+    last_put: i64,
+}
+
 /// The cluster's durable messages as this node's watch of etcd shows them.
 #[derive(Debug, Default)]
 struct View {
-    by_device: HashMap<String, Size>,
+    by_device: HashMap<String, DeviceView>,
     total: Size,
 }
 
 impl View {
-    fn add(&mut self, device: String, bytes: u64) {
-        let s = self.by_device.entry(device).or_default();
-        s.messages += 1;
-        s.bytes += bytes;
+    fn add(&mut self, device: String, bytes: u64, revision: i64) {
+        let d = self.by_device.entry(device).or_default();
+        d.size.messages += 1;
+        d.size.bytes += bytes;
+        d.last_put = d.last_put.max(revision);
         self.total.messages += 1;
         self.total.bytes += bytes;
     }
 
     fn sub(&mut self, device: &str, bytes: u64) {
-        if let Some(s) = self.by_device.get_mut(device) {
-            s.messages = s.messages.saturating_sub(1);
-            s.bytes = s.bytes.saturating_sub(bytes);
-            if s.messages == 0 {
+        if let Some(d) = self.by_device.get_mut(device) {
+            d.size.messages = d.size.messages.saturating_sub(1);
+            d.size.bytes = d.size.bytes.saturating_sub(bytes);
+            if d.size.messages == 0 {
                 self.by_device.remove(device);
             }
         }
@@ -206,15 +216,20 @@ fn size_of_key(key: &[u8]) -> u64 {
 #[derive(Debug)]
 struct DeviceKeys {
     revision: i64,
-    keys: VecDeque<(Vec<u8>, u64)>,
+    size: Size,
+    /// The keys, oldest first, when they were read (not when the counts come from the watch:
+    /// dropping any then takes a read).
+    keys: Option<Vec<(Vec<u8>, u64)>>,
 }
 
 impl DeviceKeys {
     fn size(&self) -> Size {
-        Size {
-            messages: self.keys.len() as u64,
-            bytes: self.keys.iter().map(|(_, b)| b).sum(),
-        }
+        self.size
+    }
+
+    /// The device's oldest keys that can be dropped, oldest first.
+    fn droppable(&self) -> &[(Vec<u8>, u64)] {
+        self.keys.as_deref().unwrap_or(&[])
     }
 }
 
@@ -278,6 +293,8 @@ enum Fate {
 struct Plan {
     fates: Vec<Fate>,
     drops: usize,
+    /// The device's messages once it is written.
+    after: Size,
 }
 /// Messages read from etcd at a time by a delivery run.
 const READ_BATCH: i64 = 256;
@@ -371,11 +388,11 @@ impl ClusterDurable {
     }
 
     /// The watch read every durable key anew.
-    pub(crate) fn view_reset<'a>(&self, keys: impl IntoIterator<Item = &'a str>) {
+    pub(crate) fn view_reset<'a>(&self, keys: impl IntoIterator<Item = (&'a str, i64)>) {
         let mut fresh = View::default();
-        for key in keys {
+        for (key, revision) in keys {
             if let Some(device) = self.device_of(key) {
-                fresh.add(device, size_of_key(key.as_bytes()));
+                fresh.add(device, size_of_key(key.as_bytes()), revision);
             }
         }
         fresh.record();
@@ -383,9 +400,9 @@ impl ClusterDurable {
     }
 
     /// The watch saw a durable message written.
-    pub(crate) fn view_put(&self, device: String, key: &str) {
+    pub(crate) fn view_put(&self, device: String, key: &str, revision: i64) {
         let mut view = self.view();
-        view.add(device, size_of_key(key.as_bytes()));
+        view.add(device, size_of_key(key.as_bytes()), revision);
         view.record();
     }
 
@@ -546,19 +563,19 @@ impl ClusterDurable {
     ) -> (Vec<Result<i64, ClusterError>>, Option<DeviceKeys>) {
         let all = |e: ClusterError| batch.iter().map(|_| Err(e.clone())).collect::<Vec<_>>();
         let sizes: Vec<u64> = batch.iter().map(|w| w.value.len() as u64).collect();
-        // The first read may come from the etcd member's own copy (no round of the cluster:
-        // the transaction's comparison catches a copy that lags); a read after anything
-        // failed, and one a refusal or a drop is decided on, is linearizable.
-        let mut linearizable = false;
-        for _ in 0..STORE_TRIES {
+        // The first try counts on what the last write through this node left, or else on
+        // the watch (no read of etcd: the transaction's comparison catches what either
+        // missed); a try after anything failed, and one a refusal or a drop is decided on,
+        // reads the device's keys.
+        for attempt in 0..STORE_TRIES {
             let (keys, fresh) = match known.take() {
                 Some(keys) => (keys, false),
-                None => match self.read_keys(client, prefix, linearizable).await {
-                    Ok(keys) => (keys, linearizable),
+                None if attempt == 0 => (self.keys_from_view(client_id), false),
+                None => match self.read_keys(client, prefix, true).await {
+                    Ok(keys) => (keys, true),
                     Err(e) => return (all(e), None),
                 },
             };
-            linearizable = true;
             let plan = self.plan(client_id, &keys, &sizes);
             let cuts = plan.drops > 0 || plan.fates.iter().any(|f| !matches!(f, Fate::Kept(_)));
             if cuts && !fresh {
@@ -588,7 +605,7 @@ impl ClusterDurable {
                 .filter_map(|(w, name)| Some(TxnOp::put(name.clone()?, w.value.clone(), None)))
                 .collect();
             ops.extend(
-                keys.keys
+                keys.droppable()
                     .iter()
                     .take(plan.drops)
                     .map(|(k, _)| TxnOp::delete(k.clone(), None)),
@@ -631,13 +648,16 @@ impl ClusterDurable {
                 metrics::counter!(quicx::metrics::names::DURABLE_OVERFLOWED).increment(dropped);
             }
             let mut left = keys;
-            left.keys.drain(..plan.drops);
-            left.keys.extend(
-                names
-                    .iter()
-                    .zip(&sizes)
-                    .filter_map(|(name, size)| Some((name.clone()?, *size))),
-            );
+            if let Some(keys) = &mut left.keys {
+                keys.drain(..plan.drops);
+                keys.extend(
+                    names
+                        .iter()
+                        .zip(&sizes)
+                        .filter_map(|(name, size)| Some((name.clone()?, *size))),
+                );
+            }
+            left.size = plan.after;
             left.revision = revision;
             let results = plan
                 .fates
@@ -686,14 +706,38 @@ impl ClusterDurable {
         keys.sort_unstable_by_key(|(id, _, _)| *id);
         Ok(DeviceKeys {
             revision: reply.header().map_or(0, |h| h.revision()),
-            keys: keys.into_iter().map(|(_, k, size)| (k, size)).collect(),
+            size: Size {
+                messages: keys.len() as u64,
+                bytes: keys.iter().map(|(_, _, size)| size).sum(),
+            },
+            keys: Some(keys.into_iter().map(|(_, k, size)| (k, size)).collect()),
         })
+    }
+
+    /// A device's pending messages as the watch shows them, valid as of the last write to it
+    /// the watch showed (a write's comparison then fails if the watch missed a later one).
+    fn keys_from_view(&self, client_id: &str) -> DeviceKeys {
+        let device = self
+            .view()
+            .by_device
+            .get(client_id)
+            .copied()
+            .unwrap_or_default();
+        DeviceKeys {
+            revision: device.last_put,
+            size: device.size,
+            keys: None,
+        }
     }
 
     /// The other devices' pending messages, as the watch shows them.
     fn others(&self, client_id: &str) -> Size {
         let view = self.view();
-        let seen = view.by_device.get(client_id).copied().unwrap_or_default();
+        let seen = view
+            .by_device
+            .get(client_id)
+            .map(|d| d.size)
+            .unwrap_or_default();
         Size {
             messages: view.total.messages.saturating_sub(seen.messages),
             bytes: view.total.bytes.saturating_sub(seen.bytes),
@@ -760,14 +804,15 @@ impl ClusterDurable {
                     room = true;
                     break;
                 }
-                let next = if d < keys.keys.len() {
-                    keys.keys[d].1
+                let old = keys.droppable();
+                let next = if d < old.len() {
+                    old[d].1
                 } else if k < kept.len() {
                     kept[k].1
                 } else {
                     break;
                 };
-                let (nd, nk) = if d < keys.keys.len() {
+                let (nd, nk) = if d < old.len() {
                     (d + 1, k)
                 } else {
                     (d, k + 1)
@@ -801,7 +846,11 @@ impl ClusterDurable {
             held.bytes += size;
             kept.push_back((i, size));
         }
-        Plan { fates, drops }
+        Plan {
+            fates,
+            drops,
+            after: held,
+        }
     }
 
     /// Delivers what is pending for `client_id` if this node holds it, in id order (`WINDOW`

@@ -1322,7 +1322,7 @@ impl Shared {
             }
             Change::Reset(kvs) => {
                 self.durable
-                    .view_reset(kvs.iter().map(|(k, _, _)| k.as_str()));
+                    .view_reset(kvs.iter().map(|(k, _, revision)| (k.as_str(), *revision)));
                 // Durable messages may have arrived while the watch was down: deliver what the
                 // local devices have waiting.
                 if let Some(server) = server.upgrade() {
@@ -1339,7 +1339,7 @@ impl Shared {
                 revision,
             } => {
                 if let Some(device) = self.durable.device_of(&key) {
-                    self.durable.view_put(device.clone(), &key);
+                    self.durable.view_put(device.clone(), &key, revision);
                     if server.upgrade().and_then(|s| s.client(&device)).is_some() {
                         self.durable.kick(&self.etcd, server, &device);
                     }

@@ -1,13 +1,14 @@
 //! Durable messages of a cluster, kept in etcd so they survive the loss of the node that
 //! accepted them: any node the device connects to delivers them.
 //!
-//! Key: `{prefix}/durable/{hex(client_id)}/{node}-{counter}.{size}`, where `size` is the
-//! value's length (so a read of the keys alone tells a device's pending bytes); value: postcard
-//! of [`Stored`].
-//! Not under any lease: a message stays until acknowledged, cancelled or expired. Its id (what
-//! the device sees under `quicx-msg-id`) is the key's etcd create revision, so ids grow across
-//! the whole cluster and a device drops a message it already acknowledged whichever node sends
-//! it again (the messages carry `quicx-msg-space`: the cluster's prefix and the identity).
+//! Key: `{prefix}/durable/{hex(client_id)}/{node}-{counter}.{place}.{size}`, where `place` is
+//! its place in the etcd transaction that wrote it and `size` the value's length (so a read of
+//! the keys alone tells a device's pending bytes); value: postcard of [`Stored`].
+//! Not under any lease: a message stays until acknowledged, cancelled, expired or dropped to
+//! make room. Its id (what the device sees under `quicx-msg-id`) is the key's etcd create
+//! revision × [`ID_SPAN`] plus its place, so ids grow across the whole cluster and a device
+//! drops a message it already acknowledged whichever node sends it again (the messages carry
+//! `quicx-msg-space`: the cluster's prefix and the identity).
 
 use std::{
     sync::{
@@ -48,10 +49,12 @@ const STORE_TRIES: usize = 16;
 /// backend quota, `--quota-backend-bytes`, 2 GiB by default: etcd refuses every write, presence
 /// records included, once it is full).
 ///
-/// - **Per device** the bounds are exact across the cluster: a send reads the device's pending
-///   keys and writes only if no other send wrote to that device meanwhile (an etcd transaction
-///   comparing the revision), else it reads again; sends to one device through one node go one
-///   after another, sends to different devices side by side.
+/// - **Per device** the bounds are exact across the cluster: one task per device and node
+///   writes the sends waiting for it, many to an etcd transaction, counting on what its last
+///   write left or on the node's watch, and the transaction takes effect only if no other
+///   node wrote to the device since what it counted (it compares the revision of the device's
+///   keys); else the task reads the device's keys and plans again. Sends to different devices
+///   go side by side.
 /// - **In all** the bounds are checked against what this node's watch of etcd shows, which
 ///   trails other nodes' sends by the watch's delay (milliseconds): sends through several nodes
 ///   at the same moment can overshoot them by as many messages as were in flight.
@@ -132,6 +135,8 @@ struct DeviceView {
 struct View {
     by_device: HashMap<String, DeviceView>,
     total: Size,
+    /// The revision of the latest write the watch showed (any device's).
+    latest_put: i64,
 }
 
 impl View {
@@ -140,6 +145,7 @@ impl View {
         d.size.messages += 1;
         d.size.bytes += bytes;
         d.last_put = d.last_put.max(revision);
+        self.latest_put = self.latest_put.max(revision);
         self.total.messages += 1;
         self.total.bytes += bytes;
     }
@@ -503,11 +509,32 @@ impl ClusterDurable {
     /// each other; a write by another node in between makes the transaction fail and the batch
     /// is planned again on a new read.
     async fn write_queue(self: Arc<Self>, mut client: Client, client_id: String) {
+        // Should this task end without emptying the queue (a panic), the sends waiting in it
+        // fail at once instead of waiting for a writer that is gone, and the next send starts
+        // a new one.
+        struct Abandon<'a>(&'a ClusterDurable, &'a str, bool);
+        impl Drop for Abandon<'_> {
+            fn drop(&mut self) {
+                if !self.2 {
+                    return;
+                }
+                let mut sending = self.0.sending.lock().unwrap_or_else(|e| e.into_inner());
+                sending.remove(self.1);
+                drop(sending);
+                self.0
+                    .known
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(self.1);
+            }
+        }
+        let mut abandon = Abandon(&self, &client_id, true);
         let prefix = self.device_prefix(&client_id);
         loop {
             let batch: Vec<Waiting> = {
                 let mut sending = self.sending.lock().unwrap_or_else(|e| e.into_inner());
                 let Some(queue) = sending.get_mut(&client_id) else {
+                    abandon.2 = false;
                     return;
                 };
                 let mut bytes = 0;
@@ -521,6 +548,7 @@ impl ClusterDurable {
                     batch.extend(queue.waiting.pop_front());
                 }
                 if batch.is_empty() {
+                    abandon.2 = false;
                     sending.remove(&client_id);
                     // The last write's keys go with the last send.
                     self.known
@@ -694,7 +722,7 @@ impl ClusterDurable {
         if !linearizable {
             options = options.with_serializable();
         }
-        let reply = client
+        let reply = crate::etcd::kv(client)
             .get(prefix, Some(options))
             .await
             .map_err(ClusterError::etcd)?;
@@ -716,15 +744,22 @@ impl ClusterDurable {
 
     /// A device's pending messages as the watch shows them, valid as of the last write to it
     /// the watch showed (a write's comparison then fails if the watch missed a later one).
+    ///
+    /// The watch applies the keys of one write one by one, so the device's last write is
+    /// counted whole only once the watch showed a later write (one etcd revision is never split
+    /// between watch replies, and they come in revision order): until then the count is valid
+    /// only up to the revision before, and the comparison fails (the writer then reads) if that
+    /// last write touched the device.
     fn keys_from_view(&self, client_id: &str) -> DeviceKeys {
-        let device = self
-            .view()
-            .by_device
-            .get(client_id)
-            .copied()
-            .unwrap_or_default();
+        let view = self.view();
+        let device = view.by_device.get(client_id).copied().unwrap_or_default();
+        let revision = if device.last_put >= view.latest_put {
+            device.last_put - 1
+        } else {
+            device.last_put
+        };
         DeviceKeys {
-            revision: device.last_put,
+            revision: revision.max(0),
             size: device.size,
             keys: None,
         }
@@ -1251,6 +1286,37 @@ async fn delete_all(client: &mut Client, keys: Vec<(Vec<u8>, Gone)>, counters: &
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_watch_counts_a_write_whole_only_once_a_later_one_shows() {
+        let durable = ClusterDurable::new(
+            "/q",
+            "a",
+            Duration::from_secs(1),
+            ClusterDurableLimits::default(),
+            CancellationToken::new(),
+        );
+        let key = |device: &str, n: u32| format!("/q/durable/{}/b-{n:020}.{n}.10", hex(device));
+        // Two of a write's keys at revision 7 shown so far: a writer may count on them only up
+        // to revision 6 (the comparison then fails if the write at 7 touched the device).
+        durable.view_put("d".into(), &key("d", 0), 7);
+        durable.view_put("d".into(), &key("d", 1), 7);
+        let counted = durable.keys_from_view("d");
+        assert_eq!((counted.revision, counted.size.messages), (6, 2));
+        // A later write (another device's) shows that revision 7 is whole.
+        durable.view_put("e".into(), &key("e", 0), 8);
+        let counted = durable.keys_from_view("d");
+        assert_eq!(
+            (counted.revision, counted.size.messages, counted.size.bytes),
+            (7, 2, 20)
+        );
+        // A device the watch never showed: nothing counted, nothing may exist.
+        assert_eq!(durable.keys_from_view("f").revision, 0);
+        // Deletes lower the counts, not the revision.
+        durable.view_delete(&key("d", 0));
+        let counted = durable.keys_from_view("d");
+        assert_eq!((counted.revision, counted.size.messages), (7, 1));
+    }
 
     #[test]
     fn keys_name_their_size_and_place() {

@@ -948,8 +948,10 @@ impl ClusterNode {
     /// [`ClusterDurableStats::overflowed`]), [`ClusterError::EtcdUnreachable`] if etcd did not
     /// take it (or answered too slowly: it may then be stored without the caller learning its
     /// id; find it with [`durable_messages`](Self::durable_messages)). Sends to one device
-    /// through one node take turns: each reads the device's keys once (then keeps them while
-    /// more wait) and writes in an etcd transaction.
+    /// through one node are written by one task, up to 64 to an etcd transaction; a write
+    /// reads the device's keys from etcd only when another node wrote to the device meanwhile,
+    /// and before it refuses or drops anything. Dropping the future does not withdraw the
+    /// message: it may still be stored.
     pub async fn send_durable(
         &self,
         client_id: &str,

@@ -584,6 +584,17 @@ async fn demo() -> anyhow::Result<()> {
             "durable_pending(\"device-1\"): {} messages {listed:?}",
             pending.len()
         ));
+        let backlog = server.durable_backlog(5)?;
+        ensure!(
+            backlog.len() == 1
+                && backlog[0].identity == "device-1"
+                && backlog[0].messages == ids.len() as u64,
+            "durable_backlog(5) is {backlog:?}"
+        );
+        lines.push(format!(
+            "durable_backlog(5): device-1 has {} messages, {} bytes (`quicx durable ADDR` prints the same)",
+            backlog[0].messages, backlog[0].bytes
+        ));
         Ok((lines.join("\n"), ids))
     }
     .await;

@@ -324,6 +324,18 @@ async fn call_once(
     Ok(reply?.payload)
 }
 
+/// Calls the admin service's `method` with JSON `args` and prints the reply.
+async fn admin_print(
+    addr: &str,
+    connect: &ConnectOptions,
+    method: &str,
+    args: &serde_json::Value,
+) -> Result<(), Failure> {
+    let args = args.to_string();
+    let reply = call_once(addr, connect, (ADMIN_SERVICE, method), args.as_bytes(), &[]).await?;
+    print(&reply)
+}
+
 /// Writes a reply and a newline to stdout.
 fn print(bytes: &[u8]) -> Result<(), Failure> {
     let mut out = std::io::stdout().lock();
@@ -368,15 +380,7 @@ async fn run(command: Command) -> Result<(), Failure> {
                 Some(client_id) => serde_json::json!({ "client_id": client_id }),
                 None => serde_json::json!({ "limit": limit }),
             };
-            let reply = call_once(
-                &addr,
-                &connect,
-                (ADMIN_SERVICE, "Durable"),
-                args.to_string().as_bytes(),
-                &[],
-            )
-            .await?;
-            print(&reply)
+            admin_print(&addr, &connect, "Durable", &args).await
         }
         Command::Cancel {
             addr,
@@ -385,15 +389,7 @@ async fn run(command: Command) -> Result<(), Failure> {
             connect,
         } => {
             let args = serde_json::json!({ "client_id": target, "id": id });
-            let reply = call_once(
-                &addr,
-                &connect,
-                (ADMIN_SERVICE, "CancelDurable"),
-                args.to_string().as_bytes(),
-                &[],
-            )
-            .await?;
-            print(&reply)
+            admin_print(&addr, &connect, "CancelDurable", &args).await
         }
         Command::Stats { addr, connect } => {
             let reply = call_once(&addr, &connect, (ADMIN_SERVICE, "Stats"), b"null", &[]).await?;

@@ -206,12 +206,7 @@ const UNKNOWN_SIZE: u64 = MAX_DURABLE_PAYLOAD as u64 + 64 * 1024;
 
 /// The stored size a key names.
 fn size_of_key(key: &[u8]) -> u64 {
-    let name = key.rsplit(|&b| b == b'/').next().unwrap_or_default();
-    std::str::from_utf8(name)
-        .ok()
-        .and_then(|n| n.rsplit_once('.'))
-        .and_then(|(_, size)| size.parse().ok())
-        .unwrap_or(UNKNOWN_SIZE)
+    key_fields(key).2
 }
 
 /// A device's pending keys, oldest first, and the etcd revision they were read at (or that
@@ -219,13 +214,21 @@ fn size_of_key(key: &[u8]) -> u64 {
 /// since, which a write's transaction checks. Deletes meanwhile (deliveries, expiries, cancels)
 /// only make it count too much, so a batch is planned again on a fresh read before anything in
 /// it is refused or dropped.
+/// One of a device's keys as a read of them tells.
+#[derive(Debug, Clone)]
+struct StoredKey {
+    key: Vec<u8>,
+    size: u64,
+    expires_ms: u64,
+}
+
 #[derive(Debug)]
 struct DeviceKeys {
     revision: i64,
     size: Size,
     /// The keys, oldest first, when they were read (not when the counts come from the watch:
     /// dropping any then takes a read).
-    keys: Option<Vec<(Vec<u8>, u64)>>,
+    keys: Option<Vec<StoredKey>>,
 }
 
 impl DeviceKeys {
@@ -234,7 +237,7 @@ impl DeviceKeys {
     }
 
     /// The device's oldest keys that can be dropped, oldest first.
-    fn droppable(&self) -> &[(Vec<u8>, u64)] {
+    fn droppable(&self) -> &[StoredKey] {
         self.keys.as_deref().unwrap_or(&[])
     }
 }
@@ -245,6 +248,7 @@ struct Waiting {
     /// The key without its place and size: `{device prefix}{node}-{counter}`.
     name: String,
     value: Vec<u8>,
+    expires_ms: u64,
     reply: tokio::sync::oneshot::Sender<Result<i64, ClusterError>>,
 }
 
@@ -265,17 +269,36 @@ const BATCH: usize = 64;
 /// 1.5 MiB).
 const BATCH_BYTES: u64 = 1 << 20;
 
-/// The place in its transaction a key names (`{node}-{counter}.{place}.{size}`; 0 for a key
-/// written before keys carried it).
-fn place_of_key(key: &[u8]) -> i64 {
+/// What a key's name tells of its message: its place in the transaction that wrote it, when
+/// it expires (Unix ms) and its stored size. Names are `{node}-{counter}.{place}.e{expires}.{size}`;
+/// keys written before they carried all of it give place 0, never expiring, and
+/// [`UNKNOWN_SIZE`].
+fn key_fields(key: &[u8]) -> (i64, u64, u64) {
     let name = key.rsplit(|&b| b == b'/').next().unwrap_or_default();
-    let mut parts = std::str::from_utf8(name)
-        .unwrap_or_default()
-        .rsplitn(3, '.');
-    match (parts.next(), parts.next(), parts.next()) {
-        (Some(_size), Some(place), Some(_)) => place.parse().unwrap_or(0),
+    let name = std::str::from_utf8(name).unwrap_or_default();
+    let mut parts = name.rsplit('.');
+    let Some(size) = parts.next().and_then(|s| s.parse().ok()) else {
+        return (0, u64::MAX, UNKNOWN_SIZE);
+    };
+    let mut next = parts.next();
+    let expires = match next.and_then(|e| e.strip_prefix('e')?.parse().ok()) {
+        Some(expires) => {
+            next = parts.next();
+            expires
+        }
+        None => u64::MAX,
+    };
+    // A place, unless this is the node name's own last dot-separated part.
+    let place = match (next, parts.next()) {
+        (Some(place), Some(_)) => place.parse().unwrap_or(0),
         _ => 0,
-    }
+    };
+    (place, expires, size)
+}
+
+/// The place in its transaction a key names.
+fn place_of_key(key: &[u8]) -> i64 {
+    key_fields(key).0
 }
 
 /// The id of a stored message (what the device sees under `quicx-msg-id`).
@@ -298,7 +321,10 @@ enum Fate {
 #[derive(Debug)]
 struct Plan {
     fates: Vec<Fate>,
-    drops: usize,
+    /// The device's expired messages that go (indexes into its keys, oldest first).
+    expired: Vec<usize>,
+    /// Its messages dropped to make room (indexes into its keys, oldest first).
+    drops: Vec<usize>,
     /// The device's messages once it is written.
     after: Size,
 }
@@ -486,11 +512,17 @@ impl ClusterDurable {
             self.node,
             self.counter.fetch_add(1, Ordering::Relaxed)
         );
+        let expires_ms = stored.expires_ms;
         let (reply, stored) = tokio::sync::oneshot::channel();
         let start = {
             let mut sending = self.sending.lock().unwrap_or_else(|e| e.into_inner());
             let queue = sending.entry(client_id.to_owned()).or_default();
-            queue.waiting.push_back(Waiting { name, value, reply });
+            queue.waiting.push_back(Waiting {
+                name,
+                value,
+                expires_ms,
+                reply,
+            });
             !std::mem::replace(&mut queue.writing, true)
         };
         if start {
@@ -605,7 +637,8 @@ impl ClusterDurable {
                 },
             };
             let plan = self.plan(client_id, &keys, &sizes);
-            let cuts = plan.drops > 0 || plan.fates.iter().any(|f| !matches!(f, Fate::Kept(_)));
+            let cuts =
+                !plan.drops.is_empty() || plan.fates.iter().any(|f| !matches!(f, Fate::Kept(_)));
             if cuts && !fresh {
                 // Refusing or dropping on keys that may be stale: read again first.
                 continue;
@@ -615,7 +648,9 @@ impl ClusterDurable {
                 .zip(&plan.fates)
                 .zip(&sizes)
                 .map(|((w, fate), size)| match fate {
-                    Fate::Kept(place) => Some(format!("{}.{place}.{size}", w.name).into_bytes()),
+                    Fate::Kept(place) => {
+                        Some(format!("{}.{place}.e{}.{size}", w.name, w.expires_ms).into_bytes())
+                    }
                     _ => None,
                 })
                 .collect();
@@ -632,11 +667,14 @@ impl ClusterDurable {
                 .zip(&names)
                 .filter_map(|(w, name)| Some(TxnOp::put(name.clone()?, w.value.clone(), None)))
                 .collect();
+            let puts = ops.len();
+            // Expired messages of the device first, then those dropped to make room.
+            let old = keys.droppable();
             ops.extend(
-                keys.droppable()
+                plan.expired
                     .iter()
-                    .take(plan.drops)
-                    .map(|(k, _)| TxnOp::delete(k.clone(), None)),
+                    .chain(&plan.drops)
+                    .map(|&i| TxnOp::delete(old[i].key.clone(), None)),
             );
             // Nothing written to the device since `keys` was read (deletes do not move the
             // keys that are left).
@@ -655,20 +693,26 @@ impl ClusterDurable {
                 continue;
             }
             let revision = reply.header().map_or(0, |h| h.revision());
-            let deleted: i64 = reply
+            let deleted: Vec<u64> = reply
                 .op_responses()
                 .iter()
+                .skip(puts)
                 .map(|r| match r {
-                    TxnOpResponse::Delete(d) => d.deleted(),
+                    TxnOpResponse::Delete(d) => d.deleted() as u64,
                     _ => 0,
                 })
-                .sum();
+                .collect();
+            let expired: u64 = deleted.iter().take(plan.expired.len()).sum();
+            if expired > 0 {
+                self.counters.expired.fetch_add(expired, Ordering::Relaxed);
+                metrics::counter!(quicx::metrics::names::DURABLE_EXPIRED).increment(expired);
+            }
             let dropped_here = plan
                 .fates
                 .iter()
                 .filter(|f| matches!(f, Fate::DroppedAt(_)))
                 .count() as u64;
-            let dropped = deleted as u64 + dropped_here;
+            let dropped = deleted.iter().skip(plan.expired.len()).sum::<u64>() + dropped_here;
             if dropped > 0 {
                 self.counters
                     .overflowed
@@ -677,13 +721,22 @@ impl ClusterDurable {
             }
             let mut left = keys;
             if let Some(keys) = &mut left.keys {
-                keys.drain(..plan.drops);
-                keys.extend(
-                    names
-                        .iter()
-                        .zip(&sizes)
-                        .filter_map(|(name, size)| Some((name.clone()?, *size))),
-                );
+                let gone: std::collections::HashSet<usize> =
+                    plan.expired.iter().chain(&plan.drops).copied().collect();
+                let mut i = 0;
+                keys.retain(|_| {
+                    i += 1;
+                    !gone.contains(&(i - 1))
+                });
+                keys.extend(batch.iter().zip(&names).zip(&sizes).filter_map(
+                    |((w, name), size)| {
+                        Some(StoredKey {
+                            key: name.clone()?,
+                            size: *size,
+                            expires_ms: w.expires_ms,
+                        })
+                    },
+                ));
             }
             left.size = plan.after;
             left.revision = revision;
@@ -726,19 +779,30 @@ impl ClusterDurable {
             .get(prefix, Some(options))
             .await
             .map_err(ClusterError::etcd)?;
-        let mut keys: Vec<(i64, Vec<u8>, u64)> = reply
+        let mut keys: Vec<(i64, StoredKey)> = reply
             .kvs()
             .iter()
-            .map(|kv| (id_of(kv), kv.key().to_vec(), size_of_key(kv.key())))
+            .map(|kv| {
+                let (_, expires_ms, size) = key_fields(kv.key());
+                let key = kv.key().to_vec();
+                (
+                    id_of(kv),
+                    StoredKey {
+                        key,
+                        size,
+                        expires_ms,
+                    },
+                )
+            })
             .collect();
-        keys.sort_unstable_by_key(|(id, _, _)| *id);
+        keys.sort_unstable_by_key(|(id, _)| *id);
         Ok(DeviceKeys {
             revision: reply.header().map_or(0, |h| h.revision()),
             size: Size {
                 messages: keys.len() as u64,
-                bytes: keys.iter().map(|(_, _, size)| size).sum(),
+                bytes: keys.iter().map(|(_, k)| k.size).sum(),
             },
-            keys: Some(keys.into_iter().map(|(_, k, size)| (k, size)).collect()),
+            keys: Some(keys.into_iter().map(|(_, k)| k).collect()),
         })
     }
 
@@ -809,10 +873,28 @@ impl ClusterDurable {
     /// `keys`: each kept while it fits; over a bound, refused ([`Overflow::Refuse`]), or the
     /// oldest messages (the device's, then this batch's) dropped until it fits
     /// ([`Overflow::DropOldest`]; refused if even all of them would not make room, or if
-    /// more would go than one transaction takes).
+    /// more would go than one transaction takes). The device's expired messages go first,
+    /// whatever the policy (when its keys were read: not on counts from the watch).
     fn plan(&self, client_id: &str, keys: &DeviceKeys, sizes: &[u64]) -> Plan {
         let others = self.others(client_id);
+        let old = keys.droppable();
+        let now = now_ms();
+        // At most 128 operations to a transaction: the puts, then deletes.
+        let room_for_deletes = 128usize.saturating_sub(sizes.len());
+        let expired: Vec<usize> = (0..old.len())
+            .filter(|&i| old[i].expires_ms <= now)
+            .take(room_for_deletes / 2)
+            .collect();
         let mut held = keys.size();
+        for &i in &expired {
+            held.messages = held.messages.saturating_sub(1);
+            held.bytes = held.bytes.saturating_sub(old[i].size);
+        }
+        // What may be dropped to make room, oldest first.
+        let live: Vec<usize> = (0..old.len())
+            .filter(|i| expired.binary_search(i).is_err())
+            .collect();
+        let room_for_drops = room_for_deletes - expired.len();
         let mut drops = 0;
         // This batch's messages kept so far, oldest first: (index in the batch, size).
         let mut kept: VecDeque<(usize, u64)> = VecDeque::new();
@@ -839,20 +921,19 @@ impl ClusterDurable {
                     room = true;
                     break;
                 }
-                let old = keys.droppable();
-                let next = if d < old.len() {
-                    old[d].1
+                let next = if d < live.len() {
+                    old[live[d]].size
                 } else if k < kept.len() {
                     kept[k].1
                 } else {
                     break;
                 };
-                let (nd, nk) = if d < old.len() {
+                let (nd, nk) = if d < live.len() {
                     (d + 1, k)
                 } else {
                     (d, k + 1)
                 };
-                if nd + sizes.len() > 128 {
+                if nd > room_for_drops {
                     break;
                 }
                 trial = (
@@ -883,7 +964,8 @@ impl ClusterDurable {
         }
         Plan {
             fates,
-            drops,
+            expired,
+            drops: live[..drops].to_vec(),
             after: held,
         }
     }
@@ -1319,26 +1401,23 @@ mod tests {
     }
 
     #[test]
-    fn keys_name_their_size_and_place() {
-        let key = b"/q/durable/6465/node-1.eu-00000000000000000042.7.130";
+    fn keys_name_their_place_expiry_and_size() {
+        let key = b"/q/durable/6465/node-1.eu-00000000000000000042.7.e1765000000000.130";
+        assert_eq!(key_fields(key), (7, 1_765_000_000_000, 130));
         assert_eq!(size_of_key(key), 130);
         assert_eq!(place_of_key(key), 7);
-        // Keys written before they carried a place, or a size.
+        // Keys written before they carried an expiry, a place, or a size.
         assert_eq!(
-            place_of_key(b"/q/durable/6465/node-00000000000000000042.130"),
-            0
+            key_fields(b"/q/durable/6465/n.eu-00000000000000000042.7.130"),
+            (7, u64::MAX, 130)
         );
         assert_eq!(
-            size_of_key(b"/q/durable/6465/node-00000000000000000042.130"),
-            130
+            key_fields(b"/q/durable/6465/node-00000000000000000042.130"),
+            (0, u64::MAX, 130)
         );
         assert_eq!(
-            size_of_key(b"/q/durable/6465/node-00000000000000000042"),
-            UNKNOWN_SIZE
-        );
-        assert_eq!(
-            place_of_key(b"/q/durable/6465/node-00000000000000000042"),
-            0
+            key_fields(b"/q/durable/6465/node-00000000000000000042"),
+            (0, u64::MAX, UNKNOWN_SIZE)
         );
     }
 }

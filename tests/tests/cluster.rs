@@ -841,6 +841,42 @@ async fn cluster_durable_bounds_hold_under_each_policy_and_list_and_cancel_work(
     assert!(matches!(err, ClusterError::DurableFull(_)), "{err:?}");
 }
 
+/// A device's expired messages make room under either policy, and are counted as expired.
+#[tokio::test]
+async fn expired_cluster_durable_messages_make_room_for_new_ones() {
+    let Some(etcd) = etcd_or_skip() else { return };
+    let dev = DevCertificate::localhost().unwrap();
+    let options = etcd_options(&etcd, Duration::from_secs(2));
+    let (_sa, a) = node_with(&dev, &options, "a", |o| {
+        o.durable_limits(ClusterDurableLimits::default().per_device(2, 1 << 20))
+    })
+    .await;
+    let short = |i: u32| {
+        a.send_durable(
+            "dev-ttl",
+            "Device",
+            "Cmd",
+            Metadata::new(),
+            i.to_be_bytes(),
+            Duration::from_millis(200),
+        )
+    };
+    short(0).await.unwrap();
+    short(1).await.unwrap();
+    let err = durable_of(&a, "dev-ttl", 10).await.unwrap_err();
+    assert!(matches!(err, ClusterError::DurableFull(_)), "{err:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Both expired: the device (never connected) takes two new ones, and nothing overflowed.
+    let kept = [
+        durable_of(&a, "dev-ttl", 10).await.unwrap() as u64,
+        durable_of(&a, "dev-ttl", 10).await.unwrap() as u64,
+    ];
+    assert_eq!(ids_of(&a.durable_messages("dev-ttl").await.unwrap()), kept);
+    assert_eq!(a.durable_pending("dev-ttl").await.unwrap(), 2);
+    let stats = a.durable_stats();
+    assert_eq!((stats.expired, stats.overflowed), (2, 0), "{stats:?}");
+}
+
 /// Sends racing through two nodes to one device: the per-device bound holds exactly.
 #[tokio::test]
 async fn concurrent_durable_sends_through_two_nodes_never_overshoot_a_device_bound() {

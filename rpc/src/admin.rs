@@ -41,8 +41,8 @@ impl Server {
     /// |---|---|---|
     /// | `Clients` | – | `[{"id":3,"remote_address":"10.0.0.7:50412","client_id":"device-7","rtt_ms":1.25}, ..]`: every open connection (the caller's too), ordered by [`Connection::id`](crate::Connection::id); `client_id` is `null` for a connection without identity; `rtt_ms` is QUIC's current estimate |
     /// | `Push` | `{"client_id":"device-7","service_path":"Command","service_method":"Reboot","payload":{"delay_s":5},"metadata":{"k":"v"}}` (`payload` defaults to `null`, `metadata` to none) | `null`, once the push was handed to QUIC |
-    /// | `Durable` | `null` or `{"limit":20}` | `{"pending":12,"pending_bytes":3400,"identities":3,"largest":[{"identity":"device-7","messages":10,"bytes":3000}, ..]}`: the durable store's totals and its `limit` (default 20, at most 1,000) largest backlogs, most first ([`durable_backlog`](Self::durable_backlog)) |
-    /// | `Durable` | `{"client_id":"device-7"}` | `[{"id":41,"service_path":"Command","service_method":"Reboot","size":14,"expires_in_ms":59000}, ..]`: that identity's pending messages, oldest first ([`durable_pending`](Self::durable_pending)) |
+    /// | `Durable` | `null` or `{"limit":20}` | `{"identities":3,"largest":[{"bytes":3000,"identity":"device-7","messages":10}, ..],"pending":12,"pending_bytes":3400}`: the durable store's totals and its `limit` (default 20, at most 1,000) largest backlogs, most first ([`durable_backlog`](Self::durable_backlog)); the totals and the list are read one after the other, so under load they may differ by what changed in between |
+    /// | `Durable` | `{"client_id":"device-7"}` (and `"limit"`: the oldest that many) | `[{"expires_in_ms":59000,"id":41,"service_method":"Reboot","service_path":"Command","size":14}, ..]`: that identity's pending messages, oldest first ([`durable_pending`](Self::durable_pending)) |
     /// | `CancelDurable` | `{"client_id":"device-7","id":41}` | `true` if it was pending and is now cancelled, `false` if not pending ([`cancel_durable`](Self::cancel_durable)) |
     /// | `Stats` | – | the [`Stats`](crate::Stats) counters as an object: `{"calls_served":12,"open_connections":2, ..}`, one field per counter, named as in `Stats`, taken while the call runs: `calls_served` counts this call |
     ///
@@ -221,6 +221,7 @@ impl Admin {
                 .await
                 .map_err(store_failure)?
                 .into_iter()
+                .take(args.limit.unwrap_or(usize::MAX))
                 .map(|m| PendingRow {
                     id: m.id,
                     service_path: m.service_path,

@@ -362,34 +362,28 @@ impl Sizes {
     /// The `limit` identities with the most pending messages, most first (ties: most bytes,
     /// then by name). One pass over the identities, keeping `limit` of them.
     fn largest(&self, limit: usize) -> Vec<DurableBacklog> {
-        let key = |(identity, size): (&String, &Size)| {
-            (
-                std::cmp::Reverse((size.messages, size.bytes)),
-                identity.clone(),
-            )
-        };
+        // Names borrowed while ranking; only the `limit` kept are copied.
         let mut heap =
             std::collections::BinaryHeap::with_capacity(limit.saturating_add(1).min(1024));
-        for entry in &self.by_identity {
-            if limit == 0 {
-                break;
-            }
-            let (rank, identity) = key(entry);
-            if heap.len() < limit {
-                heap.push((rank, identity));
-            } else if heap
-                .peek()
-                .is_some_and(|worst| (&rank, &identity) < (&worst.0, &worst.1))
-            {
-                heap.pop();
-                heap.push((rank, identity));
+        if limit > 0 {
+            for (identity, size) in &self.by_identity {
+                let entry = (
+                    std::cmp::Reverse((size.messages, size.bytes)),
+                    identity.as_str(),
+                );
+                if heap.len() < limit {
+                    heap.push(entry);
+                } else if heap.peek().is_some_and(|worst| entry < *worst) {
+                    heap.pop();
+                    heap.push(entry);
+                }
             }
         }
         heap.into_sorted_vec()
             .into_iter()
             .map(
                 |(std::cmp::Reverse((messages, bytes)), identity)| DurableBacklog {
-                    identity,
+                    identity: identity.to_owned(),
                     messages,
                     bytes,
                 },
@@ -2389,8 +2383,13 @@ impl Durable {
 
     /// Cancels a pending message; whether it was pending.
     pub(crate) async fn cancel(&self, identity: &str, id: u64) -> Result<bool> {
-        self.attempted.locked().remove(&id);
-        Ok(self.store.remove(identity, vec![id]).await? > 0)
+        let cancelled = self.store.remove(identity, vec![id]).await? > 0;
+        // Only the owner's cancel forgets that the message went out (a cancel naming another
+        // identity leaves its redelivered mark alone).
+        if cancelled {
+            self.attempted.locked().remove(&id);
+        }
+        Ok(cancelled)
     }
 
     /// Drops every expired message.

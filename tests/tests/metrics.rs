@@ -40,6 +40,8 @@ async fn the_metrics_endpoint_serves_the_named_series_with_matching_values() {
 
     let dev = DevCertificate::localhost().unwrap();
     let store = std::env::temp_dir().join(format!("quicx-metrics-{}", std::process::id()));
+    // A store left by an earlier run with the same process id would hold its messages.
+    let _ = std::fs::remove_dir_all(&store);
     std::fs::create_dir_all(&store).unwrap();
     let server = Server::builder()
         .dev_certificate(&dev)

@@ -1,6 +1,7 @@
 //! Durable pushes: stored crash-safe, delivered in order once the device is bound, each seen
 //! once by the application, across a SIGKILL of the server, a connection lost before the
-//! acknowledgement, and a device that crashes before acking in manual mode.
+//! acknowledgement, and a device that crashes before acking in manual mode (a device process
+//! killed with SIGKILL included).
 
 use std::{
     net::SocketAddr,
@@ -1077,6 +1078,82 @@ async fn in_manual_mode_a_device_that_crashes_before_acking_gets_the_message_aga
     assert_eq!(server.durable_pending("device-4").await.unwrap().len(), 1);
     assert!(msg.ack());
     assert!(!msg.ack(), "a second ack does nothing");
+    assert!(nothing_pending(&server, Duration::from_secs(5)).await);
+}
+
+/// Runs only as the child process of
+/// `in_manual_mode_a_device_process_killed_before_acking_gets_the_message_again`: a device in
+/// manual-ack mode that prints what it receives and never acknowledges it.
+#[tokio::test]
+#[ignore = "helper: runs as a child process"]
+async fn child_device_that_never_acks() {
+    let (Ok(addr), Ok(cert)) = (
+        std::env::var("QUICX_DURABLE_CHILD_ADDR"),
+        std::env::var("QUICX_DURABLE_CHILD_CERT"),
+    ) else {
+        return;
+    };
+    let path = std::env::temp_dir().join(format!("quicx-durable-child-{}.pem", std::process::id()));
+    std::fs::write(&path, cert).unwrap();
+    let tls = ClientTls::empty().trust_pem_file(&path).unwrap();
+    let (_client, mut rx) = device_with(tls, addr.parse().unwrap(), "device-k", true).await;
+    let msg = next(&mut rx).await;
+    println!("RECEIVED {}", String::from_utf8_lossy(&msg.payload));
+    // Processing, never finished: the process is killed here.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    drop(msg);
+}
+
+/// The device application is a process of its own, killed with SIGKILL while it holds the
+/// message unacknowledged; the device comes back and gets it again.
+#[tokio::test]
+async fn in_manual_mode_a_device_process_killed_before_acking_gets_the_message_again() {
+    let (dev, _store, server) = started(DurableLimits::default()).await;
+    let addr = server.local_addr().unwrap();
+    server
+        .send_durable(
+            "device-k",
+            "Device",
+            "Update",
+            Metadata::new(),
+            b"v3",
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "child_device_that_never_acks",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("QUICX_DURABLE_CHILD_ADDR", addr.to_string())
+        .env("QUICX_DURABLE_CHILD_CERT", dev.certificate_pem())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stdout.take().unwrap()));
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("RECEIVED v3") {
+                return;
+            }
+        }
+        panic!("the child exited before it received the message");
+    })
+    .await
+    .expect("the child device receives the message");
+    child.kill().await.unwrap();
+    // Still pending: the child never acknowledged it.
+    assert_eq!(server.durable_pending("device-k").await.unwrap().len(), 1);
+    let (_again, mut rx) = device(&dev, addr, "device-k", true).await;
+    let msg = next(&mut rx).await;
+    assert_eq!(&msg.payload[..], b"v3");
+    assert!(msg.is_redelivered());
+    assert!(msg.ack());
     assert!(nothing_pending(&server, Duration::from_secs(5)).await);
 }
 

@@ -158,6 +158,9 @@ pub fn push_handler(handler: impl Fn(PushMessage) + Send + Sync + 'static) -> Pu
     }
 }
 
+/// Polls of an empty channel, yielding in between, before `recv` parks its task.
+const SPIN_BEFORE_PARK: usize = 4;
+
 /// The receiving half of a push channel: the application reads pushed messages here.
 #[derive(Debug)]
 pub struct PushReceiver {
@@ -280,8 +283,22 @@ impl PushSender {
 impl PushReceiver {
     /// The next pushed message; `None` once every client holding the sender is gone.
     ///
+    /// On an empty channel it looks again a few times, yielding to the runtime in between,
+    /// before its task parks: a reader that keeps up with a stream of pushes then takes the
+    /// next one without being woken from another thread (on a 2-core machine, 32 B pushes to a
+    /// task reading a channel went from 553-667k/s to 732-813k/s with a server in another
+    /// process, `BENCHMARKS.md`).
+    ///
     /// Cancel safe: a message is never lost if the future is dropped before completing.
     pub async fn recv(&mut self) -> Option<PushMessage> {
+        use tokio::sync::mpsc::error::TryRecvError;
+        for _ in 0..SPIN_BEFORE_PARK {
+            match self.rx.try_recv() {
+                Ok(msg) => return Some(msg),
+                Err(TryRecvError::Disconnected) => return None,
+                Err(TryRecvError::Empty) => tokio::task::yield_now().await,
+            }
+        }
         self.rx.recv().await
     }
 
@@ -359,6 +376,26 @@ mod tests {
         assert_eq!(*seen.lock().unwrap(), [&b"1"[..], b"2", b"3"]);
         assert_eq!(tx.delivered(), 3);
         assert_eq!(tx.dropped(), 1);
+    }
+
+    #[tokio::test]
+    async fn recv_takes_what_is_left_then_ends_once_every_sender_is_gone() {
+        let (tx, mut rx) = push_channel(4);
+        assert_eq!(tx.deliver(msg()).await, Delivery::Delivered);
+        let later = tx.clone();
+        drop(tx);
+        // A message sent while the reader is waiting reaches it.
+        let reader = tokio::spawn(async move {
+            let first = rx.recv().await;
+            let second = rx.recv().await;
+            let end = rx.recv().await;
+            (first, second, end)
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert_eq!(later.deliver(msg()).await, Delivery::Delivered);
+        drop(later);
+        let (first, second, end) = reader.await.unwrap();
+        assert_eq!((first, second, end), (Some(msg()), Some(msg()), None));
     }
 
     #[tokio::test]

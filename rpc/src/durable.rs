@@ -14,7 +14,7 @@ use std::{
     path::Path,
     sync::{
         Arc, Mutex, Weak,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -1437,10 +1437,49 @@ fn admit(
     Ok(())
 }
 
+/// Senders of durable messages in this process waiting for their commit now ([`sent`]).
+static WAITING: AtomicUsize = AtomicUsize::new(0);
+/// How long a lone waiter polls for its commit before its task parks.
+const LONE_WAIT: Duration = Duration::from_micros(400);
+
 /// An operation's result once the writer committed it.
 async fn committed(rx: &mut oneshot::Receiver<Result<u64>>) -> Result<u64> {
     rx.await
         .unwrap_or_else(|_| Err(Error::Store("the store's writer stopped".into())))
+}
+
+/// [`committed`] for a sender of a durable message: a sender that waits alone (no other send
+/// awaits its commit in the process) polls for the result, yielding to its runtime in between,
+/// for up to [`LONE_WAIT`] before its task parks; one sender waiting for each send otherwise
+/// pays a thread wake-up per message on top of the commit. With others waiting, they share
+/// commits and nobody polls. (Acknowledgements and removals, which run on the connections'
+/// threads, never poll.)
+async fn sent(rx: &mut oneshot::Receiver<Result<u64>>) -> Result<u64> {
+    struct Waiting;
+    impl Drop for Waiting {
+        fn drop(&mut self) {
+            WAITING.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+    let lone = WAITING.fetch_add(1, Ordering::Relaxed) == 0;
+    let _waiting = Waiting;
+    if lone {
+        let until = std::time::Instant::now() + LONE_WAIT;
+        loop {
+            match rx.try_recv() {
+                Ok(result) => return result,
+                Err(oneshot::error::TryRecvError::Closed) => {
+                    return Err(Error::Store("the store's writer stopped".into()));
+                }
+                Err(oneshot::error::TryRecvError::Empty) => {}
+            }
+            if std::time::Instant::now() >= until || WAITING.load(Ordering::Relaxed) > 1 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+    committed(rx).await
 }
 
 /// A message on its way to the store whose sender may stop waiting: dropped before the commit
@@ -1855,7 +1894,7 @@ impl Durable {
             identity: identity.to_owned(),
             commit: Some(self.store.submit_append(identity, &message)?),
         };
-        let id = committed(appending.commit.as_mut().expect("present until taken")).await;
+        let id = sent(appending.commit.as_mut().expect("present until taken")).await;
         appending.commit = None;
         let id = id?;
         self.kick(identity);

@@ -408,6 +408,28 @@ mod tests {
         assert_eq!((first, second, end), (Some(msg()), Some(msg()), None));
     }
 
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_reader_of_a_channel_that_never_empties_still_lets_other_tasks_run() {
+        let (tx, mut rx) = push_channel(1000);
+        for _ in 0..1000 {
+            assert_eq!(tx.deliver(msg()).await, Delivery::Delivered);
+        }
+        let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = ran.clone();
+        tokio::spawn(async move { flag.store(true, Ordering::Relaxed) });
+        let mut read_before = 0;
+        for i in 0..1000 {
+            rx.recv().await.unwrap();
+            if !ran.load(Ordering::Relaxed) {
+                read_before = i + 1;
+            }
+        }
+        assert!(
+            read_before < 1000,
+            "the reader took all 1,000 messages without letting the other task run"
+        );
+    }
+
     #[tokio::test]
     async fn backpressure_waits_for_room() {
         let (tx, mut rx) = push_channel(1);

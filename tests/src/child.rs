@@ -1,5 +1,5 @@
-//! Servers as child processes (so a test can kill one with SIGKILL), and a black-hole UDP
-//! socket that counts the QUIC connection attempts sent to it.
+//! Servers and clients as child processes (so a test can kill one with SIGKILL), and a
+//! black-hole UDP socket that counts the QUIC connection attempts sent to it.
 
 use std::{
     collections::HashSet,
@@ -15,6 +15,35 @@ use std::{
 };
 
 use quicx::DevCertificate;
+
+/// Runs the `#[ignore]`d test `name` of the current test binary as a child process with the
+/// environment `env`, and returns it once it printed a line containing `ready` (its stdout is
+/// piped). The child is killed (SIGKILL) when the handle is dropped.
+///
+/// # Panics
+/// If the child cannot be started, or exits or stays silent for 20 s before printing `ready`.
+pub async fn test_child(name: &str, env: &[(&str, String)], ready: &str) -> tokio::process::Child {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(std::env::current_exe().expect("test binary"))
+        .args([name, "--exact", "--ignored", "--nocapture"])
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn the child test");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("piped")).lines();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = lines.next_line().await.expect("child stdout") {
+            if line.contains(ready) {
+                return;
+            }
+        }
+        panic!("the child `{name}` exited before it printed `{ready}`");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the child `{name}` did not print `{ready}` within 20 s"));
+    child
+}
 
 /// A `quicx-test-server` child process. Killed (SIGKILL) when dropped.
 #[derive(Debug)]

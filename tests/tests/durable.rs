@@ -1121,31 +1121,15 @@ async fn in_manual_mode_a_device_process_killed_before_acking_gets_the_message_a
         )
         .await
         .unwrap();
-    let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "child_device_that_never_acks",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-        ])
-        .env("QUICX_DURABLE_CHILD_ADDR", addr.to_string())
-        .env("QUICX_DURABLE_CHILD_CERT", dev.certificate_pem())
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines =
-        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stdout.take().unwrap()));
-    tokio::time::timeout(Duration::from_secs(20), async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if line.contains("RECEIVED v3") {
-                return;
-            }
-        }
-        panic!("the child exited before it received the message");
-    })
-    .await
-    .expect("the child device receives the message");
+    let mut child = quicx_tests::child::test_child(
+        "child_device_that_never_acks",
+        &[
+            ("QUICX_DURABLE_CHILD_ADDR", addr.to_string()),
+            ("QUICX_DURABLE_CHILD_CERT", dev.certificate_pem().to_owned()),
+        ],
+        "RECEIVED v3",
+    )
+    .await;
     child.kill().await.unwrap();
     // Still pending: the child never acknowledged it.
     assert_eq!(server.durable_pending("device-k").await.unwrap().len(), 1);

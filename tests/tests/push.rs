@@ -1,7 +1,6 @@
 //! Server push, identity, broadcast, lifecycle and reverse calls, end to end on loopback.
 
 use std::{
-    process::Stdio,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -11,7 +10,7 @@ use quicx::{
     TransportOptions, push_channel, push_channel_with,
 };
 use quicx_tests::{Args, Reply, TestServer, start_server, start_server_with};
-use tokio::{io::AsyncBufReadExt, sync::broadcast};
+use tokio::sync::broadcast;
 
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -354,30 +353,15 @@ async fn push_to_killed_client_fails_and_registry_drops_it() {
     })
     .await;
     let mut events = t.server.events();
-    let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
-        .args([
-            "child_client_process",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-        ])
-        .env("QUICX_CHILD_ADDR", t.address())
-        .env("QUICX_CHILD_CERT", t.dev.certificate_pem())
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    tokio::time::timeout(Duration::from_secs(20), async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if line.contains("CONNECTED") {
-                return;
-            }
-        }
-        panic!("child exited before connecting");
-    })
-    .await
-    .unwrap();
+    let mut child = quicx_tests::child::test_child(
+        "child_client_process",
+        &[
+            ("QUICX_CHILD_ADDR", t.address()),
+            ("QUICX_CHILD_CERT", t.dev.certificate_pem().to_owned()),
+        ],
+        "CONNECTED",
+    )
+    .await;
     let conn = t.server.client("doomed").expect("child bound its id");
     child.kill().await.unwrap();
     let killed = Instant::now();

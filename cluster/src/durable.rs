@@ -702,23 +702,15 @@ impl ClusterDurable {
                     _ => 0,
                 })
                 .collect();
-            let expired: u64 = deleted.iter().take(plan.expired.len()).sum();
-            if expired > 0 {
-                self.counters.expired.fetch_add(expired, Ordering::Relaxed);
-                metrics::counter!(quicx::metrics::names::DURABLE_EXPIRED).increment(expired);
-            }
             let dropped_here = plan
                 .fates
                 .iter()
                 .filter(|f| matches!(f, Fate::DroppedAt(_)))
                 .count() as u64;
+            let expired: u64 = deleted.iter().take(plan.expired.len()).sum();
             let dropped = deleted.iter().skip(plan.expired.len()).sum::<u64>() + dropped_here;
-            if dropped > 0 {
-                self.counters
-                    .overflowed
-                    .fetch_add(dropped, Ordering::Relaxed);
-                metrics::counter!(quicx::metrics::names::DURABLE_OVERFLOWED).increment(dropped);
-            }
+            self.counters.add(Gone::Expired, expired);
+            self.counters.add(Gone::Overflowed, dropped);
             let mut left = keys;
             if let Some(keys) = &mut left.keys {
                 let gone: std::collections::HashSet<usize> =
@@ -1197,9 +1189,7 @@ impl ClusterDurable {
             .map_err(ClusterError::etcd)?
             .count())
     }
-}
 
-impl ClusterDurable {
     /// Up to [`READ_BATCH`] of a device's messages written after revision `after`, in id
     /// order, and the last revision they hold, read whole: when more follow, the rest of the
     /// last revision's messages (one transaction's may straddle the page's end) is read too.
@@ -1309,29 +1299,41 @@ impl ClusterDurable {
 enum Gone {
     Delivered,
     Expired,
+    /// Dropped to make room ([`Overflow::DropOldest`]).
+    Overflowed,
     Corrupt,
 }
 
 impl Counters {
-    /// Counts messages that left etcd.
-    fn count(&self, gone: impl IntoIterator<Item = Gone>) {
+    /// Counts `n` messages that left etcd for one reason, in [`ClusterDurableStats`] and in
+    /// the metrics.
+    fn add(&self, gone: Gone, n: u64) {
         use quicx::metrics::names;
+        let (counter, name) = match gone {
+            Gone::Delivered => (&self.delivered, names::DURABLE_DELIVERED),
+            Gone::Expired => (&self.expired, names::DURABLE_EXPIRED),
+            Gone::Overflowed => (&self.overflowed, names::DURABLE_OVERFLOWED),
+            Gone::Corrupt => return,
+        };
+        if n > 0 {
+            counter.fetch_add(n, Ordering::Relaxed);
+            metrics::counter!(name).increment(n);
+        }
+    }
+
+    /// Counts messages that left etcd, each for its reason.
+    fn count(&self, gone: impl IntoIterator<Item = Gone>) {
         let (mut delivered, mut expired) = (0, 0);
         for g in gone {
             match g {
                 Gone::Delivered => delivered += 1,
                 Gone::Expired => expired += 1,
+                Gone::Overflowed => self.add(g, 1),
                 Gone::Corrupt => {}
             }
         }
-        if delivered > 0 {
-            self.delivered.fetch_add(delivered, Ordering::Relaxed);
-            metrics::counter!(names::DURABLE_DELIVERED).increment(delivered);
-        }
-        if expired > 0 {
-            self.expired.fetch_add(expired, Ordering::Relaxed);
-            metrics::counter!(names::DURABLE_EXPIRED).increment(expired);
-        }
+        self.add(Gone::Delivered, delivered);
+        self.add(Gone::Expired, expired);
     }
 }
 

@@ -982,6 +982,10 @@ impl ClusterNode {
 
     /// The durable messages pending in etcd for `client_id`, oldest first (expired ones
     /// excluded; `id` is what the device sees under `quicx-msg-id`).
+    ///
+    /// Returns once etcd answered every page (256 messages each);
+    /// [`ClusterError::EtcdUnreachable`] if it did not answer within its request timeout.
+    /// Dropping the future only stops the reads.
     pub async fn durable_messages(
         &self,
         client_id: &str,
@@ -992,6 +996,10 @@ impl ClusterNode {
 
     /// Cancels the pending durable message `id` of `client_id`; whether it was still pending.
     /// A message a delivery run has already sent may still arrive.
+    ///
+    /// Returns once etcd deleted it (or found nothing); [`ClusterError::EtcdUnreachable`] if
+    /// etcd did not answer (it may then be cancelled or not: list to know). Dropping the future
+    /// after the delete went out does not take the delete back.
     pub async fn cancel_durable(&self, client_id: &str, id: i64) -> Result<bool, ClusterError> {
         let state = &self.inner.state;
         state
@@ -1004,7 +1012,8 @@ impl ClusterNode {
     /// and what this node did with them (delivered, expired, dropped to make room). Also
     /// exported as metrics: `quicx_cluster_durable_pending`, `_pending_bytes` and
     /// `_pending_devices` (gauges), and the `quicx_durable_delivered_total`, `_expired_total`
-    /// and `_overflowed_total` counters a server's own store counts in too.
+    /// and `_overflowed_total` counters a server's own store counts in too. Returns at once,
+    /// from memory: no etcd request.
     pub fn durable_stats(&self) -> ClusterDurableStats {
         self.inner.state.durable.stats()
     }

@@ -652,8 +652,11 @@ impl Server {
     /// The `limit` identities with the most durable messages pending, most first (ties: most
     /// bytes, then by name), from the counts the store keeps in memory: no disk read. With
     /// [`Stats::durable_pending_identities`](crate::Stats::durable_pending_identities), what an
-    /// operator looks at to find the devices that stay away (`quicx durable ADDR`). Empty when
-    /// nothing is pending.
+    /// operator looks at to find the devices that stay away (`quicx durable ADDR`).
+    ///
+    /// Returns at once: empty when nothing is pending, [`Error::Config`] if the server has no
+    /// [`durable_store`](ServerBuilder::durable_store). Counts may trail a commit that is
+    /// running (they change with it).
     pub fn durable_backlog(&self, limit: usize) -> Result<Vec<crate::DurableBacklog>> {
         Ok(self.durable()?.store.largest_backlogs(limit))
     }

@@ -138,13 +138,17 @@ pub enum Fsync {
     #[default]
     EveryCommit,
     /// Commits reach the disk together, at most this long apart and when the server shuts
-    /// down: `send_durable` returns once its message is committed in the store, and a crash (of
-    /// the process or the machine) loses the messages accepted since the last flush, as an MQTT
-    /// broker with an autosave interval does. For rates a device fleet needs and one fsync per
-    /// commit cannot reach (one sender waiting for each send: about 3,000 messages/s with
-    /// fsync on this project's test machine). Acknowledgements are flushed the same way: after
-    /// a crash a message acknowledged in the last interval is sent again (and dropped by the
-    /// device as a duplicate). A zero interval is [`EveryCommit`](Self::EveryCommit).
+    /// down, and a crash (of the process or the machine) loses the messages accepted since the
+    /// last flush, as an MQTT broker with an autosave interval does. `send_durable` returns
+    /// once the store took its message (its id assigned, the bounds checked, as an MQTT broker
+    /// acknowledges a QoS 1 message once it is in its memory); the message is committed within
+    /// about a millisecond, and listed and delivered from then on (a commit failing then, an
+    /// I/O error, loses it as a crash would, and is logged). For rates a device fleet needs
+    /// and one fsync per commit cannot reach (one sender waiting for each send: about 2,500
+    /// messages/s with fsync on this project's test machine). Acknowledgements are flushed the
+    /// same way: after a crash a message acknowledged in the last interval is sent again (and
+    /// dropped by the device as a duplicate). A zero interval is
+    /// [`EveryCommit`](Self::EveryCommit).
     Interval(Duration),
 }
 
@@ -436,19 +440,10 @@ enum Op {
     },
 }
 
-impl Op {
-    fn into_reply(self) -> oneshot::Sender<Result<u64>> {
-        match self {
-            Self::Append { reply, .. } | Self::Remove { reply, .. } | Self::Ack { reply, .. } => {
-                reply
-            }
-        }
-    }
-}
-
 /// The store: redb on disk, one writer thread that commits whatever is waiting in one
 /// transaction (group commit: each append waits for a durable commit, concurrent appends share
-/// it), and the sizes kept in memory for the bounds.
+/// it; under `Fsync::Interval`, appends are answered as they are applied, see `DEFER`), and the
+/// sizes kept in memory for the bounds.
 pub(crate) struct Store {
     /// `None` once closed.
     db: Mutex<Option<Arc<Database>>>,
@@ -456,6 +451,9 @@ pub(crate) struct Store {
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     sizes: Arc<Mutex<Sizes>>,
     pub(crate) counters: Arc<DurableCounters>,
+    /// After each commit, the identities it stored messages for: taken by the delivery side
+    /// ([`Durable::kicks`]) when it first sends.
+    kicks: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Vec<String>>>>,
     /// The store's name in id spaces (`quicx-msg-space`, see [`msg_space`]): a random number
     /// drawn when the store file was created, in hex.
     space_base: String,
@@ -532,20 +530,25 @@ impl Store {
         let sizes = Arc::new(Mutex::new(sizes));
         let counters = Arc::new(DurableCounters::default());
         let (writer, ops) = std::sync::mpsc::channel();
-        let thread = {
-            let (db, sizes, counters) = (db.clone(), sizes.clone(), counters.clone());
-            std::thread::Builder::new()
-                .name("quicx-durable".into())
-                .spawn(move || {
-                    write_loop(&db, &ops, &sizes, &counters, limits, acked_left, reserved);
-                })?
+        let (kicks, kicked) = tokio::sync::mpsc::unbounded_channel();
+        let parts = WriterParts {
+            db: db.clone(),
+            ops,
+            sizes: sizes.clone(),
+            counters: counters.clone(),
+            limits,
+            kicks,
         };
+        let thread = std::thread::Builder::new()
+            .name("quicx-durable".into())
+            .spawn(move || write_loop(&parts, acked_left, reserved))?;
         Ok(Self {
             db: Mutex::new(Some(db)),
             writer: Mutex::new(Some(writer)),
             thread: Mutex::new(Some(thread)),
             sizes,
             counters,
+            kicks: Mutex::new(Some(kicked)),
             space_base: format!("{store_id:016x}"),
         })
     }
@@ -725,23 +728,38 @@ impl Store {
     }
 }
 
-/// The writer thread: commits every operation waiting, in one transaction at a time.
-fn write_loop(
-    db: &Database,
-    ops: &std::sync::mpsc::Receiver<Op>,
-    sizes: &Mutex<Sizes>,
-    counters: &DurableCounters,
+/// What the writer thread works with.
+struct WriterParts {
+    db: Arc<Database>,
+    ops: std::sync::mpsc::Receiver<Op>,
+    sizes: Arc<Mutex<Sizes>>,
+    counters: Arc<DurableCounters>,
     limits: DurableLimits,
-    mut acked_left: Sizes,
-    mut reserved: u64,
-) {
+    /// After each commit, the identities it stored messages for (their delivery runs start
+    /// from what is committed).
+    kicks: tokio::sync::mpsc::UnboundedSender<Vec<String>>,
+}
+
+/// The writer thread: commits every operation waiting, in one transaction at a time.
+fn write_loop(parts: &WriterParts, mut acked_left: Sizes, mut reserved: u64) {
+    let WriterParts {
+        db,
+        ops,
+        sizes,
+        counters,
+        limits,
+        kicks,
+    } = parts;
     // With `Fsync::Interval`, when the oldest commit not yet on the disk was made.
     let mut unsynced_since: Option<std::time::Instant> = None;
     let mut last_appends = 1;
     // The next message id, as the last commit left it (read from the store after a failure).
     let mut next_id: Option<u64> = None;
+    // An operation taken but left for the next transaction.
+    let mut carried: Option<Op> = None;
     loop {
         let next = match (limits.fsync, unsynced_since) {
+            _ if carried.is_some() => carried.take(),
             (Fsync::Interval(every), Some(since)) => {
                 match ops.recv_timeout(every.saturating_sub(since.elapsed())) {
                     Ok(op) => Some(op),
@@ -768,33 +786,14 @@ fn write_loop(
             Fsync::Interval(every) if every.is_zero() => true,
             Fsync::Interval(every) => unsynced_since.is_some_and(|s| s.elapsed() >= every),
         };
-        // Everything waiting and, for a commit that fsyncs, the appends still coming of as many
-        // as the previous commit took (`LINGER`).
-        let is_append = |op: &Op| matches!(op, Op::Append { .. });
-        let mut batch = vec![first];
-        let mut appends = usize::from(is_append(&batch[0]));
-        let linger_until = std::time::Instant::now() + LINGER;
-        while batch.len() < MAX_BATCH {
-            match ops.try_recv() {
-                Ok(op) => {
-                    appends += usize::from(is_append(&op));
-                    batch.push(op);
-                }
-                Err(std::sync::mpsc::TryRecvError::Empty)
-                    if durable
-                        && appends < last_appends
-                        && std::time::Instant::now() < linger_until =>
-                {
-                    std::thread::yield_now()
-                }
-                Err(_) => break,
-            }
-        }
-        last_appends = appends;
-        let appends = appends as u64;
-        let mut replies = Vec::with_capacity(batch.len());
+        let started = std::time::Instant::now();
+        let linger_until = started + LINGER;
+        // Replies that wait for the commit, and how many appends were answered before it.
+        let mut replies = Vec::new();
+        let mut answered_early = 0u64;
+        let mut appends = 0usize;
+        let mut stored_for: Vec<String> = Vec::new();
         let mut tally = AckTally::default();
-        let mut ops_left = batch.into_iter();
         let mut reserving = None;
         let mut committing_next = 0;
         let outcome = (|| -> Result<()> {
@@ -808,15 +807,21 @@ fn write_loop(
                     .map_err(store_error)?
                     .map_or(1, |v| v.value()),
             };
-            // The ids of this commit beyond the reservation: reserve the next block, on the
-            // disk with them.
-            reserving = (next + appends > reserved).then_some(next + appends + ID_BLOCK);
-            txn.set_durability(if durable || reserving.is_some() {
+            // The ids this commit may hand out beyond the reservation: reserve the next block,
+            // on the disk with them.
+            let most = MAX_BATCH as u64;
+            reserving = (next + most > reserved).then_some(next + most + ID_BLOCK);
+            let flushes = durable || reserving.is_some();
+            txn.set_durability(if flushes {
                 redb::Durability::Immediate
             } else {
                 // On the disk with the next durable commit; pages are freed by that one too.
                 redb::Durability::None
             });
+            // A commit that does not reach the disk promises no more than the store's memory
+            // does (`Fsync::Interval`): its appends are answered as they are applied, and it
+            // takes more for up to `DEFER` (see there).
+            let early = !flushes;
             {
                 let mut queues = txn.open_table(QUEUES).map_err(store_error)?;
                 let mut meta = txn.open_table(META).map_err(store_error)?;
@@ -826,48 +831,88 @@ fn write_loop(
                 let mut w = Writing {
                     txn: &txn,
                     queues: &mut queues,
-                    sizes: &mut sizes.locked(),
+                    sizes,
                     acked_left: &mut acked_left,
                     counters,
-                    limits: &limits,
+                    limits,
                     open: HashMap::new(),
                     tally: &mut tally,
                 };
-                for op in ops_left.by_ref() {
+                let mut only_appends = true;
+                let mut op = first;
+                for taken in 1.. {
                     match op {
                         Op::Append {
                             identity,
                             bytes,
                             reply,
                         } => {
+                            appends += 1;
                             let result = w.append(&identity, &bytes, next);
                             if result.is_ok() {
                                 next += 1;
+                                if stored_for.last() != Some(&identity) {
+                                    stored_for.push(identity);
+                                }
+                                answered_early += u64::from(early);
                             }
-                            replies.push((reply, result));
+                            if early {
+                                let _ = reply.send(result);
+                            } else {
+                                replies.push((reply, result));
+                            }
                         }
                         Op::Remove {
                             identity,
                             ids,
                             reply,
-                        } => replies.push((reply, Ok(w.remove(&identity, &ids)?))),
+                        } => {
+                            only_appends = false;
+                            let removed = w.remove(&identity, &ids);
+                            failing(&mut replies, reply, removed)?;
+                        }
                         Op::Ack {
                             identity,
                             upto,
                             redelivered,
                             reply,
-                        } => replies.push((reply, Ok(w.ack(&identity, upto, &redelivered)?))),
+                        } => {
+                            only_appends = false;
+                            let acked = w.ack(&identity, upto, &redelivered);
+                            failing(&mut replies, reply, acked)?;
+                        }
+                    }
+                    if taken == MAX_BATCH {
+                        break;
+                    }
+                    // Everything waiting; for a commit that fsyncs, the appends still coming
+                    // of as many as the previous commit took (`LINGER`); for one answered
+                    // early, appends coming while it is young (`DEFER`).
+                    let wait_until = if durable && appends < last_appends {
+                        linger_until
+                    } else if early && only_appends {
+                        (std::time::Instant::now() + DEFER_IDLE).min(started + DEFER)
+                    } else {
+                        started
+                    };
+                    match recv_until(ops, wait_until) {
+                        // A transaction that answered appends early holds nothing else: an
+                        // acknowledgement or removal failing in it would take back messages
+                        // their senders were told are stored.
+                        Some(more) if answered_early > 0 && !matches!(more, Op::Append { .. }) => {
+                            carried = Some(more);
+                            break;
+                        }
+                        Some(more) => op = more,
+                        None => break,
                     }
                 }
                 meta.insert("next_id", next).map_err(store_error)?;
                 committing_next = next;
-                // Counted with the pending sizes they changed (both under the sizes' lock), so
-                // that `Stats` never shows a message neither pending nor delivered; a failed
-                // commit recounts the sizes and takes these back.
-                w.tally.count(counters);
             }
             txn.commit().map_err(store_error)
         })();
+        last_appends = appends;
         match outcome {
             Ok(()) => {
                 next_id = Some(committing_next);
@@ -884,9 +929,20 @@ fn write_loop(
                 for (reply, result) in replies {
                     let _ = reply.send(result);
                 }
+                if !stored_for.is_empty() {
+                    stored_for.sort_unstable();
+                    stored_for.dedup();
+                    let _ = kicks.send(stored_for);
+                }
             }
             Err(e) => {
                 tracing::error!("durable store commit failed: {e}");
+                if answered_early > 0 {
+                    tracing::error!(
+                        "{answered_early} durable messages accepted (Fsync::Interval) before \
+                         the failed commit are lost"
+                    );
+                }
                 next_id = None;
                 // What this transaction changed in memory is now wrong: count again.
                 if let Ok((fresh, left)) = recount(db) {
@@ -895,15 +951,31 @@ fn write_loop(
                     acked_left = left;
                 }
                 tally.uncount(counters);
-                // Those applied and those the failure kept from being applied alike.
-                let failed = replies
-                    .into_iter()
-                    .map(|(reply, _)| reply)
-                    .chain(ops_left.map(Op::into_reply));
-                for reply in failed {
+                // Those applied and the one the failure stopped at alike; what was not taken
+                // yet goes into the next transaction.
+                for (reply, _) in replies {
                     let _ = reply.send(Err(Error::Store(e.to_string())));
                 }
             }
+        }
+    }
+}
+
+/// Keeps an operation's reply for the end of its transaction; the operation's error fails the
+/// transaction (and every reply kept gets the commit's error).
+fn failing(
+    replies: &mut Vec<(oneshot::Sender<Result<u64>>, Result<u64>)>,
+    reply: oneshot::Sender<Result<u64>>,
+    result: Result<u64>,
+) -> Result<()> {
+    match result {
+        Ok(n) => {
+            replies.push((reply, Ok(n)));
+            Ok(())
+        }
+        Err(e) => {
+            replies.push((reply, Ok(0)));
+            Err(e)
         }
     }
 }
@@ -922,24 +994,46 @@ const MAX_BATCH: usize = 1024;
 /// once per arriving append (30-50 µs each on a VM).
 const LINGER: Duration = Duration::from_micros(200);
 
+/// How long a commit that does not reach the disk (`Fsync::Interval`), whose appends are
+/// answered as they are applied, stays open for more appends: a sender waiting for each send
+/// sends its next one within a few µs of its answer, and a commit per message (about 70 µs
+/// of redb's work on this project's test machine, disk or not) would bound it to one message
+/// per commit. What it holds is delivered (and listed) once committed, so this is also what a
+/// delivery to a connected device may wait.
+const DEFER: Duration = Duration::from_millis(1);
+
+/// How long such a commit waits for the next append before it commits: a sender that sends
+/// nothing more is not held up for all of `DEFER`.
+const DEFER_IDLE: Duration = Duration::from_micros(50);
+
 /// How long the writer keeps looking for the next operation before it sleeps: a sender that
 /// waits for each commit sends its next one within a few tens of µs, and finding it awake saves
 /// the thread wake-up (30-50 µs on a VM) that would otherwise come on top.
 const STAY_AWAKE: Duration = Duration::from_micros(100);
 
+/// The next operation if one comes by `until`, looked for yielding the core in between (not
+/// sleeping: a wake-up costs more than the wait); `None` at once once the channel is closed.
+fn recv_until(ops: &std::sync::mpsc::Receiver<Op>, until: std::time::Instant) -> Option<Op> {
+    loop {
+        match ops.try_recv() {
+            Ok(op) => return Some(op),
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => return None,
+            Err(std::sync::mpsc::TryRecvError::Empty) => {
+                if std::time::Instant::now() >= until {
+                    return None;
+                }
+                std::thread::yield_now();
+            }
+        }
+    }
+}
+
 /// The next operation: looked for (yielding the core) for `STAY_AWAKE`, then waited for.
 fn recv_soon(
     ops: &std::sync::mpsc::Receiver<Op>,
 ) -> std::result::Result<Op, std::sync::mpsc::RecvError> {
-    let until = std::time::Instant::now() + STAY_AWAKE;
-    while std::time::Instant::now() < until {
-        match ops.try_recv() {
-            Ok(op) => return Ok(op),
-            Err(std::sync::mpsc::TryRecvError::Disconnected) => {
-                return Err(std::sync::mpsc::RecvError);
-            }
-            Err(std::sync::mpsc::TryRecvError::Empty) => std::thread::yield_now(),
-        }
+    if let Some(op) = recv_until(ops, std::time::Instant::now() + STAY_AWAKE) {
+        return Ok(op);
     }
     ops.recv()
 }
@@ -1077,7 +1171,9 @@ fn migrate_legacy(db: &Database) -> Result<()> {
 struct Writing<'a, 't> {
     txn: &'t redb::WriteTransaction,
     queues: &'a mut redb::Table<'t, &'static str, u64>,
-    sizes: &'a mut Sizes,
+    /// Locked per operation, not for the transaction: a transaction that waits for more
+    /// appends (`DEFER`) must not hold `Stats` and the delivery runs' `pending_of` meanwhile.
+    sizes: &'a Mutex<Sizes>,
     /// Per identity, the acknowledged messages still in its queue.
     acked_left: &'a mut Sizes,
     counters: &'a DurableCounters,
@@ -1095,27 +1191,22 @@ struct Writing<'a, 't> {
 struct AckTally {
     delivered: u64,
     redelivered: u64,
-    /// Whether [`count`](Self::count) ran (a transaction can fail before it).
-    counted: bool,
 }
 
 impl AckTally {
-    /// Counts the acknowledged messages in the store's counters (read by `Stats`).
-    fn count(&mut self, counters: &DurableCounters) {
-        self.counted = true;
-        counters
-            .delivered
-            .fetch_add(self.delivered, Ordering::Relaxed);
+    /// Counts acknowledged messages in the store's counters (read by `Stats`) at once, and
+    /// here, to take back or to record once the transaction ends.
+    fn count(&mut self, counters: &DurableCounters, delivered: u64, redelivered: u64) {
+        self.delivered += delivered;
+        self.redelivered += redelivered;
+        counters.delivered.fetch_add(delivered, Ordering::Relaxed);
         counters
             .redelivered
-            .fetch_add(self.redelivered, Ordering::Relaxed);
+            .fetch_add(redelivered, Ordering::Relaxed);
     }
 
     /// Takes them back: their transaction failed.
     fn uncount(&self, counters: &DurableCounters) {
-        if !self.counted {
-            return;
-        }
         counters
             .delivered
             .fetch_sub(self.delivered, Ordering::Relaxed);
@@ -1175,14 +1266,17 @@ impl<'t> Writing<'_, 't> {
             }
         };
         self.queue(identity)?;
-        let (sizes, counters, limits) = (&mut *self.sizes, self.counters, self.limits);
+        let (counters, limits) = (self.counters, self.limits);
         let queue = &mut self.open.get_mut(identity).expect("opened above").1;
-        if let Err(e) = admit(queue, acked, sizes, counters, limits, identity, size) {
+        let mut sizes = self.sizes.locked();
+        if let Err(e) = admit(queue, acked, &mut sizes, counters, limits, identity, size) {
+            drop(sizes);
             self.settle(identity)?;
             return Err(e);
         }
         queue.insert(id, bytes).map_err(store_error)?;
-        self.sizes.add(identity, size);
+        sizes.add(identity, size);
+        drop(sizes);
         self.compact_for_room()?;
         Ok(id)
     }
@@ -1190,7 +1284,7 @@ impl<'t> Writing<'_, 't> {
     /// Whether the store holds more than its total bytes bound, pending and acknowledged
     /// messages together.
     fn over_total(&self) -> bool {
-        self.sizes.total.bytes + self.acked_left.total.bytes > self.limits.total_bytes
+        self.sizes.locked().total.bytes + self.acked_left.total.bytes > self.limits.total_bytes
     }
 
     /// While the store holds more than its total bytes bound, removes acknowledged messages,
@@ -1249,7 +1343,7 @@ impl<'t> Writing<'_, 't> {
                 .map_err(store_error)?
                 .map(|v| v.value().len() as u64);
             if let Some(bytes) = bytes {
-                self.sizes.sub(identity, bytes);
+                self.sizes.locked().sub(identity, bytes);
                 removed += 1;
             }
         }
@@ -1278,11 +1372,17 @@ impl<'t> Writing<'_, 't> {
                 covered_redelivered += 1;
             }
         }
-        self.tally.delivered += sizes.len() as u64;
-        self.tally.redelivered += covered_redelivered;
-        for &bytes in &sizes {
-            self.sizes.sub(identity, bytes);
-            self.acked_left.add(identity, bytes);
+        {
+            // Counted as delivered under the lock that takes them out of the pending sizes:
+            // `Stats` never shows a message neither pending nor delivered (a failed commit
+            // recounts the sizes and takes these back).
+            let mut pending = self.sizes.locked();
+            for &bytes in &sizes {
+                pending.sub(identity, bytes);
+                self.acked_left.add(identity, bytes);
+            }
+            self.tally
+                .count(self.counters, sizes.len() as u64, covered_redelivered);
         }
         self.queues.insert(identity, upto).map_err(store_error)?;
         if let Some((acked, _)) = self.open.get_mut(identity) {
@@ -1346,7 +1446,7 @@ impl<'t> Writing<'_, 't> {
         let Some(acked) = self.acked(identity)? else {
             return Ok(0);
         };
-        let mut held = self.sizes.total.bytes + self.acked_left.total.bytes;
+        let mut held = self.sizes.locked().total.bytes + self.acked_left.total.bytes;
         let bound = self.limits.total_bytes;
         let mut doomed = Vec::new();
         for entry in self
@@ -1482,33 +1582,6 @@ async fn sent(rx: &mut oneshot::Receiver<Result<u64>>) -> Result<u64> {
     committed(rx).await
 }
 
-/// A message on its way to the store whose sender may stop waiting: dropped before the commit
-/// came back (the caller's own timeout), it still starts delivery once the message is
-/// committed, so a bound device gets it at once and not at the next send or hello.
-struct KickOnceCommitted {
-    durable: Arc<Durable>,
-    identity: String,
-    /// `None` once the sender saw the commit.
-    commit: Option<oneshot::Receiver<Result<u64>>>,
-}
-
-impl Drop for KickOnceCommitted {
-    fn drop(&mut self) {
-        let Some(mut commit) = self.commit.take() else {
-            return;
-        };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let (durable, identity) = (self.durable.clone(), std::mem::take(&mut self.identity));
-        runtime.spawn(async move {
-            if committed(&mut commit).await.is_ok() {
-                durable.kick(&identity);
-            }
-        });
-    }
-}
-
 /// The server's durable delivery: the store, and one delivery run per bound identity.
 pub(crate) struct Durable {
     pub(crate) store: Arc<Store>,
@@ -1522,6 +1595,12 @@ pub(crate) struct Durable {
     frames: crate::wire::Limits,
     /// Whether the sweeper of expired messages runs (started with the first delivery).
     sweeping: std::sync::atomic::AtomicBool,
+    /// Whether the task that starts delivery after each commit runs ([`Durable::kicks`];
+    /// started with the first send).
+    kicking: std::sync::atomic::AtomicBool,
+    /// Where that task runs: the server's (first) I/O thread, which lives as long as the
+    /// server, not the runtime of whoever sent first.
+    io: crate::io::IoRuntime,
 }
 
 impl std::fmt::Debug for Durable {
@@ -1840,6 +1919,7 @@ impl Durable {
         limits: DurableLimits,
         frames: crate::wire::Limits,
         registry: &Arc<Registry>,
+        io: crate::io::IoRuntime,
     ) -> Result<Arc<Self>> {
         let store = Arc::new(Store::open(path, limits)?);
         let durable = Arc::new(Self {
@@ -1850,13 +1930,15 @@ impl Durable {
             limits,
             frames,
             sweeping: std::sync::atomic::AtomicBool::new(false),
+            kicking: std::sync::atomic::AtomicBool::new(false),
+            io,
         });
         Ok(durable)
     }
 
-    /// Stores a message for `identity` (committed once this returns; see [`Fsync`]), then
-    /// delivers it at once
-    /// if the identity is bound.
+    /// Stores a message for `identity` (returns once it is committed, or under
+    /// `Fsync::Interval` once the store took it; see [`Fsync`]); the writer's commit starts its
+    /// delivery if the identity is bound.
     pub(crate) async fn send(
         self: &Arc<Self>,
         identity: &str,
@@ -1889,16 +1971,31 @@ impl Durable {
             payload: payload.to_vec(),
             expires_ms: now_ms().saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)),
         };
-        let mut appending = KickOnceCommitted {
-            durable: self.clone(),
-            identity: identity.to_owned(),
-            commit: Some(self.store.submit_append(identity, &message)?),
-        };
-        let id = sent(appending.commit.as_mut().expect("present until taken")).await;
-        appending.commit = None;
-        let id = id?;
-        self.kick(identity);
-        Ok(id)
+        if !self.kicking.load(Ordering::Relaxed) && !self.kicking.swap(true, Ordering::Relaxed) {
+            if let Some(kicked) = self.store.kicks.locked().take() {
+                self.io.spawn(Self::kicks(Arc::downgrade(self), kicked));
+            }
+        }
+        // Delivery starts from the writer's commit (`kicks`), whether or not this future is
+        // still there to see it.
+        sent(&mut self.store.submit_append(identity, &message)?).await
+    }
+
+    /// Starts delivery for the identities each commit stored messages for (a bound device gets
+    /// them at once, not at the next send or hello). Ends with the store's writer, or when the
+    /// server is gone.
+    async fn kicks(
+        durable: Weak<Self>,
+        mut kicked: tokio::sync::mpsc::UnboundedReceiver<Vec<String>>,
+    ) {
+        while let Some(identities) = kicked.recv().await {
+            let Some(durable) = durable.upgrade() else {
+                return;
+            };
+            for identity in &identities {
+                durable.kick(identity);
+            }
+        }
     }
 
     /// The id space of `identity`'s messages from this store ([`msg_space`]).

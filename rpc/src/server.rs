@@ -226,6 +226,7 @@ impl ServerBuilder {
                 *limits,
                 self.transport.limits,
                 &registry,
+                io[0].clone(),
             )?),
             None => None,
         };
@@ -610,10 +611,11 @@ impl Server {
     /// `ttl` if still pending.
     ///
     /// # When it returns
-    /// Once the message is committed, not when it is delivered; with its id. Under
-    /// [`Fsync::EveryCommit`](crate::Fsync::EveryCommit) (the default) the commit is on the disk
-    /// and survives any crash; under [`Fsync::Interval`](crate::Fsync::Interval) it reaches the
-    /// disk within the interval. [`Error::TooLarge`] at once if the payload or the header
+    /// Once the message is stored, not when it is delivered; with its id. Under
+    /// [`Fsync::EveryCommit`](crate::Fsync::EveryCommit) (the default) its commit is on the
+    /// disk and survives any crash; under [`Fsync::Interval`](crate::Fsync::Interval) the store
+    /// took it, commits it within about a millisecond and puts it on the disk within the
+    /// interval (a crash before then loses it). [`Error::TooLarge`] at once if the payload or the header
     /// (with the id the server adds) is above the frame limits, so it could never be delivered;
     /// [`Error::StoreFull`] if it would exceed a bound under [`Overflow::Refuse`](crate::Overflow::Refuse),
     /// [`Error::Store`] if the commit failed (or the server shut down), [`Error::Config`] if the

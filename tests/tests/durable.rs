@@ -12,8 +12,8 @@ use std::{
 };
 
 use quicx::{
-    ClientEvent, ClientTls, DevCertificate, DurableLimits, Error, Metadata, Overflow, PushMessage,
-    PushReceiver, Server, push_channel,
+    ClientEvent, ClientTls, DevCertificate, DurableLimits, Error, Fsync, Metadata, Overflow,
+    PushMessage, PushReceiver, Server, push_channel,
 };
 use quicx_tests::{
     child::{ChildServer, PemFiles},
@@ -1489,6 +1489,48 @@ async fn the_store_is_released_when_shutdown_returns() {
     assert!(matches!(err, Error::Store(_)), "{err:?}");
     let second = server(&dev, &store, DurableLimits::default()).await;
     assert_eq!(second.durable_pending("device-9").await.unwrap().len(), 1);
+}
+
+/// Under `Fsync::Interval` a send returns once the store took the message, before its commit
+/// (one commit takes many sends): a connected device still gets each at once and in order, a
+/// message just sent can be cancelled and is listed once committed, and a shutdown puts
+/// everything on the disk.
+#[tokio::test]
+async fn with_an_fsync_interval_sends_answered_before_their_commit_are_delivered_listed_and_kept() {
+    let dev = DevCertificate::localhost().unwrap();
+    let store = TempStore::new();
+    // Never flushed by the interval during the test: only the shutdown puts it on the disk.
+    let limits = DurableLimits::default().fsync(Fsync::Interval(Duration::from_secs(600)));
+    let first = server(&dev, &store, limits).await;
+    let (_d, mut rx) = device(&dev, first.local_addr().unwrap(), "online", false).await;
+    let ids = send_numbered(&first, "online", 300).await;
+    for (i, id) in ids.iter().enumerate() {
+        let msg = next(&mut rx).await;
+        assert_eq!(msg.payload, i.to_string().as_bytes());
+        assert_eq!(msg.durable_id(), Some(*id));
+    }
+    let ids = send_numbered(&first, "offline", 50).await;
+    // Cancelled right after its send returned, likely before its commit.
+    assert!(first.cancel_durable("offline", ids[10]).await.unwrap());
+    assert!(pending_becomes(&first, "offline", 49, Duration::from_secs(5)).await);
+    first.shutdown(Duration::from_secs(1)).await;
+    let second = server(&dev, &store, limits).await;
+    let kept: Vec<u64> = second
+        .durable_pending("offline")
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.id)
+        .collect();
+    let expected: Vec<u64> = ids.iter().copied().filter(|&id| id != ids[10]).collect();
+    assert_eq!(kept, expected);
+    let (_d, mut rx) = device(&dev, second.local_addr().unwrap(), "offline", false).await;
+    for (i, id) in ids.iter().enumerate().filter(|(i, _)| *i != 10) {
+        let msg = next(&mut rx).await;
+        assert_eq!(msg.payload, i.to_string().as_bytes());
+        assert_eq!(msg.durable_id(), Some(*id));
+    }
+    quiet(&mut rx, Duration::from_millis(200)).await;
 }
 
 #[tokio::test]

@@ -451,9 +451,9 @@ pub(crate) struct Store {
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     sizes: Arc<Mutex<Sizes>>,
     pub(crate) counters: Arc<DurableCounters>,
-    /// After each commit, the identities it stored messages for: taken by the delivery side
-    /// ([`Durable::kicks`]) when it first sends.
-    kicks: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Vec<String>>>>,
+    /// The identities commits stored messages for, until delivery starts for them
+    /// ([`Durable::start_kicks`]).
+    kicks: Arc<Kicks>,
     /// The store's name in id spaces (`quicx-msg-space`, see [`msg_space`]): a random number
     /// drawn when the store file was created, in hex.
     space_base: String,
@@ -530,14 +530,14 @@ impl Store {
         let sizes = Arc::new(Mutex::new(sizes));
         let counters = Arc::new(DurableCounters::default());
         let (writer, ops) = std::sync::mpsc::channel();
-        let (kicks, kicked) = tokio::sync::mpsc::unbounded_channel();
+        let kicks = Arc::new(Kicks::default());
         let parts = WriterParts {
             db: db.clone(),
             ops,
             sizes: sizes.clone(),
             counters: counters.clone(),
             limits,
-            kicks,
+            kicks: kicks.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("quicx-durable".into())
@@ -548,7 +548,7 @@ impl Store {
             thread: Mutex::new(Some(thread)),
             sizes,
             counters,
-            kicks: Mutex::new(Some(kicked)),
+            kicks,
             space_base: format!("{store_id:016x}"),
         })
     }
@@ -569,19 +569,21 @@ impl Store {
             let _ = thread.join();
         }
         drop(self.db.locked().take());
+        self.kicks.close();
     }
 
     async fn op(&self, make: impl FnOnce(oneshot::Sender<Result<u64>>) -> Op) -> Result<u64> {
         committed(&mut self.submit(make)?).await
     }
 
-    /// Stores a message; returns its id once it is committed.
+    /// Stores a message; returns its id once the writer answers (see `submit_append`).
     #[cfg(test)]
     async fn append(&self, identity: &str, message: Stored) -> Result<u64> {
         committed(&mut self.submit_append(identity, &message)?).await
     }
 
-    /// Hands an operation to the writer; the receiver gets its result once committed.
+    /// Hands an operation to the writer; the receiver gets its result once committed (an
+    /// append under `Fsync::Interval`: once applied, see `DEFER`).
     fn submit(
         &self,
         make: impl FnOnce(oneshot::Sender<Result<u64>>) -> Op,
@@ -595,7 +597,8 @@ impl Store {
     }
 
     /// Hands a message to the writer; the receiver gets its id once it is committed (on the
-    /// disk under `Fsync::EveryCommit`).
+    /// disk under `Fsync::EveryCommit`), or under `Fsync::Interval` once the writer applied it
+    /// in a transaction that commits within `DEFER`.
     fn submit_append(
         &self,
         identity: &str,
@@ -737,7 +740,30 @@ struct WriterParts {
     limits: DurableLimits,
     /// After each commit, the identities it stored messages for (their delivery runs start
     /// from what is committed).
-    kicks: tokio::sync::mpsc::UnboundedSender<Vec<String>>,
+    kicks: Arc<Kicks>,
+}
+
+/// Identities whose messages were committed and whose delivery has not been started for them
+/// yet: a set (as many entries at most as identities with messages pending, however many
+/// commits come while nobody takes them), and a wake-up for the task that takes them.
+#[derive(Default)]
+struct Kicks {
+    due: Mutex<HashSet<String>>,
+    ready: tokio::sync::Notify,
+    /// Set when the store closes: the task ends.
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl Kicks {
+    fn add(&self, identities: impl IntoIterator<Item = String>) {
+        self.due.locked().extend(identities);
+        self.ready.notify_one();
+    }
+
+    fn close(&self) {
+        self.closed.store(true, Ordering::Relaxed);
+        self.ready.notify_one();
+    }
 }
 
 /// The writer thread: commits every operation waiting, in one transaction at a time.
@@ -791,6 +817,8 @@ fn write_loop(parts: &WriterParts, mut acked_left: Sizes, mut reserved: u64) {
         // Replies that wait for the commit, and how many appends were answered before it.
         let mut replies = Vec::new();
         let mut answered_early = 0u64;
+        // The id after the last one answered early.
+        let mut handed_out = 0;
         let mut appends = 0usize;
         let mut stored_for: Vec<String> = Vec::new();
         let mut tally = AckTally::default();
@@ -854,7 +882,10 @@ fn write_loop(parts: &WriterParts, mut acked_left: Sizes, mut reserved: u64) {
                                 if stored_for.last() != Some(&identity) {
                                     stored_for.push(identity);
                                 }
-                                answered_early += u64::from(early);
+                                if early {
+                                    answered_early += 1;
+                                    handed_out = next;
+                                }
                             }
                             if early {
                                 let _ = reply.send(result);
@@ -896,7 +927,7 @@ fn write_loop(parts: &WriterParts, mut acked_left: Sizes, mut reserved: u64) {
                         started
                     };
                     match recv_until(ops, wait_until) {
-                        // A transaction that answered appends early holds nothing else: an
+                        // Once a transaction answered appends early it takes nothing else: an
                         // acknowledgement or removal failing in it would take back messages
                         // their senders were told are stored.
                         Some(more) if answered_early > 0 && !matches!(more, Op::Append { .. }) => {
@@ -930,9 +961,7 @@ fn write_loop(parts: &WriterParts, mut acked_left: Sizes, mut reserved: u64) {
                     let _ = reply.send(result);
                 }
                 if !stored_for.is_empty() {
-                    stored_for.sort_unstable();
-                    stored_for.dedup();
-                    let _ = kicks.send(stored_for);
+                    kicks.add(stored_for);
                 }
             }
             Err(e) => {
@@ -943,7 +972,10 @@ fn write_loop(parts: &WriterParts, mut acked_left: Sizes, mut reserved: u64) {
                          the failed commit are lost"
                     );
                 }
-                next_id = None;
+                // Read again from the last commit; but ids answered early are never handed out
+                // again (their senders hold them, e.g. to cancel), although their messages are
+                // lost. They are below the reservation on the disk (see `reserving`).
+                next_id = (answered_early > 0).then_some(handed_out);
                 // What this transaction changed in memory is now wrong: count again.
                 if let Ok((fresh, left)) = recount(db) {
                     fresh.record();
@@ -1537,19 +1569,19 @@ fn admit(
     Ok(())
 }
 
-/// Senders of durable messages in this process waiting for their commit now ([`sent`]).
+/// Senders of durable messages in this process waiting for the writer's answer now ([`sent`]).
 static WAITING: AtomicUsize = AtomicUsize::new(0);
-/// How long a lone waiter polls for its commit before its task parks.
+/// How long a lone waiter polls for its answer before its task parks.
 const LONE_WAIT: Duration = Duration::from_micros(400);
 
-/// An operation's result once the writer committed it.
+/// An operation's result once the writer answered it (see [`Store::submit`]).
 async fn committed(rx: &mut oneshot::Receiver<Result<u64>>) -> Result<u64> {
     rx.await
         .unwrap_or_else(|_| Err(Error::Store("the store's writer stopped".into())))
 }
 
 /// [`committed`] for a sender of a durable message: a sender that waits alone (no other send
-/// awaits its commit in the process) polls for the result, yielding to its runtime in between,
+/// awaits its answer in the process) polls for the result, yielding to its runtime in between,
 /// for up to [`LONE_WAIT`] before its task parks; one sender waiting for each send otherwise
 /// pays a thread wake-up per message on top of the commit. With others waiting, they share
 /// commits and nobody polls. (Acknowledgements and removals, which run on the connections'
@@ -1595,12 +1627,9 @@ pub(crate) struct Durable {
     frames: crate::wire::Limits,
     /// Whether the sweeper of expired messages runs (started with the first delivery).
     sweeping: std::sync::atomic::AtomicBool,
-    /// Whether the task that starts delivery after each commit runs ([`Durable::kicks`];
-    /// started with the first send).
+    /// Whether the task that starts delivery after each commit runs
+    /// ([`start_kicks`](Self::start_kicks)).
     kicking: std::sync::atomic::AtomicBool,
-    /// Where that task runs: the server's (first) I/O thread, which lives as long as the
-    /// server, not the runtime of whoever sent first.
-    io: crate::io::IoRuntime,
 }
 
 impl std::fmt::Debug for Durable {
@@ -1919,7 +1948,6 @@ impl Durable {
         limits: DurableLimits,
         frames: crate::wire::Limits,
         registry: &Arc<Registry>,
-        io: crate::io::IoRuntime,
     ) -> Result<Arc<Self>> {
         let store = Arc::new(Store::open(path, limits)?);
         let durable = Arc::new(Self {
@@ -1931,7 +1959,6 @@ impl Durable {
             frames,
             sweeping: std::sync::atomic::AtomicBool::new(false),
             kicking: std::sync::atomic::AtomicBool::new(false),
-            io,
         });
         Ok(durable)
     }
@@ -1971,31 +1998,37 @@ impl Durable {
             payload: payload.to_vec(),
             expires_ms: now_ms().saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)),
         };
-        if !self.kicking.load(Ordering::Relaxed) && !self.kicking.swap(true, Ordering::Relaxed) {
-            if let Some(kicked) = self.store.kicks.locked().take() {
-                self.io.spawn(Self::kicks(Arc::downgrade(self), kicked));
-            }
-        }
-        // Delivery starts from the writer's commit (`kicks`), whether or not this future is
-        // still there to see it.
+        // Delivery starts from the writer's commit (`start_kicks`), whether or not this future
+        // is still there to see it.
         sent(&mut self.store.submit_append(identity, &message)?).await
     }
 
-    /// Starts delivery for the identities each commit stored messages for (a bound device gets
-    /// them at once, not at the next send or hello). Ends with the store's writer, or when the
-    /// server is gone.
-    async fn kicks(
-        durable: Weak<Self>,
-        mut kicked: tokio::sync::mpsc::UnboundedReceiver<Vec<String>>,
-    ) {
-        while let Some(identities) = kicked.recv().await {
-            let Some(durable) = durable.upgrade() else {
-                return;
-            };
-            for identity in &identities {
-                durable.kick(identity);
-            }
+    /// Starts, on `io` (the server's first I/O thread, or for `Placement::CallerRuntime` the
+    /// runtime that binds the server; once, when the server binds), the task that starts
+    /// delivery for the identities each commit stored messages for: a connected device gets
+    /// them at once, not at its next hello. Until then commits only note them (a server that
+    /// does not listen has no device to deliver to). The task ends when the store closes or
+    /// the server is gone.
+    pub(crate) fn start_kicks(self: &Arc<Self>, io: &crate::io::IoRuntime) {
+        if self.kicking.swap(true, Ordering::Relaxed) {
+            return;
         }
+        let (durable, kicks) = (Arc::downgrade(self), self.store.kicks.clone());
+        io.spawn(async move {
+            loop {
+                kicks.ready.notified().await;
+                if kicks.closed.load(Ordering::Relaxed) {
+                    return;
+                }
+                let due = std::mem::take(&mut *kicks.due.locked());
+                let Some(durable) = durable.upgrade() else {
+                    return;
+                };
+                for identity in &due {
+                    durable.kick(identity);
+                }
+            }
+        });
     }
 
     /// The id space of `identity`'s messages from this store ([`msg_space`]).
@@ -2013,17 +2046,17 @@ impl Durable {
             return;
         }
         let mut running = self.running.locked();
-        // Offline: its next hello kicks (a run now would only find it gone).
-        if !running.contains_key(identity) && self.connection(identity).is_none() {
+        if let Some(more) = running.get_mut(identity) {
+            *more = true;
             return;
         }
-        match running.get_mut(identity) {
-            Some(more) => *more = true,
-            None => {
-                running.insert(identity.to_owned(), false);
-                tokio::spawn(self.clone().run(identity.to_owned()));
-            }
-        }
+        // Offline: its next hello kicks (a run now would only find it gone).
+        let Some(conn) = self.connection(identity) else {
+            return;
+        };
+        running.insert(identity.to_owned(), false);
+        // Where the device's connection is driven: its stream's writes need no hand-over.
+        conn.io().spawn(self.clone().run(identity.to_owned()));
     }
 
     async fn run(self: Arc<Self>, identity: String) {

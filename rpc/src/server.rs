@@ -226,7 +226,6 @@ impl ServerBuilder {
                 *limits,
                 self.transport.limits,
                 &registry,
-                io[0].clone(),
             )?),
             None => None,
         };
@@ -405,6 +404,11 @@ impl Server {
             );
         }
         *endpoints = bound;
+        if let Some(durable) = self.inner.side.durable() {
+            // Where the server's connections are driven (the caller's runtime under
+            // `Placement::CallerRuntime`), not where the first sender runs.
+            durable.start_kicks(&self.inner.io[0]);
+        }
         tracing::info!(%local, threads = self.inner.io.len(), "quicx server listening");
         Ok(local)
     }
@@ -618,7 +622,9 @@ impl Server {
     /// interval (a crash before then loses it). [`Error::TooLarge`] at once if the payload or the header
     /// (with the id the server adds) is above the frame limits, so it could never be delivered;
     /// [`Error::StoreFull`] if it would exceed a bound under [`Overflow::Refuse`](crate::Overflow::Refuse),
-    /// [`Error::Store`] if the commit failed (or the server shut down), [`Error::Config`] if the
+    /// [`Error::Store`] if the commit failed (under `Fsync::Interval` a commit failing after
+    /// the answer is logged, and loses the message as a crash would) or the server shut down,
+    /// [`Error::Config`] if the
     /// server has no [`durable_store`](ServerBuilder::durable_store).
     ///
     /// # Cancel safety

@@ -1491,6 +1491,49 @@ async fn the_store_is_released_when_shutdown_returns() {
     assert_eq!(second.durable_pending("device-9").await.unwrap().len(), 1);
 }
 
+/// Delivery after a commit starts where the server runs, not on the first sender's runtime:
+/// with the server on the caller's runtime (`Placement::CallerRuntime`), a first send from a
+/// runtime that is gone right after it does not keep later messages from a connected device,
+/// and a server with more I/O threads than cores delivers the same way.
+#[tokio::test]
+async fn delivery_starts_where_the_server_runs_not_where_the_first_sender_did() {
+    for (placement, threads) in [
+        (quicx::Placement::CallerRuntime, 1),
+        (quicx::Placement::Auto, 4),
+    ] {
+        let dev = DevCertificate::localhost().unwrap();
+        let store = TempStore::new();
+        let server = Server::builder()
+            .dev_certificate(&dev)
+            .insecure_accept_unverified_client_ids()
+            .placement(placement)
+            .io_threads(threads)
+            .durable_store(store.file(), DurableLimits::default())
+            .build()
+            .unwrap();
+        server.bind("127.0.0.1:0").await.unwrap();
+        let (_d, mut rx) = device(&dev, server.local_addr().unwrap(), "d", false).await;
+        // The first send from a runtime of its own, dropped once it returns.
+        let first = server.clone();
+        std::thread::spawn(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(send_numbered(&first, "d", 1))
+        })
+        .join()
+        .unwrap();
+        assert_eq!(&next(&mut rx).await.payload[..], b"0", "{placement:?}");
+        for i in 1..20u32 {
+            send_all(&server, "d", [i.to_string().into_bytes()]).await;
+            let msg = next(&mut rx).await;
+            assert_eq!(msg.payload, i.to_string().as_bytes(), "{placement:?}");
+        }
+        server.shutdown(Duration::from_secs(1)).await;
+    }
+}
+
 /// Under `Fsync::Interval` a send returns once the store took the message, before its commit
 /// (one commit takes many sends): a connected device still gets each at once and in order, a
 /// message just sent can be cancelled and is listed once committed, and a shutdown puts

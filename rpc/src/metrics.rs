@@ -367,7 +367,53 @@ pub(crate) enum Event {
     ClientPushDropped,
 }
 
-pub(crate) fn record(event: Event) {
+/// The handles of the series a side records per push (made on first use: install the recorder
+/// first, see the module docs), so that a push costs an increment, not a key built and looked
+/// up in the recorder (a label list allocated and hashed per push: measured 4% of a server I/O
+/// thread pushing 32 B messages).
+#[derive(Default)]
+pub(crate) struct EventSeries {
+    pushed: OnceLock<Counter>,
+    push_failed: OnceLock<Counter>,
+    push_dropped: OnceLock<Counter>,
+    client_received: OnceLock<Counter>,
+    client_dropped: OnceLock<Counter>,
+}
+
+impl EventSeries {
+    /// Records `event`, through a kept handle for the per-push ones.
+    pub(crate) fn record(&self, event: Event) {
+        let (handle, make): (&OnceLock<Counter>, fn() -> Counter) = match event {
+            Event::Push { ok: true } => (
+                &self.pushed,
+                || metrics::counter!(names::PUSHES, "result" => "ok"),
+            ),
+            Event::Push { ok: false } => (
+                &self.push_failed,
+                || metrics::counter!(names::PUSHES, "result" => "error"),
+            ),
+            Event::PushDropped => (&self.push_dropped, || {
+                metrics::counter!(names::PUSH_DROPPED)
+            }),
+            Event::ClientPushReceived => (&self.client_received, || {
+                metrics::counter!(names::CLIENT_PUSHES_RECEIVED)
+            }),
+            Event::ClientPushDropped => (&self.client_dropped, || {
+                metrics::counter!(names::CLIENT_PUSH_DROPPED)
+            }),
+            other => return record(other),
+        };
+        handle.get_or_init(make).increment(1);
+    }
+}
+
+impl std::fmt::Debug for EventSeries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EventSeries")
+    }
+}
+
+fn record(event: Event) {
     match event {
         Event::Handshake(result) => {
             metrics::counter!(names::HANDSHAKES, "result" => result).increment(1)

@@ -78,6 +78,8 @@ pub(crate) struct Side {
     pub(crate) call_interceptors: CallInterceptors,
     /// Whether connection, handshake and push events are recorded as metrics.
     pub(crate) metrics: bool,
+    /// Where they are recorded.
+    series: crate::metrics::EventSeries,
     /// Whether calls made outside a trace scope start a new trace.
     pub(crate) trace_calls: bool,
 }
@@ -180,6 +182,7 @@ impl Side {
             interceptors,
             call_interceptors,
             metrics,
+            series: crate::metrics::EventSeries::default(),
             trace_calls,
         }
     }
@@ -195,7 +198,7 @@ impl Side {
     /// Records a metrics event if this side records metrics.
     pub(crate) fn record(&self, event: crate::metrics::Event) {
         if self.metrics {
-            crate::metrics::record(event);
+            self.series.record(event);
         }
     }
 

@@ -371,10 +371,29 @@ pub(crate) fn encode_frame<H: Serialize>(
     payload: &[u8],
     limits: &Limits,
 ) -> Result<Bytes, FrameError> {
-    encode_frame_with(frame_kind, header, limits, |mut buf| {
-        buf.extend_from_slice(payload);
-        Ok::<_, FrameError>(buf)
-    })
+    // Sized first (a pass over the header, which is small), so that the buffer is allocated
+    // once and exactly: `Bytes` takes a vector whose length is its capacity without an
+    // allocation of its own, and the payload never makes the buffer grow.
+    let header_len = postcard::serialize_with_flavor::<_, _, usize>(
+        header,
+        postcard::ser_flavors::Size::default(),
+    )
+    .map_err(|e| FrameError::Encode(e.to_string()))?;
+    if header_len > limits.max_header_size as usize {
+        return Err(FrameError::HeaderTooLarge {
+            limit: Some(u64::from(limits.max_header_size)),
+        });
+    }
+    check_payload(payload.len(), limits)?;
+    let mut buf = Vec::with_capacity(PREFIX_LEN + header_len + payload.len());
+    buf.push(frame_kind as u8);
+    buf.extend_from_slice(&(header_len as u32).to_be_bytes());
+    let mut buf =
+        postcard::to_extend(header, buf).map_err(|e| FrameError::Encode(e.to_string()))?;
+    debug_assert_eq!(buf.len(), PREFIX_LEN + header_len);
+    buf.extend_from_slice(payload);
+    debug_assert_eq!(buf.len(), buf.capacity());
+    Ok(buf.into())
 }
 
 /// Encodes a whole frame into one buffer; `write_payload` appends the payload in place (no
@@ -823,6 +842,48 @@ mod tests {
             flags: 0,
             codec: 0,
         }
+    }
+
+    /// A frame sized before it is encoded is the frame encoded as it grows, for headers with
+    /// and without metadata and payloads from empty to larger than a first guess; and the
+    /// limits refuse the same frames.
+    #[test]
+    fn frames_sized_first_are_the_frames_encoded_growing() {
+        let limits = Limits::default();
+        let grown = |header: &RequestHeader, payload: &[u8], limits: &Limits| {
+            encode_frame_with(FrameKind::Request, header, limits, |mut buf| {
+                buf.extend_from_slice(payload);
+                Ok::<_, FrameError>(buf)
+            })
+        };
+        let mut with_metadata = mul_request();
+        with_metadata.metadata.insert("k", "v".repeat(300));
+        for header in [mul_request(), with_metadata] {
+            for len in [0, 1, 32, 100, 1024, 70_000] {
+                let payload = vec![9u8; len];
+                let sized = encode_frame(FrameKind::Request, &header, &payload, &limits).unwrap();
+                assert_eq!(sized, grown(&header, &payload, &limits).unwrap(), "{len}");
+            }
+        }
+        let tight = Limits {
+            max_header_size: 10,
+            max_payload_size: 16,
+            ..Limits::default()
+        };
+        let header = mul_request();
+        assert!(matches!(
+            encode_frame(FrameKind::Request, &header, b"", &tight),
+            Err(FrameError::HeaderTooLarge { .. })
+        ));
+        let loose_header = Limits {
+            max_payload_size: 16,
+            ..Limits::default()
+        };
+        assert!(matches!(
+            encode_frame(FrameKind::Request, &header, &[0; 17], &loose_header),
+            Err(FrameError::PayloadTooLarge { .. })
+        ));
+        assert!(encode_frame(FrameKind::Request, &header, &[0; 16], &loose_header).is_ok());
     }
 
     /// The durable record example of `docs/PROTOCOL.md` §4.

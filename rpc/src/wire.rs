@@ -868,7 +868,6 @@ mod tests {
         let tight = Limits {
             max_header_size: 10,
             max_payload_size: 16,
-            ..Limits::default()
         };
         let header = mul_request();
         assert!(matches!(

@@ -472,6 +472,14 @@ impl std::fmt::Debug for Store {
     }
 }
 
+impl Drop for Store {
+    /// A store dropped without `close` (its server dropped without a shutdown) still ends the
+    /// task that starts deliveries.
+    fn drop(&mut self) {
+        self.kicks.close();
+    }
+}
+
 impl Store {
     /// Opens (or creates) the store at `path`. A file that is not a redb database, or one redb
     /// cannot repair, is [`Error::Store`] with redb's reason; never a panic.
@@ -972,10 +980,13 @@ fn write_loop(parts: &WriterParts, mut acked_left: Sizes, mut reserved: u64) {
                          the failed commit are lost"
                     );
                 }
-                // Read again from the last commit; but ids answered early are never handed out
-                // again (their senders hold them, e.g. to cancel), although their messages are
-                // lost. They are below the reservation on the disk (see `reserving`).
-                next_id = (answered_early > 0).then_some(handed_out);
+                // The next id stays as the last commit left it (or as a failure before this one
+                // raised it), but ids answered early are never handed out again: their senders
+                // hold them (to cancel, say), although their messages are lost. They are below
+                // the reservation on the disk (see `reserving`).
+                if answered_early > 0 {
+                    next_id = Some(handed_out);
+                }
                 // What this transaction changed in memory is now wrong: count again.
                 if let Ok((fresh, left)) = recount(db) {
                     fresh.record();
@@ -2066,17 +2077,22 @@ impl Durable {
             {
                 let mut running = self.running.locked();
                 let more = running.get(&identity).copied().unwrap_or(false);
+                if end == RunEnd::Done && more {
+                    running.insert(identity.clone(), false);
+                    continue;
+                }
                 // A run that stopped because its connection was taken over goes on at once on
-                // the new one (not a second later).
+                // the new one (not a second later), on the thread that drives it.
                 let moved = end == RunEnd::Stopped
                     && self
                         .connection(&identity)
                         .is_some_and(|c| Some(c.id()) != used);
-                if (end == RunEnd::Done && more) || moved {
-                    running.insert(identity.clone(), false);
-                    continue;
-                }
                 running.remove(&identity);
+                if moved {
+                    drop(running);
+                    self.kick(&identity);
+                    return;
+                }
             }
             if end == RunEnd::Stopped {
                 // Still bound (the device refused or was slow)? Try again in a second.

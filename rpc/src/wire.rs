@@ -379,11 +379,7 @@ pub(crate) fn encode_frame<H: Serialize>(
         postcard::ser_flavors::Size::default(),
     )
     .map_err(|e| FrameError::Encode(e.to_string()))?;
-    if header_len > limits.max_header_size as usize {
-        return Err(FrameError::HeaderTooLarge {
-            limit: Some(u64::from(limits.max_header_size)),
-        });
-    }
+    check_header(header_len, limits)?;
     check_payload(payload.len(), limits)?;
     let mut buf = Vec::with_capacity(PREFIX_LEN + header_len + payload.len());
     buf.push(frame_kind as u8);
@@ -409,12 +405,7 @@ pub(crate) fn encode_frame_with<H: Serialize, E: From<FrameError>>(
     let mut buf =
         postcard::to_extend(header, buf).map_err(|e| FrameError::Encode(e.to_string()))?;
     let header_len = buf.len() - PREFIX_LEN;
-    if header_len > limits.max_header_size as usize {
-        return Err(FrameError::HeaderTooLarge {
-            limit: Some(u64::from(limits.max_header_size)),
-        }
-        .into());
-    }
+    check_header(header_len, limits)?;
     buf[1..PREFIX_LEN].copy_from_slice(&(header_len as u32).to_be_bytes());
     let buf = write_payload(buf)?;
     check_payload(buf.len() - PREFIX_LEN - header_len, limits)?;
@@ -473,6 +464,16 @@ impl Frame {
 }
 
 /// Fails with [`FrameError::PayloadTooLarge`] when a payload is above the limit.
+/// [`FrameError::HeaderTooLarge`] if an encoded header of `len` bytes is above the limit.
+fn check_header(len: usize, limits: &Limits) -> Result<(), FrameError> {
+    if len > limits.max_header_size as usize {
+        return Err(FrameError::HeaderTooLarge {
+            limit: Some(u64::from(limits.max_header_size)),
+        });
+    }
+    Ok(())
+}
+
 pub(crate) fn check_payload(len: usize, limits: &Limits) -> Result<(), FrameError> {
     if len as u64 > limits.max_payload_size {
         return Err(FrameError::PayloadTooLarge {
@@ -690,12 +691,10 @@ pub(crate) fn encode_record<M: Serialize>(
     let mut out = postcard::to_extend(header, std::mem::take(buf))
         .map_err(|e| FrameError::Encode(e.to_string()))?;
     let header_len = out.len() - start - PREFIX_LEN;
-    if header_len > limits.max_header_size as usize {
+    if let Err(e) = check_header(header_len, limits) {
         out.truncate(start);
         *buf = out;
-        return Err(FrameError::HeaderTooLarge {
-            limit: Some(u64::from(limits.max_header_size)),
-        });
+        return Err(e);
     }
     out[start + 1..start + PREFIX_LEN].copy_from_slice(&(header_len as u32).to_be_bytes());
     out.extend_from_slice(&(payload.len() as u32).to_be_bytes());

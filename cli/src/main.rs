@@ -366,9 +366,7 @@ async fn run(command: Command) -> Result<(), Failure> {
             print(&reply)
         }
         Command::Clients { addr, connect } => {
-            let reply =
-                call_once(&addr, &connect, (ADMIN_SERVICE, "Clients"), b"null", &[]).await?;
-            print(&reply)
+            admin_print(&addr, &connect, "Clients", &serde_json::Value::Null).await
         }
         Command::Durable {
             addr,
@@ -392,8 +390,7 @@ async fn run(command: Command) -> Result<(), Failure> {
             admin_print(&addr, &connect, "CancelDurable", &args).await
         }
         Command::Stats { addr, connect } => {
-            let reply = call_once(&addr, &connect, (ADMIN_SERVICE, "Stats"), b"null", &[]).await?;
-            print(&reply)
+            admin_print(&addr, &connect, "Stats", &serde_json::Value::Null).await
         }
         Command::Push {
             addr,

@@ -1,9 +1,10 @@
 //! Durable messages of a cluster, kept in etcd so they survive the loss of the node that
 //! accepted them: any node the device connects to delivers them.
 //!
-//! Key: `{prefix}/durable/{hex(client_id)}/{node}-{counter}.{place}.{size}`, where `place` is
-//! its place in the etcd transaction that wrote it and `size` the value's length (so a read of
-//! the keys alone tells a device's pending bytes); value: postcard of [`Stored`].
+//! Key: `{prefix}/durable/{hex(client_id)}/{node}-{counter}.{place}.e{expires}.{size}`, where
+//! `place` is its place in the etcd transaction that wrote it, `expires` when it expires (ms
+//! since the Unix epoch) and `size` the value's length (so a read of the keys alone tells a
+//! device's pending bytes and what expired); value: postcard of [`Stored`].
 //! Not under any lease: a message stays until acknowledged, cancelled, expired or dropped to
 //! make room. Its id (what the device sees under `quicx-msg-id`) is the key's etcd create
 //! revision × [`ID_SPAN`] plus its place, so ids grow across the whole cluster and a device
@@ -209,11 +210,6 @@ fn size_of_key(key: &[u8]) -> u64 {
     key_fields(key).2
 }
 
-/// A device's pending keys, oldest first, and the etcd revision they were read at (or that
-/// this node's last write to the device made): valid while no other node wrote to the device
-/// since, which a write's transaction checks. Deletes meanwhile (deliveries, expiries, cancels)
-/// only make it count too much, so a batch is planned again on a fresh read before anything in
-/// it is refused or dropped.
 /// One of a device's keys as a read of them tells.
 #[derive(Debug, Clone)]
 struct StoredKey {
@@ -222,6 +218,11 @@ struct StoredKey {
     expires_ms: u64,
 }
 
+/// A device's pending keys, oldest first, and the etcd revision they were read at (or that
+/// this node's last write to the device made): valid while no other node wrote to the device
+/// since, which a write's transaction checks. Deletes meanwhile (deliveries, expiries, cancels)
+/// only make it count too much, so a batch is planned again on a fresh read before anything in
+/// it is refused or dropped.
 #[derive(Debug)]
 struct DeviceKeys {
     revision: i64,
@@ -382,8 +383,6 @@ pub(crate) struct ClusterDurable {
     limits: ClusterDurableLimits,
     /// Sends waiting for their device's next write, per device.
     sending: Mutex<HashMap<String, DeviceQueue>>,
-    /// Each device's keys as its last write left them, while sends to it keep coming.
-    known: Mutex<HashMap<String, DeviceKeys>>,
     view: Mutex<View>,
     counters: Arc<Counters>,
 }
@@ -409,7 +408,6 @@ impl ClusterDurable {
             space: format!("cluster{prefix}"),
             limits,
             sending: Mutex::default(),
-            known: Mutex::default(),
             view: Mutex::default(),
             counters: Arc::default(),
         }
@@ -552,16 +550,12 @@ impl ClusterDurable {
                 }
                 let mut sending = self.0.sending.lock().unwrap_or_else(|e| e.into_inner());
                 sending.remove(self.1);
-                drop(sending);
-                self.0
-                    .known
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(self.1);
             }
         }
         let mut abandon = Abandon(&self, &client_id, true);
         let prefix = self.device_prefix(&client_id);
+        // The device's keys after the last write, while this task writes its sends.
+        let mut known = None;
         loop {
             let batch: Vec<Waiting> = {
                 let mut sending = self.sending.lock().unwrap_or_else(|e| e.into_inner());
@@ -582,29 +576,14 @@ impl ClusterDurable {
                 if batch.is_empty() {
                     abandon.2 = false;
                     sending.remove(&client_id);
-                    // The last write's keys go with the last send.
-                    self.known
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(&client_id);
                     return;
                 }
                 batch
             };
-            let known = self
-                .known
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&client_id);
             let (replies, left) = self
-                .write_batch(&mut client, &client_id, &prefix, known, &batch)
+                .write_batch(&mut client, &client_id, &prefix, known.take(), &batch)
                 .await;
-            if let Some(left) = left {
-                self.known
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(client_id.clone(), left);
-            }
+            known = left;
             for (waiting, result) in batch.into_iter().zip(replies) {
                 let _ = waiting.reply.send(result);
             }
@@ -631,7 +610,7 @@ impl ClusterDurable {
             let (keys, fresh) = match known.take() {
                 Some(keys) => (keys, false),
                 None if attempt == 0 => (self.keys_from_view(client_id), false),
-                None => match self.read_keys(client, prefix, true).await {
+                None => match self.read_keys(client, prefix).await {
                     Ok(keys) => (keys, true),
                     Err(e) => return (all(e), None),
                 },
@@ -752,21 +731,17 @@ impl ClusterDurable {
         )
     }
 
-    /// A device's pending keys, oldest first, at the revision of the read (the etcd member's
-    /// own copy unless `linearizable`).
+    /// A device's pending keys, oldest first, at the revision of the read (linearizable: what
+    /// a write then refuses or drops is counted on the cluster's latest state).
     async fn read_keys(
         &self,
         client: &mut Client,
         prefix: &str,
-        linearizable: bool,
     ) -> Result<DeviceKeys, ClusterError> {
-        let mut options = GetOptions::new()
+        let options = GetOptions::new()
             .with_prefix()
             .with_keys_only()
             .with_sort(SortTarget::Create, SortOrder::Ascend);
-        if !linearizable {
-            options = options.with_serializable();
-        }
         let reply = crate::etcd::kv(client)
             .get(prefix, Some(options))
             .await

@@ -960,7 +960,7 @@ impl ClusterNode {
         metadata: Metadata,
         data: impl AsRef<[u8]>,
         ttl: Duration,
-    ) -> Result<i64, ClusterError> {
+    ) -> Result<u64, ClusterError> {
         let state = &self.inner.state;
         let mut etcd = state.etcd.clone();
         let id = state
@@ -977,7 +977,8 @@ impl ClusterNode {
         if self.server().and_then(|s| s.client(client_id)).is_some() {
             state.durable.kick(&etcd, &self.inner.server, client_id);
         }
-        Ok(id)
+        // A revision times `ID_SPAN` plus a place: never negative.
+        Ok(id.unsigned_abs())
     }
 
     /// The durable messages pending in etcd for `client_id`, oldest first (expired ones
@@ -1000,7 +1001,11 @@ impl ClusterNode {
     /// Returns once etcd deleted it (or found nothing); [`ClusterError::EtcdUnreachable`] if
     /// etcd did not answer (it may then be cancelled or not: list to know). Dropping the future
     /// after the delete went out does not take the delete back.
-    pub async fn cancel_durable(&self, client_id: &str, id: i64) -> Result<bool, ClusterError> {
+    pub async fn cancel_durable(&self, client_id: &str, id: u64) -> Result<bool, ClusterError> {
+        // No message has an id above `i64::MAX` (etcd revisions are `i64`).
+        let Ok(id) = i64::try_from(id) else {
+            return Ok(false);
+        };
         let state = &self.inner.state;
         state
             .durable

@@ -147,7 +147,7 @@ async fn numbered_commands_of(node: &ClusterNode, device: &str, n: u32, size: us
             )
             .await
             .unwrap();
-        ids.push(id as u64);
+        ids.push(id);
     }
     ids
 }
@@ -687,7 +687,7 @@ async fn a_durable_message_survives_the_node_that_accepted_it() {
     for (i, id) in ids.iter().enumerate() {
         let msg = next_push(&mut rx).await;
         assert_eq!(msg.payload, format!("cmd-{i}").as_bytes());
-        assert_eq!(msg.durable_id(), Some(*id as u64));
+        assert_eq!(msg.durable_id(), Some(*id));
     }
     assert!(
         tokio::time::timeout(Duration::from_millis(300), rx.recv())
@@ -715,7 +715,7 @@ async fn a_durable_message_survives_the_node_that_accepted_it() {
 }
 
 /// Sends one durable message of `size` bytes to `device` through `node` (TTL 60 s).
-async fn durable_of(node: &ClusterNode, device: &str, size: usize) -> Result<i64, ClusterError> {
+async fn durable_of(node: &ClusterNode, device: &str, size: usize) -> Result<u64, ClusterError> {
     node.send_durable(
         device,
         "Device",
@@ -782,8 +782,8 @@ async fn cluster_durable_bounds_hold_under_each_policy_and_list_and_cancel_work(
 
     // Cancel the middle one; the device gets the other two, in order, and they are counted
     // as delivered by the node that holds it.
-    assert!(b.cancel_durable("dev-count", ids[3] as i64).await.unwrap());
-    assert!(!b.cancel_durable("dev-count", ids[3] as i64).await.unwrap());
+    assert!(b.cancel_durable("dev-count", ids[3]).await.unwrap());
+    assert!(!b.cancel_durable("dev-count", ids[3]).await.unwrap());
     assert_eq!(
         ids_of(&b.durable_messages("dev-count").await.unwrap()),
         [ids[2], ids[4]]
@@ -970,7 +970,7 @@ async fn a_burst_to_one_device_is_written_in_batches_and_delivered_whole_in_orde
     let mut ids: Vec<u64> = futures_util::future::join_all(sends)
         .await
         .into_iter()
-        .map(|r| r.unwrap() as u64)
+        .map(|r| r.unwrap())
         .collect();
     ids.sort_unstable();
     assert_eq!(
@@ -996,11 +996,11 @@ async fn durable_messages_survive_a_sigkill_of_the_node_that_accepted_them() {
         .unwrap();
     let mut ids = Vec::new();
     for i in 0..3 {
-        let id: i64 = sender
+        let id: u64 = sender
             .call("Durable", "Send", &("device-k", format!("cmd-{i}")))
             .await
             .unwrap();
-        ids.push(id as u64);
+        ids.push(id);
     }
     assert_eq!(b.durable_pending("device-k").await.unwrap(), 3);
     doomed.kill();
@@ -1040,7 +1040,7 @@ async fn a_durable_message_refused_by_a_connected_device_comes_again() {
         .unwrap();
     // The device's application drops it without acknowledging (it could not process it).
     let first = next_push(&mut rx).await;
-    assert_eq!(first.durable_id(), Some(id as u64));
+    assert_eq!(first.durable_id(), Some(id));
     drop(first);
     let mut refused = Instant::now();
     // The device stays connected: the node sends it again by itself, after its retry pause (no
@@ -1052,7 +1052,7 @@ async fn a_durable_message_refused_by_a_connected_device_comes_again() {
             .await
             .expect("the refused message comes again while the device stays connected")
             .unwrap();
-        assert_eq!(copy.durable_id(), Some(id as u64));
+        assert_eq!(copy.durable_id(), Some(id));
         if refused.elapsed() >= Duration::from_millis(900) {
             break copy;
         }

@@ -218,8 +218,8 @@ async fn durable_drain(
         .collect::<Vec<_>>()
         .await
         .into_iter()
-        .collect::<Result<Vec<i64>, _>>()?;
-    let mut order: Vec<(i64, usize)> = stored.iter().copied().zip(0..).collect();
+        .collect::<Result<Vec<u64>, _>>()?;
+    let mut order: Vec<(u64, usize)> = stored.iter().copied().zip(0..).collect();
     order.sort_unstable();
     let store_rate = n as f64 / started.elapsed().as_secs_f64();
     anyhow::ensure!(
@@ -240,7 +240,7 @@ async fn durable_drain(
             .context("drain stalled")?
             .context("push channel closed")?;
         anyhow::ensure!(
-            msg.payload[..] == (i as u32).to_be_bytes() && msg.durable_id() == Some(id as u64),
+            msg.payload[..] == (i as u32).to_be_bytes() && msg.durable_id() == Some(id),
             "message {i} (id {id}) out of order"
         );
     }
@@ -280,7 +280,7 @@ async fn durable_store_spread(node: &ClusterNode, n: usize, devices: usize) -> a
         .collect::<Vec<_>>()
         .await
         .into_iter()
-        .collect::<Result<Vec<i64>, _>>()?;
+        .collect::<Result<Vec<u64>, _>>()?;
     Ok(n as f64 / started.elapsed().as_secs_f64())
 }
 

@@ -141,8 +141,13 @@ struct View {
 }
 
 impl View {
-    fn add(&mut self, device: String, bytes: u64, revision: i64) {
-        let d = self.by_device.entry(device).or_default();
+    fn add(&mut self, device: &str, bytes: u64, revision: i64) {
+        // The name copied only for a device new to the view.
+        if !self.by_device.contains_key(device) {
+            self.by_device
+                .insert(device.to_owned(), DeviceView::default());
+        }
+        let d = self.by_device.get_mut(device).expect("inserted above");
         d.size.messages += 1;
         d.size.bytes += bytes;
         d.last_put = d.last_put.max(revision);
@@ -163,10 +168,29 @@ impl View {
         self.total.bytes = self.total.bytes.saturating_sub(bytes);
     }
 
-    fn record(&self) {
-        metrics::gauge!(CLUSTER_PENDING).set(self.total.messages as f64);
-        metrics::gauge!(CLUSTER_PENDING_BYTES).set(self.total.bytes as f64);
-        metrics::gauge!(CLUSTER_PENDING_DEVICES).set(self.by_device.len() as f64);
+    fn record(&self, gauges: &Gauges) {
+        gauges.pending.set(self.total.messages as f64);
+        gauges.bytes.set(self.total.bytes as f64);
+        gauges.devices.set(self.by_device.len() as f64);
+    }
+}
+
+/// The handles of the cluster's durable gauges, made once (the watch sets them at every
+/// durable key it sees).
+#[derive(Debug)]
+struct Gauges {
+    pending: metrics::Gauge,
+    bytes: metrics::Gauge,
+    devices: metrics::Gauge,
+}
+
+impl Gauges {
+    fn new() -> Self {
+        Self {
+            pending: metrics::gauge!(CLUSTER_PENDING),
+            bytes: metrics::gauge!(CLUSTER_PENDING_BYTES),
+            devices: metrics::gauge!(CLUSTER_PENDING_DEVICES),
+        }
     }
 }
 
@@ -369,7 +393,6 @@ fn unhex(s: &str) -> Option<String> {
 /// The durable messages of one node's cluster.
 #[derive(Debug)]
 pub(crate) struct ClusterDurable {
-    prefix: String,
     node: String,
     counter: AtomicU64,
     /// Devices being delivered to by this node now: whether more arrived meanwhile, and how to
@@ -384,6 +407,9 @@ pub(crate) struct ClusterDurable {
     /// Sends waiting for their device's next write, per device.
     sending: Mutex<HashMap<String, DeviceQueue>>,
     view: Mutex<View>,
+    gauges: Gauges,
+    /// `{prefix}/durable/`: where every durable key is.
+    durable_root: String,
     counters: Arc<Counters>,
 }
 
@@ -399,7 +425,6 @@ impl ClusterDurable {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
         Self {
-            prefix: prefix.to_owned(),
             node: node.to_owned(),
             counter: AtomicU64::new(start),
             running: Mutex::default(),
@@ -409,6 +434,8 @@ impl ClusterDurable {
             limits,
             sending: Mutex::default(),
             view: Mutex::default(),
+            gauges: Gauges::new(),
+            durable_root: format!("{prefix}/durable/"),
             counters: Arc::default(),
         }
     }
@@ -422,18 +449,18 @@ impl ClusterDurable {
         let mut fresh = View::default();
         for (key, revision) in keys {
             if let Some(device) = self.device_of(key) {
-                fresh.add(device, size_of_key(key.as_bytes()), revision);
+                fresh.add(&device, size_of_key(key.as_bytes()), revision);
             }
         }
-        fresh.record();
+        fresh.record(&self.gauges);
         *self.view() = fresh;
     }
 
     /// The watch saw a durable message written.
-    pub(crate) fn view_put(&self, device: String, key: &str, revision: i64) {
+    pub(crate) fn view_put(&self, device: &str, key: &str, revision: i64) {
         let mut view = self.view();
         view.add(device, size_of_key(key.as_bytes()), revision);
-        view.record();
+        view.record(&self.gauges);
     }
 
     /// The watch saw a durable message removed.
@@ -441,7 +468,7 @@ impl ClusterDurable {
         if let Some(device) = self.device_of(key) {
             let mut view = self.view();
             view.sub(&device, size_of_key(key.as_bytes()));
-            view.record();
+            view.record(&self.gauges);
         }
     }
 
@@ -459,12 +486,12 @@ impl ClusterDurable {
     }
 
     fn device_prefix(&self, client_id: &str) -> String {
-        format!("{}/durable/{}/", self.prefix, hex(client_id))
+        format!("{}{}/", self.durable_root, hex(client_id))
     }
 
     /// The device a durable key is for.
     pub(crate) fn device_of(&self, key: &str) -> Option<String> {
-        let rest = key.strip_prefix(&format!("{}/durable/", self.prefix))?;
+        let rest = key.strip_prefix(&self.durable_root)?;
         unhex(rest.split('/').next()?)
     }
 
@@ -1358,12 +1385,12 @@ mod tests {
         let key = |device: &str, n: u32| format!("/q/durable/{}/b-{n:020}.{n}.10", hex(device));
         // Two of a write's keys at revision 7 shown so far: a writer may count on them only up
         // to revision 6 (the comparison then fails if the write at 7 touched the device).
-        durable.view_put("d".into(), &key("d", 0), 7);
-        durable.view_put("d".into(), &key("d", 1), 7);
+        durable.view_put("d", &key("d", 0), 7);
+        durable.view_put("d", &key("d", 1), 7);
         let counted = durable.keys_from_view("d");
         assert_eq!((counted.revision, counted.size.messages), (6, 2));
         // A later write (another device's) shows that revision 7 is whole.
-        durable.view_put("e".into(), &key("e", 0), 8);
+        durable.view_put("e", &key("e", 0), 8);
         let counted = durable.keys_from_view("d");
         assert_eq!(
             (counted.revision, counted.size.messages, counted.size.bytes),

@@ -1355,7 +1355,7 @@ impl Shared {
                 revision,
             } => {
                 if let Some(device) = self.durable.device_of(&key) {
-                    self.durable.view_put(device.clone(), &key, revision);
+                    self.durable.view_put(&device, &key, revision);
                     if server.upgrade().and_then(|s| s.client(&device)).is_some() {
                         self.durable.kick(&self.etcd, server, &device);
                     }

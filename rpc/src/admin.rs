@@ -210,9 +210,7 @@ fn store_failure(e: crate::Error) -> ServiceError {
 impl Admin {
     async fn durable(&self, ctx: &Context, args: &[u8]) -> Result<Bytes, ServiceError> {
         let server = self.authorize(ctx)?;
-        let args: Option<DurableArgs> = Codec::Json
-            .decode(args)
-            .map_err(|e| ServiceError::status(status::DECODE_ERROR, e.to_string()))?;
+        let args: Option<DurableArgs> = decode(args)?;
         let args = args.unwrap_or_default();
         if let Some(client_id) = args.client_id {
             let now = std::time::SystemTime::now();
@@ -249,9 +247,7 @@ impl Admin {
 
     async fn cancel_durable(&self, ctx: &Context, args: &[u8]) -> Result<Bytes, ServiceError> {
         let server = self.authorize(ctx)?;
-        let args: CancelArgs = Codec::Json
-            .decode(args)
-            .map_err(|e| ServiceError::status(status::DECODE_ERROR, e.to_string()))?;
+        let args: CancelArgs = decode(args)?;
         let cancelled = server
             .cancel_durable(&args.client_id, args.id)
             .await
@@ -283,9 +279,7 @@ impl Admin {
 
     async fn push(&self, ctx: &Context, args: &[u8]) -> Result<Bytes, ServiceError> {
         let server = self.authorize(ctx)?;
-        let args: PushArgs = Codec::Json
-            .decode(args)
-            .map_err(|e| ServiceError::status(status::DECODE_ERROR, e.to_string()))?;
+        let args: PushArgs = decode(args)?;
         let payload = json(&args.payload)?;
         let mut metadata = Metadata::new();
         for (key, value) in args.metadata {
@@ -349,6 +343,13 @@ fn stats_object(server: &Server) -> serde_json::Value {
         "durable_expired": s.durable_expired,
         "durable_overflowed": s.durable_overflowed,
     })
+}
+
+/// The JSON arguments of an admin call; `DECODE_ERROR` when they are not what it takes.
+fn decode<T: serde::de::DeserializeOwned>(args: &[u8]) -> Result<T, ServiceError> {
+    Codec::Json
+        .decode(args)
+        .map_err(|e| ServiceError::status(status::DECODE_ERROR, e.to_string()))
 }
 
 /// A reply in JSON.

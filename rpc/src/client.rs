@@ -88,7 +88,7 @@ impl ClientEndpoint {
             .map(|io| {
                 let endpoint = {
                     let _io = io.enter();
-                    config::endpoint(addr, buffer, None)?
+                    config::endpoint(addr, buffer)?
                 };
                 Ok((io, endpoint))
             })
@@ -371,7 +371,7 @@ pub(crate) fn client_endpoint(addr: SocketAddr, buffer: usize) -> Result<quinn::
     } else {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     };
-    config::endpoint(bind, buffer, None)
+    config::endpoint(bind, buffer)
 }
 
 /// The QUIC endpoint a client connects through, and with which configuration.

@@ -1,6 +1,6 @@
 //! Transport settings shared by servers and clients, and UDP socket setup.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{cell::Cell, net::SocketAddr, sync::Arc, time::Duration};
 
 use crate::{Error, Limits, Result};
 
@@ -290,8 +290,13 @@ impl quinn_proto::ConnectionIdGenerator for ShardCid {
         let mut rng = rand::rng();
         rng.fill(&mut bytes[..CID_NONCE]);
         if self.shard.steerable() {
-            // Uniform over the bytes with `byte % count == index`.
-            let Shard { index, count } = self.shard;
+            // Uniform over the bytes with `byte % count == index`: this thread's, or the one
+            // a Retry being sent from this thread moves its connection to (`retry_to`).
+            let count = self.shard.count;
+            let index = RETRY_TO
+                .with(Cell::take)
+                .filter(|&to| to < count)
+                .unwrap_or(self.shard.index);
             let byte = rng.random_range(0..256 / count) * count + index;
             bytes[0] = u8::try_from(byte).expect("below 256: count <= 256 and index < count");
         }
@@ -318,6 +323,27 @@ impl quinn_proto::ConnectionIdGenerator for ShardCid {
     fn cid_lifetime(&self) -> Option<std::time::Duration> {
         None
     }
+}
+
+thread_local! {
+    /// The I/O thread the connection id that `retry_to` is generating must name, while it runs
+    /// (a thread-local: the id is generated in the same synchronous call, on this thread, so no
+    /// other endpoint's or connection's id can take it, whatever runtime drives them).
+    static RETRY_TO: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// Answers a new connection's first Initial with a QUIC Retry (RFC 9000 §8.1.2) whose
+/// connection id names I/O thread `to` of the server's shared port: the client sends its
+/// Initial again with that id, which the port's steering program hands to that thread's socket
+/// (and that thread's endpoint takes the Retry's token: the endpoints share one
+/// `quinn::ServerConfig`, so one token key). Costs the client one round trip. Gives the
+/// incoming connection back (`RetryError::into_incoming`) if it cannot be retried.
+pub(crate) fn retry_to(incoming: quinn::Incoming, to: usize) -> Result<(), quinn::RetryError> {
+    RETRY_TO.with(|cell| cell.set(Some(to)));
+    let retried = incoming.retry();
+    // Not consumed if quinn refused before generating the id.
+    RETRY_TO.with(|cell| cell.set(None));
+    retried
 }
 
 /// Makes the kernel hand each datagram that reaches the server's shared port to the socket
@@ -405,14 +431,30 @@ pub(crate) fn bind_socket(
     Ok(socket.into())
 }
 
-/// Builds a quinn endpoint on `addr`; a server's with its stable keys, on a shared port, its
-/// packets steered to it by connection id where the kernel allows (see
-/// `steer_by_connection_id`).
-pub(crate) fn endpoint(
+/// Builds a client's quinn endpoint on `addr`.
+pub(crate) fn endpoint(addr: SocketAddr, buffer: usize) -> Result<quinn::Endpoint> {
+    build_endpoint(addr, buffer, None).map(|(endpoint, _)| endpoint)
+}
+
+/// Builds the endpoint of I/O thread `shard` of a server: with its stable keys, on the shared
+/// port, its packets steered to it by connection id where the kernel allows (see
+/// `steer_by_connection_id`). Also returns whether they are: only then can a Retry move a
+/// connection to another thread ([`retry_to`]).
+pub(crate) fn server_endpoint(
+    addr: SocketAddr,
+    buffer: usize,
+    config: quinn::ServerConfig,
+    keys: StableKeys,
+    shard: Shard,
+) -> Result<(quinn::Endpoint, bool)> {
+    build_endpoint(addr, buffer, Some((config, keys, shard)))
+}
+
+fn build_endpoint(
     addr: SocketAddr,
     buffer: usize,
     server: Option<(quinn::ServerConfig, StableKeys, Shard)>,
-) -> Result<quinn::Endpoint> {
+) -> Result<(quinn::Endpoint, bool)> {
     let shard = server.as_ref().map(|(_, _, shard)| *shard);
     let socket = bind_socket(addr, buffer, shard.is_some() && SHARDED_PORTS)?;
     // Each socket sets the program again as the group grows; indices past the sockets bound so
@@ -439,6 +481,10 @@ pub(crate) fn endpoint(
         None => (quinn::EndpointConfig::default(), None),
     };
     let endpoint = quinn::Endpoint::new(config, server, socket, runtime)?;
+    #[cfg(target_os = "linux")]
+    let is_steered = steered.is_some();
+    #[cfg(not(target_os = "linux"))]
+    let is_steered = false;
     // quinn turns the socket's receive offload on; a steered socket must not merge datagrams
     // of different connections (see `steer_by_connection_id`).
     #[cfg(target_os = "linux")]
@@ -452,7 +498,7 @@ pub(crate) fn endpoint(
             );
         }
     }
-    Ok(endpoint)
+    Ok((endpoint, is_steered))
 }
 
 #[cfg(test)]

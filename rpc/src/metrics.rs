@@ -11,7 +11,7 @@
 //! | `quicx_server_calls_total` | counter | `service`, `method`, `status` |
 //! | `quicx_server_call_duration_seconds` | histogram | `service`, `method` |
 //! | `quicx_server_connections` | gauge | |
-//! | `quicx_handshakes_total` | counter | `result` = `ok`, `failed`, `refused` |
+//! | `quicx_handshakes_total` | counter | `result` = `ok`, `failed`, `refused`, `moved` (sent a Retry to another I/O thread: it comes back as a handshake of its own) |
 //! | `quicx_auth_failures_total` | counter | |
 //! | `quicx_pushes_total` | counter | `result` = `ok`, `error` |
 //! | `quicx_push_dropped_total` | counter | (pushes a client's full channel dropped, as receipts report) |

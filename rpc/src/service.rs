@@ -77,6 +77,13 @@ impl Method {
         self.polls.is_heavy()
     }
 
+    /// Whether this method's polls are checked for preemption ([`ThreadClock`](crate::io::ThreadClock)):
+    /// while an overrun is remembered (the next one would move it) or it is slow (an overrun
+    /// there restarts its way back). A method with no overrun lately pays nothing for it.
+    pub(crate) fn checks_preemption(&self) -> bool {
+        self.polls.slow.load(Ordering::Relaxed) || self.polls.strikes.load(Ordering::Relaxed) > 0
+    }
+
     /// Records how long one poll of a handler took, inline or on the pool. Returns what changed:
     /// `Some(true)` when the method just became slow, `Some(false)` when it just came back.
     pub(crate) fn record_poll(&self, took: std::time::Duration) -> Option<bool> {
@@ -84,9 +91,13 @@ impl Method {
     }
 }
 
-/// What a method's handler polls took lately, kept so that one poll that looked long only
+/// What a method's handler polls took lately, kept so that a poll that looked long only
 /// because the OS preempted its thread (on a busy machine a poll of a trivial handler now and
-/// then spans a time slice of another thread) does not move the method:
+/// then spans a time slice of another thread) does not move the method. Where the OS tells
+/// (Linux), a poll is checked once its method has overrun once: one that did not block and ran
+/// for less than the budget counts for the CPU time it ran, however long it took (see
+/// [`ThreadClock`](crate::io::ThreadClock)); the first overrun of a method is counted as
+/// measured, so a method is never checked until it overruns.
 ///
 /// - **slow** (its calls run on the handler pool) after two polls over the inline budget
 ///   ([`INLINE_BUDGET`](crate::io::INLINE_BUDGET)) within [`STRIKE`] polls of each other; a

@@ -19,7 +19,7 @@ use tracing::Instrument;
 use super::{Connection, side::Role};
 use crate::{
     Codec, Context, Metadata, PushMessage, PushSender, ServiceError,
-    io::{handler_pool, within},
+    io::{INLINE_BUDGET, ThreadClock, handler_pool, within},
     push::Delivery,
     service::{BoxFuture, Handler, Lookup, panic_message},
     wire::{
@@ -496,9 +496,20 @@ impl Future for Timed {
     type Output = HandlerOutcome;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<HandlerOutcome> {
+        let clock = if self.method.checks_preemption() {
+            ThreadClock::now()
+        } else {
+            None
+        };
         let started = Instant::now();
         let outcome = self.call.poll_unpin(cx);
-        let took = started.elapsed();
+        let mut took = started.elapsed();
+        if took > INLINE_BUDGET {
+            // Preempted rather than slow: what it ran is what it cost its thread's clients.
+            if let Some(ran) = clock.and_then(ThreadClock::ran_without_blocking) {
+                took = took.min(ran);
+            }
+        }
         match self.method.record_poll(took) {
             Some(true) => tracing::debug!(
                 "a handler held its thread for {took:?} (twice): its method moves to the handler pool"

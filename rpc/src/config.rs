@@ -339,11 +339,17 @@ thread_local! {
 /// `quinn::ServerConfig`, so one token key). Costs the client one round trip. Gives the
 /// incoming connection back (`RetryError::into_incoming`) if it cannot be retried.
 pub(crate) fn retry_to(incoming: quinn::Incoming, to: usize) -> Result<(), quinn::RetryError> {
+    /// Clears the target however `retry` ends (quinn refused before generating the id, or a
+    /// panic): left set, it would name another thread in this thread's next connection id.
+    struct Clear;
+    impl Drop for Clear {
+        fn drop(&mut self) {
+            RETRY_TO.with(|cell| cell.set(None));
+        }
+    }
     RETRY_TO.with(|cell| cell.set(Some(to)));
-    let retried = incoming.retry();
-    // Not consumed if quinn refused before generating the id.
-    RETRY_TO.with(|cell| cell.set(None));
-    retried
+    let _clear = Clear;
+    incoming.retry()
 }
 
 /// Makes the kernel hand each datagram that reaches the server's shared port to the socket

@@ -4,7 +4,10 @@ use crate::sync::Lock;
 use std::{
     fmt,
     net::SocketAddr,
-    sync::{Arc, Mutex, atomic::Ordering},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
@@ -149,7 +152,7 @@ impl ServerBuilder {
     /// connection and thread. A new connection that reaches a thread with more connections than
     /// another (by more than a sixteenth of that one's) is sent a QUIC Retry whose connection id
     /// names the other thread, so connections stay spread by count; it costs that client one
-    /// round trip, and a client whose address is validated already is not moved. Beyond 256 threads, or where the kernel refuses the steering
+    /// round trip, a client is moved at most once, and a full server moves no one. Beyond 256 threads, or where the kernel refuses the steering
     /// program (logged), the kernel's hash of the client's address picks the thread: a
     /// rebinding client may then reach another thread, which answers with a stateless reset,
     /// and the client reconnects at once. A stateless reset that a client sends the server
@@ -258,10 +261,7 @@ impl ServerBuilder {
                 socket_buffer_size: self.transport.socket_buffer_size,
                 max_connections: self.max_connections,
                 admitted: std::sync::atomic::AtomicUsize::new(0),
-                thread_loads: io
-                    .iter()
-                    .map(|_| std::sync::atomic::AtomicUsize::new(0))
-                    .collect(),
+                thread_loads: ThreadLoads::new(io.len()),
                 io,
                 endpoints: Mutex::new(Vec::new()),
                 stop_accepting: CancellationToken::new(),
@@ -303,8 +303,9 @@ struct ServerInner {
     max_connections: usize,
     /// Connections accepted and not yet closed, handshakes included.
     admitted: std::sync::atomic::AtomicUsize,
-    /// The same per I/O thread: where a new connection is placed ([`least_loaded`]).
-    thread_loads: Box<[std::sync::atomic::AtomicUsize]>,
+    /// The same per I/O thread, and the connections moving to each: where a new connection is
+    /// placed.
+    thread_loads: ThreadLoads,
     /// The I/O threads, one endpoint each once bound.
     io: Vec<IoRuntime>,
     endpoints: Mutex<Vec<quinn::Endpoint>>,
@@ -413,7 +414,7 @@ impl Server {
                 endpoint.clone(),
                 local,
                 io.clone(),
-                Shard { thread, rebalance },
+                AcceptOn { thread, rebalance },
             ));
         }
         *endpoints = bound;
@@ -448,7 +449,7 @@ impl Server {
         endpoint: quinn::Endpoint,
         local: SocketAddr,
         io: IoRuntime,
-        shard: Shard,
+        shard: AcceptOn,
     ) {
         loop {
             let incoming = tokio::select! {
@@ -456,12 +457,19 @@ impl Server {
                 incoming = endpoint.accept() => incoming,
             };
             let Some(mut incoming) = incoming else { break };
+            let max = self.inner.max_connections;
+            let loads = &self.inner.thread_loads;
             // A new connection on a thread with more connections than another goes there,
-            // once: a Retried client comes back with its address validated.
-            if shard.rebalance && !incoming.remote_address_validated() {
-                if let Some(to) = least_loaded(&self.inner.thread_loads, shard.thread) {
+            // once: a Retried client comes back with a Retry token, which cannot be retried
+            // again. Not when the server is full: the client would wait a round trip for a
+            // refusal.
+            if !incoming.may_retry() {
+                loads.arrived(shard.thread);
+            } else if shard.rebalance && self.inner.admitted.load(Ordering::Acquire) < max {
+                if let Some(to) = loads.least_loaded(shard.thread) {
                     match config::retry_to(incoming, to) {
                         Ok(()) => {
+                            loads.moving_to(to);
                             self.inner
                                 .side
                                 .record(crate::metrics::Event::Handshake("moved"));
@@ -473,7 +481,6 @@ impl Server {
             }
             // Counts handshakes in progress too, and takes the place in one step, so
             // simultaneous connects on several I/O threads cannot overshoot.
-            let max = self.inner.max_connections;
             let placed =
                 self.inner
                     .admitted
@@ -506,7 +513,7 @@ impl Server {
             // Given back however the task ends (or if it never runs): a panic in an interceptor
             // must not keep the place (after `max_connections` of them, every handshake was
             // refused).
-            self.inner.thread_loads[shard.thread].fetch_add(1, Ordering::AcqRel);
+            loads.admitted[shard.thread].fetch_add(1, Ordering::AcqRel);
             let place = Admitted {
                 server: server.clone(),
                 ip,
@@ -916,51 +923,122 @@ impl Server {
     }
 }
 
-/// A connection's place under the connection limits, given back when dropped.
 /// Which I/O thread an accept loop runs on, and whether it may move new connections to others.
 #[derive(Debug, Clone, Copy)]
-struct Shard {
+struct AcceptOn {
     thread: usize,
     rebalance: bool,
 }
 
-/// The I/O thread a new connection that reached thread `own` should move to, if any: the one
-/// with the fewest connections (the first of equals), when `own` has more than it plus a
-/// sixteenth of it. Exact balance while threads hold few connections (4 connections of 100 µs
-/// handlers placed 3 and 1 on 2 threads ran at 0.6× of 2 and 2); with many, the slack keeps
-/// the kernel-random spread of new connections from costing a Retry (a round trip) each.
-/// Counts connections, not their work: it cannot know which connection will be busy.
-fn least_loaded(loads: &[std::sync::atomic::AtomicUsize], own: usize) -> Option<usize> {
-    let load = |i: usize| loads[i].load(Ordering::Acquire);
-    let (least, min) = (0..loads.len())
-        .map(|i| (i, load(i)))
-        .min_by_key(|&(_, l)| l)?;
-    (least != own && load(own) > min + min / 16).then_some(least)
+/// How many connections each I/O thread holds, and how many were sent a Retry towards it and
+/// have not come back yet (so that the new connections of one round trip do not all move to
+/// the same thread). A move not followed up within [`MOVE_WINDOW`] (a client that gave up, a
+/// spoofed address) stops counting.
+struct ThreadLoads {
+    /// Connections admitted and not yet closed, handshakes included.
+    admitted: Box<[AtomicUsize]>,
+    /// Retries sent towards the thread whose clients have not come back ...
+    moving: Box<[AtomicUsize]>,
+    /// ... counted while the last of them is this recent (ms since `epoch`).
+    last_move: Box<[AtomicU64]>,
+    epoch: std::time::Instant,
 }
 
+/// How long a Retry counts towards its thread's load without its client coming back.
+const MOVE_WINDOW: Duration = Duration::from_secs(2);
+
+impl ThreadLoads {
+    fn new(threads: usize) -> Self {
+        let zeros = |_| AtomicUsize::new(0);
+        Self {
+            admitted: (0..threads).map(zeros).collect(),
+            moving: (0..threads).map(zeros).collect(),
+            last_move: (0..threads).map(|_| AtomicU64::new(0)).collect(),
+            epoch: std::time::Instant::now(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn load(&self, thread: usize, now_ms: u64) -> usize {
+        let admitted = self.admitted[thread].load(Ordering::Acquire);
+        let recent = now_ms.saturating_sub(self.last_move[thread].load(Ordering::Acquire))
+            < MOVE_WINDOW.as_millis() as u64;
+        admitted
+            + if recent {
+                self.moving[thread].load(Ordering::Acquire)
+            } else {
+                0
+            }
+    }
+
+    /// The I/O thread a new connection that reached thread `own` should move to, if any: the
+    /// one with the fewest connections, moving ones included (the first of equals), when `own`
+    /// has more than it plus a sixteenth of it. Exact balance while threads hold few
+    /// connections (4 connections of 100 µs handlers placed 3 and 1 on 2 threads ran at 0.6× of
+    /// 2 and 2); with many, the slack keeps the random spread of new connections (by the ids
+    /// their clients chose) from costing a Retry (a round trip) each. Counts connections, not
+    /// their work: it cannot know which connection will be busy.
+    fn least_loaded(&self, own: usize) -> Option<usize> {
+        let now = self.now_ms();
+        let (least, min) = (0..self.admitted.len())
+            .map(|i| (i, self.load(i, now)))
+            .min_by_key(|&(_, l)| l)?;
+        (least != own && self.load(own, now) > min + min / 16).then_some(least)
+    }
+
+    /// A Retry was sent towards `thread`.
+    fn moving_to(&self, thread: usize) {
+        let now = self.now_ms();
+        let last = self.last_move[thread].swap(now, Ordering::AcqRel);
+        if now.saturating_sub(last) >= MOVE_WINDOW.as_millis() as u64 {
+            // The earlier ones stopped counting: start again from this one.
+            self.moving[thread].store(1, Ordering::Release);
+        } else {
+            self.moving[thread].fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// A Retried client came back to `thread` (admitted or refused, it no longer moves).
+    fn arrived(&self, thread: usize) {
+        let _ = self.moving[thread]
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+}
+
+/// A connection's place under the connection limits, given back when dropped.
 struct Admitted {
     server: Server,
     ip: std::net::IpAddr,
-    /// The I/O thread it counts on (`ServerInner::thread_loads`).
+    /// The I/O thread it counts on (`ThreadLoads::admitted`).
     thread: usize,
 }
 
 impl Drop for Admitted {
     fn drop(&mut self) {
         self.server.inner.admitted.fetch_sub(1, Ordering::AcqRel);
-        self.server.inner.thread_loads[self.thread].fetch_sub(1, Ordering::AcqRel);
+        self.server.inner.thread_loads.admitted[self.thread].fetch_sub(1, Ordering::AcqRel);
         self.server.inner.limiters.release(self.ip);
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::least_loaded;
-    use std::sync::atomic::AtomicUsize;
+    use super::ThreadLoads;
+    use std::sync::atomic::Ordering;
 
-    fn at(loads: &[usize], own: usize) -> Option<usize> {
-        let loads: Vec<AtomicUsize> = loads.iter().map(|&l| AtomicUsize::new(l)).collect();
-        least_loaded(&loads, own)
+    fn loads(counts: &[usize]) -> ThreadLoads {
+        let loads = ThreadLoads::new(counts.len());
+        for (slot, &n) in loads.admitted.iter().zip(counts) {
+            slot.store(n, Ordering::Relaxed);
+        }
+        loads
+    }
+
+    fn at(counts: &[usize], own: usize) -> Option<usize> {
+        loads(counts).least_loaded(own)
     }
 
     #[test]
@@ -980,5 +1058,30 @@ mod tests {
         assert_eq!(at(&[5_300, 4_700], 0), Some(1));
         // One thread: nowhere to go.
         assert_eq!(at(&[7], 0), None);
+    }
+
+    /// Connections of one round trip do not all move to one thread: those on their way count.
+    #[test]
+    fn connections_moving_to_a_thread_count_until_they_arrive() {
+        let l = loads(&[1, 0]);
+        assert_eq!(l.least_loaded(0), Some(1));
+        l.moving_to(1);
+        // 1 and 1 (moving): the next one stays.
+        assert_eq!(l.least_loaded(0), None);
+        l.admitted[0].store(2, Ordering::Relaxed);
+        assert_eq!(l.least_loaded(0), Some(1));
+        l.moving_to(1);
+        assert_eq!(l.least_loaded(0), None);
+        // They arrive and are admitted there: counted once.
+        l.arrived(1);
+        l.arrived(1);
+        l.arrived(1); // one too many (a client retried by an earlier server) takes nothing
+        l.admitted[1].store(2, Ordering::Relaxed);
+        assert_eq!(l.load(1, l.now_ms()), 2);
+        // A move whose client never comes back stops counting after the window.
+        l.moving_to(0);
+        assert_eq!(l.load(0, l.now_ms()), 3);
+        let later = l.now_ms() + super::MOVE_WINDOW.as_millis() as u64;
+        assert_eq!(l.load(0, later), 2);
     }
 }

@@ -467,15 +467,20 @@ impl Server {
                 loads.arrived(shard.thread);
             } else if shard.rebalance && self.inner.admitted.load(Ordering::Acquire) < max {
                 if let Some(to) = loads.least_loaded(shard.thread) {
+                    // Counted before the Retry goes out: on loopback the client can be back on
+                    // the other thread before this one goes on.
+                    loads.moving_to(to);
                     match config::retry_to(incoming, to) {
                         Ok(()) => {
-                            loads.moving_to(to);
                             self.inner
                                 .side
                                 .record(crate::metrics::Event::Handshake("moved"));
                             continue;
                         }
-                        Err(back) => incoming = back.into_incoming(),
+                        Err(back) => {
+                            loads.arrived(to);
+                            incoming = back.into_incoming();
+                        }
                     }
                 }
             }

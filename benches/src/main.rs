@@ -574,12 +574,14 @@ fn main() -> anyhow::Result<()> {
     let do_calls = wants(Scenario::Calls);
     let do_push = wants(Scenario::Push);
     let do_setup = wants(Scenario::Setup);
-    // The handler scenarios need handlers: every system but raw quinn.
+    // The blocking scenario needs handlers: every system but raw quinn, which serves the
+    // handler-cpu work (a busy loop per request) to show the transport's own floor there.
     let handler_systems: Vec<System> = systems
         .iter()
         .copied()
         .filter(|&s| s != System::Quinn)
         .collect();
+    let cpu_systems = systems.clone();
     let do_handler_cpu = wants(Scenario::HandlerCpu);
     let do_blocking = wants(Scenario::Blocking);
     // A's handler per system: an ordinary one that blocks, and for quicx also `blocking_method`.
@@ -609,7 +611,7 @@ fn main() -> anyhow::Result<()> {
             * (usize::from(do_handler_cpu)
                 * settings.cpu_loads.len()
                 * settings.repetitions
-                * handler_systems.len()
+                * cpu_systems.len()
                 + usize::from(do_blocking) * blocking_variants.len());
     let bar = ProgressBar::new(planned as u64);
     bar.set_style(
@@ -735,7 +737,7 @@ fn main() -> anyhow::Result<()> {
             let mut samples: HashMap<System, Vec<(Sample, Option<f64>)>> = HashMap::new();
             for _ in 0..settings.repetitions {
                 // Interleaved: every system once per repetition.
-                for &system in &handler_systems {
+                for &system in &cpu_systems {
                     bar.set_message(format!(
                         "{} handler {} µs, {} callers / {} connections ({})",
                         system.name(),
@@ -751,7 +753,7 @@ fn main() -> anyhow::Result<()> {
                     bar.inc(1);
                 }
             }
-            for &system in &handler_systems {
+            for &system in &cpu_systems {
                 let Some(runs) = samples.remove(&system) else {
                     continue;
                 };

@@ -383,6 +383,9 @@ const ALPN: &[u8] = b"bench";
 const OP_ECHO: u8 = 0;
 const OP_PUSH: u8 = 1;
 const OP_BROADCAST: u8 = 2;
+/// Burns the µs the request's first 8 bytes name (little-endian), as the handler-cpu handlers
+/// of the other systems do, and echoes them.
+const OP_SPIN: u8 = 3;
 
 fn transport(accept_uni: bool) -> Arc<quinn::TransportConfig> {
     // The same settings quicx uses by default.
@@ -464,6 +467,10 @@ async fn quinn_stream(
     };
     let reply: Bytes = match op {
         OP_ECHO => Bytes::copy_from_slice(rest),
+        OP_SPIN if rest.len() >= 8 => {
+            burn(u64::from_le_bytes(rest[..8].try_into().expect("8 bytes")));
+            Bytes::copy_from_slice(&rest[..8])
+        }
         OP_PUSH if rest.len() >= 12 => {
             let word = |i: usize| u32::from_le_bytes(rest[i..i + 4].try_into().expect("4 bytes"));
             let (count, size, pushers) = (word(0), word(4), word(8).max(1));
@@ -875,7 +882,8 @@ pub(crate) async fn echo_caller(
     })
 }
 
-/// A caller of `work` on one new connection of the system behind `info` (quicx, tonic or tarpc).
+/// A caller of `work` on one new connection of the system behind `info` (quicx, tonic or tarpc;
+/// raw quinn for `Work::Spin` only).
 pub(crate) async fn work_caller(
     info: &ServerInfo,
     work: Work,
@@ -937,7 +945,25 @@ pub(crate) async fn work_caller(
             });
             (caller, Box::new(()))
         }
-        System::Quinn => anyhow::bail!("raw quinn has no handlers"),
+        // Raw quinn's handler-cpu server: a task per stream on the server process's
+        // multi-thread runtime, which burns in it (the transport's own floor for this work).
+        System::Quinn => {
+            let Work::Spin(us) = work else {
+                anyhow::bail!("raw quinn has only the handler-cpu work")
+            };
+            let endpoint = quinn_client_endpoint()?;
+            let conn = quinn_connect(info, &endpoint, &quinn_client_config(info)?, None).await?;
+            let keep = (endpoint, conn.clone());
+            let caller: Caller = Arc::new(move || {
+                let conn = conn.clone();
+                Box::pin(async move {
+                    let reply = quinn_request(&conn, OP_SPIN, &us.to_le_bytes()).await?;
+                    anyhow::ensure!(reply == us.to_le_bytes(), "wrong reply");
+                    Ok(())
+                }) as BoxFuture<_>
+            });
+            (caller, Box::new(keep))
+        }
     })
 }
 

@@ -150,10 +150,11 @@ impl ServerBuilder {
     /// chose, so connections spread over the threads even when many share one address (a
     /// gateway, a load balancer), and a client whose address changes (NAT rebinding) keeps its
     /// connection and thread. A new connection that reaches a thread with more connections than
-    /// another (by more than a sixteenth of that one's) is sent a QUIC Retry whose connection id
-    /// names the other thread, so connections stay spread by count; it costs that client one
-    /// round trip, a client is moved at most once, and a full server moves no one. Beyond 256 threads, or where the kernel refuses the steering
-    /// program (logged), the kernel's hash of the client's address picks the thread: a
+    /// another (by more than a sixteenth of that one's; connections on their way there count)
+    /// is sent a QUIC Retry whose connection id names the other thread, so connections stay
+    /// spread by count; it costs that client one round trip, a client is moved at most once,
+    /// and a full server moves no one. Beyond 256 threads, or where the kernel refuses the
+    /// steering program (logged), the kernel's hash of the client's address picks the thread: a
     /// rebinding client may then reach another thread, which answers with a stateless reset,
     /// and the client reconnects at once. A stateless reset that a client sends the server
     /// reaches the connection's thread only by chance (one in `n`): otherwise the server
@@ -515,10 +516,10 @@ impl Server {
             }
             let server = self.clone();
             let io = io.clone();
+            loads.admitted[shard.thread].fetch_add(1, Ordering::AcqRel);
             // Given back however the task ends (or if it never runs): a panic in an interceptor
             // must not keep the place (after `max_connections` of them, every handshake was
             // refused).
-            loads.admitted[shard.thread].fetch_add(1, Ordering::AcqRel);
             let place = Admitted {
                 server: server.clone(),
                 ip,

@@ -176,9 +176,9 @@ struct Load {
 const LOAD_WINDOW: Duration = Duration::from_millis(20);
 
 /// The calling thread's CPU time and voluntary context switches (Linux:
-/// `CLOCK_THREAD_CPUTIME_ID` and `getrusage(RUSAGE_THREAD)`, two system calls), to tell a handler poll that held its thread
-/// (ran, or blocked: sleeping, waiting on a lock or the disk) from one the OS preempted (the
-/// thread was ready and another ran: on a busy machine a 100 µs handler's poll now and then
+/// `CLOCK_THREAD_CPUTIME_ID` and `getrusage(RUSAGE_THREAD)`, two system calls), to tell a
+/// handler poll that held its thread (ran, or blocked: sleeping, waiting on a lock or the disk)
+/// from one the OS preempted (the thread was ready and another ran: on a busy machine a 100 µs handler's poll now and then
 /// spans another thread's time slice, which made methods look slow and sent their calls to the
 /// pool for good). Elsewhere `now` gives `None` and polls count as measured.
 #[derive(Debug, Clone, Copy)]
@@ -225,7 +225,7 @@ pub(crate) const HEAVY_POLL: Duration = Duration::from_micros(50);
 const OVERLOADED_PERMILLE: usize = 800;
 
 /// ... that is, is at least this much less busy. Since new connections are spread by count
-/// (`least_loaded` in `server.rs`), threads with equal connections differ only by the noise
+/// (`ThreadLoads::least_loaded` in `server.rs`), threads with equal connections differ only by the noise
 /// of their 20 ms windows, and shedding then costs more than it balances: with 4 connections
 /// of 100 µs handlers on 2 threads, a margin of 150 shed about 12% of the calls and ran at
 /// 0.83-0.89× tarpc, 400 at 0.91-0.92×, no shedding at 0.90-1.02×. It stays for connections of

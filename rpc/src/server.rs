@@ -6,7 +6,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -462,11 +462,10 @@ impl Server {
             let loads = &self.inner.thread_loads;
             // A new connection on a thread with more connections than another goes there,
             // once: a Retried client comes back with a Retry token, which cannot be retried
-            // again. Not when the server is full: the client would wait a round trip for a
-            // refusal.
-            if !incoming.may_retry() {
-                loads.arrived(shard.thread);
-            } else if shard.rebalance && self.inner.admitted.load(Ordering::Acquire) < max {
+            // again (it stops counting as moving once admitted here, or refused). Not when the
+            // server is full: the client would wait a round trip for a refusal.
+            let returning = !incoming.may_retry();
+            if !returning && shard.rebalance && self.inner.admitted.load(Ordering::Acquire) < max {
                 if let Some(to) = loads.least_loaded(shard.thread) {
                     // Counted before the Retry goes out: on loopback the client can be back on
                     // the other thread before this one goes on.
@@ -499,6 +498,9 @@ impl Server {
                     incoming.remote_address()
                 );
                 incoming.refuse();
+                if returning {
+                    loads.arrived(shard.thread);
+                }
                 self.inner
                     .side
                     .record(crate::metrics::Event::Handshake("refused"));
@@ -509,6 +511,9 @@ impl Server {
                 self.inner.admitted.fetch_sub(1, Ordering::AcqRel);
                 tracing::warn!("connection or handshake limit of {ip} reached: refusing");
                 incoming.refuse();
+                if returning {
+                    loads.arrived(shard.thread);
+                }
                 self.inner
                     .side
                     .record(crate::metrics::Event::Handshake("refused"));
@@ -517,6 +522,10 @@ impl Server {
             let server = self.clone();
             let io = io.clone();
             loads.admitted[shard.thread].fetch_add(1, Ordering::AcqRel);
+            if returning {
+                // After counting it as admitted: never counted nowhere in between.
+                loads.arrived(shard.thread);
+            }
             // Given back however the task ends (or if it never runs): a panic in an interceptor
             // must not keep the place (after `max_connections` of them, every handshake was
             // refused).
@@ -938,46 +947,41 @@ struct AcceptOn {
 
 /// How many connections each I/O thread holds, and how many were sent a Retry towards it and
 /// have not come back yet (so that the new connections of one round trip do not all move to
-/// the same thread). A move not followed up within [`MOVE_WINDOW`] (a client that gave up, a
-/// spoofed address) stops counting.
+/// the same thread). Each move counts until its client comes back or for [`MOVE_WINDOW`] (a
+/// client that gave up, a spoofed address), at most [`MOVES_KEPT`] per thread.
 struct ThreadLoads {
     /// Connections admitted and not yet closed, handshakes included.
     admitted: Box<[AtomicUsize]>,
-    /// Retries sent towards the thread whose clients have not come back ...
-    moving: Box<[AtomicUsize]>,
-    /// ... counted while the last of them is this recent (ms since `epoch`).
-    last_move: Box<[AtomicU64]>,
-    epoch: std::time::Instant,
+    /// When each Retry sent towards the thread whose client has not come back went out, oldest
+    /// first.
+    moving: Box<[Mutex<std::collections::VecDeque<std::time::Instant>>]>,
 }
 
 /// How long a Retry counts towards its thread's load without its client coming back.
 const MOVE_WINDOW: Duration = Duration::from_secs(2);
 
+/// The most moves counted per thread (a flood of Initials from spoofed addresses each gets a
+/// Retry; the oldest then stop counting first).
+const MOVES_KEPT: usize = 4096;
+
 impl ThreadLoads {
     fn new(threads: usize) -> Self {
-        let zeros = |_| AtomicUsize::new(0);
         Self {
-            admitted: (0..threads).map(zeros).collect(),
-            moving: (0..threads).map(zeros).collect(),
-            last_move: (0..threads).map(|_| AtomicU64::new(0)).collect(),
-            epoch: std::time::Instant::now(),
+            admitted: (0..threads).map(|_| AtomicUsize::new(0)).collect(),
+            moving: (0..threads).map(|_| Mutex::default()).collect(),
         }
     }
 
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-
-    fn load(&self, thread: usize, now_ms: u64) -> usize {
-        let admitted = self.admitted[thread].load(Ordering::Acquire);
-        let recent = now_ms.saturating_sub(self.last_move[thread].load(Ordering::Acquire))
-            < MOVE_WINDOW.as_millis() as u64;
-        admitted
-            + if recent {
-                self.moving[thread].load(Ordering::Acquire)
-            } else {
-                0
-            }
+    /// `thread`'s connections and moves towards it that still count at `now`.
+    fn load(&self, thread: usize, now: std::time::Instant) -> usize {
+        let mut moving = self.moving[thread].locked();
+        while moving
+            .front()
+            .is_some_and(|&sent| now >= sent + MOVE_WINDOW)
+        {
+            moving.pop_front();
+        }
+        self.admitted[thread].load(Ordering::Acquire) + moving.len()
     }
 
     /// The I/O thread a new connection that reached thread `own` should move to, if any: the
@@ -988,29 +992,27 @@ impl ThreadLoads {
     /// their clients chose) from costing a Retry (a round trip) each. Counts connections, not
     /// their work: it cannot know which connection will be busy.
     fn least_loaded(&self, own: usize) -> Option<usize> {
-        let now = self.now_ms();
-        let (least, min) = (0..self.admitted.len())
-            .map(|i| (i, self.load(i, now)))
-            .min_by_key(|&(_, l)| l)?;
-        (least != own && self.load(own, now) > min + min / 16).then_some(least)
+        let now = std::time::Instant::now();
+        let loads: Vec<usize> = (0..self.admitted.len())
+            .map(|i| self.load(i, now))
+            .collect();
+        let (least, &min) = loads.iter().enumerate().min_by_key(|&(_, l)| *l)?;
+        (least != own && loads[own] > min + min / 16).then_some(least)
     }
 
-    /// A Retry was sent towards `thread`.
+    /// A Retry is being sent towards `thread`.
     fn moving_to(&self, thread: usize) {
-        let now = self.now_ms();
-        let last = self.last_move[thread].swap(now, Ordering::AcqRel);
-        if now.saturating_sub(last) >= MOVE_WINDOW.as_millis() as u64 {
-            // The earlier ones stopped counting: start again from this one.
-            self.moving[thread].store(1, Ordering::Release);
-        } else {
-            self.moving[thread].fetch_add(1, Ordering::AcqRel);
+        let mut moving = self.moving[thread].locked();
+        if moving.len() == MOVES_KEPT {
+            moving.pop_front();
         }
+        moving.push_back(std::time::Instant::now());
     }
 
-    /// A Retried client came back to `thread` (admitted or refused, it no longer moves).
+    /// A Retried client came back to `thread` (admitted or refused, it no longer moves), or its
+    /// Retry could not be sent: the oldest move towards it stops counting.
     fn arrived(&self, thread: usize) {
-        let _ = self.moving[thread]
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        self.moving[thread].locked().pop_front();
     }
 }
 
@@ -1079,15 +1081,19 @@ mod tests {
         l.moving_to(1);
         assert_eq!(l.least_loaded(0), None);
         // They arrive and are admitted there: counted once.
-        l.arrived(1);
-        l.arrived(1);
-        l.arrived(1); // one too many (a client retried by an earlier server) takes nothing
         l.admitted[1].store(2, Ordering::Relaxed);
-        assert_eq!(l.load(1, l.now_ms()), 2);
-        // A move whose client never comes back stops counting after the window.
+        l.arrived(1);
+        l.arrived(1);
+        l.arrived(1); // one too many takes nothing
+        let now = std::time::Instant::now();
+        assert_eq!(l.load(1, now), 2);
+        // Each move whose client never comes back stops counting after the window, on its own
+        // (a later move does not keep an earlier one alive).
         l.moving_to(0);
-        assert_eq!(l.load(0, l.now_ms()), 3);
-        let later = l.now_ms() + super::MOVE_WINDOW.as_millis() as u64;
-        assert_eq!(l.load(0, later), 2);
+        assert_eq!(l.load(0, now), 3);
+        l.moving_to(0);
+        let later = now + super::MOVE_WINDOW;
+        assert_eq!(l.load(0, std::time::Instant::now()), 4);
+        assert_eq!(l.load(0, later + std::time::Duration::from_secs(1)), 2);
     }
 }

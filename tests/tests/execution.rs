@@ -222,7 +222,7 @@ async fn a_handler_the_os_preempts_is_not_moved_off_its_io_thread() {
                     .args(["-n", "19", "-p", &tid])
                     .output()
                     .map(|out| out.status.success());
-                Ok(reniced.unwrap_or(false))
+                Ok((thread_name(), reniced.unwrap_or(false)))
             })
             .method("Burn", |_ctx: Context, (): ()| async move {
                 let took = burn_cpu(Duration::from_micros(300));
@@ -249,7 +249,8 @@ async fn a_handler_the_os_preempts_is_not_moved_off_its_io_thread() {
         })
     };
     let client = t.client().connect(&t.address()).await.unwrap();
-    let reniced: bool = client.call("Preempt", "Pin", &()).await.unwrap();
+    let (pinned, reniced): (String, bool) = client.call("Preempt", "Pin", &()).await.unwrap();
+    assert!(pinned.starts_with("quicx-server-io-"), "{pinned}");
     if !reniced {
         eprintln!("SKIPPED: `renice` could not lower the I/O thread's priority");
         return;

@@ -157,6 +157,12 @@ async fn send_all(
     ids
 }
 
+/// The ids of `device`'s pending messages, in order.
+async fn pending_ids(server: &Server, device: &str) -> Vec<u64> {
+    let pending = server.durable_pending(device).await.unwrap();
+    pending.iter().map(|p| p.id).collect()
+}
+
 /// Whether `device` comes to have exactly `n` messages pending within `limit`.
 async fn pending_becomes(server: &Server, device: &str, n: usize, limit: Duration) -> bool {
     until(limit, async || {
@@ -351,8 +357,7 @@ async fn large_messages_are_listed_and_delivered_past_one_store_read() {
     // Reads from the store stop after 4 MiB: 6 messages of 1 MiB take two.
     let (dev, _store, server) = started(DurableLimits::default()).await;
     let ids = send_all(&server, "device-big", (0..6u8).map(|i| vec![i; 1 << 20])).await;
-    let pending = server.durable_pending("device-big").await.unwrap();
-    assert_eq!(pending.iter().map(|p| p.id).collect::<Vec<_>>(), ids);
+    assert_eq!(pending_ids(&server, "device-big").await, ids);
     let (_d, mut rx) = device(&dev, server.local_addr().unwrap(), "device-big", false).await;
     for (i, id) in ids.iter().enumerate() {
         let msg = next(&mut rx).await;
@@ -1233,18 +1238,7 @@ async fn per_identity_bytes_and_total_messages_are_bounds_too() {
         let first = send("a", 400).await.unwrap();
         let second = send("a", 400).await.unwrap();
         let third = send("a", 400).await;
-        let pending = |who: &'static str| {
-            let server = &server;
-            async move {
-                server
-                    .durable_pending(who)
-                    .await
-                    .unwrap()
-                    .iter()
-                    .map(|p| p.id)
-                    .collect::<Vec<u64>>()
-            }
-        };
+        let pending = |who: &'static str| pending_ids(&server, who);
         match overflow {
             Overflow::Refuse => {
                 let err = third.unwrap_err();
@@ -1332,14 +1326,7 @@ async fn overflow_refuses_or_drops_the_oldest_and_cancel_removes() {
                 .unwrap(),
         );
     }
-    let pending: Vec<u64> = dropping
-        .durable_pending("d")
-        .await
-        .unwrap()
-        .iter()
-        .map(|p| p.id)
-        .collect();
-    assert_eq!(pending, ids[2..].to_vec());
+    assert_eq!(pending_ids(&dropping, "d").await, ids[2..].to_vec());
     assert_eq!(dropping.stats().durable_overflowed, 2);
 
     // Cancel one; the device gets the others.
@@ -1558,13 +1545,7 @@ async fn with_an_fsync_interval_sends_answered_before_their_commit_are_delivered
     assert!(pending_becomes(&first, "offline", 49, Duration::from_secs(5)).await);
     first.shutdown(Duration::from_secs(1)).await;
     let second = server(&dev, &store, limits).await;
-    let kept: Vec<u64> = second
-        .durable_pending("offline")
-        .await
-        .unwrap()
-        .iter()
-        .map(|m| m.id)
-        .collect();
+    let kept = pending_ids(&second, "offline").await;
     let expected: Vec<u64> = ids.iter().copied().filter(|&id| id != ids[10]).collect();
     assert_eq!(kept, expected);
     let (_d, mut rx) = device(&dev, second.local_addr().unwrap(), "offline", false).await;

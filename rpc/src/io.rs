@@ -175,12 +175,12 @@ struct Load {
 /// How often an I/O thread's load is sampled.
 const LOAD_WINDOW: Duration = Duration::from_millis(20);
 
-/// The calling thread's CPU time and voluntary context switches (Linux:
-/// `CLOCK_THREAD_CPUTIME_ID` and `getrusage(RUSAGE_THREAD)`, two system calls), to tell a
-/// handler poll that held its thread (ran, or blocked: sleeping, waiting on a lock or the disk)
-/// from one the OS preempted (the thread was ready and another ran: on a busy machine a 100 µs handler's poll now and then
-/// spans another thread's time slice, which made methods look slow and sent their calls to the
-/// pool for good). Elsewhere `now` gives `None` and polls count as measured.
+/// The calling thread's CPU time and voluntary context switches (Linux: `CLOCK_THREAD_CPUTIME_ID`
+/// and `getrusage(RUSAGE_THREAD)`, two system calls), to tell a handler poll that held its thread
+/// (ran, or blocked: sleeping, waiting on a lock or the disk) from one the OS preempted (the thread
+/// was ready and another ran: on a busy machine a 100 µs handler's poll now and then spans another
+/// thread's time slice, which made methods look slow and sent their calls to the pool for good).
+/// Elsewhere `now` gives `None` and polls count as measured.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ThreadClock {
     cpu: Duration,
@@ -225,12 +225,17 @@ pub(crate) const HEAVY_POLL: Duration = Duration::from_micros(50);
 const OVERLOADED_PERMILLE: usize = 800;
 
 /// ... that is, is at least this much less busy. Since new connections are spread by count
-/// (`ThreadLoads::least_loaded` in `server.rs`), threads with equal connections differ only by the noise
-/// of their 20 ms windows, and shedding then costs more than it balances: with 4 connections
+/// (`ThreadLoads::least_loaded` in `server.rs`), threads with equal connections differ only by the
+/// noise of their 20 ms windows, and shedding then costs more than it balances: with 4 connections
 /// of 100 µs handlers on 2 threads, a margin of 150 shed about 12% of the calls and ran at
 /// 0.83-0.89× tarpc, 400 at 0.91-0.92×, no shedding at 0.90-1.02×. It stays for connections of
 /// unequal work.
 const SPARE_MARGIN_PERMILLE: usize = 400;
+
+/// Whether a thread this busy (thousandths) sheds heavy handlers while a sibling is that busy.
+fn sheds_to(own: usize, sibling: usize) -> bool {
+    own > OVERLOADED_PERMILLE && sibling + SPARE_MARGIN_PERMILLE < own
+}
 
 impl IoRuntime {
     /// Starts a new I/O thread that runs until [`stop`](Self::stop).
@@ -357,7 +362,7 @@ impl IoRuntime {
         own > OVERLOADED_PERMILLE
             && siblings
                 .iter()
-                .any(|s| s.id() != self.id() && s.load_permille() + SPARE_MARGIN_PERMILLE < own)
+                .any(|s| s.id() != self.id() && sheds_to(own, s.load_permille()))
     }
 
     /// The share of the last window this thread spent running tasks, in thousandths.
@@ -608,6 +613,17 @@ pub(crate) fn handler_pool() -> Result<tokio::runtime::Handle> {
 
 #[cfg(test)]
 mod tests {
+    /// Heavy handlers leave an overloaded thread only for a sibling clearly less busy: two
+    /// equally loaded threads whose 20 ms windows differ by noise keep their handlers.
+    #[test]
+    fn heavy_handlers_shed_only_to_a_sibling_forty_points_less_busy() {
+        assert!(!sheds_to(950, 700), "noise between two busy threads");
+        assert!(!sheds_to(950, 550));
+        assert!(sheds_to(950, 540));
+        assert!(sheds_to(1000, 0));
+        assert!(!sheds_to(800, 0), "not overloaded");
+    }
+
     /// A thread that sleeps blocked; one that spins ran (its CPU time, at most the wall time).
     #[cfg(target_os = "linux")]
     #[test]

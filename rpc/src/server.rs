@@ -677,13 +677,13 @@ impl Server {
     /// [`Fsync::EveryCommit`](crate::Fsync::EveryCommit) (the default) its commit is on the
     /// disk and survives any crash; under [`Fsync::Interval`](crate::Fsync::Interval) the store
     /// took it, commits it within about a millisecond and puts it on the disk within the
-    /// interval (a crash before then loses it). [`Error::TooLarge`] at once if the payload or the header
-    /// (with the id the server adds) is above the frame limits, so it could never be delivered;
-    /// [`Error::StoreFull`] if it would exceed a bound under [`Overflow::Refuse`](crate::Overflow::Refuse),
-    /// [`Error::Store`] if the commit failed (under `Fsync::Interval` a commit failing after
-    /// the answer is logged, and loses the message as a crash would) or the server shut down,
-    /// [`Error::Config`] if the
-    /// server has no [`durable_store`](ServerBuilder::durable_store).
+    /// interval (a crash before then loses it). [`Error::TooLarge`] at once if the payload or the
+    /// header (with the id the server adds) is above the frame limits, so it could never be
+    /// delivered; [`Error::StoreFull`] if it would exceed a bound under
+    /// [`Overflow::Refuse`](crate::Overflow::Refuse), [`Error::Store`] if the commit failed (under
+    /// `Fsync::Interval` a commit failing after the answer is logged, and loses the message as a
+    /// crash would) or the server shut down, [`Error::Config`] if the server has no
+    /// [`durable_store`](ServerBuilder::durable_store).
     ///
     /// # Cancel safety
     /// Dropping the future after the message was queued for the store does not withdraw it: it

@@ -77,11 +77,9 @@ impl Method {
         self.polls.is_heavy()
     }
 
-    /// Whether this method's polls are checked for preemption ([`ThreadClock`](crate::io::ThreadClock)):
-    /// while an overrun is remembered (the next one would move it) or it is slow (an overrun
-    /// there restarts its way back). A method with no overrun lately pays nothing for it.
+    /// Whether this method's polls are checked for preemption (see `PollStats`).
     pub(crate) fn checks_preemption(&self) -> bool {
-        self.polls.slow.load(Ordering::Relaxed) || self.polls.strikes.load(Ordering::Relaxed) > 0
+        self.polls.checks_preemption()
     }
 
     /// Records how long one poll of a handler took, inline or on the pool. Returns what changed:
@@ -140,6 +138,13 @@ const HEAL: u32 = 512;
 const AVERAGE_CAP: std::time::Duration = std::time::Duration::from_micros(200);
 
 impl PollStats {
+    /// Whether polls are checked for preemption ([`ThreadClock`](crate::io::ThreadClock)):
+    /// while an overrun is remembered (the next one would move the method) or the method is
+    /// slow (an overrun there restarts its way back). No overrun lately: nothing is checked.
+    fn checks_preemption(&self) -> bool {
+        self.slow.load(Ordering::Relaxed) || self.strikes.load(Ordering::Relaxed) > 0
+    }
+
     fn is_heavy(&self) -> bool {
         self.average.load(Ordering::Relaxed) >= 8 * crate::io::HEAVY_POLL.as_micros() as u32
     }

@@ -146,6 +146,56 @@ async fn a_push_handler_sees_ten_thousand_pushes_once_in_order() {
     assert_eq!(wrong, None, "(expected, got): exactly once, in order");
 }
 
+/// A handler that pushes in a loop runs on the I/O thread that drives its connection, and so
+/// does the connection's driver, which sends the pushes. QUIC takes each push at once, so only
+/// the push itself can make the loop yield: each uses a unit of tokio's cooperative budget, and
+/// a task spawned on that thread runs after at most 128 of them, not after the whole loop.
+#[tokio::test]
+async fn a_push_loop_on_the_connections_thread_yields_to_it_every_128_pushes() {
+    use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+    const N: u32 = 500;
+    let t = start_server().await;
+    t.server.register(
+        "Loop",
+        Service::new().method("Push", |ctx: Context, n: u32| async move {
+            let sent = Arc::new(AtomicU32::new(0));
+            let seen = Arc::new(AtomicU32::new(u32::MAX));
+            // Runs on the handler's thread once the handler yields; records how far it got.
+            tokio::spawn({
+                let (sent, seen) = (sent.clone(), seen.clone());
+                async move { seen.store(sent.load(Relaxed), Relaxed) }
+            });
+            for i in 0..n {
+                ctx.conn()
+                    .send_message("loop", "n", Metadata::new(), i.to_be_bytes())
+                    .await?;
+                sent.fetch_add(1, Relaxed);
+            }
+            Ok(seen.load(Relaxed))
+        }),
+    );
+    // Room for all of them: the client's stream grant never makes a push wait.
+    let (tx, mut rx) = push_channel(N as usize);
+    let client = t
+        .client()
+        .push_channel(tx)
+        .connect(&t.address())
+        .await
+        .unwrap();
+    let seen: u32 = client.call("Loop", "Push", &N).await.unwrap();
+    assert!(
+        seen <= 128,
+        "the spawned task ran after {seen} pushes (u32::MAX: only after the loop)"
+    );
+    for i in 0..N {
+        let msg = tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .expect("every push within the wait")
+            .expect("channel open");
+        assert_eq!(msg.payload[..], i.to_be_bytes(), "exactly once, in order");
+    }
+}
+
 #[tokio::test]
 async fn ten_thousand_pushes_arrive_exactly_once_in_order() {
     let t = start_server().await;

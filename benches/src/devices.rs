@@ -4,7 +4,7 @@
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -17,8 +17,8 @@ use crate::{
     systems::{self, ServerInfo, System},
 };
 
-/// Handshakes in flight at once while connecting the fleet.
-const CONNECT_PARALLELISM: usize = 64;
+/// Handshakes in flight at once while connecting the fleet (`--fleet-connect-parallelism`).
+pub(crate) static CONNECT_PARALLELISM: AtomicUsize = AtomicUsize::new(64);
 
 /// What one fleet measured.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -34,6 +34,10 @@ pub(crate) struct Fleet {
     pub(crate) broadcast_client_cpu_ms: f64,
     /// CPU the server process used over the same time, ms (0 when it shares this process).
     pub(crate) broadcast_server_cpu_ms: f64,
+    /// The median of the server's smoothed RTT estimates over the devices' connections just
+    /// before the broadcast, milliseconds: a server probes a device whose acknowledgement has
+    /// not come after about this plus 4 × its variance plus the device's 25 ms ACK delay.
+    pub(crate) broadcast_server_rtt_ms: f64,
     /// UDP datagrams sent on this machine over the same time, per device (both directions:
     /// everything runs on loopback; 0 where `/proc/net/snmp` is not there). Anything else
     /// sending UDP meanwhile counts too.
@@ -64,13 +68,14 @@ pub(crate) async fn fleet(
 ) -> anyhow::Result<Fleet> {
     let received = Arc::new(AtomicU64::new(0));
     let rss_before = server_pid.map(rss_bytes);
+    let parallelism = CONNECT_PARALLELISM.load(Ordering::Relaxed);
     let started = Instant::now();
     let held = match info.system {
         System::Quicx => {
             let endpoint = quicx::ClientEndpoint::bind("127.0.0.1:0".parse()?)?;
             let clients: Vec<_> = stream::iter(0..n)
                 .map(|_| systems::quicx_client(info, Some(&endpoint), Some(received.clone())))
-                .buffer_unordered(CONNECT_PARALLELISM)
+                .buffer_unordered(parallelism)
                 .collect()
                 .await;
             Held::Quicx(clients.into_iter().collect::<anyhow::Result<_>>()?)
@@ -80,7 +85,7 @@ pub(crate) async fn fleet(
             let config = systems::quinn_client_config(info)?;
             let conns: Vec<_> = stream::iter(0..n)
                 .map(|_| systems::quinn_connect(info, &endpoint, &config, Some(received.clone())))
-                .buffer_unordered(CONNECT_PARALLELISM)
+                .buffer_unordered(parallelism)
                 .collect()
                 .await;
             Held::Quinn(conns.into_iter().collect::<anyhow::Result<_>>()?)
@@ -97,20 +102,22 @@ pub(crate) async fn fleet(
     let server_cpu0 = server_pid.map(load::cpu_time_of);
     let sent0 = udp_datagrams_sent();
     let started = Instant::now();
-    let server_us = match &held {
+    let (server_us, rtt_us) = match &held {
         Held::Quicx(clients) => {
-            let (ok, server_us): (u64, u64) = clients[0].call("Bench", "Broadcast", &size).await?;
+            let (ok, server_us, rtt_us): (u64, u64, u64) =
+                clients[0].call("Bench", "Broadcast", &size).await?;
             anyhow::ensure!(ok as usize == n, "broadcast reached {ok} of {n}");
-            server_us
+            (server_us, rtt_us)
         }
         Held::Quinn(conns) => {
             let reply =
                 systems::quinn_request(&conns[0], systems::op_broadcast(), &size.to_le_bytes())
                     .await?;
-            anyhow::ensure!(reply.len() == 16, "short broadcast reply");
-            let ok = u64::from_le_bytes(reply[..8].try_into().expect("8 bytes"));
+            anyhow::ensure!(reply.len() == 24, "short broadcast reply");
+            let word = |i: usize| u64::from_le_bytes(reply[i..i + 8].try_into().expect("8 bytes"));
+            let ok = word(0);
             anyhow::ensure!(ok as usize == n, "broadcast reached {ok} of {n}");
-            u64::from_le_bytes(reply[8..].try_into().expect("8 bytes"))
+            (word(8), word(16))
         }
     };
     systems::wait_count(&received, n as u64, Duration::from_secs(30)).await?;
@@ -145,6 +152,7 @@ pub(crate) async fn fleet(
         server_bytes_per_connection,
         broadcast_ms,
         broadcast_server_ms: server_us as f64 / 1e3,
+        broadcast_server_rtt_ms: rtt_us as f64 / 1e3,
         broadcast_client_cpu_ms,
         broadcast_server_cpu_ms,
         broadcast_datagrams_per_device,

@@ -83,6 +83,13 @@ struct Cli {
     /// I/O thread that drives the connection
     #[arg(long)]
     push_from_app: bool,
+    /// Handshakes in flight at once while a fleet connects (default 64). The servers' RTT
+    /// estimates come from those handshakes: with many in flight the devices' process answers
+    /// late, each server's estimate grows with how late, and a server that estimates a longer
+    /// RTT probes a device whose push waits in that process later (the fleet table shows the
+    /// estimate at the broadcast)
+    #[arg(long, default_value_t = 64)]
+    fleet_connect_parallelism: usize,
     /// The quicx clients that call the work methods (the handler-cpu scenario's, and the blocking
     /// scenario's busy connection) share one UDP socket on a fixed port, so the kernel puts all
     /// their connections on one server I/O thread: the worst case of `SO_REUSEPORT`'s hashing,
@@ -544,6 +551,10 @@ fn main() -> anyhow::Result<()> {
     if cli.handler_one_socket {
         systems::HANDLER_ONE_SOCKET.store(true, std::sync::atomic::Ordering::Relaxed);
     }
+    devices::CONNECT_PARALLELISM.store(
+        cli.fleet_connect_parallelism.max(1),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     if cli.push_from_app {
         systems::PUSH_FROM_APP.store(true, std::sync::atomic::Ordering::Relaxed);
     }

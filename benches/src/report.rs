@@ -184,7 +184,7 @@ pub(crate) fn markdown(records: &[Record], machine: &str, settings: &str) -> Str
     if !fleets.is_empty() {
         let _ = writeln!(
             md,
-            "## Many devices\n\n| layout | system | clients | handshakes/s | server KiB per idle connection | broadcast to all (ms) | of which the server's call (ms) | CPU ms during it: client, server | UDP datagrams during it, per device |\n|---|---|---|---|---|---|---|---|---|"
+            "## Many devices\n\n| layout | system | clients | handshakes/s | server KiB per idle connection | broadcast to all (ms) | of which the server's call (ms) | server's RTT estimate, p50 (ms) | CPU ms during it: client, server | UDP datagrams during it, per device |\n|---|---|---|---|---|---|---|---|---|---|"
         );
         for r in fleets {
             if let Some(f) = r.fleet {
@@ -195,13 +195,14 @@ pub(crate) fn markdown(records: &[Record], machine: &str, settings: &str) -> Str
                 };
                 let _ = writeln!(
                     md,
-                    "| {} | {} | {} | {:.0} | {mem} | {:.0} | {:.0} | {:.0}, {:.0} | {:.1} |",
+                    "| {} | {} | {} | {:.0} | {mem} | {:.0} | {:.0} | {:.1} | {:.0}, {:.0} | {:.1} |",
                     r.layout,
                     r.system_name,
                     f.clients,
                     f.handshakes_per_sec,
                     f.broadcast_ms,
                     f.broadcast_server_ms,
+                    f.broadcast_server_rtt_ms,
                     f.broadcast_client_cpu_ms,
                     f.broadcast_server_cpu_ms,
                     f.broadcast_datagrams_per_device

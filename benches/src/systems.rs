@@ -281,6 +281,7 @@ async fn serve_quicx(dev: &DevCertificate, system: System) -> anyhow::Result<Soc
             .method("Broadcast", move |_ctx: Context, size: u32| {
                 let server = broadcaster.clone();
                 async move {
+                    let rtt = median_micros(server.connections().iter().map(|c| c.rtt()));
                     let started = std::time::Instant::now();
                     let results = server
                         .broadcast(
@@ -291,10 +292,12 @@ async fn serve_quicx(dev: &DevCertificate, system: System) -> anyhow::Result<Soc
                             Duration::from_secs(10),
                         )
                         .await?;
-                    // (pushes that succeeded, µs until `broadcast` returned)
+                    // (pushes that succeeded, µs until `broadcast` returned, the median RTT
+                    // estimate before it in µs)
                     Ok((
                         results.iter().filter(|r| r.result.is_ok()).count() as u64,
                         started.elapsed().as_micros() as u64,
+                        rtt,
                     ))
                 }
             }),
@@ -375,6 +378,13 @@ pub(crate) async fn quicx_client(
         });
     }
     Ok(builder.connect(&info.addr.to_string()).await?)
+}
+
+/// The median of `rtts` in µs (0 for none): the servers' RTT estimates before a broadcast.
+fn median_micros(rtts: impl Iterator<Item = Duration>) -> u64 {
+    let mut all: Vec<u64> = rtts.map(|d| d.as_micros() as u64).collect();
+    all.sort_unstable();
+    all.get(all.len() / 2).copied().unwrap_or(0)
 }
 
 // ------------------------------------------------------------------------- raw quinn
@@ -497,6 +507,7 @@ async fn quinn_stream(
             let payload = Bytes::from(vec![7u8; size as usize]);
             let started = Instant::now();
             let all: Vec<quinn::Connection> = conns.lock().expect("lock").clone();
+            let rtt = median_micros(all.iter().map(quinn::Connection::rtt));
             // One loop of open + write + finish: queues every push at once.
             let sends = all.iter().map(|c| {
                 let payload = payload.clone();
@@ -513,6 +524,7 @@ async fn quinn_stream(
                 .count();
             let mut reply = (ok as u64).to_le_bytes().to_vec();
             reply.extend_from_slice(&(started.elapsed().as_micros() as u64).to_le_bytes());
+            reply.extend_from_slice(&rtt.to_le_bytes());
             Bytes::from(reply)
         }
         _ => return,

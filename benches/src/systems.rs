@@ -505,9 +505,16 @@ async fn quinn_stream(
         OP_BROADCAST if rest.len() >= 4 => {
             let size = u32::from_le_bytes(rest[..4].try_into().expect("4 bytes"));
             let payload = Bytes::from(vec![7u8; size as usize]);
+            // Before the clock starts, as quicx's handler takes it.
+            let rtt = median_micros(
+                conns
+                    .lock()
+                    .expect("lock")
+                    .iter()
+                    .map(quinn::Connection::rtt),
+            );
             let started = Instant::now();
             let all: Vec<quinn::Connection> = conns.lock().expect("lock").clone();
-            let rtt = median_micros(all.iter().map(quinn::Connection::rtt));
             // One loop of open + write + finish: queues every push at once.
             let sends = all.iter().map(|c| {
                 let payload = payload.clone();

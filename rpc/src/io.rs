@@ -613,6 +613,8 @@ pub(crate) fn handler_pool() -> Result<tokio::runtime::Handle> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     /// Heavy handlers leave an overloaded thread only for a sibling clearly less busy: two
     /// equally loaded threads whose 20 ms windows differ by noise keep their handlers.
     #[test]
@@ -641,8 +643,6 @@ mod tests {
             .expect("spinning does not block");
         assert!(ran > Duration::ZERO && ran <= started.elapsed(), "{ran:?}");
     }
-
-    use super::*;
 
     #[test]
     fn auto_drives_the_first_clients_on_a_multi_thread_caller_runtime_and_the_rest_on_io_threads() {

@@ -199,4 +199,45 @@ async fn the_metrics_endpoint_serves_the_named_series_with_matching_values() {
     device.close().await;
     server.shutdown(Duration::from_secs(1)).await;
     let _ = std::fs::remove_dir_all(&store);
+
+    // A full server moves no one: a new connection that reaches the busier of two I/O threads
+    // would be sent a Retry to the other (`quicx_handshakes_total{result="moved"}`), but with
+    // the server full it is refused where it arrived, without the client waiting a round trip
+    // for that. Of 8 clients, each would be moved with even odds.
+    let full = Server::builder()
+        .dev_certificate(&dev)
+        .io_threads(2)
+        .max_connections(1)
+        .build()
+        .unwrap();
+    let addr = full.bind("127.0.0.1:0").await.unwrap().to_string();
+    let counted = |text: &str, result: &str| {
+        value(
+            text,
+            &format!(r#"quicx_handshakes_total{{result="{result}"}}"#),
+        )
+        .unwrap_or(0.0)
+    };
+    let before = scrape(metrics_addr).await;
+    let first = client_builder(&dev).connect(&addr).await.unwrap();
+    for _ in 0..8 {
+        let refused = client_builder(&dev)
+            .reconnect(false)
+            .connect(&addr)
+            .await
+            .unwrap_err();
+        assert!(matches!(refused, Error::Handshake(_)), "{refused:?}");
+    }
+    let after = scrape(metrics_addr).await;
+    assert_eq!(
+        counted(&after, "refused") - counted(&before, "refused"),
+        8.0
+    );
+    assert_eq!(
+        counted(&after, "moved"),
+        counted(&before, "moved"),
+        "a full server moved a client: {after}"
+    );
+    first.close().await;
+    full.shutdown(Duration::from_secs(1)).await;
 }

@@ -228,11 +228,19 @@ impl PushSender {
     pub(crate) async fn deliver(&self, msg: PushMessage) -> Delivery {
         match self.try_deliver(msg) {
             Ok(delivery) => delivery,
-            Err((tx, msg)) => {
-                let result = tx.send(msg).await.map_err(|_| Delivery::Closed);
-                self.count(result)
-            }
+            Err((tx, msg)) => self.deliver_when_room(tx, msg).await,
         }
+    }
+
+    /// The rest of [`deliver`](Self::deliver) after [`try_deliver`](Self::try_deliver) found
+    /// the channel `tx` full: waits for room.
+    pub(crate) async fn deliver_when_room(
+        &self,
+        tx: &mpsc::Sender<PushMessage>,
+        msg: PushMessage,
+    ) -> Delivery {
+        let result = tx.send(msg).await.map_err(|_| Delivery::Closed);
+        self.count(result)
     }
 
     /// [`deliver`](Self::deliver) without waiting: gives `msg` back, with the channel to wait
@@ -240,7 +248,7 @@ impl PushSender {
     /// the channel's permits (it is fair), so this never overtakes them.
     // The message comes back by value on the rare full path; boxing it would allocate per push.
     #[allow(clippy::result_large_err)]
-    fn try_deliver(
+    pub(crate) fn try_deliver(
         &self,
         msg: PushMessage,
     ) -> std::result::Result<Delivery, (&mpsc::Sender<PushMessage>, PushMessage)> {

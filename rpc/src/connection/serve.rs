@@ -228,6 +228,11 @@ enum Undispatched {
 /// Hands a push to the application's channel, counting it in the client's metrics.
 async fn deliver(conn: &Connection, sink: &PushSender, msg: PushMessage) -> Delivery {
     let delivery = sink.deliver(msg).await;
+    counted(conn, delivery)
+}
+
+/// Counts a delivery in the client's metrics.
+fn counted(conn: &Connection, delivery: Delivery) -> Delivery {
     let side = &conn.inner.side;
     side.record(crate::metrics::Event::ClientPushReceived);
     if delivery == Delivery::Dropped {
@@ -942,25 +947,30 @@ async fn accept_pushes(conn: &Connection, sink: Option<&PushSender>) {
             reject(None, &mut recv, StreamCode::UNEXPECTED_STREAM);
             continue;
         }
-        match push_message(conn, raw) {
-            Ok(msg) => {
-                // A push the channel takes at once uses no cooperative budget (quinn's reads
-                // use none either), so this loop keeps its thread until the pushes buffered so
-                // far are read or the channel is full, and the reader then takes them as one
-                // batch: bounded by the channel's capacity and the connection's push limit.
-                // Yielding every 128 pushes instead (tokio's budget) measured 630-815k
-                // pushes/s against 763-893k (BENCHMARKS.md).
-                if deliver(conn, sink, msg).await == Delivery::Dropped {
-                    tracing::debug!(
-                        conn = conn.id(),
-                        "push dropped: channel full or handler panicked"
-                    );
-                }
-            }
+        // A push the channel takes at once uses no cooperative budget (quinn's reads use none
+        // either), so this loop keeps its thread until the pushes buffered so far are read or
+        // the channel is full, and the reader then takes them as one batch: bounded by the
+        // channel's capacity and the connection's push limit. Yielding every 128 pushes
+        // instead (tokio's budget) measured 630-815k pushes/s against 763-893k
+        // (BENCHMARKS.md). Handed over outside any future's state, so that the message is
+        // moved only when the channel is full.
+        let offered = match push_message(conn, raw) {
+            Ok(msg) => sink.try_deliver(msg),
             Err(e) => {
                 tracing::debug!(conn = conn.id(), "bad push header: {e:?}");
                 reject(None, &mut recv, StreamCode::MALFORMED_FRAME);
+                continue;
             }
+        };
+        let delivery = match offered {
+            Ok(delivery) => counted(conn, delivery),
+            Err((tx, msg)) => counted(conn, sink.deliver_when_room(tx, msg).await),
+        };
+        if delivery == Delivery::Dropped {
+            tracing::debug!(
+                conn = conn.id(),
+                "push dropped: channel full or handler panicked"
+            );
         }
     }
 }

@@ -126,6 +126,13 @@ struct CpuLoad {
     connections: usize,
 }
 
+/// Cores each process used over a measured window (CPU time ÷ wall time).
+#[derive(Debug, Clone, Copy)]
+struct Cores {
+    server: f64,
+    client: f64,
+}
+
 /// How long each of connection A's calls blocks its handler in the blocking scenario.
 const BLOCK_MS: u64 = 300;
 /// Connection B's call interval in the blocking scenario.
@@ -402,12 +409,14 @@ impl Env {
 impl Env {
     /// The handler-cpu load on `system`: the sample and, with the server in a child process,
     /// the cores it used over the measured window.
+    /// One handler-cpu point on `system`: the closed loop's figures and, in the two-process
+    /// layout, the cores each process used over the measured window.
     fn handler_cpu(
         &mut self,
         system: System,
         load: CpuLoad,
         s: &Settings,
-    ) -> anyhow::Result<(Sample, Option<f64>)> {
+    ) -> anyhow::Result<(Sample, Option<Cores>)> {
         let info = self.servers[&system].clone();
         let Self {
             runtime, children, ..
@@ -426,10 +435,14 @@ impl Env {
                 // thread, and only with a child, i.e. on a multi-thread runtime.
                 let child = child?;
                 tokio::time::sleep(s.warmup).await;
-                let (t0, cpu0) = (Instant::now(), child.cpu().ok()?);
+                let (t0, cpu0, own0) = (Instant::now(), child.cpu().ok()?, cpu_time());
                 tokio::time::sleep(s.duration).await;
-                let (t1, cpu1) = (Instant::now(), child.cpu().ok()?);
-                Some(cpu1.saturating_sub(cpu0).as_secs_f64() / (t1 - t0).as_secs_f64())
+                let (t1, cpu1, own1) = (Instant::now(), child.cpu().ok()?, cpu_time());
+                let wall = (t1 - t0).as_secs_f64();
+                Some(Cores {
+                    server: cpu1.saturating_sub(cpu0).as_secs_f64() / wall,
+                    client: own1.saturating_sub(own0).as_secs_f64() / wall,
+                })
             };
             let (sample, cores) = tokio::join!(
                 closed_loop_spread(&callers, load.callers, s.warmup, s.duration),
@@ -745,7 +758,7 @@ fn main() -> anyhow::Result<()> {
             bar.inc(1);
         }
         for &load in settings.cpu_loads.iter().filter(|_| do_handler_cpu) {
-            let mut samples: HashMap<System, Vec<(Sample, Option<f64>)>> = HashMap::new();
+            let mut samples: HashMap<System, Vec<(Sample, Option<Cores>)>> = HashMap::new();
             for _ in 0..settings.repetitions {
                 // Interleaved: every system once per repetition.
                 for &system in &cpu_systems {
@@ -768,7 +781,7 @@ fn main() -> anyhow::Result<()> {
                 let Some(runs) = samples.remove(&system) else {
                     continue;
                 };
-                let cores: Vec<f64> = runs.iter().filter_map(|r| r.1).collect();
+                let cores: Vec<Cores> = runs.iter().filter_map(|r| r.1).collect();
                 records.push(Record {
                     system,
                     system_name: system.name(),
@@ -787,7 +800,10 @@ fn main() -> anyhow::Result<()> {
                         work_us: load.work_us,
                         callers: load.callers,
                         connections: load.connections,
-                        server_cores: (!cores.is_empty()).then(|| median(cores)),
+                        server_cores: (!cores.is_empty())
+                            .then(|| median(cores.iter().map(|c| c.server).collect())),
+                        client_cores: (!cores.is_empty())
+                            .then(|| median(cores.iter().map(|c| c.client).collect())),
                     }),
                     blocking: None,
                 });

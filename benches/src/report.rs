@@ -41,6 +41,8 @@ pub(crate) struct HandlerCpu {
     pub(crate) connections: usize,
     /// Server process CPU time ÷ wall time over the measured window (two-process layout only).
     pub(crate) server_cores: Option<f64>,
+    /// The same for the client's process (the harness), over the same window.
+    pub(crate) client_cores: Option<f64>,
 }
 
 /// The blocking scenario's figures: connection B's probe while connection A's handler blocks.
@@ -244,12 +246,15 @@ fn handler_cpu_markdown(md: &mut String, records: &[Record]) {
     let _ = writeln!(
         md,
         "## Handler CPU: each call's handler burns a fixed CPU time\n\n\
-         Closed loop, callers spread evenly over connections (one client each). Server cores: \
-         server process CPU time ÷ wall time of the measured window (2 processes only). \
-         ÷ tarpc: calls/s ratio to tarpc in the same layout and load (> 1 means faster).\n\n\
+         Closed loop, callers spread evenly over connections (one client each). Server and \
+         client cores: each process's CPU time ÷ wall time of the measured window (2 processes \
+         only); server µs beyond the handler: the server's CPU per call less the handler's \
+         burn (its transport, runtime and dispatch). ÷ tarpc: calls/s ratio to tarpc in the \
+         same layout and load (> 1 means faster).\n\n\
          | layout | system | handler µs | callers / connections | calls/s | p50 µs | p99 µs \
-         | server cores | ÷ tarpc tcp | ÷ tarpc tcp+TLS |\n\
-         |---|---|---|---|---|---|---|---|---|---|"
+         | server cores | client cores | server µs per call beyond the handler \
+         | ÷ tarpc tcp | ÷ tarpc tcp+TLS |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for &(r, h) in &rows {
         let ratio = |base: System| {
@@ -264,10 +269,16 @@ fn handler_cpu_markdown(md: &mut String, records: &[Record]) {
                 .filter(|(o, _)| o.rate > 0.0)
                 .map_or("–".into(), |(o, _)| format!("{:.2}", r.rate / o.rate))
         };
-        let cores = h.server_cores.map_or("–".into(), |c| format!("{c:.2}"));
+        let cores = |c: Option<f64>| c.map_or("–".into(), |c| format!("{c:.2}"));
+        let beyond = h
+            .server_cores
+            .filter(|_| r.rate > 0.0)
+            .map_or("–".into(), |c| {
+                format!("{:.1}", c * 1e6 / r.rate - h.work_us as f64)
+            });
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} / {} | **{}** | {:.0} | {:.0} | {cores} | {} | {} |",
+            "| {} | {} | {} | {} / {} | **{}** | {:.0} | {:.0} | {} | {} | {beyond} | {} | {} |",
             r.layout,
             r.system_name,
             h.work_us,
@@ -276,6 +287,8 @@ fn handler_cpu_markdown(md: &mut String, records: &[Record]) {
             k(r.rate),
             r.p50_us,
             r.p99_us,
+            cores(h.server_cores),
+            cores(h.client_cores),
             ratio(System::Tarpc),
             ratio(System::TarpcTls)
         );

@@ -168,16 +168,34 @@ pub(crate) fn cpu_time() -> Duration {
 pub(crate) fn cpu_time_of(pid: u32) -> Duration {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
-        .and_then(|s| {
-            // Fields after the command name, which is in parentheses and may hold spaces.
-            let rest = &s[s.rfind(')')? + 2..];
-            let fields: Vec<&str> = rest.split_whitespace().collect();
-            // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
-            let ticks =
-                fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-            Some(Duration::from_millis(ticks * 10))
-        })
+        .and_then(|s| ticks_of_stat(&s))
         .unwrap_or_default()
+}
+
+/// CPU time (user + system) of each thread of process `pid` so far, by thread id, from
+/// `/proc/<pid>/task/*/stat` (10 ms ticks; empty when unreadable).
+pub(crate) fn thread_times_of(pid: u32) -> std::collections::HashMap<u32, Duration> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Default::default();
+    };
+    tasks
+        .flatten()
+        .filter_map(|task| {
+            let tid: u32 = task.file_name().to_str()?.parse().ok()?;
+            let s = std::fs::read_to_string(task.path().join("stat")).ok()?;
+            Some((tid, ticks_of_stat(&s)?))
+        })
+        .collect()
+}
+
+/// utime + stime of a `/proc` `stat` line.
+fn ticks_of_stat(s: &str) -> Option<Duration> {
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = &s[s.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
 }
 
 /// Resident memory of a process, bytes (Linux `/proc/<pid>/status`).

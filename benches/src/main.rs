@@ -19,8 +19,10 @@ mod load;
 mod report;
 mod systems;
 
-use load::{Paced, Sample, closed_loop, closed_loop_spread, cpu_time, paced};
-use report::Record;
+use load::{
+    Paced, Sample, closed_loop, closed_loop_spread, cpu_time, cpu_time_of, paced, thread_times_of,
+};
+use report::{PushCpu, Record};
 use systems::{ServerInfo, System, Work};
 
 #[derive(Parser)]
@@ -681,16 +683,20 @@ fn main() -> anyhow::Result<()> {
                         setup_ms: None,
                         handler_cpu: None,
                         blocking: None,
+                        push_cpu: None,
                     });
                 }
             }
         }
         let push_senders = 16;
-        let mut push_samples: HashMap<System, Vec<f64>> = HashMap::new();
+        let mut push_samples: HashMap<System, Vec<(f64, Option<PushCpu>)>> = HashMap::new();
         for _ in 0..settings.repetitions * usize::from(do_push) {
             for &system in &pushers {
                 bar.set_message(format!("{} pushes ({})", system.name(), layout.name()));
                 let info = env.servers[&system].clone();
+                let server = env.children.get(&system).map(|c| c.child.id());
+                let before = server.map(|pid| (cpu_time_of(pid), thread_times_of(pid)));
+                let (started, own) = (Instant::now(), cpu_time());
                 let rate = env
                     .runtime
                     .block_on(systems::push_rate(
@@ -701,11 +707,40 @@ fn main() -> anyhow::Result<()> {
                         Duration::from_secs(60),
                     ))
                     .with_context(|| format!("{} push", system.name()))?;
-                push_samples.entry(system).or_default().push(rate);
+                let (wall, own) = (started.elapsed().as_secs_f64(), cpu_time() - own);
+                let cpu = server.zip(before).map(|(pid, (cpu0, threads0))| {
+                    let busiest = thread_times_of(pid)
+                        .into_iter()
+                        .map(|(tid, t)| {
+                            t.saturating_sub(threads0.get(&tid).copied().unwrap_or_default())
+                        })
+                        .max()
+                        .unwrap_or_default();
+                    let server = cpu_time_of(pid).saturating_sub(cpu0).as_secs_f64();
+                    let per_push = 1e6 / f64::from(settings.push_count);
+                    PushCpu {
+                        server_cores: server / wall,
+                        server_busiest_thread_cores: busiest.as_secs_f64() / wall,
+                        client_cores: own.as_secs_f64() / wall,
+                        server_us_per_push: server * per_push,
+                        client_us_per_push: own.as_secs_f64() * per_push,
+                    }
+                });
+                push_samples.entry(system).or_default().push((rate, cpu));
                 bar.inc(1);
             }
         }
-        for (system, rates) in push_samples {
+        for (system, runs) in push_samples {
+            let rates = runs.iter().map(|r| r.0).collect();
+            let cpus: Vec<PushCpu> = runs.iter().filter_map(|r| r.1).collect();
+            let med = |f: fn(&PushCpu) -> f64| median(cpus.iter().map(f).collect());
+            let push_cpu = (!cpus.is_empty()).then(|| PushCpu {
+                server_cores: med(|c| c.server_cores),
+                server_busiest_thread_cores: med(|c| c.server_busiest_thread_cores),
+                client_cores: med(|c| c.client_cores),
+                server_us_per_push: med(|c| c.server_us_per_push),
+                client_us_per_push: med(|c| c.client_us_per_push),
+            });
             records.push(Record {
                 system,
                 system_name: system.name(),
@@ -717,7 +752,7 @@ fn main() -> anyhow::Result<()> {
                 } else {
                     push_senders as usize
                 },
-                repetitions: rates.len(),
+                repetitions: runs.len(),
                 rate: median(rates),
                 p50_us: 0.0,
                 p99_us: 0.0,
@@ -726,6 +761,7 @@ fn main() -> anyhow::Result<()> {
                 setup_ms: None,
                 handler_cpu: None,
                 blocking: None,
+                push_cpu,
             });
         }
         for &system in systems.iter().filter(|_| do_setup) {
@@ -754,6 +790,7 @@ fn main() -> anyhow::Result<()> {
                 setup_ms: Some(ms),
                 handler_cpu: None,
                 blocking: None,
+                push_cpu: None,
             });
             bar.inc(1);
         }
@@ -806,6 +843,7 @@ fn main() -> anyhow::Result<()> {
                             .then(|| median(cores.iter().map(|c| c.client).collect())),
                     }),
                     blocking: None,
+                    push_cpu: None,
                 });
             }
         }
@@ -843,6 +881,7 @@ fn main() -> anyhow::Result<()> {
                     probe_max_us: probe.max_us,
                     blocked_calls,
                 }),
+                push_cpu: None,
             });
             bar.inc(1);
         }
@@ -873,6 +912,7 @@ fn main() -> anyhow::Result<()> {
                         setup_ms: None,
                         handler_cpu: None,
                         blocking: None,
+                        push_cpu: None,
                     });
                     bar.inc(1);
                 }

@@ -30,6 +30,23 @@ pub(crate) struct Record {
     pub(crate) handler_cpu: Option<HandlerCpu>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) blocking: Option<Blocking>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) push_cpu: Option<PushCpu>,
+}
+
+/// Where a push run's CPU went (two-process layout only; medians of the repetitions). From
+/// `/proc` in 10 ms ticks over the whole run, connection set-up included.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(crate) struct PushCpu {
+    /// Server process CPU time ÷ the run's wall time.
+    pub(crate) server_cores: f64,
+    /// The same for the server's busiest thread: one thread near 1.0 bounds the rate.
+    pub(crate) server_busiest_thread_cores: f64,
+    /// The client's (the harness's) process.
+    pub(crate) client_cores: f64,
+    /// Server and client CPU per message, µs.
+    pub(crate) server_us_per_push: f64,
+    pub(crate) client_us_per_push: f64,
 }
 
 /// The handler-cpu scenario's own figures (rate and latencies are in the [`Record`]).
@@ -160,7 +177,12 @@ pub(crate) fn markdown(records: &[Record], machine: &str, settings: &str) -> Str
     if !pushes.is_empty() {
         let _ = writeln!(
             md,
-            "## Push (server to client), messages/s\n\n| layout | system | payload | senders | messages/s | ÷ raw quinn |\n|---|---|---|---|---|---|"
+            "## Push (server to client), messages/s\n\n\
+             CPU (2 processes only, over the whole run): each process's CPU time ÷ wall time, \
+             and the server's busiest thread's (a thread near 1.00 bounds the rate).\n\n\
+             | layout | system | payload | senders | messages/s | ÷ raw quinn \
+             | server cores (busiest thread) | client cores | µs per push: server, client |\n\
+             |---|---|---|---|---|---|---|---|---|"
         );
         for r in &pushes {
             let quinn = pushes.iter().find(|q| {
@@ -170,9 +192,19 @@ pub(crate) fn markdown(records: &[Record], machine: &str, settings: &str) -> Str
                     && q.concurrency == r.concurrency
             });
             let ratio = quinn.map_or("–".into(), |q| format!("{:.2}", r.rate / q.rate));
+            let cpu = r.push_cpu.map_or("– | – | –".into(), |c| {
+                format!(
+                    "{:.2} ({:.2}) | {:.2} | {:.2}, {:.2}",
+                    c.server_cores,
+                    c.server_busiest_thread_cores,
+                    c.client_cores,
+                    c.server_us_per_push,
+                    c.client_us_per_push
+                )
+            });
             let _ = writeln!(
                 md,
-                "| {} | {} | {} B | {} | {} | {ratio} |",
+                "| {} | {} | {} B | {} | {} | {ratio} | {cpu} |",
                 r.layout,
                 r.system_name,
                 r.payload,

@@ -85,6 +85,12 @@ struct Cli {
     /// I/O thread that drives the connection
     #[arg(long)]
     push_from_app: bool,
+    /// The raw quinn client hands each push it read (its bytes) to a task through a bounded
+    /// channel of 1,024, as a quicx client with a push channel hands each message to the task
+    /// that reads it, instead of counting it where it was read: the hand-off's own cost, like
+    /// for like
+    #[arg(long)]
+    quinn_push_channel: bool,
     /// Handshakes in flight at once while a fleet connects (default 64). The servers' RTT
     /// estimates come from those handshakes: with many in flight the devices' process answers
     /// late, each server's estimate grows with how late, and a server that estimates a longer
@@ -572,6 +578,9 @@ fn main() -> anyhow::Result<()> {
     );
     if cli.push_from_app {
         systems::PUSH_FROM_APP.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    if cli.quinn_push_channel {
+        systems::QUINN_PUSH_CHANNEL.store(true, std::sync::atomic::Ordering::Relaxed);
     }
     // A `metrics` recorder is process-wide: once installed here, every quicx server and client
     // of this process with metrics on records into it.

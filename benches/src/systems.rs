@@ -331,6 +331,10 @@ fn one_socket() -> anyhow::Result<quicx::ClientEndpoint> {
     Ok(ENDPOINT.get_or_init(|| endpoint).clone())
 }
 
+/// `--quinn-push-channel`: the raw quinn client hands each push to a task through a channel.
+pub(crate) static QUINN_PUSH_CHANNEL: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 /// `--push-handler`: quicx clients count pushes in a `quicx::push_handler`.
 pub(crate) static PUSH_HANDLER: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(false);
@@ -574,10 +578,30 @@ pub(crate) async fn quinn_connect(
         .await?;
     if let Some(counter) = pushes {
         let conn = conn.clone();
+        let channel = QUINN_PUSH_CHANNEL.load(Ordering::Relaxed).then(|| {
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(1024);
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                while rx.recv().await.is_some() {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            tx
+        });
         tokio::spawn(async move {
             while let Ok(mut recv) = conn.accept_uni().await {
-                if recv.read_to_end(16 * 1024 * 1024).await.is_ok() {
-                    counter.fetch_add(1, Ordering::Relaxed);
+                let Ok(message) = recv.read_to_end(16 * 1024 * 1024).await else {
+                    continue;
+                };
+                match &channel {
+                    Some(tx) => {
+                        if tx.send(message).await.is_err() {
+                            break;
+                        }
+                    }
+                    None => {
+                        counter.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
             }
         });

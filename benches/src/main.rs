@@ -86,9 +86,8 @@ struct Cli {
     #[arg(long)]
     push_from_app: bool,
     /// The raw quinn client hands each push it read (its bytes) to a task through a bounded
-    /// channel of 1,024, as a quicx client with a push channel hands each message to the task
-    /// that reads it, instead of counting it where it was read: the hand-off's own cost, like
-    /// for like
+    /// tokio channel of 1,024 (trying without waiting first, as a quicx push channel does),
+    /// instead of counting it where it was read: what the hand-off to a task costs it
     #[arg(long)]
     quinn_push_channel: bool,
     /// Handshakes in flight at once while a fleet connects (default 64). The servers' RTT
@@ -415,8 +414,6 @@ impl Env {
 }
 
 impl Env {
-    /// The handler-cpu load on `system`: the sample and, with the server in a child process,
-    /// the cores it used over the measured window.
     /// One handler-cpu point on `system`: the closed loop's figures and, in the two-process
     /// layout, the cores each process used over the measured window.
     fn handler_cpu(
@@ -531,7 +528,7 @@ fn main() -> anyhow::Result<()> {
     }
     let mut settings = Settings::new(cli.quick);
     if let Some(n) = cli.push_count {
-        settings.push_count = n;
+        settings.push_count = n.max(1);
     }
     if !cli.fleet_size.is_empty() {
         settings.fleets = cli.fleet_size.clone();
@@ -828,6 +825,12 @@ fn main() -> anyhow::Result<()> {
                     continue;
                 };
                 let cores: Vec<Cores> = runs.iter().filter_map(|r| r.1).collect();
+                // Per run, then the median: a run's cores with its own rate.
+                let beyond: Vec<f64> = runs
+                    .iter()
+                    .filter(|r| r.0.rate > 0.0)
+                    .filter_map(|r| r.1.map(|c| c.server * 1e6 / r.0.rate - load.work_us as f64))
+                    .collect();
                 records.push(Record {
                     system,
                     system_name: system.name(),
@@ -850,6 +853,7 @@ fn main() -> anyhow::Result<()> {
                             .then(|| median(cores.iter().map(|c| c.server).collect())),
                         client_cores: (!cores.is_empty())
                             .then(|| median(cores.iter().map(|c| c.client).collect())),
+                        server_us_beyond_handler: (!beyond.is_empty()).then(|| median(beyond)),
                     }),
                     blocking: None,
                     push_cpu: None,
@@ -932,6 +936,20 @@ fn main() -> anyhow::Result<()> {
     bar.finish_with_message("done");
     let started = Instant::now();
     let mut described = settings.describe();
+    let options: Vec<&str> = [
+        (cli.push_handler, "--push-handler"),
+        (cli.push_from_app, "--push-from-app"),
+        (cli.quinn_push_channel, "--quinn-push-channel"),
+        (cli.client_on_caller_runtime, "--client-on-caller-runtime"),
+        (cli.client_on_io_thread, "--client-on-io-thread"),
+        (cli.handler_one_socket, "--handler-one-socket"),
+    ]
+    .into_iter()
+    .filter_map(|(set, name)| set.then_some(name))
+    .collect();
+    if !options.is_empty() {
+        described.push_str(&format!(" Options: {}.", options.join(" ")));
+    }
     if recorder_here {
         described.push_str(
             " This process has the Prometheus recorder installed: quicx-prometheus records on \

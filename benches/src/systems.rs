@@ -117,9 +117,20 @@ pub(crate) enum Work {
     SleepBlocking(u64),
 }
 
-/// Burns CPU for `micros` µs of wall time: what the handler-cpu handlers do.
+/// Burns `micros` µs of the calling thread's CPU time (wall time where that clock cannot be
+/// read): what the handler-cpu handlers do. CPU time, so that a handler preempted meanwhile
+/// still costs its server the whole burn.
 pub(crate) fn burn(micros: u64) {
-    let end = Instant::now() + Duration::from_micros(micros);
+    use nix::time::{ClockId, clock_gettime};
+    let cpu = || clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID).map(Duration::from);
+    let burn = Duration::from_micros(micros);
+    if let Ok(start) = cpu() {
+        while cpu().is_ok_and(|now| now < start + burn) {
+            std::hint::spin_loop();
+        }
+        return;
+    }
+    let end = Instant::now() + burn;
     while Instant::now() < end {
         std::hint::spin_loop();
     }
@@ -594,11 +605,17 @@ pub(crate) async fn quinn_connect(
                     continue;
                 };
                 match &channel {
-                    Some(tx) => {
-                        if tx.send(message).await.is_err() {
-                            break;
+                    // As a quicx push channel takes a message: at once when there is room
+                    // (no cooperative budget), waiting only when the channel is full.
+                    Some(tx) => match tx.try_send(message) {
+                        Ok(()) => {}
+                        Err(tokio::sync::mpsc::error::TrySendError::Full(message)) => {
+                            if tx.send(message).await.is_err() {
+                                break;
+                            }
                         }
-                    }
+                        Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => break,
+                    },
                     None => {
                         counter.fetch_add(1, Ordering::Relaxed);
                     }

@@ -952,8 +952,8 @@ async fn accept_pushes(conn: &Connection, sink: Option<&PushSender>) {
         // the channel is full, and the reader then takes them as one batch: bounded by the
         // channel's capacity and the connection's push limit. Yielding every 128 pushes
         // instead (tokio's budget) measured 630-815k pushes/s against 763-893k
-        // (BENCHMARKS.md). Handed over outside any future's state, so that the message is
-        // moved only when the channel is full.
+        // (BENCHMARKS.md). Handed over outside any future's state: the message is copied into
+        // one only when the channel is full.
         let offered = match push_message(conn, raw) {
             Ok(msg) => sink.try_deliver(msg),
             Err(e) => {

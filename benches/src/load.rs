@@ -172,9 +172,38 @@ pub(crate) fn cpu_time_of(pid: u32) -> Duration {
         .unwrap_or_default()
 }
 
+/// A process's CPU time (user + system) so far, in all and per thread, from `/proc` (10 ms
+/// ticks; zero and no threads when unreadable).
+pub(crate) struct ProcessCpu {
+    total: Duration,
+    threads: std::collections::HashMap<u32, Duration>,
+}
+
+impl ProcessCpu {
+    /// Process `pid`'s CPU time now.
+    pub(crate) fn of(pid: u32) -> Self {
+        Self {
+            total: cpu_time_of(pid),
+            threads: thread_times_of(pid),
+        }
+    }
+
+    /// The CPU time used between `earlier` and `self`: the whole process's, and its busiest
+    /// thread's (a thread that started meanwhile counts from zero; one that ended is missed).
+    pub(crate) fn since(&self, earlier: &Self) -> (Duration, Duration) {
+        let busiest = self
+            .threads
+            .iter()
+            .map(|(tid, t)| t.saturating_sub(earlier.threads.get(tid).copied().unwrap_or_default()))
+            .max()
+            .unwrap_or_default();
+        (self.total.saturating_sub(earlier.total), busiest)
+    }
+}
+
 /// CPU time (user + system) of each thread of process `pid` so far, by thread id, from
 /// `/proc/<pid>/task/*/stat` (10 ms ticks; empty when unreadable).
-pub(crate) fn thread_times_of(pid: u32) -> std::collections::HashMap<u32, Duration> {
+fn thread_times_of(pid: u32) -> std::collections::HashMap<u32, Duration> {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return Default::default();
     };
@@ -209,4 +238,25 @@ pub(crate) fn rss_bytes(pid: u32) -> u64 {
                 .and_then(|kb| kb.parse::<u64>().ok())
         })
         .map_or(0, |kb| kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stat_line_gives_utime_plus_stime_whatever_the_command_name_holds() {
+        // The name may hold spaces and parentheses; utime 150 and stime 25 ticks follow it as
+        // the 12th and 13th fields.
+        let line = "42 (a (b) c) S 1 2 3 4 5 6 7 8 9 10 150 25 0 0 20 0 3";
+        assert_eq!(ticks_of_stat(line), Some(Duration::from_millis(1750)));
+        assert_eq!(ticks_of_stat("42 (cut short) S 1 2"), None);
+    }
+
+    #[test]
+    fn this_process_has_threads_and_uses_no_cpu_between_one_reading_and_itself() {
+        let now = ProcessCpu::of(std::process::id());
+        assert!(!now.threads.is_empty());
+        assert_eq!(now.since(&now), (Duration::ZERO, Duration::ZERO));
+    }
 }

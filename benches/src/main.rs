@@ -19,9 +19,7 @@ mod load;
 mod report;
 mod systems;
 
-use load::{
-    Paced, Sample, closed_loop, closed_loop_spread, cpu_time, cpu_time_of, paced, thread_times_of,
-};
+use load::{Paced, ProcessCpu, Sample, closed_loop, closed_loop_spread, cpu_time, paced};
 use report::{PushCpu, Record};
 use systems::{ServerInfo, System, Work};
 
@@ -701,7 +699,7 @@ fn main() -> anyhow::Result<()> {
                 bar.set_message(format!("{} pushes ({})", system.name(), layout.name()));
                 let info = env.servers[&system].clone();
                 let server = env.children.get(&system).map(|c| c.child.id());
-                let before = server.map(|pid| (cpu_time_of(pid), thread_times_of(pid)));
+                let before = server.map(ProcessCpu::of);
                 let (started, own) = (Instant::now(), cpu_time());
                 let rate = env
                     .runtime
@@ -714,15 +712,9 @@ fn main() -> anyhow::Result<()> {
                     ))
                     .with_context(|| format!("{} push", system.name()))?;
                 let (wall, own) = (started.elapsed().as_secs_f64(), cpu_time() - own);
-                let cpu = server.zip(before).map(|(pid, (cpu0, threads0))| {
-                    let busiest = thread_times_of(pid)
-                        .into_iter()
-                        .map(|(tid, t)| {
-                            t.saturating_sub(threads0.get(&tid).copied().unwrap_or_default())
-                        })
-                        .max()
-                        .unwrap_or_default();
-                    let server = cpu_time_of(pid).saturating_sub(cpu0).as_secs_f64();
+                let cpu = server.zip(before).map(|(pid, before)| {
+                    let (server, busiest) = ProcessCpu::of(pid).since(&before);
+                    let server = server.as_secs_f64();
                     let per_push = 1e6 / f64::from(settings.push_count);
                     PushCpu {
                         server_cores: server / wall,

@@ -48,7 +48,10 @@ pub enum Error {
     /// handler cancelled), or on the remote side, which answered with status `DEADLINE_EXCEEDED`.
     #[error("deadline exceeded{}", if *remote { " on the remote side" } else { "" })]
     DeadlineExceeded {
-        /// Whether the remote side reported it.
+        /// Whether the remote side's deadline passed first. The remote's deadline for a call
+        /// starts when the request arrives and is never shorter than the caller's, so once the
+        /// caller's own deadline has passed the error is `remote: false`, even when the
+        /// remote's answer was read first.
         remote: bool,
     },
     /// Connecting (QUIC handshake and, with a client id, the hello) took longer than the connect

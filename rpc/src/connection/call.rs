@@ -322,7 +322,7 @@ impl Connection {
             service_path,
             service_method,
             metadata,
-            timeout_ms: timeout.map_or(0, |t| t.as_millis().clamp(1, u64::MAX as u128) as u64),
+            timeout_ms: timeout.map_or(0, wire_timeout_ms),
             flags: if reply == Reply::None {
                 flags::ONEWAY
             } else {
@@ -411,9 +411,22 @@ impl Connection {
         let _waiting = (reply == Reply::Wanted).then(|| self.waiting());
         let fut = self.exchange(frame, service_path, service_method, reply);
         let result = match timeout {
-            Some(t) => within(t, fut)
-                .await
-                .unwrap_or(Err(Error::DeadlineExceeded { remote: false })),
+            Some(t) => {
+                let deadline = Instant::now() + t;
+                match within(t, fut).await {
+                    // The remote's deadline starts when the request arrives and is rounded up
+                    // (`wire_timeout_ms`), so it never passes before ours: its answer, read in
+                    // the turn our timer fired (or before this thread got to it), means ours
+                    // passed.
+                    Ok(Err(Error::DeadlineExceeded { remote: true }))
+                        if Instant::now() >= deadline =>
+                    {
+                        Err(Error::DeadlineExceeded { remote: false })
+                    }
+                    Ok(result) => result,
+                    Err(_elapsed) => Err(Error::DeadlineExceeded { remote: false }),
+                }
+            }
             None => fut.await,
         };
         result.map_err(|e| match e {
@@ -554,4 +567,29 @@ pub(crate) async fn hello(
     .await?;
     conn.set_client_id_local(client_id);
     Ok(())
+}
+
+/// A call's timeout as the request header's `timeout_ms`: rounded up to whole milliseconds (at
+/// least 1), so the receiver, whose clock starts when the request arrives, never gives up before
+/// the caller does.
+fn wire_timeout_ms(timeout: Duration) -> u64 {
+    timeout
+        .as_nanos()
+        .div_ceil(1_000_000)
+        .clamp(1, u128::from(u64::MAX)) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The receiver's deadline is never shorter than the caller's.
+    #[test]
+    fn timeout_on_the_wire_rounds_up() {
+        assert_eq!(wire_timeout_ms(Duration::from_millis(200)), 200);
+        assert_eq!(wire_timeout_ms(Duration::from_micros(199_001)), 200);
+        assert_eq!(wire_timeout_ms(Duration::from_nanos(1)), 1);
+        assert_eq!(wire_timeout_ms(Duration::ZERO), 1);
+        assert_eq!(wire_timeout_ms(Duration::MAX), u64::MAX);
+    }
 }

@@ -43,6 +43,8 @@ pub const DIVIDE_BY_ZERO: u32 = 4000;
 /// What the `Arith` handlers report back to the test.
 #[derive(Debug, Default)]
 pub struct Observed {
+    /// `Sleep` handlers started.
+    pub started: AtomicUsize,
     /// Handlers cancelled (dropped before they finished).
     pub cancelled: AtomicUsize,
     /// Handlers that ran to completion.
@@ -74,6 +76,19 @@ impl TestServer {
     pub fn address(&self) -> String {
         self.addr.to_string()
     }
+
+    /// Returns once `n` `Sleep` handlers have started (in place of sleeping "long enough" for
+    /// a call to reach its handler). Panics after 10 s.
+    pub async fn until_sleeping(&self, n: usize) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while self.observed.started.load(Ordering::SeqCst) < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{n} Sleep handler(s) never started"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
 }
 
 /// Sets `flag` when dropped before `disarm`.
@@ -104,6 +119,7 @@ pub fn arith(observed: Arc<Observed>, logs: mpsc::UnboundedSender<String>) -> Se
         .method("Sleep", move |_ctx: Context, millis: u64| {
             let observed = observed.clone();
             async move {
+                observed.started.fetch_add(1, Ordering::SeqCst);
                 let mut guard = CancelGuard(Some(observed.clone()));
                 tokio::time::sleep(Duration::from_millis(millis)).await;
                 guard.0 = None;

@@ -237,12 +237,13 @@ async fn client_timeout_cancels_the_server_handler() {
     }
     assert_eq!(t.observed.finished.load(Ordering::SeqCst), 0);
     // Dropping a call future cancels the handler too.
-    let call = client.call::<_, u64>("Arith", "Sleep", &10_000u64);
-    assert!(
-        tokio::time::timeout(Duration::from_millis(100), call)
-            .await
-            .is_err()
-    );
+    let call = tokio::spawn({
+        let client = client.clone();
+        async move { client.call::<_, u64>("Arith", "Sleep", &10_000u64).await }
+    });
+    t.until_sleeping(2).await;
+    call.abort();
+    assert!(call.await.unwrap_err().is_cancelled());
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while t.observed.cancelled.load(Ordering::SeqCst) < 2 {
         assert!(
@@ -411,7 +412,7 @@ async fn graceful_shutdown_drains_in_flight_and_refuses_new() {
         let client = client.clone();
         tokio::spawn(async move { client.call::<_, u64>("Arith", "Sleep", &300u64).await })
     };
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    t.until_sleeping(1).await;
     let server = t.server.clone();
     let shutdown = tokio::spawn(async move { server.shutdown(Duration::from_secs(5)).await });
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -450,7 +451,7 @@ async fn shutdown_deadline_cancels_stragglers() {
         let client = client.clone();
         tokio::spawn(async move { client.call::<_, u64>("Arith", "Sleep", &60_000u64).await })
     };
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    t.until_sleeping(1).await;
     assert!(!t.server.shutdown(Duration::from_millis(100)).await);
     let err = slow.await.unwrap().unwrap_err();
     assert!(

@@ -858,14 +858,16 @@ async fn expired_cluster_durable_messages_make_room_for_new_ones() {
             "Cmd",
             Metadata::new(),
             i.to_be_bytes(),
-            Duration::from_millis(200),
+            // Long enough that the third send below (each one an etcd transaction) surely
+            // comes before they expire.
+            Duration::from_secs(2),
         )
     };
     short(0).await.unwrap();
     short(1).await.unwrap();
     let err = durable_of(&a, "dev-ttl", 10).await.unwrap_err();
     assert!(matches!(err, ClusterError::DurableFull(_)), "{err:?}");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
     // Both expired: the device (never connected) takes two new ones, and nothing overflowed.
     let kept = [
         durable_of(&a, "dev-ttl", 10).await.unwrap() as u64,

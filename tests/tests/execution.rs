@@ -14,6 +14,10 @@ use std::{
 use quicx::{CallOptions, Context, Error, Metadata, Service, push_channel};
 use quicx_tests::{TestServer, start_server_with};
 
+/// Held by the tests that measure latencies or where handlers run: the preemption test spins
+/// a thread on one of the machine's CPUs, which would slow the others beside it.
+static TIMING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The name of the thread a handler ran on.
 fn thread_name() -> String {
     std::thread::current().name().unwrap_or("?").to_owned()
@@ -157,15 +161,22 @@ async fn latencies_beside(t: &TestServer, method: &'static str, ms: u64) -> Vec<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blocking_handler_on_the_blocking_path_never_delays_another_connection() {
+    let _timing = TIMING.lock().await;
     let t = server_with_threads(1).await;
     // One I/O thread: without isolation every call of the other connection would wait.
     let latencies = latencies_beside(&t, "BlockingPath", 300).await;
-    let max = *latencies.last().unwrap();
-    assert!(max < Duration::from_millis(150), "max {max:?}");
+    // Without isolation nearly every call would wait behind a 300 ms block; the p99 of 100
+    // (their second slowest) leaves room for one scheduling hiccup of this machine.
+    let p99 = latencies[98];
+    assert!(
+        p99 < Duration::from_millis(150),
+        "p99 {p99:?}, all {latencies:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_async_handler_that_blocks_is_moved_off_the_io_thread() {
+    let _timing = TIMING.lock().await;
     let t = server_with_threads(1).await;
     let client = t.client().connect(&t.address()).await.unwrap();
     // The first two calls block the I/O thread: two overruns in a row show the method slow.
@@ -202,6 +213,7 @@ fn burn_cpu(cpu: Duration) -> Duration {
 #[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_the_os_preempts_is_not_moved_off_its_io_thread() {
+    let _timing = TIMING.lock().await;
     use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
     use nix::unistd::Pid;
     let t = server_with_threads(1).await;
@@ -287,6 +299,7 @@ async fn block_runs_on(client: &quicx::Client, ms: u64) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_long_poll_moves_nothing_and_a_method_that_stops_blocking_comes_back() {
+    let _timing = TIMING.lock().await;
     let t = server_with_threads(1).await;
     let client = t.client().connect(&t.address()).await.unwrap();
     // One overrun among short calls (what a preempted poll looks like): the method stays.

@@ -54,7 +54,7 @@ async fn a_cancelled_shutdown_still_shuts_the_server_down() {
         let client = client.clone();
         tokio::spawn(async move { client.call::<_, u64>("Arith", "Sleep", &10_000u64).await })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    t.until_sleeping(1).await;
     // The caller gives up on the shutdown half-way through the drain.
     let gave_up = tokio::time::timeout(
         Duration::from_millis(50),

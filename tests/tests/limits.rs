@@ -194,6 +194,7 @@ async fn handshakes_per_address_are_rate_limited() {
     })
     .await;
     let mut outcomes = Vec::new();
+    let started = std::time::Instant::now();
     for _ in 0..6 {
         let c = t
             .client()
@@ -203,8 +204,14 @@ async fn handshakes_per_address_are_rate_limited() {
             .await;
         outcomes.push(c.is_ok());
     }
+    // A burst of 3, then one more for every 333 ms the six attempts took.
+    let refilled = (started.elapsed().as_millis() / 333) as usize;
     let accepted = outcomes.iter().filter(|ok| **ok).count();
-    assert!((3..=4).contains(&accepted), "{outcomes:?}");
+    assert!(
+        (3..=4 + refilled).contains(&accepted) && accepted < 6,
+        "{outcomes:?} in {:?}",
+        started.elapsed()
+    );
     // A second later the address may connect again.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert!(t.client().connect(&t.address()).await.is_ok());
@@ -213,7 +220,7 @@ async fn handshakes_per_address_are_rate_limited() {
 #[tokio::test]
 async fn a_stalled_request_holds_nothing_past_the_frame_timeout() {
     let t = start_server_with(|b| {
-        b.transport(quicx::TransportOptions::default().frame_timeout(Duration::from_millis(300)))
+        b.transport(quicx::TransportOptions::default().frame_timeout(Duration::from_secs(2)))
     })
     .await;
     let raw = quicx_tests::raw_connection(t.addr, &t.dev, quicx::ALPN)
@@ -226,8 +233,12 @@ async fn a_stalled_request_holds_nothing_past_the_frame_timeout() {
         send.write_all(&[0x01, 0x00, 0x00]).await.unwrap();
         streams.push((send, recv));
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(t.server.stats().buffered_request_bytes > 0);
+    // The server reads them (well within the frame timeout).
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    while t.server.stats().buffered_request_bytes == 0 {
+        assert!(std::time::Instant::now() < deadline, "nothing buffered");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     // After the frame timeout each is reset and the server holds nothing for them.
     for (send, _recv) in &mut streams {
         let stopped = tokio::time::timeout(Duration::from_secs(5), send.stopped())
@@ -249,8 +260,8 @@ async fn a_stalled_request_holds_nothing_past_the_frame_timeout() {
     assert_eq!(reply.c, 9);
 }
 
-/// p99 of `n` sequential calls.
-async fn p99_of_calls(client: &quicx::Client, n: usize) -> Duration {
+/// The p50 and p99 of `n` sequential calls.
+async fn p50_p99_of_calls(client: &quicx::Client, n: usize) -> (Duration, Duration) {
     let mut latencies = Vec::with_capacity(n);
     for _ in 0..n {
         let started = std::time::Instant::now();
@@ -261,14 +272,14 @@ async fn p99_of_calls(client: &quicx::Client, n: usize) -> Duration {
         latencies.push(started.elapsed());
     }
     latencies.sort();
-    latencies[n * 99 / 100]
+    (latencies[n / 2], latencies[n * 99 / 100])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_thousand_stalled_streams_do_not_slow_other_clients() {
     let t = start_server_with(|b| b).await;
     let client = t.client().connect(&t.address()).await.unwrap();
-    let idle = p99_of_calls(&client, 200).await;
+    let (idle_p50, idle_p99) = p50_p99_of_calls(&client, 200).await;
     // 2,000 streams over two connections (up to 1,024 concurrent calls each), each sending 3
     // bytes of a request and stalling.
     let mut connections = Vec::new();
@@ -285,12 +296,18 @@ async fn two_thousand_stalled_streams_do_not_slow_other_clients() {
         connections.push(raw);
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let stalled = p99_of_calls(&client, 200).await;
-    // Within 2x of the idle server's p99 (with a floor for this VM's scheduling noise).
-    let bound = (idle * 2).max(Duration::from_millis(20));
+    let (p50, p99) = p50_p99_of_calls(&client, 200).await;
+    // Within 2x of the idle server's, with floors for scheduling noise: the other tests of this
+    // binary run beside this one on a machine of 2 cores, and the p99 of 200 calls is their
+    // second slowest.
+    let report = format!("idle p50 {idle_p50:?} p99 {idle_p99:?}, stalled p50 {p50:?} p99 {p99:?}");
     assert!(
-        stalled <= bound,
-        "p99 idle {idle:?}, with 2,000 stalled streams {stalled:?}"
+        p50 <= (idle_p50 * 2).max(Duration::from_millis(5)),
+        "{report}"
+    );
+    assert!(
+        p99 <= (idle_p99 * 2).max(Duration::from_millis(100)),
+        "{report}"
     );
     // What the stalled streams hold is 3 bytes each, not their announced frames.
     assert!(t.server.stats().buffered_request_bytes <= 2_000 * 3);

@@ -183,7 +183,7 @@ async fn failtry_retries_the_same_endpoint() {
         list(&[&a, &b]),
         ClientOption {
             retries: 2,
-            attempt_timeout: Some(Duration::from_millis(100)),
+            attempt_timeout: Some(Duration::from_millis(400)),
             ..option(&dev)
         },
     )
@@ -208,7 +208,7 @@ async fn failfast_returns_the_first_error() {
         SelectMode::RoundRobin,
         list(&[&a, &b]),
         ClientOption {
-            call_timeout: Some(Duration::from_millis(100)),
+            call_timeout: Some(Duration::from_millis(500)),
             ..option(&dev)
         },
     )
@@ -233,6 +233,11 @@ async fn failbackup_answers_from_the_second_when_the_first_stalls() {
         },
     )
     .unwrap();
+    // Both connected first: a connect slower than the backup latency would otherwise let the
+    // backup answer before the first request reached `a`.
+    for (_, r) in x.broadcast::<_, String>("Name", &()).await.unwrap() {
+        r.unwrap();
+    }
     let started = Instant::now();
     let name: String = x.call("Slow", &()).await.unwrap();
     assert_eq!(name, "b");

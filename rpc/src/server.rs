@@ -497,26 +497,28 @@ impl Server {
                     "connection limit reached: refusing {}",
                     incoming.remote_address()
                 );
+                // Counted before the refusal goes out: a client that saw it finds it counted.
+                self.inner
+                    .side
+                    .record(crate::metrics::Event::Handshake("refused"));
                 incoming.refuse();
                 if returning {
                     loads.arrived(shard.thread);
                 }
-                self.inner
-                    .side
-                    .record(crate::metrics::Event::Handshake("refused"));
                 continue;
             }
             let ip = incoming.remote_address().ip();
             if !self.inner.limiters.admit(ip) {
                 self.inner.admitted.fetch_sub(1, Ordering::AcqRel);
                 tracing::warn!("connection or handshake limit of {ip} reached: refusing");
+                // Counted before the refusal goes out: a client that saw it finds it counted.
+                self.inner
+                    .side
+                    .record(crate::metrics::Event::Handshake("refused"));
                 incoming.refuse();
                 if returning {
                     loads.arrived(shard.thread);
                 }
-                self.inner
-                    .side
-                    .record(crate::metrics::Event::Handshake("refused"));
                 continue;
             }
             let server = self.clone();

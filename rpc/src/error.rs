@@ -45,13 +45,14 @@ pub enum Error {
         limit: Option<u64>,
     },
     /// The call's deadline passed before a reply came: here (the stream was reset and the remote
-    /// handler cancelled), or on the remote side, which answered with status `DEADLINE_EXCEEDED`.
+    /// handler cancelled, or the remote's answer `DEADLINE_EXCEEDED` came once it had passed),
+    /// or on the remote side first, which answered with status `DEADLINE_EXCEEDED`.
     #[error("deadline exceeded{}", if *remote { " on the remote side" } else { "" })]
     DeadlineExceeded {
-        /// Whether the remote side's deadline passed first. The remote's deadline for a call
-        /// starts when the request arrives and is never shorter than the caller's, so once the
-        /// caller's own deadline has passed the error is `remote: false`, even when the
-        /// remote's answer was read first.
+        /// `true` when the remote answered `DEADLINE_EXCEEDED` before the caller's own deadline
+        /// passed (a deadline of the remote's own). A quicx remote counts the caller's timeout
+        /// from when it has read the request, so its deadline never passes first: its answer,
+        /// read at or after the caller's deadline, is `remote: false`.
         remote: bool,
     },
     /// Connecting (QUIC handshake and, with a client id, the hello) took longer than the connect

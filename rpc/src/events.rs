@@ -64,7 +64,7 @@ pub enum ServerEvent {
     TakenOver {
         /// The identity.
         client_id: String,
-        /// The connection that held it (closed now).
+        /// The connection that held it (closed just after this event).
         old: Connection,
         /// The connection that holds it now.
         new: Connection,

@@ -193,18 +193,20 @@ async fn handshakes_per_address_are_rate_limited() {
         })
     })
     .await;
-    let mut outcomes = Vec::new();
+    // Six at once: each is admitted or refused when its first packet arrives, however long the
+    // handshakes then take.
     let started = std::time::Instant::now();
-    for _ in 0..6 {
-        let c = t
-            .client()
+    let outcomes: Vec<bool> = futures_util::future::join_all((0..6).map(|_| async {
+        t.client()
             .reconnect(false)
             .connect_timeout(Duration::from_secs(2))
             .connect(&t.address())
-            .await;
-        outcomes.push(c.is_ok());
-    }
-    // A burst of 3, then one more for every 333 ms the six attempts took.
+            .await
+            .is_ok()
+    }))
+    .await;
+    // A burst of 3, then one more for every 333 ms the attempts took (should the accept loop
+    // stall).
     let refilled = (started.elapsed().as_millis() / 333) as usize;
     let accepted = outcomes.iter().filter(|ok| **ok).count();
     assert!(
@@ -302,7 +304,7 @@ async fn two_thousand_stalled_streams_do_not_slow_other_clients() {
     // second slowest.
     let report = format!("idle p50 {idle_p50:?} p99 {idle_p99:?}, stalled p50 {p50:?} p99 {p99:?}");
     assert!(
-        p50 <= (idle_p50 * 2).max(Duration::from_millis(5)),
+        p50 <= (idle_p50 * 2).max(Duration::from_millis(20)),
         "{report}"
     );
     assert!(

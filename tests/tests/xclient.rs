@@ -184,6 +184,7 @@ async fn failtry_retries_the_same_endpoint() {
         ClientOption {
             retries: 2,
             attempt_timeout: Some(Duration::from_millis(400)),
+            call_timeout: Some(Duration::from_secs(5)),
             ..option(&dev)
         },
     )
@@ -228,7 +229,7 @@ async fn failbackup_answers_from_the_second_when_the_first_stalls() {
         SelectMode::RoundRobin,
         list(&[&a, &b]),
         ClientOption {
-            backup_latency: Duration::from_millis(50),
+            backup_latency: Duration::from_millis(300),
             ..option(&dev)
         },
     )

@@ -412,14 +412,14 @@ impl Connection {
         let fut = self.exchange(frame, service_path, service_method, reply);
         let result = match timeout {
             Some(t) => {
-                let deadline = Instant::now() + t;
+                let deadline = Instant::now().checked_add(t);
                 match within(t, fut).await {
                     // The remote's deadline starts when the request arrives and is rounded up
                     // (`wire_timeout_ms`), so it never passes before ours: its answer, read in
                     // the turn our timer fired (or before this thread got to it), means ours
                     // passed.
                     Ok(Err(Error::DeadlineExceeded { remote: true }))
-                        if Instant::now() >= deadline =>
+                        if deadline.is_some_and(|d| Instant::now() >= d) =>
                     {
                         Err(Error::DeadlineExceeded { remote: false })
                     }

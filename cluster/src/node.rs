@@ -687,7 +687,7 @@ impl ClusterNode {
             metadata: options.metadata.clone(),
             payload: payload.to_vec(),
             codec: options.codec.to_wire(),
-            timeout_ms: ceil_ms(timeout),
+            timeout_ms: CallOptions::wire_timeout_ms(timeout),
         };
         if let Some(server) = self.local(client_id) {
             return routing::call_here(&server, request)
@@ -737,7 +737,7 @@ impl ClusterNode {
             service_method: service_method.to_owned(),
             metadata,
             data: data.as_ref().to_vec(),
-            timeout_ms: ceil_ms(timeout),
+            timeout_ms: CallOptions::wire_timeout_ms(timeout),
         };
         let others: Vec<String> = read(&self.inner.state.nodes)
             .keys()
@@ -1432,27 +1432,5 @@ impl Shared {
             tracing::info!(%client_id, to, "device moved to another node: closing its old connection");
             conn.close_with_code(CloseCode::TAKEN_OVER, &format!("moved to node {to}"));
         }
-    }
-}
-
-/// A timeout as a routed request's `timeout_ms`: rounded up to whole milliseconds, at least 1
-/// (0 would mean no deadline), so the node that runs the call never gives up before the caller.
-fn ceil_ms(timeout: Duration) -> u64 {
-    timeout
-        .as_nanos()
-        .div_ceil(1_000_000)
-        .clamp(1, u128::from(u64::MAX)) as u64
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The node that runs a routed call never gets a shorter deadline, nor none at all.
-    #[test]
-    fn routed_timeouts_round_up() {
-        assert_eq!(ceil_ms(Duration::from_millis(250)), 250);
-        assert_eq!(ceil_ms(Duration::from_micros(249_001)), 250);
-        assert_eq!(ceil_ms(Duration::from_micros(300)), 1);
     }
 }

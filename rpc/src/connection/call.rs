@@ -54,6 +54,16 @@ impl CallOptions {
         Self::default()
     }
 
+    /// A timeout as the request header's `timeout_ms` (see `docs/PROTOCOL.md`): rounded up to
+    /// whole milliseconds, at least 1 (`0` on the wire means no deadline), so the receiver,
+    /// which counts from when it has read the request, never gives up before the caller.
+    pub fn wire_timeout_ms(timeout: Duration) -> u64 {
+        timeout
+            .as_nanos()
+            .div_ceil(1_000_000)
+            .clamp(1, u128::from(u64::MAX)) as u64
+    }
+
     /// Adds a metadata pair.
     #[must_use]
     pub fn metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
@@ -322,7 +332,7 @@ impl Connection {
             service_path,
             service_method,
             metadata,
-            timeout_ms: timeout.map_or(0, wire_timeout_ms),
+            timeout_ms: timeout.map_or(0, CallOptions::wire_timeout_ms),
             flags: if reply == Reply::None {
                 flags::ONEWAY
             } else {
@@ -414,10 +424,10 @@ impl Connection {
             Some(t) => {
                 let deadline = Instant::now().checked_add(t);
                 match within(t, fut).await {
-                    // The remote's deadline starts when the request arrives and is rounded up
-                    // (`wire_timeout_ms`), so it never passes before ours: its answer, read in
-                    // the turn our timer fired (or before this thread got to it), means ours
-                    // passed.
+                    // The remote counts from when it has read the request, and the timeout it
+                    // got was rounded up (`CallOptions::wire_timeout_ms`), so its deadline never
+                    // passes before ours: its answer, read in the turn our timer fired (or
+                    // before this thread got to it), means ours passed.
                     Ok(Err(Error::DeadlineExceeded { remote: true }))
                         if deadline.is_some_and(|d| Instant::now() >= d) =>
                     {
@@ -569,16 +579,6 @@ pub(crate) async fn hello(
     Ok(())
 }
 
-/// A call's timeout as the request header's `timeout_ms`: rounded up to whole milliseconds (at
-/// least 1), so the receiver, whose clock starts when the request arrives, never gives up before
-/// the caller does.
-fn wire_timeout_ms(timeout: Duration) -> u64 {
-    timeout
-        .as_nanos()
-        .div_ceil(1_000_000)
-        .clamp(1, u128::from(u64::MAX)) as u64
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -586,10 +586,16 @@ mod tests {
     /// The receiver's deadline is never shorter than the caller's.
     #[test]
     fn timeout_on_the_wire_rounds_up() {
-        assert_eq!(wire_timeout_ms(Duration::from_millis(200)), 200);
-        assert_eq!(wire_timeout_ms(Duration::from_micros(199_001)), 200);
-        assert_eq!(wire_timeout_ms(Duration::from_nanos(1)), 1);
-        assert_eq!(wire_timeout_ms(Duration::ZERO), 1);
-        assert_eq!(wire_timeout_ms(Duration::MAX), u64::MAX);
+        assert_eq!(
+            CallOptions::wire_timeout_ms(Duration::from_millis(200)),
+            200
+        );
+        assert_eq!(
+            CallOptions::wire_timeout_ms(Duration::from_micros(199_001)),
+            200
+        );
+        assert_eq!(CallOptions::wire_timeout_ms(Duration::from_nanos(1)), 1);
+        assert_eq!(CallOptions::wire_timeout_ms(Duration::ZERO), 1);
+        assert_eq!(CallOptions::wire_timeout_ms(Duration::MAX), u64::MAX);
     }
 }

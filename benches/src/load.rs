@@ -254,9 +254,19 @@ mod tests {
     }
 
     #[test]
-    fn this_process_has_threads_and_uses_no_cpu_between_one_reading_and_itself() {
-        let now = ProcessCpu::of(std::process::id());
-        assert!(!now.threads.is_empty());
-        assert_eq!(now.since(&now), (Duration::ZERO, Duration::ZERO));
+    fn a_thread_that_burns_cpu_is_the_busiest_and_counts_in_the_process() {
+        let before = ProcessCpu::of(std::process::id());
+        assert!(!before.threads.is_empty());
+        // 80 ms of this thread's CPU time: at least 7 of the 10 ms ticks, whatever the others.
+        crate::systems::burn(80_000);
+        let (total, busiest) = ProcessCpu::of(std::process::id()).since(&before);
+        assert!(
+            busiest >= Duration::from_millis(70),
+            "busiest thread {busiest:?}"
+        );
+        assert!(
+            total >= busiest,
+            "process {total:?} < busiest thread {busiest:?}"
+        );
     }
 }

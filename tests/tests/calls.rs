@@ -180,6 +180,49 @@ async fn oversized_request_is_typed_and_connection_keeps_serving() {
     );
 }
 
+/// A remote that gives up before the caller's deadline (a deadline of its own) is reported as
+/// the remote's, and the caller's timeout travels rounded up to whole milliseconds. Played by a
+/// hand-written server that answers DEADLINE_EXCEEDED at once.
+#[tokio::test]
+async fn a_remote_deadline_before_the_callers_is_the_remotes() {
+    let dev = quicx::DevCertificate::localhost().unwrap();
+    let endpoint = quicx_tests::raw_server(&dev, &[quicx::ALPN_V2, ALPN]);
+    let addr = endpoint.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let conn = endpoint.accept().await.unwrap().await.unwrap();
+        let (mut send, mut recv) = conn.accept_bi().await.unwrap();
+        let request = recv.read_to_end(1 << 16).await.unwrap();
+        // kind, header_len, then "Arith", "Sleep", 0 metadata pairs, and timeout_ms.
+        let at = 5 + 1 + usize::from(request[5]);
+        let at = at + 1 + usize::from(request[at]) + 1;
+        let timeout_ms = u64::from(request[at] & 0x7f) | u64::from(request[at + 1]) << 7;
+        // RESPONSE, header_len 6: status Error { code 5 (DEADLINE_EXCEEDED), "dl" }, no
+        // metadata.
+        send.write_all(&[0x02, 0, 0, 0, 6, 0x01, 0x05, 0x02, b'd', b'l', 0x00])
+            .await
+            .unwrap();
+        send.finish().unwrap();
+        let _ = conn.closed().await;
+        timeout_ms
+    });
+    let client = quicx::Client::builder()
+        .tls(ClientTls::new().trust(dev.certificate()))
+        .connect_addr(addr, "localhost")
+        .await
+        .unwrap();
+    let opts = CallOptions::new().timeout(Duration::from_micros(1_500_300));
+    let err = client
+        .call_with::<_, u64>("Arith", "Sleep", &10_000u64, &opts)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::DeadlineExceeded { remote: true }),
+        "{err:?}"
+    );
+    client.close().await;
+    assert_eq!(server.await.unwrap(), 1_501);
+}
+
 #[tokio::test]
 async fn handler_error_reaches_caller_with_code_and_message() {
     let t = start_server().await;
